@@ -1,0 +1,131 @@
+//! The metrics actor: owns the metric [`Registry`] and the last health of every component.
+//!
+//! Everything that counts or reports health sends it a message; `/metrics` and `/health` ask
+//! it for a rendering. Nothing else holds this state, so no lock is needed anywhere.
+
+use std::collections::BTreeMap;
+
+use actix::prelude::*;
+
+use crate::domain::{ComponentHealth, ComponentId, HealthReport};
+use crate::metrics::{Labels, Registry};
+
+#[derive(Default)]
+pub struct MetricsActor {
+    registry: Registry,
+    components: BTreeMap<ComponentId, ComponentHealth>,
+    ever_ready: bool,
+}
+
+impl Actor for MetricsActor {
+    type Context = Context<Self>;
+}
+
+/// Adds to a counter.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Count {
+    pub name: &'static str,
+    pub labels: Labels,
+    pub by: u64,
+}
+
+impl Count {
+    pub fn one(name: &'static str, labels: Labels) -> Self {
+        Self { name, labels, by: 1 }
+    }
+}
+
+/// Records one observation in a histogram.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Observe {
+    pub name: &'static str,
+    pub labels: Labels,
+    pub value: f64,
+}
+
+/// A component says how it is.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReportHealth {
+    pub id: ComponentId,
+    pub health: ComponentHealth,
+}
+
+/// A component is gone (a removed mailbox, a stopped provider).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ForgetComponent(pub ComponentId);
+
+/// The Prometheus text.
+#[derive(Message, Debug)]
+#[rtype(result = "String")]
+pub struct RenderMetrics;
+
+/// The `/health` document.
+#[derive(Message, Debug)]
+#[rtype(result = "HealthReport")]
+pub struct GetHealth;
+
+/// One counter's value (tests and diagnostics).
+#[derive(Message, Debug)]
+#[rtype(result = "u64")]
+pub struct GetCounter {
+    pub name: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+}
+
+impl Handler<Count> for MetricsActor {
+    type Result = ();
+    fn handle(&mut self, msg: Count, _: &mut Context<Self>) {
+        self.registry.inc(msg.name, msg.labels, msg.by);
+    }
+}
+
+impl Handler<Observe> for MetricsActor {
+    type Result = ();
+    fn handle(&mut self, msg: Observe, _: &mut Context<Self>) {
+        self.registry.observe(msg.name, msg.labels, msg.value);
+    }
+}
+
+impl Handler<ReportHealth> for MetricsActor {
+    type Result = ();
+    fn handle(&mut self, msg: ReportHealth, _: &mut Context<Self>) {
+        self.components.insert(msg.id, msg.health);
+        if HealthReport::build(&self.components, self.ever_ready).ready() {
+            self.ever_ready = true;
+        }
+    }
+}
+
+impl Handler<ForgetComponent> for MetricsActor {
+    type Result = ();
+    fn handle(&mut self, msg: ForgetComponent, _: &mut Context<Self>) {
+        self.components.remove(&msg.0);
+    }
+}
+
+impl Handler<RenderMetrics> for MetricsActor {
+    type Result = String;
+    fn handle(&mut self, _: RenderMetrics, _: &mut Context<Self>) -> String {
+        self.registry.render()
+    }
+}
+
+impl Handler<GetHealth> for MetricsActor {
+    type Result = MessageResult<GetHealth>;
+    fn handle(&mut self, _: GetHealth, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(HealthReport::build(&self.components, self.ever_ready))
+    }
+}
+
+impl Handler<GetCounter> for MetricsActor {
+    type Result = u64;
+    fn handle(&mut self, msg: GetCounter, _: &mut Context<Self>) -> u64 {
+        let labels: Vec<(&'static str, &str)> =
+            msg.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        self.registry.counter(msg.name, &labels)
+    }
+}

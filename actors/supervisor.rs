@@ -1,0 +1,637 @@
+//! The supervisor: owns the AMQP connection, keeps the topology declared, and starts and
+//! restarts every other actor.
+//!
+//! Connection life cycle: connect (with a capped exponential backoff) → declare the topology
+//! of contract §3 on a fresh channel → start the children that need AMQP, each of which opens
+//! its own channels → watch the connection (lapin's error events, plus a status check every
+//! tick as a safety net) → on loss, stop those children, mark RabbitMQ down in `/health`, and
+//! start over. Heartbeats are negotiated from `[rabbitmq] heartbeat`, so a silent broker is
+//! noticed too.
+//!
+//! Child supervision: every tick the supervisor checks each child's mailbox. A child whose
+//! actor has stopped without being asked — including one whose handler panicked, which kills
+//! that actor's task but not the process — is counted in `mailbridge_actor_restarts_total`,
+//! shown in `/health`, and started again after a backoff that grows with consecutive crashes.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+use crate::actors::metrics::{Count, MetricsActor, ReportHealth};
+use crate::domain::{ComponentHealth, ComponentId, QueueStats, QueueStatusResponse};
+use crate::settings::Settings;
+use crate::storage;
+
+/// How often the supervisor checks its children and the connection.
+const TICK: Duration = Duration::from_millis(250);
+/// How often PostgreSQL is pinged for `/health`.
+const DB_PROBE: Duration = Duration::from_secs(2);
+/// A child that lived this long before dying starts its backoff from the beginning again.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+const CHILD_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Errors at the AMQP boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("cannot connect to RabbitMQ at {endpoint}: {source}; check that RabbitMQ is running and [rabbitmq] settings (or RABBITMQ_*) are right")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("[rabbitmq] url is not usable: {0}")]
+    Url(String),
+    #[error("cannot declare {what}: {source}; if it exists with other arguments, delete it or rename it in [queues]")]
+    Topology {
+        what: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("AMQP channel error: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+/// Exponential backoff: 200 ms, 400 ms, … capped at `max`.
+pub fn backoff(attempt: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(200);
+    base.checked_mul(1u32 << attempt.min(16)).unwrap_or(max).min(max)
+}
+
+/// Declares the exchange and the six public queues exactly as contract §3 says: durable,
+/// without arguments, each bound to the exchange by its own name. A client's own
+/// `queue_declare(name, durable=True)` is therefore always equivalent and succeeds.
+pub async fn declare_topology(ch: &Channel, settings: &Settings) -> Result<(), AmqpError> {
+    let exchange = settings.rabbitmq.exchange.as_str();
+    ch.exchange_declare(
+        exchange.into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|source| AmqpError::Topology {
+        what: format!("exchange `{exchange}`"),
+        source,
+    })?;
+    for queue in settings.queues.public_queues() {
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Topology {
+            what: format!("queue `{queue}`"),
+            source,
+        })?;
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.into(),
+            queue.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| AmqpError::Topology {
+            what: format!("binding of `{queue}` to `{exchange}`"),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Message and consumer counts of the public queues, by passive declaration.
+async fn queue_stats(conn: Arc<Connection>, queues: Vec<String>) -> Result<QueueStatusResponse, AmqpError> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut channel: Option<Channel> = None;
+    for q in queues {
+        let ch = match &channel {
+            Some(c) => c.clone(),
+            None => {
+                let c = conn.create_channel().await?;
+                channel = Some(c.clone());
+                c
+            }
+        };
+        match ch
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(info) => {
+                out.insert(q, QueueStats::new(info.message_count(), info.consumer_count()));
+            }
+            // A passive declaration of a missing queue closes the channel (404).
+            Err(e) if is_not_found(&e) => {
+                out.insert(q, QueueStats::missing());
+                channel = None;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if let Some(ch) = channel {
+        let _ = ch.close(200, "OK".into()).await;
+    }
+    Ok(QueueStatusResponse {
+        success: true,
+        connection_status: "connected",
+        queues: out,
+        error: None,
+    })
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    e.to_string().contains("NOT_FOUND") || e.to_string().contains("404")
+}
+
+/// What a child gets when it is started.
+#[derive(Clone)]
+pub struct ChildContext {
+    pub settings: Arc<Settings>,
+    pub pool: Pool,
+    pub metrics: Addr<MetricsActor>,
+    /// The live connection, for children that declared `needs_amqp`.
+    pub connection: Option<Arc<Connection>>,
+}
+
+/// Asks a child to stop taking work, finish what it has in flight, and stop.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Drain;
+
+/// The supervisor's view of a running child.
+pub trait ChildHandle {
+    /// False once the actor has stopped, for whatever reason (a panic included).
+    fn alive(&self) -> bool;
+    /// Resolves when the child has drained and stopped (or is already gone).
+    fn drain(&self) -> Pin<Box<dyn Future<Output = ()>>>;
+}
+
+impl<A> ChildHandle for Addr<A>
+where
+    A: Actor<Context = Context<A>> + Handler<Drain>,
+{
+    fn alive(&self) -> bool {
+        self.connected()
+    }
+    fn drain(&self) -> Pin<Box<dyn Future<Output = ()>>> {
+        let addr = self.clone();
+        Box::pin(async move {
+            // A mailbox error means the actor is gone already: drained.
+            let _ = addr.send(Drain).await;
+        })
+    }
+}
+
+type StartFn = Box<dyn Fn(ChildContext) -> Box<dyn ChildHandle>>;
+
+/// How to start one child.
+pub struct ChildSpec {
+    pub name: String,
+    /// Started only while the AMQP connection is up, and stopped when it is lost.
+    pub needs_amqp: bool,
+    pub start: StartFn,
+}
+
+impl ChildSpec {
+    pub fn new(
+        name: impl Into<String>,
+        needs_amqp: bool,
+        start: impl Fn(ChildContext) -> Box<dyn ChildHandle> + 'static,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            needs_amqp,
+            start: Box::new(start),
+        }
+    }
+}
+
+struct Child {
+    spec: ChildSpec,
+    handle: Option<Box<dyn ChildHandle>>,
+    started_at: Instant,
+    next_start: Instant,
+    /// Restarts after crashes, all time (also in the metric).
+    restarts: u64,
+    /// Crashes in a row, for the backoff.
+    consecutive: u32,
+    /// Stopped on purpose (connection loss, shutdown): not a crash.
+    stopping: bool,
+}
+
+pub struct Supervisor {
+    settings: Arc<Settings>,
+    metrics: Addr<MetricsActor>,
+    pool: Pool,
+    connection: Option<Arc<Connection>>,
+    generation: u64,
+    connecting: bool,
+    attempt: u32,
+    migrated: bool,
+    children: Vec<Child>,
+    shutting_down: bool,
+}
+
+impl Supervisor {
+    pub fn new(settings: Arc<Settings>, pool: Pool, metrics: Addr<MetricsActor>) -> Self {
+        Self {
+            settings,
+            metrics,
+            pool,
+            connection: None,
+            generation: 0,
+            connecting: false,
+            attempt: 0,
+            migrated: false,
+            children: Vec::new(),
+            shutting_down: false,
+        }
+    }
+
+    /// Adds a child to supervise (before or after start).
+    pub fn with_child(mut self, spec: ChildSpec) -> Self {
+        self.push_child(spec);
+        self
+    }
+
+    fn push_child(&mut self, spec: ChildSpec) {
+        let now = Instant::now();
+        self.children.push(Child {
+            spec,
+            handle: None,
+            started_at: now,
+            next_start: now,
+            restarts: 0,
+            consecutive: 0,
+            stopping: false,
+        });
+    }
+
+    fn report(&self, id: ComponentId, health: ComponentHealth) {
+        self.metrics.do_send(ReportHealth { id, health });
+    }
+
+    fn migrate(&mut self, ctx: &mut Context<Self>, attempt: u32) {
+        let db = self.settings.database.clone();
+        ctx.spawn(
+            async move { storage::migrate(&db).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(applied) => {
+                        if !applied.is_empty() {
+                            tracing::info!(?applied, "database migrated");
+                        }
+                        act.migrated = true;
+                        act.probe_database(ctx);
+                    }
+                    Err(e) => {
+                        let delay = backoff(attempt, Duration::from_secs(10));
+                        tracing::warn!(error = %e, retry_in = ?delay, "database not ready");
+                        act.report(ComponentId::Database, ComponentHealth::down(e.to_string()));
+                        if !act.shutting_down {
+                            ctx.run_later(delay, move |act, ctx| act.migrate(ctx, attempt + 1));
+                        }
+                    }
+                }),
+        );
+    }
+
+    fn probe_database(&mut self, ctx: &mut Context<Self>) {
+        if !self.migrated {
+            return;
+        }
+        let pool = self.pool.clone();
+        ctx.spawn(
+            async move {
+                match tokio::time::timeout(Duration::from_secs(3), storage::ping(&pool)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("PostgreSQL did not answer within 3 s".to_string()),
+                }
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
+                let health = match res {
+                    Ok(()) => ComponentHealth::ok(),
+                    Err(e) => ComponentHealth::down(e),
+                };
+                act.report(
+                    ComponentId::Database,
+                    health.with("endpoint", database_endpoint(&act.settings)),
+                );
+            }),
+        );
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        if self.connecting || self.connection.is_some() || self.shutting_down {
+            return;
+        }
+        self.connecting = true;
+        let settings = self.settings.clone();
+        let endpoint = settings.amqp_display();
+        ctx.spawn(
+            async move {
+                let uri = settings.amqp_uri().map_err(AmqpError::Url)?;
+                let props = ConnectionProperties::default()
+                    .with_connection_name("mailbridge".into());
+                let conn = Connection::connect_uri(uri, props)
+                    .await
+                    .map_err(|source| AmqpError::Connect {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })?;
+                let ch = conn.create_channel().await?;
+                declare_topology(&ch, &settings).await?;
+                let _ = ch.close(200, "OK".into()).await;
+                Ok::<_, AmqpError>(conn)
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                act.connecting = false;
+                match res {
+                    Ok(conn) => act.on_connected(conn, ctx),
+                    Err(e) => act.on_connect_failed(e, ctx),
+                }
+            }),
+        );
+    }
+
+    fn on_connected(&mut self, conn: Connection, ctx: &mut Context<Self>) {
+        if self.shutting_down {
+            let conn = Arc::new(conn);
+            actix::spawn(async move {
+                let _ = conn.close(200, "shutting down".into()).await;
+            });
+            return;
+        }
+        self.generation += 1;
+        self.attempt = 0;
+        let generation = self.generation;
+        tracing::info!(endpoint = %self.settings.amqp_display(), "connected to RabbitMQ; topology declared");
+        self.metrics
+            .do_send(Count::one("mailbridge_amqp_connections_total", vec![]));
+        self.report(
+            ComponentId::RabbitMq,
+            ComponentHealth::ok().with("endpoint", self.settings.amqp_display()),
+        );
+        let mut events = Box::pin(conn.events_listener());
+        ctx.spawn(
+            async move {
+                while let Some(event) = events.next().await {
+                    if let lapin::Event::Error(e) = event {
+                        return e.to_string();
+                    }
+                }
+                "the connection was closed".to_string()
+            }
+            .into_actor(self)
+            .map(move |reason, act, ctx| act.on_lost(generation, reason, ctx)),
+        );
+        self.connection = Some(Arc::new(conn));
+        self.tick(ctx);
+    }
+
+    fn on_connect_failed(&mut self, e: AmqpError, ctx: &mut Context<Self>) {
+        let delay = backoff(self.attempt, self.settings.rabbitmq.reconnect_max_delay.0);
+        self.attempt += 1;
+        tracing::warn!(error = %e, retry_in = ?delay, "RabbitMQ unavailable");
+        self.report(
+            ComponentId::RabbitMq,
+            ComponentHealth::down(e.to_string()).with("endpoint", self.settings.amqp_display()),
+        );
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    fn on_lost(&mut self, generation: u64, reason: String, ctx: &mut Context<Self>) {
+        if generation != self.generation || self.connection.is_none() || self.shutting_down {
+            return;
+        }
+        self.connection = None;
+        tracing::warn!(%reason, "lost the RabbitMQ connection; reconnecting");
+        self.metrics
+            .do_send(Count::one("mailbridge_amqp_connection_losses_total", vec![]));
+        self.report(
+            ComponentId::RabbitMq,
+            ComponentHealth::down(format!("connection lost: {reason}"))
+                .with("endpoint", self.settings.amqp_display()),
+        );
+        for child in self.children.iter_mut().filter(|c| c.spec.needs_amqp) {
+            if let Some(h) = &child.handle {
+                child.stopping = true;
+                actix::spawn(h.drain());
+            }
+        }
+        let delay = backoff(self.attempt, self.settings.rabbitmq.reconnect_max_delay.0);
+        self.attempt += 1;
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if let Some(conn) = &self.connection {
+            if !conn.status().connected() {
+                let generation = self.generation;
+                self.on_lost(generation, "the connection is no longer open".into(), ctx);
+            }
+        }
+        if self.shutting_down {
+            return;
+        }
+        let now = Instant::now();
+        let context = ChildContext {
+            settings: self.settings.clone(),
+            pool: self.pool.clone(),
+            metrics: self.metrics.clone(),
+            connection: self.connection.clone(),
+        };
+        let mut reports = Vec::new();
+        for child in &mut self.children {
+            if let Some(h) = &child.handle {
+                if h.alive() {
+                    continue;
+                }
+                child.handle = None;
+                if std::mem::take(&mut child.stopping) {
+                    child.next_start = now;
+                } else {
+                    if now.duration_since(child.started_at) > STABLE_AFTER {
+                        child.consecutive = 0;
+                    }
+                    let delay = backoff(child.consecutive, CHILD_MAX_BACKOFF);
+                    child.consecutive += 1;
+                    child.restarts += 1;
+                    child.next_start = now + delay;
+                    tracing::error!(
+                        actor = %child.spec.name,
+                        restart_in = ?delay,
+                        restarts = child.restarts,
+                        "actor stopped unexpectedly (see the panic above, if any); restarting"
+                    );
+                    self.metrics.do_send(Count::one(
+                        "mailbridge_actor_restarts_total",
+                        vec![("actor", child.spec.name.clone())],
+                    ));
+                    reports.push((
+                        child.spec.name.clone(),
+                        ComponentHealth::down("stopped unexpectedly; restarting")
+                            .with("restarts", child.restarts),
+                    ));
+                }
+            }
+            let ready = self.migrated && (!child.spec.needs_amqp || context.connection.is_some());
+            if child.handle.is_none() && ready && now >= child.next_start {
+                child.handle = Some((child.spec.start)(context.clone()));
+                child.started_at = now;
+                reports.push((
+                    child.spec.name.clone(),
+                    ComponentHealth::ok().with("restarts", child.restarts),
+                ));
+            }
+        }
+        for (name, health) in reports {
+            self.report(ComponentId::Actor(name), health);
+        }
+    }
+}
+
+fn database_endpoint(settings: &Settings) -> String {
+    storage::pg_config(settings.database.url.expose())
+        .map(|c| storage::endpoint(&c))
+        .unwrap_or_else(|_| "<invalid url>".into())
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.report(ComponentId::RabbitMq, ComponentHealth::starting());
+        self.report(ComponentId::Database, ComponentHealth::starting());
+        self.migrate(ctx, 0);
+        self.connect(ctx);
+        ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
+        ctx.run_interval(DB_PROBE, |act, ctx| act.probe_database(ctx));
+    }
+}
+
+/// `GET /api/rabbitmq/status`.
+#[derive(Message, Debug)]
+#[rtype(result = "QueueStatusResponse")]
+pub struct GetQueueStatus;
+
+impl Handler<GetQueueStatus> for Supervisor {
+    type Result = ResponseFuture<QueueStatusResponse>;
+
+    fn handle(&mut self, _: GetQueueStatus, _: &mut Context<Self>) -> Self::Result {
+        let queues = self.settings.queues.public_queues();
+        let conn = self.connection.clone();
+        Box::pin(async move {
+            let failed = |error: String| QueueStatusResponse {
+                success: false,
+                connection_status: "disconnected",
+                queues: Default::default(),
+                error: Some(error),
+            };
+            match conn {
+                None => failed("not connected to RabbitMQ; the service is reconnecting".into()),
+                Some(conn) => {
+                    match tokio::time::timeout(Duration::from_secs(5), queue_stats(conn, queues)).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => failed(e.to_string()),
+                        Err(_) => failed("RabbitMQ did not answer within 5 s".into()),
+                    }
+                }
+            }
+        })
+    }
+}
+
+/// Adds a child at run time.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AddChild(pub ChildSpec);
+
+impl Handler<AddChild> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, msg: AddChild, ctx: &mut Context<Self>) {
+        self.push_child(msg.0);
+        self.tick(ctx);
+    }
+}
+
+/// Graceful shutdown: stop taking work, let every child drain (up to `grace`), close the
+/// AMQP connection. Resolves when done.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Shutdown {
+    pub grace: Duration,
+}
+
+impl Handler<Shutdown> for Supervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
+        self.shutting_down = true;
+        let drains: Vec<_> = self
+            .children
+            .iter_mut()
+            .filter_map(|c| {
+                c.stopping = true;
+                c.handle.as_ref().map(|h| h.drain())
+            })
+            .collect();
+        let conn = self.connection.take();
+        Box::pin(
+            async move {
+                if tokio::time::timeout(msg.grace, futures_util::future::join_all(drains))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(grace = ?msg.grace, "in-flight work did not finish within the grace period");
+                }
+                if let Some(conn) = conn {
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        conn.close(200, "shutting down".into()),
+                    )
+                    .await;
+                }
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let max = Duration::from_secs(5);
+        assert_eq!(backoff(0, max), Duration::from_millis(200));
+        assert_eq!(backoff(1, max), Duration::from_millis(400));
+        assert_eq!(backoff(4, max), Duration::from_millis(3200));
+        assert_eq!(backoff(5, max), max);
+        assert_eq!(backoff(40, max), max);
+    }
+}

@@ -1,0 +1,90 @@
+//! `mailbridge run`: wires the actors and the HTTP server together and waits for a signal.
+//!
+//! Start order: metrics actor → supervisor (which migrates, connects and starts the other
+//! actors) → HTTP. `/health` answers from the first moment, 503 until RabbitMQ and PostgreSQL
+//! are both reachable. Shutdown order is the reverse: the supervisor drains every child and
+//! closes the AMQP connection, then the HTTP server stops.
+
+use std::sync::Arc;
+
+use actix::Actor;
+use actix_web::{web, App, HttpServer};
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::actors::metrics::MetricsActor;
+use crate::actors::supervisor::{Shutdown, Supervisor};
+use crate::http::{self, AppState};
+use crate::settings::Settings;
+use crate::storage;
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        tenants = settings.tenants.len(),
+        amqp = %settings.amqp_display(),
+        http = %settings.http_listen,
+        "starting mailbridge"
+    );
+    let metrics = MetricsActor::default().start();
+    let pool = storage::pool(&settings.database)?;
+    let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone()).start();
+
+    let state = AppState {
+        metrics,
+        supervisor: supervisor.clone(),
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .configure(http::routes)
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(5)
+    .bind(settings.http_listen)
+    .with_context(|| {
+        format!(
+            "cannot listen on {} (set [http] listen or HTTP_LISTEN to a free address)",
+            settings.http_listen
+        )
+    })?
+    .run();
+    let server_handle = server.handle();
+    actix_rt::spawn(server);
+
+    wait_for_stop_signal().await?;
+    tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight work");
+    if supervisor
+        .send(Shutdown {
+            grace: settings.shutdown_grace,
+        })
+        .await
+        .is_err()
+    {
+        tracing::warn!("the supervisor was already gone at shutdown");
+    }
+    server_handle.stop(true).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT. SIGHUP (whose default action would kill the process) is
+/// caught and logged.
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = hup.recv() => {
+                tracing::warn!("SIGHUP received: live tenant reload is not available in this version; restart the service to apply config changes");
+            }
+        }
+    }
+}

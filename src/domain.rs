@@ -1,0 +1,223 @@
+//! Domain types shared by the actors and the HTTP layer. No I/O happens here.
+//!
+//! The wire formats of the public contract live here as serde types: the guide's
+//! "Queue Statistics" response and the `/health` document of contract §6.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// One queue in the guide's "Queue Statistics" response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub message_count: u32,
+    pub consumer_count: u32,
+    /// `running` when something consumes the queue, `idle` when nothing does,
+    /// `missing` when the broker does not know the queue.
+    pub status: &'static str,
+}
+
+impl QueueStats {
+    pub fn new(message_count: u32, consumer_count: u32) -> Self {
+        Self {
+            message_count,
+            consumer_count,
+            status: if consumer_count > 0 { "running" } else { "idle" },
+        }
+    }
+    pub fn missing() -> Self {
+        Self {
+            message_count: 0,
+            consumer_count: 0,
+            status: "missing",
+        }
+    }
+}
+
+/// The guide's `GET /api/rabbitmq/status` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStatusResponse {
+    pub success: bool,
+    /// `connected` or `disconnected`.
+    pub connection_status: &'static str,
+    pub queues: BTreeMap<String, QueueStats>,
+    /// Why the numbers are missing, when `success` is false (added field).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The state of one part of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComponentState {
+    /// Not yet tried or still connecting for the first time.
+    Starting,
+    Ok,
+    /// Tried and failing; the service keeps trying.
+    Down,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ComponentHealth {
+    pub status: ComponentState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Component-specific facts (endpoint, restarts, last sync, …).
+    #[serde(flatten)]
+    pub details: BTreeMap<String, serde_json::Value>,
+}
+
+impl ComponentHealth {
+    pub fn starting() -> Self {
+        Self {
+            status: ComponentState::Starting,
+            last_error: None,
+            details: BTreeMap::new(),
+        }
+    }
+    pub fn ok() -> Self {
+        Self {
+            status: ComponentState::Ok,
+            last_error: None,
+            details: BTreeMap::new(),
+        }
+    }
+    pub fn down(error: impl Into<String>) -> Self {
+        Self {
+            status: ComponentState::Down,
+            last_error: Some(error.into()),
+            details: BTreeMap::new(),
+        }
+    }
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.details.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// Which component a health report is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ComponentId {
+    RabbitMq,
+    Database,
+    Provider(String),
+    Mailbox(String),
+    /// A supervised actor (restart counts live here).
+    Actor(String),
+}
+
+/// The `/health` document of contract §6.
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthReport {
+    /// `ok`, `degraded` or `starting`.
+    pub status: &'static str,
+    pub components: HealthComponents,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HealthComponents {
+    pub rabbitmq: ComponentHealth,
+    pub database: ComponentHealth,
+    pub providers: BTreeMap<String, ComponentHealth>,
+    pub mailboxes: BTreeMap<String, ComponentHealth>,
+    pub actors: BTreeMap<String, ComponentHealth>,
+}
+
+impl HealthReport {
+    /// Builds the report from what the components last said. `ever_ready` tells `starting`
+    /// (never yet ready) from `degraded` (was ready, lost something).
+    pub fn build(components: &BTreeMap<ComponentId, ComponentHealth>, ever_ready: bool) -> Self {
+        let mut out = HealthComponents {
+            rabbitmq: ComponentHealth::starting(),
+            database: ComponentHealth::starting(),
+            providers: BTreeMap::new(),
+            mailboxes: BTreeMap::new(),
+            actors: BTreeMap::new(),
+        };
+        for (id, h) in components {
+            match id {
+                ComponentId::RabbitMq => out.rabbitmq = h.clone(),
+                ComponentId::Database => out.database = h.clone(),
+                ComponentId::Provider(p) => {
+                    out.providers.insert(p.clone(), h.clone());
+                }
+                ComponentId::Mailbox(m) => {
+                    out.mailboxes.insert(m.clone(), h.clone());
+                }
+                ComponentId::Actor(a) => {
+                    out.actors.insert(a.clone(), h.clone());
+                }
+            }
+        }
+        let core_ok = out.rabbitmq.status == ComponentState::Ok
+            && out.database.status == ComponentState::Ok;
+        let rest_ok = out
+            .providers
+            .values()
+            .chain(out.mailboxes.values())
+            .chain(out.actors.values())
+            .all(|h| h.status != ComponentState::Down);
+        let status = match (core_ok, rest_ok, ever_ready) {
+            (true, true, _) => "ok",
+            (false, _, false) => "starting",
+            _ => "degraded",
+        };
+        Self {
+            status,
+            components: out,
+        }
+    }
+
+    /// Ready means RabbitMQ and PostgreSQL are both reachable: `/health` answers 200.
+    pub fn ready(&self) -> bool {
+        self.components.rabbitmq.status == ComponentState::Ok
+            && self.components.database.status == ComponentState::Ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_is_starting_then_ok_then_degraded() {
+        let mut c = BTreeMap::new();
+        let r = HealthReport::build(&c, false);
+        assert_eq!(r.status, "starting");
+        assert!(!r.ready());
+
+        c.insert(ComponentId::RabbitMq, ComponentHealth::ok());
+        c.insert(ComponentId::Database, ComponentHealth::ok());
+        let r = HealthReport::build(&c, true);
+        assert_eq!(r.status, "ok");
+        assert!(r.ready());
+
+        c.insert(ComponentId::RabbitMq, ComponentHealth::down("connection reset"));
+        let r = HealthReport::build(&c, true);
+        assert_eq!(r.status, "degraded");
+        assert!(!r.ready());
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["components"]["rabbitmq"]["status"], "down");
+        assert_eq!(json["components"]["rabbitmq"]["last_error"], "connection reset");
+    }
+
+    #[test]
+    fn a_failing_provider_degrades_but_keeps_ready() {
+        let mut c = BTreeMap::new();
+        c.insert(ComponentId::RabbitMq, ComponentHealth::ok());
+        c.insert(ComponentId::Database, ComponentHealth::ok());
+        c.insert(
+            ComponentId::Provider("p1".into()),
+            ComponentHealth::down("421 try later"),
+        );
+        let r = HealthReport::build(&c, true);
+        assert_eq!(r.status, "degraded");
+        assert!(r.ready());
+    }
+
+    #[test]
+    fn queue_stats_status_follows_consumers() {
+        assert_eq!(QueueStats::new(5, 0).status, "idle");
+        assert_eq!(QueueStats::new(0, 2).status, "running");
+    }
+}

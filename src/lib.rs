@@ -1,0 +1,23 @@
+//! mailbridge: sends and receives email for CRM systems through RabbitMQ.
+//!
+//! # Layout
+//!
+//! - [`settings`]: the TOML configuration, tenant files and environment overrides, validated
+//!   into one [`settings::Settings`]; every problem names its file and key.
+//! - [`domain`]: the wire formats and health model. No I/O.
+//! - [`metrics`]: the metric registry and its Prometheus rendering. No I/O.
+//! - [`storage`]: PostgreSQL pool, database creation and the SQL migrations of `migrations/`.
+//! - [`actors`]: the supervised actor system (in `actors/`, one file per actor).
+//! - [`http`]: the actix-web endpoints.
+//! - [`app`]: `mailbridge run`, wiring the above together, and graceful shutdown.
+//!
+//! See `ARCHITECTURE.md` for the codemap and the invariants.
+
+#[path = "../actors/mod.rs"]
+pub mod actors;
+pub mod app;
+pub mod domain;
+pub mod http;
+pub mod metrics;
+pub mod settings;
+pub mod storage;

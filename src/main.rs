@@ -1,0 +1,116 @@
+//! The `mailbridge` binary: the CLI of contract §1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use mailbridge::settings::{default_config_path, Settings};
+
+#[derive(Parser)]
+#[command(name = "mailbridge", version, about = "Sends and receives email for CRM systems through RabbitMQ")]
+struct Cli {
+    /// The main config file (default: $MAILBRIDGE_CONFIG, else config/mailbridge.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service until SIGTERM/SIGINT (the default).
+    Run,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Validate the config and every tenant file; exit 1 when anything is wrong.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let path = cli.config.unwrap_or_else(default_config_path);
+    let command = cli.command.unwrap_or(Command::Run);
+
+    let settings = match Settings::load(&path) {
+        Ok(s) => s,
+        Err(e) => {
+            for p in &e.0 {
+                eprintln!("error: {p}");
+            }
+            eprintln!("{} problem(s) found; nothing was started", e.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+
+    match command {
+        Command::CheckConfig => {
+            for w in &settings.warnings {
+                eprintln!("warning: {w}");
+            }
+            let providers: usize = settings.tenants.iter().map(|t| t.providers.len()).sum();
+            let mailboxes: usize = settings.tenants.iter().map(|t| t.mailboxes.len()).sum();
+            println!(
+                "{}: OK ({} tenant(s), {} provider(s), {} mailbox(es))",
+                path.display(),
+                settings.tenants.len(),
+                providers,
+                mailboxes
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Migrate => {
+            let result = actix_rt::System::new()
+                .block_on(async { mailbridge::storage::migrate(&settings.database).await });
+            match result {
+                Ok(applied) => {
+                    println!("migrations applied: {}", applied.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run => {
+            install_panic_hook();
+            let result = actix_rt::System::new().block_on(mailbridge::app::run(settings));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// A panic inside an actor ends only that actor's task (the supervisor restarts it); this
+/// hook makes sure it is logged through the same channel as everything else.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "non-string panic payload".into());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, thread = ?std::thread::current().name(), "panic: {payload}");
+    }));
+}

@@ -1,0 +1,1207 @@
+//! Configuration: the main TOML file, the tenant files beside it, and the environment.
+//!
+//! Loading never stops at the first problem: every problem found is collected as a
+//! [`ConfigProblem`] naming the file and the key, so `check-config` (and a refused reload)
+//! can print them all at once. Every key has a default, so an empty main file runs against
+//! local services. The seed's environment variables override the file after it is parsed.
+//!
+//! Secrets are resolved here (`password`, `password_env`, `password_file`) into [`Secret`],
+//! whose `Debug` and `Display` never show the value.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The file name the environment overrides are reported under.
+pub const ENVIRONMENT: &str = "environment";
+
+/// One thing wrong with the configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found while loading; a configuration with any of them is refused whole.
+#[derive(Debug, thiserror::Error)]
+#[error("the configuration has {} problem(s):\n{}", .0.len(), render_problems(.0))]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+fn render_problems(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A secret value: compared and used, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself, for the one place that must hand it to a server.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// A duration written as `"1s"`, `"250ms"`, `"7d"` (or a whole number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Raw::Text(t) => parse_duration(&t).map(Dur).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"1s"`, `"5 min"`, `"7d"`; the error says what is accepted.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("`{text}` is not a duration ({e}); write it like \"500ms\", \"15s\", \"5m\" or \"7d\"")
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The main file
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RabbitMqSection {
+    /// A full `amqp://` / `amqps://` URL; when set, host/port/username/password/vhost are unused.
+    pub url: Option<Secret>,
+    pub host: String,
+    pub port: u16,
+    pub username: String,
+    pub password: Secret,
+    pub vhost: String,
+    pub exchange: String,
+    pub prefetch: u16,
+    /// AMQP heartbeat the service asks for; a dead broker is noticed within about twice this.
+    pub heartbeat: Dur,
+    /// Longest wait between two connection attempts (the backoff doubles up to this).
+    pub reconnect_max_delay: Dur,
+}
+
+impl Default for RabbitMqSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            host: "localhost".into(),
+            port: 5672,
+            username: "guest".into(),
+            password: Secret::new("guest"),
+            vhost: "/".into(),
+            exchange: "email.exchange".into(),
+            prefetch: 256,
+            heartbeat: Dur(Duration::from_secs(10)),
+            reconnect_max_delay: Dur(Duration::from_secs(5)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueuesSection {
+    pub send: String,
+    pub inbound: String,
+    pub sync_user: String,
+    pub result: String,
+}
+
+impl Default for QueuesSection {
+    fn default() -> Self {
+        Self {
+            send: "email.send".into(),
+            inbound: "email.inbound".into(),
+            sync_user: "email.sync.user".into(),
+            result: "email.send.result".into(),
+        }
+    }
+}
+
+impl QueuesSection {
+    pub fn send_dlq(&self) -> String {
+        format!("{}.dlq", self.send)
+    }
+    pub fn inbound_dlq(&self) -> String {
+        format!("{}.dlq", self.inbound)
+    }
+    /// The six queues of the public topology (contract §3), in a stable order.
+    pub fn public_queues(&self) -> Vec<String> {
+        vec![
+            self.send.clone(),
+            self.inbound.clone(),
+            self.sync_user.clone(),
+            self.result.clone(),
+            self.send_dlq(),
+            self.inbound_dlq(),
+        ]
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSection {
+    pub url: Secret,
+    pub max_connections: usize,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://localhost/mailbridge"),
+            max_connections: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    pub listen: String,
+    pub admin_token_env: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8000".into(),
+            admin_token_env: "MAILBRIDGE_ADMIN_TOKEN".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySection {
+    pub max_retries: u32,
+    pub delays: Vec<Dur>,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        Self {
+            max_retries: 3,
+            delays: [1, 5, 15]
+                .into_iter()
+                .map(|s| Dur(Duration::from_secs(s)))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundSection {
+    pub attachment_max_bytes: u64,
+    pub attachment_timeout: Dur,
+    pub attachment_allow_private: bool,
+    /// Upper bound on one SMTP transaction (lettre's own timeout covers connecting only).
+    pub send_timeout: Dur,
+}
+
+impl Default for OutboundSection {
+    fn default() -> Self {
+        Self {
+            attachment_max_bytes: 26_214_400,
+            attachment_timeout: Dur(Duration::from_secs(30)),
+            attachment_allow_private: false,
+            send_timeout: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttachmentsSection {
+    pub dir: PathBuf,
+    pub public_base_url: String,
+    pub link_ttl: Dur,
+}
+
+impl Default for AttachmentsSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("var/attachments"),
+            public_base_url: "http://127.0.0.1:8000".into(),
+            link_ttl: Dur(Duration::from_secs(7 * 24 * 3600)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantsSection {
+    /// Relative to the main file's folder.
+    pub dir: PathBuf,
+}
+
+impl Default for TenantsSection {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("tenants.d"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSection {
+    /// How long in-flight work may take to finish after SIGTERM before the process exits anyway.
+    pub grace: Option<Dur>,
+}
+
+/// The main file as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MainFile {
+    pub rabbitmq: RabbitMqSection,
+    pub queues: QueuesSection,
+    pub database: DatabaseSection,
+    pub http: HttpSection,
+    pub retry: RetrySection,
+    pub outbound: OutboundSection,
+    pub attachments: AttachmentsSection,
+    pub tenants: TenantsSection,
+    pub shutdown: ShutdownSection,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tenant files
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    None,
+    Starttls,
+    Tls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    Smtp,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MailProtocol {
+    Imap,
+    Pop3,
+}
+
+/// What an added mailbox publishes first (contract §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitialSync {
+    New,
+    All,
+    Since(Duration),
+}
+
+impl<'de> Deserialize<'de> for InitialSync {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.as_str() {
+            "new" => Ok(InitialSync::New),
+            "all" => Ok(InitialSync::All),
+            other => parse_duration(other)
+                .map(InitialSync::Since)
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "`{other}` is not \"new\", \"all\" or a duration such as \"30d\""
+                    ))
+                }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderFile {
+    id: String,
+    name: Option<String>,
+    kind: ProviderKind,
+    host: Option<String>,
+    port: Option<u16>,
+    tls: Option<TlsMode>,
+    username: Option<String>,
+    password: Option<Secret>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    oauth2_token_env: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default = "default_max_connections")]
+    max_connections: u32,
+    dir: Option<PathBuf>,
+}
+
+fn default_max_connections() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MailboxFile {
+    id: String,
+    user_id: String,
+    provider_id: String,
+    protocol: MailProtocol,
+    host: String,
+    port: Option<u16>,
+    tls: Option<TlsMode>,
+    username: String,
+    password: Option<Secret>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_folder")]
+    folder: String,
+    #[serde(default = "default_true")]
+    idle: bool,
+    #[serde(default = "default_poll")]
+    poll_interval: Dur,
+    #[serde(default = "default_initial_sync")]
+    initial_sync: InitialSync,
+    #[serde(default)]
+    delete_after_fetch: bool,
+}
+
+fn default_folder() -> String {
+    "INBOX".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_poll() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_initial_sync() -> InitialSync {
+    InitialSync::New
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantFile {
+    id: String,
+    name: Option<String>,
+    #[serde(default)]
+    providers: Vec<ProviderFile>,
+    #[serde(default)]
+    mailboxes: Vec<MailboxFile>,
+}
+
+/// How a provider delivers mail.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderTransport {
+    Smtp {
+        host: String,
+        port: u16,
+        tls: TlsMode,
+        username: Option<String>,
+        password: Option<Secret>,
+        oauth2_token: Option<Secret>,
+        ca_file: Option<PathBuf>,
+    },
+    /// Each email written as an `.eml` file into `dir` (development; no mail leaves the machine).
+    File { dir: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provider {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub max_connections: u32,
+    pub transport: ProviderTransport,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mailbox {
+    pub id: String,
+    pub tenant_id: String,
+    pub user_id: String,
+    pub provider_id: String,
+    pub protocol: MailProtocol,
+    pub host: String,
+    pub port: u16,
+    pub tls: TlsMode,
+    pub username: String,
+    pub password: Option<Secret>,
+    pub folder: String,
+    pub idle: bool,
+    pub poll_interval: Duration,
+    pub initial_sync: InitialSync,
+    pub delete_after_fetch: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    /// The file it was loaded from, for messages.
+    pub file: PathBuf,
+    pub providers: Vec<Provider>,
+    pub mailboxes: Vec<Mailbox>,
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub path: PathBuf,
+    pub rabbitmq: RabbitMqSection,
+    pub queues: QueuesSection,
+    pub database: DatabaseSection,
+    pub http: HttpSection,
+    pub http_listen: SocketAddr,
+    pub retry: RetrySection,
+    pub outbound: OutboundSection,
+    pub attachments: AttachmentsSection,
+    pub tenants_dir: PathBuf,
+    pub shutdown_grace: Duration,
+    pub tenants: Vec<Tenant>,
+    /// Things that are allowed but worth saying (for example credentials over `tls = "none"`).
+    pub warnings: Vec<ConfigProblem>,
+}
+
+/// Where the config is when `--config` is not given.
+pub fn default_config_path() -> PathBuf {
+    std::env::var_os("MAILBRIDGE_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config/mailbridge.toml"))
+}
+
+/// A source of environment variables; tests pass a map instead of the process environment.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).cloned()
+    }
+}
+
+impl Settings {
+    /// Loads the main file at `path`, applies the environment and loads every tenant file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        Self::load_with_env(path, &ProcessEnv)
+    }
+
+    pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Settings, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![ConfigProblem {
+                file: file.clone(),
+                key: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let main: MainFile = match parse_toml(&text) {
+            Ok(m) => m,
+            Err((key, message)) => {
+                return Err(ConfigError(vec![ConfigProblem { file, key, message }]));
+            }
+        };
+        let MainFile {
+            mut rabbitmq,
+            mut queues,
+            mut database,
+            mut http,
+            retry,
+            outbound,
+            attachments,
+            tenants,
+            shutdown,
+        } = main;
+
+        apply_env(
+            env,
+            &mut rabbitmq,
+            &mut queues,
+            &mut database,
+            &mut http,
+            &mut problems,
+        );
+
+        let mut warnings = Vec::new();
+        let at = |key: &str, message: String| ConfigProblem {
+            file: file.clone(),
+            key: key.into(),
+            message,
+        };
+        if let Some(url) = &rabbitmq.url {
+            if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
+                problems.push(at(
+                    "rabbitmq.url",
+                    format!("not an amqp:// or amqps:// URL ({e})"),
+                ));
+            }
+        }
+        if rabbitmq.prefetch == 0 {
+            problems.push(at(
+                "rabbitmq.prefetch",
+                "must be at least 1 (0 would mean unbounded)".into(),
+            ));
+        }
+        if rabbitmq.exchange.is_empty() {
+            problems.push(at("rabbitmq.exchange", "must not be empty".into()));
+        }
+        for (key, name) in [
+            ("queues.send", &queues.send),
+            ("queues.inbound", &queues.inbound),
+            ("queues.sync_user", &queues.sync_user),
+            ("queues.result", &queues.result),
+        ] {
+            if name.is_empty() {
+                problems.push(at(key, "must not be empty".into()));
+            }
+        }
+        if let Err(e) = database.url.expose().parse::<tokio_postgres::Config>() {
+            problems.push(at(
+                "database.url",
+                format!("not a PostgreSQL connection string ({e})"),
+            ));
+        }
+        if database.max_connections == 0 {
+            problems.push(at("database.max_connections", "must be at least 1".into()));
+        }
+        let http_listen = match http.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                problems.push(at(
+                    "http.listen",
+                    format!("`{}` is not an address such as 127.0.0.1:8000", http.listen),
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 8000))
+            }
+        };
+        if retry.delays.is_empty() && retry.max_retries > 0 {
+            problems.push(at(
+                "retry.delays",
+                "needs at least one delay when max_retries > 0".into(),
+            ));
+        }
+        if retry.delays.iter().any(|d| d.0.is_zero()) {
+            problems.push(at("retry.delays", "a delay must be longer than 0".into()));
+        }
+        if url::Url::parse(&attachments.public_base_url).is_err() {
+            problems.push(at(
+                "attachments.public_base_url",
+                format!("`{}` is not a URL", attachments.public_base_url),
+            ));
+        }
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tenants_dir = base.join(&tenants.dir);
+        let tenant_list = load_tenants(&tenants_dir, env, &mut problems, &mut warnings);
+
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
+        Ok(Settings {
+            path: path.to_path_buf(),
+            rabbitmq,
+            queues,
+            database,
+            http,
+            http_listen,
+            retry,
+            outbound,
+            attachments,
+            tenants_dir,
+            shutdown_grace: shutdown
+                .grace
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(30)),
+            tenants: tenant_list,
+            warnings,
+        })
+    }
+
+    /// The AMQP URI to connect with (contains the password: never log it, use [`Self::amqp_display`]).
+    pub fn amqp_uri(&self) -> Result<lapin::uri::AMQPUri, String> {
+        let mut uri: lapin::uri::AMQPUri = match &self.rabbitmq.url {
+            Some(url) => url.expose().parse()?,
+            None => {
+                let mut uri = lapin::uri::AMQPUri::default();
+                uri.authority.host = self.rabbitmq.host.clone();
+                uri.authority.port = self.rabbitmq.port;
+                uri.authority.userinfo.username = self.rabbitmq.username.clone();
+                uri.authority.userinfo.password = self.rabbitmq.password.expose().to_string();
+                uri.vhost = self.rabbitmq.vhost.clone();
+                uri
+            }
+        };
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(self.rabbitmq.heartbeat.0.as_secs().clamp(1, 600) as u16);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(10_000);
+        }
+        Ok(uri)
+    }
+
+    /// Where the service connects, without credentials, for logs and `/health`.
+    pub fn amqp_display(&self) -> String {
+        match self.amqp_uri() {
+            Ok(u) => format!(
+                "{}://{}:{}/{}",
+                u.scheme, u.authority.host,
+                u.authority.port,
+                u.vhost
+            ),
+            Err(_) => "<invalid url>".into(),
+        }
+    }
+
+    /// A provider by id, only when it belongs to `tenant_id`.
+    pub fn provider(&self, tenant_id: &str, provider_id: &str) -> Option<&Provider> {
+        self.tenants
+            .iter()
+            .find(|t| t.id == tenant_id)?
+            .providers
+            .iter()
+            .find(|p| p.id == provider_id)
+    }
+}
+
+/// Parses TOML into `T`, returning the dotted key path and message on failure.
+fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, (String, String)> {
+    let de = toml::Deserializer::parse(text).map_err(|e| (String::new(), one_line(&e)))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        (key, one_line(e.inner()))
+    })
+}
+
+fn one_line(e: &dyn fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn apply_env(
+    env: &dyn Env,
+    rabbitmq: &mut RabbitMqSection,
+    queues: &mut QueuesSection,
+    database: &mut DatabaseSection,
+    http: &mut HttpSection,
+    problems: &mut Vec<ConfigProblem>,
+) {
+    let nonempty = |name: &str| env.var(name).filter(|v| !v.is_empty());
+    if let Some(v) = nonempty("RABBITMQ_URL") {
+        rabbitmq.url = Some(Secret::new(v));
+    }
+    if let Some(v) = nonempty("RABBITMQ_HOST") {
+        rabbitmq.host = v;
+    }
+    if let Some(v) = nonempty("RABBITMQ_PORT") {
+        match v.parse() {
+            Ok(p) => rabbitmq.port = p,
+            Err(_) => problems.push(ConfigProblem {
+                file: ENVIRONMENT.into(),
+                key: "RABBITMQ_PORT".into(),
+                message: format!("`{v}` is not a port number"),
+            }),
+        }
+    }
+    if let Some(v) = nonempty("RABBITMQ_USERNAME") {
+        rabbitmq.username = v;
+    }
+    if let Some(v) = env.var("RABBITMQ_PASSWORD") {
+        rabbitmq.password = Secret::new(v);
+    }
+    if let Some(v) = nonempty("RABBITMQ_VHOST") {
+        rabbitmq.vhost = v;
+    }
+    for (name, slot) in [
+        ("RABBITMQ_EMAIL_SEND_QUEUE", &mut queues.send),
+        ("RABBITMQ_EMAIL_INBOUND_QUEUE", &mut queues.inbound),
+        ("RABBITMQ_EMAIL_SYNC_USER_QUEUE", &mut queues.sync_user),
+        ("RABBITMQ_EMAIL_RESULT_QUEUE", &mut queues.result),
+    ] {
+        if let Some(v) = nonempty(name) {
+            *slot = v;
+        }
+    }
+    if let Some(v) = nonempty("DATABASE_URL") {
+        database.url = Secret::new(v);
+    }
+    if let Some(v) = nonempty("HTTP_LISTEN") {
+        http.listen = v;
+    }
+}
+
+fn load_tenants(
+    dir: &Path,
+    env: &dyn Env,
+    problems: &mut Vec<ConfigProblem>,
+    warnings: &mut Vec<ConfigProblem>,
+) -> Vec<Tenant> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // No tenant folder: a service with no tenants yet is a valid configuration.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            problems.push(ConfigProblem {
+                file: dir.display().to_string(),
+                key: String::new(),
+                message: format!("cannot read the tenants folder: {e}"),
+            });
+            return Vec::new();
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+
+    let mut tenants = Vec::new();
+    let mut tenant_ids: HashSet<String> = HashSet::new();
+    let mut provider_ids: HashSet<String> = HashSet::new();
+    let mut mailbox_ids: HashSet<String> = HashSet::new();
+    for path in files {
+        let file = path.display().to_string();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(ConfigProblem {
+                    file,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        let raw: TenantFile = match parse_toml(&text) {
+            Ok(t) => t,
+            Err((key, message)) => {
+                problems.push(ConfigProblem { file, key, message });
+                continue;
+            }
+        };
+        let mut p = |key: String, message: String| {
+            problems.push(ConfigProblem {
+                file: file.clone(),
+                key,
+                message,
+            })
+        };
+        if raw.id.trim().is_empty() {
+            p("id".into(), "must not be empty".into());
+        } else if !tenant_ids.insert(raw.id.clone()) {
+            p(
+                "id".into(),
+                format!("tenant id `{}` is already used by another file", raw.id),
+            );
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut providers = Vec::new();
+        for (i, pf) in raw.providers.into_iter().enumerate() {
+            let key = |k: &str| format!("providers[{i}].{k}");
+            if pf.id.trim().is_empty() {
+                p(key("id"), "must not be empty".into());
+            } else if !provider_ids.insert(pf.id.clone()) {
+                p(
+                    key("id"),
+                    format!("provider id `{}` is already used", pf.id),
+                );
+            }
+            if pf.max_connections == 0 {
+                p(key("max_connections"), "must be at least 1".into());
+            }
+            let transport = match pf.kind {
+                ProviderKind::File => match pf.dir {
+                    Some(d) => ProviderTransport::File {
+                        dir: if d.is_absolute() { d } else { base.join(d) },
+                    },
+                    None => {
+                        p(
+                            key("dir"),
+                            "a provider of kind \"file\" needs `dir`".into(),
+                        );
+                        continue;
+                    }
+                },
+                ProviderKind::Smtp => {
+                    let host = match pf.host {
+                        Some(h) if !h.trim().is_empty() => h,
+                        _ => {
+                            p(
+                                key("host"),
+                                "a provider of kind \"smtp\" needs `host`".into(),
+                            );
+                            String::new()
+                        }
+                    };
+                    let tls = pf.tls.unwrap_or(TlsMode::Starttls);
+                    let port = pf.port.unwrap_or(match tls {
+                        TlsMode::None => 25,
+                        TlsMode::Starttls => 587,
+                        TlsMode::Tls => 465,
+                    });
+                    if port == 0 {
+                        p(key("port"), "must be between 1 and 65535".into());
+                    }
+                    let password = resolve_secret(
+                        env,
+                        base,
+                        pf.password,
+                        pf.password_env.as_deref(),
+                        pf.password_file.as_deref(),
+                        &key,
+                        &mut p,
+                    );
+                    let oauth2_token = match pf.oauth2_token_env.as_deref() {
+                        Some(name) => match env.var(name) {
+                            Some(v) => Some(Secret::new(v)),
+                            None => {
+                                p(
+                                    key("oauth2_token_env"),
+                                    format!("environment variable `{name}` is not set"),
+                                );
+                                None
+                            }
+                        },
+                        None => None,
+                    };
+                    let ca_file = pf.ca_file.map(|f| if f.is_absolute() { f } else { base.join(f) });
+                    if let Some(f) = &ca_file {
+                        if !f.is_file() {
+                            p(key("ca_file"), format!("{} does not exist", f.display()));
+                        }
+                    }
+                    if tls == TlsMode::None && (password.is_some() || oauth2_token.is_some()) {
+                        warnings.push(ConfigProblem {
+                            file: file.clone(),
+                            key: key("tls"),
+                            message: "credentials will be sent without TLS; only do this for a relay on a trusted network".into(),
+                        });
+                    }
+                    ProviderTransport::Smtp {
+                        host,
+                        port,
+                        tls,
+                        username: pf.username,
+                        password,
+                        oauth2_token,
+                        ca_file,
+                    }
+                }
+            };
+            providers.push(Provider {
+                name: pf.name.unwrap_or_else(|| pf.id.clone()),
+                id: pf.id,
+                tenant_id: raw.id.clone(),
+                max_connections: pf.max_connections,
+                transport,
+            });
+        }
+        let mut mailboxes = Vec::new();
+        for (i, mf) in raw.mailboxes.into_iter().enumerate() {
+            let key = |k: &str| format!("mailboxes[{i}].{k}");
+            if mf.id.trim().is_empty() {
+                p(key("id"), "must not be empty".into());
+            } else if !mailbox_ids.insert(mf.id.clone()) {
+                p(key("id"), format!("mailbox id `{}` is already used", mf.id));
+            }
+            if !providers.iter().any(|pr| pr.id == mf.provider_id) {
+                p(
+                    key("provider_id"),
+                    format!(
+                        "no provider `{}` in this tenant; a mailbox's provider must be one of its own tenant's [[providers]]",
+                        mf.provider_id
+                    ),
+                );
+            }
+            if mf.host.trim().is_empty() {
+                p(key("host"), "must not be empty".into());
+            }
+            if mf.poll_interval.0.is_zero() {
+                p(key("poll_interval"), "must be longer than 0".into());
+            }
+            let tls = mf.tls.unwrap_or(TlsMode::Tls);
+            let port = mf.port.unwrap_or(match (mf.protocol, tls) {
+                (MailProtocol::Imap, TlsMode::Tls) => 993,
+                (MailProtocol::Imap, _) => 143,
+                (MailProtocol::Pop3, TlsMode::Tls) => 995,
+                (MailProtocol::Pop3, _) => 110,
+            });
+            if port == 0 {
+                p(key("port"), "must be between 1 and 65535".into());
+            }
+            let password = resolve_secret(
+                env,
+                base,
+                mf.password,
+                mf.password_env.as_deref(),
+                mf.password_file.as_deref(),
+                &key,
+                &mut p,
+            );
+            mailboxes.push(Mailbox {
+                id: mf.id,
+                tenant_id: raw.id.clone(),
+                user_id: mf.user_id,
+                provider_id: mf.provider_id,
+                protocol: mf.protocol,
+                host: mf.host,
+                port,
+                tls,
+                username: mf.username,
+                password,
+                folder: mf.folder,
+                idle: mf.idle,
+                poll_interval: mf.poll_interval.0,
+                initial_sync: mf.initial_sync,
+                delete_after_fetch: mf.delete_after_fetch,
+            });
+        }
+        tenants.push(Tenant {
+            name: raw.name.unwrap_or_else(|| raw.id.clone()),
+            id: raw.id,
+            file: path.clone(),
+            providers,
+            mailboxes,
+        });
+    }
+    tenants
+}
+
+fn resolve_secret(
+    env: &dyn Env,
+    base: &Path,
+    inline: Option<Secret>,
+    from_env: Option<&str>,
+    from_file: Option<&Path>,
+    key: &dyn Fn(&str) -> String,
+    problem: &mut dyn FnMut(String, String),
+) -> Option<Secret> {
+    let given = [inline.is_some(), from_env.is_some(), from_file.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if given > 1 {
+        problem(
+            key("password"),
+            "give only one of `password`, `password_env` and `password_file`".into(),
+        );
+        return None;
+    }
+    if inline.is_some() {
+        return inline;
+    }
+    if let Some(name) = from_env {
+        return match env.var(name) {
+            Some(v) => Some(Secret::new(v)),
+            None => {
+                problem(
+                    key("password_env"),
+                    format!("environment variable `{name}` is not set"),
+                );
+                None
+            }
+        };
+    }
+    if let Some(file) = from_file {
+        let path = if file.is_absolute() {
+            file.to_path_buf()
+        } else {
+            base.join(file)
+        };
+        return match std::fs::read_to_string(&path) {
+            Ok(v) => Some(Secret::new(v.trim_end_matches(['\r', '\n']))),
+            Err(e) => {
+                problem(
+                    key("password_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                None
+            }
+        };
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mb-settings-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn empty_file_gives_every_default() {
+        let d = tempdir("empty");
+        let main = write(&d, "m.toml", "");
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        assert_eq!(s.rabbitmq.host, "localhost");
+        assert_eq!(s.rabbitmq.prefetch, 256);
+        assert_eq!(s.queues.public_queues().len(), 6);
+        assert_eq!(
+            s.retry.delays.iter().map(|d| d.0.as_secs()).collect::<Vec<_>>(),
+            vec![1, 5, 15]
+        );
+        assert_eq!(s.http_listen.port(), 8000);
+        assert_eq!(s.attachments.link_ttl.0.as_secs(), 7 * 86400);
+        assert!(s.tenants.is_empty());
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let d = tempdir("env");
+        let main = write(&d, "m.toml", "[rabbitmq]\nhost = \"filehost\"\nport = 1\n");
+        let env: BTreeMap<String, String> = [
+            ("RABBITMQ_HOST", "envhost"),
+            ("RABBITMQ_PORT", "5673"),
+            ("RABBITMQ_EMAIL_SEND_QUEUE", "x.send"),
+            ("HTTP_LISTEN", "127.0.0.1:9999"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_with_env(&main, &env).unwrap();
+        assert_eq!(s.rabbitmq.host, "envhost");
+        assert_eq!(s.rabbitmq.port, 5673);
+        assert_eq!(s.queues.send, "x.send");
+        assert_eq!(s.queues.send_dlq(), "x.send.dlq");
+        assert_eq!(s.http_listen.port(), 9999);
+    }
+
+    #[test]
+    fn problems_name_file_and_key() {
+        let d = tempdir("bad");
+        let main = write(&d, "m.toml", "[rabbitmq]\nport = \"five\"\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].key, "rabbitmq.port");
+        assert!(err.0[0].file.ends_with("m.toml"));
+
+        let main = write(&d, "m.toml", "[retry]\ndelays = [\"1s\", \"soon\"]\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.0[0].key, "retry.delays[1]");
+        assert!(err.0[0].message.contains("not a duration"), "{}", err.0[0].message);
+
+        let main = write(&d, "m.toml", "[rabbitmq]\nprefech = 3\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        assert!(err.0[0].message.contains("prefech"), "{}", err.0[0].message);
+    }
+
+    #[test]
+    fn tenant_problems_are_all_reported() {
+        let d = tempdir("tenants");
+        let main = write(&d, "m.toml", "");
+        write(
+            &d,
+            "tenants.d/a.toml",
+            r#"
+id = "t1"
+[[providers]]
+id = "p1"
+kind = "smtp"
+host = "localhost"
+password_env = "MB_TEST_UNSET_VAR"
+[[mailboxes]]
+id = "m1"
+user_id = "u"
+provider_id = "p-of-someone-else"
+protocol = "imap"
+host = "localhost"
+username = "u"
+"#,
+        );
+        write(&d, "tenants.d/b.toml", "id = \"t1\"\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"providers[0].password_env"), "{keys:?}");
+        assert!(keys.contains(&"mailboxes[0].provider_id"), "{keys:?}");
+        assert!(keys.contains(&"id"), "{keys:?}");
+        assert!(err.0.iter().any(|p| p.file.ends_with("b.toml")));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+        let d = tempdir("secret");
+        let main = write(&d, "m.toml", "[rabbitmq]\npassword = \"hunter2\"\n");
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!s.amqp_display().contains("hunter2"));
+    }
+}
