@@ -32,7 +32,11 @@ pub struct Count {
 
 impl Count {
     pub fn one(name: &'static str, labels: Labels) -> Self {
-        Self { name, labels, by: 1 }
+        Self {
+            name,
+            labels,
+            by: 1,
+        }
     }
 }
 

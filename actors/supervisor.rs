@@ -62,7 +62,9 @@ pub enum AmqpError {
 /// Exponential backoff: 200 ms, 400 ms, … capped at `max`.
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(200);
-    base.checked_mul(1u32 << attempt.min(16)).unwrap_or(max).min(max)
+    base.checked_mul(1u32 << attempt.min(16))
+        .unwrap_or(max)
+        .min(max)
 }
 
 /// Declares the exchange and the six public queues exactly as contract §3 says: durable,
@@ -115,7 +117,10 @@ pub async fn declare_topology(ch: &Channel, settings: &Settings) -> Result<(), A
 }
 
 /// Message and consumer counts of the public queues, by passive declaration.
-async fn queue_stats(conn: Arc<Connection>, queues: Vec<String>) -> Result<QueueStatusResponse, AmqpError> {
+async fn queue_stats(
+    conn: Arc<Connection>,
+    queues: Vec<String>,
+) -> Result<QueueStatusResponse, AmqpError> {
     let mut out = std::collections::BTreeMap::new();
     let mut channel: Option<Channel> = None;
     for q in queues {
@@ -139,7 +144,10 @@ async fn queue_stats(conn: Arc<Connection>, queues: Vec<String>) -> Result<Queue
             .await
         {
             Ok(info) => {
-                out.insert(q, QueueStats::new(info.message_count(), info.consumer_count()));
+                out.insert(
+                    q,
+                    QueueStats::new(info.message_count(), info.consumer_count()),
+                );
             }
             // A passive declaration of a missing queue closes the channel (404).
             Err(e) if is_not_found(&e) => {
@@ -203,7 +211,7 @@ where
     }
 }
 
-type StartFn = Box<dyn Fn(ChildContext) -> Box<dyn ChildHandle>>;
+type StartFn = Box<dyn Fn(ChildContext) -> Box<dyn ChildHandle> + Send>;
 
 /// How to start one child.
 pub struct ChildSpec {
@@ -217,7 +225,7 @@ impl ChildSpec {
     pub fn new(
         name: impl Into<String>,
         needs_amqp: bool,
-        start: impl Fn(ChildContext) -> Box<dyn ChildHandle> + 'static,
+        start: impl Fn(ChildContext) -> Box<dyn ChildHandle> + Send + 'static,
     ) -> Self {
         Self {
             name: name.into(),
@@ -353,8 +361,8 @@ impl Supervisor {
         ctx.spawn(
             async move {
                 let uri = settings.amqp_uri().map_err(AmqpError::Url)?;
-                let props = ConnectionProperties::default()
-                    .with_connection_name("mailbridge".into());
+                let props =
+                    ConnectionProperties::default().with_connection_name("mailbridge".into());
                 let conn = Connection::connect_uri(uri, props)
                     .await
                     .map_err(|source| AmqpError::Connect {
@@ -429,8 +437,10 @@ impl Supervisor {
         }
         self.connection = None;
         tracing::warn!(%reason, "lost the RabbitMQ connection; reconnecting");
-        self.metrics
-            .do_send(Count::one("mailbridge_amqp_connection_losses_total", vec![]));
+        self.metrics.do_send(Count::one(
+            "mailbridge_amqp_connection_losses_total",
+            vec![],
+        ));
         self.report(
             ComponentId::RabbitMq,
             ComponentHealth::down(format!("connection lost: {reason}"))
@@ -554,7 +564,9 @@ impl Handler<GetQueueStatus> for Supervisor {
             match conn {
                 None => failed("not connected to RabbitMQ; the service is reconnecting".into()),
                 Some(conn) => {
-                    match tokio::time::timeout(Duration::from_secs(5), queue_stats(conn, queues)).await {
+                    match tokio::time::timeout(Duration::from_secs(5), queue_stats(conn, queues))
+                        .await
+                    {
                         Ok(Ok(r)) => r,
                         Ok(Err(e)) => failed(e.to_string()),
                         Err(_) => failed("RabbitMQ did not answer within 5 s".into()),

@@ -22,7 +22,11 @@ impl QueueStats {
         Self {
             message_count,
             consumer_count,
-            status: if consumer_count > 0 { "running" } else { "idle" },
+            status: if consumer_count > 0 {
+                "running"
+            } else {
+                "idle"
+            },
         }
     }
     pub fn missing() -> Self {
@@ -149,8 +153,8 @@ impl HealthReport {
                 }
             }
         }
-        let core_ok = out.rabbitmq.status == ComponentState::Ok
-            && out.database.status == ComponentState::Ok;
+        let core_ok =
+            out.rabbitmq.status == ComponentState::Ok && out.database.status == ComponentState::Ok;
         let rest_ok = out
             .providers
             .values()
@@ -192,13 +196,19 @@ mod tests {
         assert_eq!(r.status, "ok");
         assert!(r.ready());
 
-        c.insert(ComponentId::RabbitMq, ComponentHealth::down("connection reset"));
+        c.insert(
+            ComponentId::RabbitMq,
+            ComponentHealth::down("connection reset"),
+        );
         let r = HealthReport::build(&c, true);
         assert_eq!(r.status, "degraded");
         assert!(!r.ready());
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["components"]["rabbitmq"]["status"], "down");
-        assert_eq!(json["components"]["rabbitmq"]["last_error"], "connection reset");
+        assert_eq!(
+            json["components"]["rabbitmq"]["last_error"],
+            "connection reset"
+        );
     }
 
     #[test]

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use mailbridge::settings::{default_config_path, Settings};
 
 #[derive(Parser)]
-#[command(name = "mailbridge", version, about = "Sends and receives email for CRM systems through RabbitMQ")]
+#[command(
+    name = "mailbridge",
+    version,
+    about = "Sends and receives email for CRM systems through RabbitMQ"
+)]
 struct Cli {
     /// The main config file (default: $MAILBRIDGE_CONFIG, else config/mailbridge.toml).
     #[arg(long, global = true)]

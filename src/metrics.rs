@@ -39,15 +39,51 @@ pub const DURATION_BUCKETS: &[f64] = &[
 
 /// The families the service exposes, with their help text.
 pub const FAMILIES: &[(&str, Kind, &str)] = &[
-    ("mailbridge_emails_sent_total", Kind::Counter, "Emails accepted by their provider."),
-    ("mailbridge_emails_failed_total", Kind::Counter, "Send attempts that failed, by failure class."),
-    ("mailbridge_retries_total", Kind::Counter, "Retries scheduled."),
-    ("mailbridge_dead_letters_total", Kind::Counter, "Messages dead-lettered, by DLQ."),
-    ("mailbridge_inbound_published_total", Kind::Counter, "Inbound emails published to the inbound queue."),
-    ("mailbridge_send_duration_seconds", Kind::Histogram, "Time from taking a request to the provider's answer."),
-    ("mailbridge_actor_restarts_total", Kind::Counter, "Supervised actors restarted after they stopped or panicked."),
-    ("mailbridge_amqp_connections_total", Kind::Counter, "AMQP connections established (the first and every reconnect)."),
-    ("mailbridge_amqp_connection_losses_total", Kind::Counter, "AMQP connections lost."),
+    (
+        "mailbridge_emails_sent_total",
+        Kind::Counter,
+        "Emails accepted by their provider.",
+    ),
+    (
+        "mailbridge_emails_failed_total",
+        Kind::Counter,
+        "Send attempts that failed, by failure class.",
+    ),
+    (
+        "mailbridge_retries_total",
+        Kind::Counter,
+        "Retries scheduled.",
+    ),
+    (
+        "mailbridge_dead_letters_total",
+        Kind::Counter,
+        "Messages dead-lettered, by DLQ.",
+    ),
+    (
+        "mailbridge_inbound_published_total",
+        Kind::Counter,
+        "Inbound emails published to the inbound queue.",
+    ),
+    (
+        "mailbridge_send_duration_seconds",
+        Kind::Histogram,
+        "Time from taking a request to the provider's answer.",
+    ),
+    (
+        "mailbridge_actor_restarts_total",
+        Kind::Counter,
+        "Supervised actors restarted after they stopped or panicked.",
+    ),
+    (
+        "mailbridge_amqp_connections_total",
+        Kind::Counter,
+        "AMQP connections established (the first and every reconnect).",
+    ),
+    (
+        "mailbridge_amqp_connection_losses_total",
+        Kind::Counter,
+        "AMQP connections lost.",
+    ),
 ];
 
 #[derive(Debug, Clone)]
@@ -152,7 +188,8 @@ impl Registry {
                             h.count
                         );
                         let _ = writeln!(out, "{name}_sum{} {}", fmt_labels(labels, None), h.sum);
-                        let _ = writeln!(out, "{name}_count{} {}", fmt_labels(labels, None), h.count);
+                        let _ =
+                            writeln!(out, "{name}_count{} {}", fmt_labels(labels, None), h.count);
                     }
                 }
             }
@@ -208,11 +245,13 @@ mod tests {
             0.003,
         );
         let text = r.render();
-        assert!(text.contains(
-            "mailbridge_emails_failed_total{class=\"transient\",tenant=\"t\\\"1\"} 2"
-        ));
-        assert!(text.contains("mailbridge_send_duration_seconds_bucket{provider=\"p\",le=\"0.0025\"} 0"));
-        assert!(text.contains("mailbridge_send_duration_seconds_bucket{provider=\"p\",le=\"0.005\"} 1"));
+        assert!(text
+            .contains("mailbridge_emails_failed_total{class=\"transient\",tenant=\"t\\\"1\"} 2"));
+        assert!(text
+            .contains("mailbridge_send_duration_seconds_bucket{provider=\"p\",le=\"0.0025\"} 0"));
+        assert!(
+            text.contains("mailbridge_send_duration_seconds_bucket{provider=\"p\",le=\"0.005\"} 1")
+        );
         assert!(text.contains("mailbridge_send_duration_seconds_count{provider=\"p\"} 1"));
         assert_eq!(
             r.counter(

@@ -96,7 +96,9 @@ impl<'de> Deserialize<'de> for Dur {
         }
         match Raw::deserialize(d)? {
             Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
-            Raw::Text(t) => parse_duration(&t).map(Dur).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_duration(&t)
+                .map(Dur)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -104,7 +106,9 @@ impl<'de> Deserialize<'de> for Dur {
 /// Parses `"1s"`, `"5 min"`, `"7d"`; the error says what is accepted.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("`{text}` is not a duration ({e}); write it like \"500ms\", \"15s\", \"5m\" or \"7d\"")
+        format!(
+            "`{text}` is not a duration ({e}); write it like \"500ms\", \"15s\", \"5m\" or \"7d\""
+        )
     })
 }
 
@@ -354,13 +358,11 @@ impl<'de> Deserialize<'de> for InitialSync {
         match text.as_str() {
             "new" => Ok(InitialSync::New),
             "all" => Ok(InitialSync::All),
-            other => parse_duration(other)
-                .map(InitialSync::Since)
-                .map_err(|_| {
-                    serde::de::Error::custom(format!(
-                        "`{other}` is not \"new\", \"all\" or a duration such as \"30d\""
-                    ))
-                }),
+            other => parse_duration(other).map(InitialSync::Since).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{other}` is not \"new\", \"all\" or a duration such as \"30d\""
+                ))
+            }),
         }
     }
 }
@@ -705,9 +707,7 @@ impl Settings {
         match self.amqp_uri() {
             Ok(u) => format!(
                 "{}://{}:{}/{}",
-                u.scheme, u.authority.host,
-                u.authority.port,
-                u.vhost
+                u.scheme, u.authority.host, u.authority.port, u.vhost
             ),
             Err(_) => "<invalid url>".into(),
         }
@@ -880,10 +880,7 @@ fn load_tenants(
                         dir: if d.is_absolute() { d } else { base.join(d) },
                     },
                     None => {
-                        p(
-                            key("dir"),
-                            "a provider of kind \"file\" needs `dir`".into(),
-                        );
+                        p(key("dir"), "a provider of kind \"file\" needs `dir`".into());
                         continue;
                     }
                 },
@@ -929,7 +926,9 @@ fn load_tenants(
                         },
                         None => None,
                     };
-                    let ca_file = pf.ca_file.map(|f| if f.is_absolute() { f } else { base.join(f) });
+                    let ca_file = pf
+                        .ca_file
+                        .map(|f| if f.is_absolute() { f } else { base.join(f) });
                     if let Some(f) = &ca_file {
                         if !f.is_file() {
                             p(key("ca_file"), format!("{} does not exist", f.display()));
@@ -1114,7 +1113,11 @@ mod tests {
         assert_eq!(s.rabbitmq.prefetch, 256);
         assert_eq!(s.queues.public_queues().len(), 6);
         assert_eq!(
-            s.retry.delays.iter().map(|d| d.0.as_secs()).collect::<Vec<_>>(),
+            s.retry
+                .delays
+                .iter()
+                .map(|d| d.0.as_secs())
+                .collect::<Vec<_>>(),
             vec![1, 5, 15]
         );
         assert_eq!(s.http_listen.port(), 8000);
@@ -1155,7 +1158,11 @@ mod tests {
         let main = write(&d, "m.toml", "[retry]\ndelays = [\"1s\", \"soon\"]\n");
         let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
         assert_eq!(err.0[0].key, "retry.delays[1]");
-        assert!(err.0[0].message.contains("not a duration"), "{}", err.0[0].message);
+        assert!(
+            err.0[0].message.contains("not a duration"),
+            "{}",
+            err.0[0].message
+        );
 
         let main = write(&d, "m.toml", "[rabbitmq]\nprefech = 3\n");
         let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();

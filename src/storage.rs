@@ -127,13 +127,14 @@ pub fn endpoint(cfg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or(""))
 }
 
-async fn connect(
-    cfg: &tokio_postgres::Config,
-) -> Result<tokio_postgres::Client, StorageError> {
-    let (client, connection) = cfg.connect(NoTls).await.map_err(|source| StorageError::Connect {
-        endpoint: endpoint(cfg),
-        source,
-    })?;
+async fn connect(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, StorageError> {
+    let (client, connection) =
+        cfg.connect(NoTls)
+            .await
+            .map_err(|source| StorageError::Connect {
+                endpoint: endpoint(cfg),
+                source,
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection ended");

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, clippy, unit and integration tests against the real
+# RabbitMQ and PostgreSQL (installed and started here when missing or stopped), plus whatever
+# else the tests need. Stops what it started.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$ROOT"
+
+ensure_rust
+trap stop_started_services EXIT
+ensure_rabbitmq
+ensure_postgres
+export MAILBRIDGE_TEST_PG="${MAILBRIDGE_TEST_PG:-$(pg_server_url)}"
+
+# Databases and vhosts left by an interrupted earlier run.
+for db in $(psql "$MAILBRIDGE_TEST_PG/postgres" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'mb_test_%'"); do
+    psql "$MAILBRIDGE_TEST_PG/postgres" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
+done
+for vhost in $($SUDO rabbitmqctl -q list_vhosts --silent name 2>/dev/null | grep '^mbtest-' || true); do
+    $SUDO rabbitmqctl -q delete_vhost "$vhost" >/dev/null || true
+done
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --locked --all-targets -q -- -D warnings
+log "cargo test"
+cargo test --locked --all-targets
