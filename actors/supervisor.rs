@@ -13,6 +13,7 @@
 //! that actor's task but not the process — is counted in `mailbridge_actor_restarts_total`,
 //! shown in `/health`, and started again after a backoff that grows with consecutive crashes.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -180,6 +181,8 @@ pub struct ChildContext {
     pub metrics: Addr<MetricsActor>,
     /// The live connection, for children that declared `needs_amqp`.
     pub connection: Option<Arc<Connection>>,
+    /// To find sibling actors ([`FindChild`]).
+    pub supervisor: Addr<Supervisor>,
 }
 
 /// Asks a child to stop taking work, finish what it has in flight, and stop.
@@ -193,6 +196,8 @@ pub trait ChildHandle {
     fn alive(&self) -> bool;
     /// Resolves when the child has drained and stopped (or is already gone).
     fn drain(&self) -> Pin<Box<dyn Future<Output = ()>>>;
+    /// The typed address, for [`FindChild`].
+    fn as_any(&self) -> &dyn Any;
 }
 
 impl<A> ChildHandle for Addr<A>
@@ -208,6 +213,9 @@ where
             // A mailbox error means the actor is gone already: drained.
             let _ = addr.send(Drain).await;
         })
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -473,6 +481,7 @@ impl Supervisor {
             pool: self.pool.clone(),
             metrics: self.metrics.clone(),
             connection: self.connection.clone(),
+            supervisor: ctx.address(),
         };
         let mut reports = Vec::new();
         for child in &mut self.children {
@@ -603,21 +612,29 @@ impl Handler<Shutdown> for Supervisor {
 
     fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
-        let drains: Vec<_> = self
-            .children
-            .iter_mut()
-            .filter_map(|c| {
-                c.stopping = true;
-                c.handle.as_ref().map(|h| h.drain())
-            })
-            .collect();
+        // Consumers first (they finish in-flight work, which needs the senders and the outbox
+        // writer), then everything else.
+        let mut drain = |amqp: bool| -> Vec<_> {
+            self.children
+                .iter_mut()
+                .filter(|c| c.spec.needs_amqp == amqp)
+                .filter_map(|c| {
+                    c.stopping = true;
+                    c.handle.as_ref().map(|h| h.drain())
+                })
+                .collect()
+        };
+        let consumers = drain(true);
+        let others = drain(false);
         let conn = self.connection.take();
         Box::pin(
             async move {
-                if tokio::time::timeout(msg.grace, futures_util::future::join_all(drains))
-                    .await
-                    .is_err()
-                {
+                let deadline = tokio::time::Instant::now() + msg.grace;
+                let all = async {
+                    futures_util::future::join_all(consumers).await;
+                    futures_util::future::join_all(others).await;
+                };
+                if tokio::time::timeout_at(deadline, all).await.is_err() {
                     tracing::warn!(grace = ?msg.grace, "in-flight work did not finish within the grace period");
                 }
                 if let Some(conn) = conn {
@@ -630,6 +647,41 @@ impl Handler<Shutdown> for Supervisor {
             }
             .into_actor(self),
         )
+    }
+}
+
+/// The running instance of a child, by name, when it is of type `A` and alive.
+pub struct FindChild<A: Actor> {
+    pub name: String,
+    _actor: std::marker::PhantomData<fn() -> A>,
+}
+
+impl<A: Actor> FindChild<A> {
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            _actor: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<A: Actor> Message for FindChild<A> {
+    type Result = Option<Addr<A>>;
+}
+
+impl<A> Handler<FindChild<A>> for Supervisor
+where
+    A: Actor<Context = Context<A>>,
+{
+    type Result = Option<Addr<A>>;
+
+    fn handle(&mut self, msg: FindChild<A>, _: &mut Context<Self>) -> Option<Addr<A>> {
+        self.children
+            .iter()
+            .find(|c| c.spec.name == msg.name)
+            .and_then(|c| c.handle.as_ref())
+            .filter(|h| h.alive())
+            .and_then(|h| h.as_any().downcast_ref::<Addr<A>>().cloned())
     }
 }
 

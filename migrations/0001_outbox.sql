@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now(),
     sent_at              timestamptz,
+    -- set once the result for this row is confirmed on the result queue
+    result_published_at  timestamptz,
     PRIMARY KEY (tenant_id, message_id)
 );
 

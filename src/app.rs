@@ -13,7 +13,10 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::actors::metrics::MetricsActor;
-use crate::actors::supervisor::{Shutdown, Supervisor};
+use crate::actors::outbound::{sender_child, OutboundConsumer, OUTBOX_CHILD};
+use crate::actors::outbox::OutboxWriter;
+use crate::actors::sender::SenderActor;
+use crate::actors::supervisor::{ChildContext, ChildSpec, Shutdown, Supervisor};
 use crate::http::{self, AppState};
 use crate::settings::Settings;
 use crate::storage;
@@ -31,7 +34,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let metrics = MetricsActor::default().start();
     let pool = storage::pool(&settings.database)?;
-    let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone()).start();
+    let mut supervisor = Supervisor::new(settings.clone(), pool, metrics.clone());
+    for spec in children(&settings) {
+        supervisor = supervisor.with_child(spec);
+    }
+    let supervisor = supervisor.start();
 
     let state = AppState {
         metrics,
@@ -70,6 +77,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     server_handle.stop(true).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The supervised actors of the configured service: the outbox writer, one sender per
+/// provider, and the outbound consumer.
+pub fn children(settings: &Settings) -> Vec<ChildSpec> {
+    let mut specs = vec![ChildSpec::new(OUTBOX_CHILD, false, |c: ChildContext| {
+        Box::new(OutboxWriter::new(c.pool).start())
+    })];
+    for provider in settings.tenants.iter().flat_map(|t| &t.providers) {
+        let provider = provider.clone();
+        specs.push(ChildSpec::new(
+            sender_child(&provider.id),
+            false,
+            move |c: ChildContext| {
+                Box::new(
+                    SenderActor::new(
+                        provider.clone(),
+                        c.settings.outbound.send_timeout.0,
+                        c.metrics,
+                    )
+                    .start(),
+                )
+            },
+        ));
+    }
+    specs.push(ChildSpec::new("outbound", true, |c: ChildContext| {
+        Box::new(OutboundConsumer::new(c).start())
+    }));
+    specs
 }
 
 /// Waits for SIGTERM or SIGINT. SIGHUP (whose default action would kill the process) is

@@ -19,5 +19,8 @@ pub mod app;
 pub mod domain;
 pub mod http;
 pub mod metrics;
+pub mod outbound;
+pub mod outbox;
+pub mod fetch;
 pub mod settings;
 pub mod storage;

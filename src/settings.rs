@@ -707,7 +707,10 @@ impl Settings {
         match self.amqp_uri() {
             Ok(u) => format!(
                 "{}://{}:{}/{}",
-                u.scheme, u.authority.host, u.authority.port, u.vhost
+                u.scheme,
+                u.authority.host,
+                u.authority.port,
+                u.vhost.replace('%', "%25").replace('/', "%2f")
             ),
             Err(_) => "<invalid url>".into(),
         }

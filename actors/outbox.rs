@@ -1,0 +1,134 @@
+//! The outbox writer: turns many concurrent outbox changes into few batched statements.
+//!
+//! Group commit without a timer: when no batch is running, a change is written at once; while
+//! batches run (up to `MAX_CONCURRENT`), changes accumulate and go out together as soon as one
+//! finishes. A batch that fails because PostgreSQL is unreachable is retried with backoff for
+//! up to `RETRY_FOR`, so a short database restart costs latency, not messages; after that the
+//! callers get the error (and leave their deliveries unacknowledged).
+
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use deadpool_postgres::Pool;
+use tokio::sync::oneshot;
+
+use crate::actors::supervisor::{backoff, Drain};
+use crate::outbox::{self, OpOutcome, OutboxOp};
+
+const MAX_BATCH: usize = 500;
+const MAX_CONCURRENT: usize = 3;
+const RETRY_FOR: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the outbox could not be written: {0}")]
+pub struct OutboxError(pub String);
+
+type Reply = oneshot::Sender<Result<OpOutcome, OutboxError>>;
+
+pub struct OutboxWriter {
+    pool: Pool,
+    pending: Vec<(OutboxOp, Reply)>,
+    running: usize,
+    draining: Vec<oneshot::Sender<()>>,
+}
+
+impl OutboxWriter {
+    pub fn new(pool: Pool) -> Self {
+        Self {
+            pool,
+            pending: Vec::new(),
+            running: 0,
+            draining: Vec::new(),
+        }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        while self.running < MAX_CONCURRENT && !self.pending.is_empty() {
+            let n = self.pending.len().min(MAX_BATCH);
+            let batch: Vec<(OutboxOp, Reply)> = self.pending.drain(..n).collect();
+            self.running += 1;
+            let pool = self.pool.clone();
+            ctx.spawn(
+                async move {
+                    let (ops, replies): (Vec<OutboxOp>, Vec<Reply>) = batch.into_iter().unzip();
+                    let started = Instant::now();
+                    let mut attempt = 0;
+                    let result = loop {
+                        match outbox::apply(&pool, &ops).await {
+                            Ok(outcomes) => break Ok(outcomes),
+                            Err(e) if e.is_transient() && started.elapsed() < RETRY_FOR => {
+                                tracing::warn!(error = %e, "outbox batch failed; retrying");
+                                tokio::time::sleep(backoff(attempt, Duration::from_secs(5))).await;
+                                attempt += 1;
+                            }
+                            Err(e) => break Err(OutboxError(e.to_string())),
+                        }
+                    };
+                    match result {
+                        Ok(outcomes) => {
+                            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                                let _ = reply.send(Ok(outcome));
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, rows = ops.len(), "outbox batch failed");
+                            for reply in replies {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                }
+                .into_actor(self)
+                .map(|_, act, ctx| {
+                    act.running -= 1;
+                    act.flush(ctx);
+                    if act.running == 0 && act.pending.is_empty() && !act.draining.is_empty() {
+                        for d in act.draining.drain(..) {
+                            let _ = d.send(());
+                        }
+                        ctx.stop();
+                    }
+                }),
+            );
+        }
+    }
+}
+
+impl Actor for OutboxWriter {
+    type Context = Context<Self>;
+}
+
+/// Applies one change; resolves when its batch is committed.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<OpOutcome, OutboxError>")]
+pub struct Apply(pub OutboxOp);
+
+impl Handler<Apply> for OutboxWriter {
+    type Result = ResponseFuture<Result<OpOutcome, OutboxError>>;
+
+    fn handle(&mut self, msg: Apply, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.pending.push((msg.0, tx));
+        self.flush(ctx);
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(OutboxError("the outbox writer stopped".into())))
+        })
+    }
+}
+
+impl Handler<Drain> for OutboxWriter {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) -> Self::Result {
+        if self.running == 0 && self.pending.is_empty() {
+            ctx.stop();
+            return Box::pin(async {});
+        }
+        let (tx, rx) = oneshot::channel();
+        self.draining.push(tx);
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}

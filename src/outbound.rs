@@ -1,0 +1,833 @@
+//! Outbound domain: the `email.send` request, its validation, the email built from it, the
+//! results published for it, and how a failure is classified. No I/O happens here.
+//!
+//! A request is decoded strictly into [`SendRequest`] (types and required fields checked,
+//! unknown fields ignored so CRMs can add their own), then [`SendRequest::validate`] checks
+//! what serde cannot: addresses, CR/LF anywhere a header is made from, custom header names,
+//! attachment URLs. Every refusal is a [`RequestError`] naming the field and the reason.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use lettre::address::Envelope;
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::{Address, Message};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// `body_format` of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Html,
+    Text,
+}
+
+impl<'de> Deserialize<'de> for BodyFormat {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_uppercase().as_str() {
+            "HTML" => Ok(BodyFormat::Html),
+            "TEXT" => Ok(BodyFormat::Text),
+            _ => Err(serde::de::Error::custom(format!(
+                "`{s}` is not \"HTML\" or \"TEXT\""
+            ))),
+        }
+    }
+}
+
+/// One attachment of a request: fetched from `url` when the email is built.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AttachmentRef {
+    pub filename: String,
+    pub url: String,
+    pub mime_type: String,
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
+}
+
+fn null_as_empty_map<'de, D>(d: D) -> Result<BTreeMap<String, String>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The guide's `email.send` message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendRequest {
+    pub tenant_id: String,
+    pub provider_id: String,
+    #[serde(default)]
+    pub user_id: Option<String>,
+    pub message_id: String,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub cc: Vec<String>,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub bcc: Vec<String>,
+    #[serde(default)]
+    pub subject: String,
+    pub body_format: BodyFormat,
+    pub body_content: String,
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub attachments: Vec<AttachmentRef>,
+    #[serde(default, deserialize_with = "null_as_empty_map")]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub template_id: Option<String>,
+    #[serde(default)]
+    pub campaign_id: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+/// Why a request was refused before anything was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the message body is not JSON: {0}")]
+    NotJson(String),
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl RequestError {
+    fn field(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        RequestError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The identity of a request, as far as it can be read even when the request is invalid, so
+/// its result and dead letter can still name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestIds {
+    pub tenant_id: Option<String>,
+    pub message_id: Option<String>,
+    pub provider_id: Option<String>,
+}
+
+impl RequestIds {
+    pub fn peek(body: &[u8]) -> Self {
+        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
+        else {
+            return Self::default();
+        };
+        let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        Self {
+            tenant_id: get("tenant_id"),
+            message_id: get("message_id"),
+            provider_id: get("provider_id"),
+        }
+    }
+}
+
+/// Decodes a request body: JSON, the right types, every required field.
+pub fn decode(body: &[u8]) -> Result<SendRequest, RequestError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    serde_path_to_error::deserialize::<_, SendRequest>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // "missing field `to`" is reported at the parent; name the field itself.
+        let field = match inner.strip_prefix("missing field `") {
+            Some(rest) => rest.trim_end_matches('`').to_string(),
+            None if path == "." => "(request)".into(),
+            None => path,
+        };
+        let reason = if inner.starts_with("missing field") {
+            "is required".to_string()
+        } else {
+            inner
+        };
+        RequestError::field(field, reason)
+    })
+}
+
+/// Header names the service writes itself; a request may not set or override them.
+const STRUCTURAL_HEADERS: &[&str] = &[
+    "from",
+    "sender",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "content-disposition",
+    "content-id",
+    "return-path",
+    "received",
+];
+
+fn has_line_break(s: &str) -> bool {
+    s.contains(['\r', '\n', '\0'])
+}
+
+fn mailbox(field: &str, s: &str) -> Result<Mailbox, RequestError> {
+    if has_line_break(s) {
+        return Err(RequestError::field(field, "contains a line break"));
+    }
+    Mailbox::from_str(s.trim())
+        .map_err(|e| RequestError::field(field, format!("`{s}` is not an email address ({e})")))
+}
+
+/// A request that passed validation, with its addresses parsed.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub request: SendRequest,
+    pub from: Mailbox,
+    pub to: Vec<Mailbox>,
+    pub cc: Vec<Mailbox>,
+    pub bcc: Vec<Mailbox>,
+    pub headers: Vec<(HeaderName, String)>,
+}
+
+impl SendRequest {
+    pub fn validate(self) -> Result<ValidRequest, RequestError> {
+        for (field, value) in [
+            ("tenant_id", &self.tenant_id),
+            ("provider_id", &self.provider_id),
+            ("message_id", &self.message_id),
+        ] {
+            if value.trim().is_empty() {
+                return Err(RequestError::field(field, "must not be empty"));
+            }
+            if has_line_break(value) {
+                return Err(RequestError::field(field, "contains a line break"));
+            }
+            if value.len() > 255 {
+                return Err(RequestError::field(field, "is longer than 255 characters"));
+            }
+        }
+        if has_line_break(&self.subject) {
+            return Err(RequestError::field(
+                "subject",
+                "contains a line break (CR or LF), which would inject headers",
+            ));
+        }
+        let from = mailbox("from", &self.from)?;
+        if self.to.is_empty() {
+            return Err(RequestError::field("to", "needs at least one recipient"));
+        }
+        let list = |name: &str, items: &[String]| -> Result<Vec<Mailbox>, RequestError> {
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, s)| mailbox(&format!("{name}[{i}]"), s))
+                .collect()
+        };
+        let to = list("to", &self.to)?;
+        let cc = list("cc", &self.cc)?;
+        let bcc = list("bcc", &self.bcc)?;
+        let mut headers = Vec::new();
+        for (name, value) in &self.headers {
+            let field = format!("headers.{name}");
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b':')
+            {
+                return Err(RequestError::field(
+                    field,
+                    "is not a valid header name (printable ASCII, no spaces or colons)",
+                ));
+            }
+            if STRUCTURAL_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(RequestError::field(
+                    field,
+                    "is set by the service and cannot be given in `headers`",
+                ));
+            }
+            if has_line_break(value) {
+                return Err(RequestError::field(
+                    field,
+                    "contains a line break (CR or LF), which would inject headers",
+                ));
+            }
+            if value.len() > 900 {
+                return Err(RequestError::field(field, "is longer than 900 characters"));
+            }
+            let hn = HeaderName::new_from_ascii(name.clone())
+                .map_err(|_| RequestError::field(&field, "is not a valid header name"))?;
+            headers.push((hn, value.clone()));
+        }
+        for (i, a) in self.attachments.iter().enumerate() {
+            let field = |k: &str| format!("attachments[{i}].{k}");
+            if a.filename.trim().is_empty() || has_line_break(&a.filename) {
+                return Err(RequestError::field(
+                    field("filename"),
+                    "must be a non-empty name without line breaks",
+                ));
+            }
+            match url::Url::parse(&a.url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(u) => {
+                    return Err(RequestError::field(
+                        field("url"),
+                        format!("scheme `{}` is not allowed; use http or https", u.scheme()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(RequestError::field(
+                        field("url"),
+                        format!("`{}` is not a URL ({e})", a.url),
+                    ))
+                }
+            }
+            if ContentType::parse(&a.mime_type).is_err() {
+                return Err(RequestError::field(
+                    field("mime_type"),
+                    format!("`{}` is not a MIME type", a.mime_type),
+                ));
+            }
+        }
+        Ok(ValidRequest {
+            request: self,
+            from,
+            to,
+            cc,
+            bcc,
+            headers,
+        })
+    }
+}
+
+/// FNV-1a, for short stable tags (not for security).
+fn fnv1a(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The RFC 5322 Message-ID (without angle brackets) the service gives the email of a request:
+/// derived from `message_id` and the tenant, so the same request always gets the same id and
+/// a reply's In-Reply-To can be matched back to it (contract §4, §7).
+pub fn rfc_message_id(tenant_id: &str, message_id: &str, from: &Address) -> String {
+    let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let left: String = if !message_id.is_empty() && message_id.chars().all(atext) {
+        message_id.to_string()
+    } else {
+        format!("h{:016x}", fnv1a(message_id.as_bytes()))
+    };
+    format!(
+        "{left}.{:08x}@{}",
+        fnv1a(tenant_id.as_bytes()) as u32,
+        from.domain()
+    )
+}
+
+/// A plain-text rendering of an HTML body, for the text/plain alternative.
+pub fn html_to_text(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut chars = html.chars().peekable();
+    let mut skip_until: Option<&str> = None;
+    while let Some(c) = chars.next() {
+        if c == '<' {
+            let mut tag = String::new();
+            for t in chars.by_ref() {
+                if t == '>' {
+                    break;
+                }
+                tag.push(t);
+            }
+            let name: String = tag
+                .trim_start_matches('/')
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect::<String>()
+                .to_ascii_lowercase();
+            let closing = tag.starts_with('/');
+            if let Some(end) = skip_until {
+                if closing && name == end {
+                    skip_until = None;
+                }
+                continue;
+            }
+            match name.as_str() {
+                "script" | "style" | "head" if !closing => {
+                    skip_until = Some(match name.as_str() {
+                        "script" => "script",
+                        "style" => "style",
+                        _ => "head",
+                    })
+                }
+                "br" => out.push('\n'),
+                "p" | "div" | "tr" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6" | "ul" | "ol"
+                | "table" | "blockquote"
+                    if closing =>
+                {
+                    out.push('\n')
+                }
+                "li" if !closing => out.push_str("\n- "),
+                _ => {}
+            }
+            continue;
+        }
+        if skip_until.is_some() {
+            continue;
+        }
+        if c == '&' {
+            let mut ent = String::new();
+            while let Some(&n) = chars.peek() {
+                if n == ';' || ent.len() > 8 {
+                    break;
+                }
+                ent.push(n);
+                chars.next();
+            }
+            if chars.peek() == Some(&';') {
+                chars.next();
+                let decoded = match ent.as_str() {
+                    "amp" => Some('&'),
+                    "lt" => Some('<'),
+                    "gt" => Some('>'),
+                    "quot" => Some('"'),
+                    "apos" | "#39" => Some('\''),
+                    "nbsp" => Some(' '),
+                    e if e.starts_with("#x") => u32::from_str_radix(&e[2..], 16)
+                        .ok()
+                        .and_then(char::from_u32),
+                    e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
+                    _ => None,
+                };
+                match decoded {
+                    Some(d) => out.push(d),
+                    None => {
+                        out.push('&');
+                        out.push_str(&ent);
+                        out.push(';');
+                    }
+                }
+            } else {
+                out.push('&');
+                out.push_str(&ent);
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    // Collapse runs of spaces within lines and of blank lines.
+    let mut text = String::with_capacity(out.len());
+    let mut blank = 0;
+    for line in out.lines() {
+        let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
+        if line.is_empty() {
+            blank += 1;
+            if blank > 1 {
+                continue;
+            }
+        } else {
+            blank = 0;
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text.trim().to_string()
+}
+
+/// An attachment's bytes, fetched.
+#[derive(Debug, Clone)]
+pub struct FetchedAttachment {
+    pub filename: String,
+    pub mime_type: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The email ready to hand to a provider.
+#[derive(Debug, Clone)]
+pub struct OutgoingEmail {
+    pub envelope: Envelope,
+    /// The formatted RFC 5322 message.
+    pub bytes: Vec<u8>,
+    /// Without angle brackets.
+    pub rfc_message_id: String,
+}
+
+/// Builds the email: From, To, Cc as headers, Bcc in the envelope only, the custom headers,
+/// the derived Message-ID, the body (HTML with a text alternative, or text) and attachments.
+pub fn build_email(
+    req: &ValidRequest,
+    attachments: Vec<FetchedAttachment>,
+) -> Result<OutgoingEmail, RequestError> {
+    let r = &req.request;
+    let rfc_id = rfc_message_id(&r.tenant_id, &r.message_id, &req.from.email);
+    let mut b = Message::builder()
+        .from(req.from.clone())
+        .subject(r.subject.clone())
+        .message_id(Some(format!("<{rfc_id}>")))
+        .date_now();
+    for m in &req.to {
+        b = b.to(m.clone());
+    }
+    for m in &req.cc {
+        b = b.cc(m.clone());
+    }
+    for (name, value) in &req.headers {
+        b = b.raw_header(HeaderValue::new(name.clone(), value.clone()));
+    }
+    let recipients: Vec<Address> = req
+        .to
+        .iter()
+        .chain(&req.cc)
+        .chain(&req.bcc)
+        .map(|m| m.email.clone())
+        .collect();
+    let envelope = Envelope::new(Some(req.from.email.clone()), recipients)
+        .map_err(|e| RequestError::field("to", format!("no usable envelope: {e}")))?;
+    b = b.envelope(envelope.clone());
+
+    let body = match r.body_format {
+        BodyFormat::Html => {
+            MultiPart::alternative_plain_html(html_to_text(&r.body_content), r.body_content.clone())
+        }
+        BodyFormat::Text => MultiPart::mixed().singlepart(SinglePart::plain(r.body_content.clone())),
+    };
+    let message = if attachments.is_empty() {
+        match r.body_format {
+            BodyFormat::Html => b.multipart(body),
+            BodyFormat::Text => b.singlepart(SinglePart::plain(r.body_content.clone())),
+        }
+    } else {
+        let mut mixed = MultiPart::mixed().multipart(body);
+        for (i, a) in attachments.into_iter().enumerate() {
+            let ct = ContentType::parse(&a.mime_type).map_err(|_| {
+                RequestError::field(format!("attachments[{i}].mime_type"), "is not a MIME type")
+            })?;
+            mixed = mixed.singlepart(Attachment::new(a.filename).body(a.bytes, ct));
+        }
+        b.multipart(mixed)
+    }
+    .map_err(|e| RequestError::field("(email)", format!("cannot build the email: {e}")))?;
+    Ok(OutgoingEmail {
+        envelope,
+        bytes: message.formatted(),
+        rfc_message_id: rfc_id,
+    })
+}
+
+/// Whether waiting and trying again can help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureClass {
+    /// The same request will fail the same way: dead-letter it.
+    Permanent,
+    /// The provider or a resource is unavailable for now: retry.
+    Transient,
+    /// The request could not be decoded or is malformed.
+    Invalid,
+}
+
+impl FailureClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Permanent => "permanent",
+            FailureClass::Transient => "transient",
+            FailureClass::Invalid => "invalid",
+        }
+    }
+}
+
+impl fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The guide's "Expected Response" `provider_response`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProviderResponse {
+    pub provider_name: String,
+    pub provider_message_id: String,
+    pub sent_at: String,
+}
+
+/// A result on `email.send.result` (contract §4): the guide's "Expected Response" or its
+/// "Error Response Format", always with `tenant_id` and `message_id`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SendResult {
+    pub success: bool,
+    pub tenant_id: Option<String>,
+    pub message_id: Option<String>,
+    /// `sent`, `retrying` or `failed`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_response: Option<ProviderResponse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_class: Option<FailureClass>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_count: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_retry_at: Option<String>,
+}
+
+impl SendResult {
+    pub fn sent(tenant_id: &str, message_id: &str, provider: ProviderResponse) -> Self {
+        Self {
+            success: true,
+            tenant_id: Some(tenant_id.into()),
+            message_id: Some(message_id.into()),
+            status: "sent",
+            provider_response: Some(provider),
+            error: None,
+            error_class: None,
+            retry_count: None,
+            max_retries: None,
+            next_retry_at: None,
+        }
+    }
+
+    pub fn failed(
+        ids: &RequestIds,
+        error: String,
+        class: FailureClass,
+        retry_count: u32,
+        max_retries: u32,
+    ) -> Self {
+        Self {
+            success: false,
+            tenant_id: ids.tenant_id.clone(),
+            message_id: ids.message_id.clone(),
+            status: "failed",
+            provider_response: None,
+            error: Some(error),
+            error_class: Some(class),
+            retry_count: Some(retry_count),
+            max_retries: Some(max_retries),
+            next_retry_at: None,
+        }
+    }
+}
+
+/// Takes the queue id out of a server's 250 reply to DATA, when it gives one
+/// (Postfix: "Ok: queued as 4F3Z…", Exim: "OK id=1abc…").
+pub fn queue_id_from_reply(lines: &[String]) -> Option<String> {
+    for line in lines {
+        if let Some(i) = line.find("queued as ") {
+            let id: String = line[i + 10..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            if !id.is_empty() {
+                return Some(id);
+            }
+        }
+        if let Some(i) = line.find("id=") {
+            let id: String = line[i + 3..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
+            if !id.is_empty() {
+                return Some(id);
+            }
+        }
+    }
+    None
+}
+
+/// RFC 3339 UTC timestamp with seconds.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub const GUIDE_EXAMPLE: &str = r#"{
+        "tenant_id": "01996243-2d8c-726d-a5c2-81b7005ce9a2",
+        "provider_id": "0198a819-e5d3-703a-a39a-1b77e3ece687",
+        "user_id": "user-123",
+        "message_id": "unique-message-id",
+        "from": "noreply@company.com",
+        "to": ["user@example.com"],
+        "cc": ["cc@example.com"],
+        "bcc": ["bcc@example.com"],
+        "subject": "Test Email",
+        "body_format": "HTML",
+        "body_content": "<p>Hello World</p>",
+        "attachments": [{"filename": "document.pdf", "url": "https://example.com/files/document.pdf", "mime_type": "application/pdf"}],
+        "headers": {"X-Custom-Header": "Custom Value", "X-Priority": "1"},
+        "template_id": "template-123",
+        "campaign_id": "campaign-456",
+        "timestamp": "2025-09-19T10:30:00Z"
+    }"#;
+
+    fn with(field: &str, value: serde_json::Value) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_str(GUIDE_EXAMPLE).unwrap();
+        if value.is_null() {
+            v.as_object_mut().unwrap().remove(field);
+        } else {
+            v[field] = value;
+        }
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn err_of(body: &[u8]) -> RequestError {
+        match decode(body).and_then(SendRequest::validate) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn the_guide_example_decodes_and_validates() {
+        let v = decode(GUIDE_EXAMPLE.as_bytes()).unwrap().validate().unwrap();
+        assert_eq!(v.to.len(), 1);
+        assert_eq!(v.bcc[0].email.to_string(), "bcc@example.com");
+        assert_eq!(v.headers.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(
+            err_of(&with("to", serde_json::Value::Null)),
+            RequestError::field("to", "is required")
+        );
+        let e = err_of(&with("to", serde_json::json!("user@example.com")));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "to"), "{e}");
+        let e = err_of(&with("to", serde_json::json!(["not an address"])));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "to[0]"), "{e}");
+        let e = err_of(&with("subject", serde_json::json!("Hi\r\nBcc: victim@example.com")));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "subject"), "{e}");
+        let e = err_of(&with("headers", serde_json::json!({"X-A": "1\nBcc: x@example.com"})));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "headers.X-A"), "{e}");
+        let e = err_of(&with("headers", serde_json::json!({"Bcc": "x@example.com"})));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "headers.Bcc"), "{e}");
+        let e = err_of(&with("headers", serde_json::json!({"Bad Name": "v"})));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "headers.Bad Name"), "{e}");
+        let e = err_of(&with("body_format", serde_json::json!("MARKDOWN")));
+        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "body_format"), "{e}");
+        let e = err_of(&with(
+            "attachments",
+            serde_json::json!([{"filename": "a", "url": "file:///etc/passwd", "mime_type": "text/plain"}]),
+        ));
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "attachments[0].url"),
+            "{e}"
+        );
+        assert!(matches!(decode(b"not json"), Err(RequestError::NotJson(_))));
+    }
+
+    #[test]
+    fn nulls_are_empty_lists() {
+        let v = decode(&with("cc", serde_json::json!(null_value())))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert!(v.cc.is_empty());
+    }
+
+    fn null_value() -> Option<()> {
+        None
+    }
+
+    #[test]
+    fn the_email_has_no_bcc_header_but_the_envelope_has_bcc() {
+        let v = decode(&with("attachments", serde_json::json!([])))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let email = build_email(&v, vec![]).unwrap();
+        let text = String::from_utf8(email.bytes.clone()).unwrap();
+        assert!(!text.to_ascii_lowercase().contains("\nbcc:"), "{text}");
+        assert!(text.contains("To: user@example.com"));
+        assert!(text.contains("Cc: cc@example.com"));
+        assert!(text.contains("X-Custom-Header: Custom Value"));
+        assert!(text.contains(&format!("Message-ID: <{}>", email.rfc_message_id)));
+        assert!(text.contains("text/plain"));
+        assert!(text.contains("text/html"));
+        let rcpts: Vec<String> = email.envelope.to().iter().map(|a| a.to_string()).collect();
+        assert_eq!(rcpts, ["user@example.com", "cc@example.com", "bcc@example.com"]);
+        assert_eq!(
+            email.envelope.from().unwrap().to_string(),
+            "noreply@company.com"
+        );
+    }
+
+    #[test]
+    fn message_id_is_stable_and_per_tenant() {
+        let from: Address = "a@company.com".parse().unwrap();
+        let a = rfc_message_id("t1", "unique-message-id", &from);
+        assert_eq!(a, rfc_message_id("t1", "unique-message-id", &from));
+        assert_ne!(a, rfc_message_id("t2", "unique-message-id", &from));
+        assert!(a.starts_with("unique-message-id.") && a.ends_with("@company.com"), "{a}");
+        let odd = rfc_message_id("t1", "has space<>", &from);
+        assert!(odd.starts_with('h') && !odd.contains(' '), "{odd}");
+    }
+
+    #[test]
+    fn html_becomes_readable_text() {
+        let t = html_to_text(
+            "<html><head><style>p{}</style></head><body><p>Hello&nbsp;<b>World</b> &amp; you</p><ul><li>one</li><li>two</li></ul>line<br>break</body></html>",
+        );
+        assert_eq!(t, "Hello World & you\n\n- one\n- two\nline\nbreak");
+    }
+
+    #[test]
+    fn queue_ids_are_read_from_replies() {
+        assert_eq!(
+            queue_id_from_reply(&["2.0.0 Ok: queued as 4F3ZQX1abc".into()]),
+            Some("4F3ZQX1abc".into())
+        );
+        assert_eq!(queue_id_from_reply(&["OK id=1tXyz-000".into()]), Some("1tXyz-000".into()));
+        assert_eq!(queue_id_from_reply(&["OK".into()]), None);
+    }
+
+    #[test]
+    fn results_have_the_guide_shape() {
+        let r = SendResult::sent(
+            "t",
+            "m",
+            ProviderResponse {
+                provider_name: "Gmail".into(),
+                provider_message_id: "q1".into(),
+                sent_at: "2025-09-19T10:30:05Z".into(),
+            },
+        );
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["success"], true);
+        assert_eq!(v["status"], "sent");
+        assert_eq!(v["provider_response"]["provider_name"], "Gmail");
+        assert!(v.get("error").is_none());
+        let f = SendResult::failed(
+            &RequestIds {
+                tenant_id: Some("t".into()),
+                message_id: Some("m".into()),
+                provider_id: None,
+            },
+            "boom".into(),
+            FailureClass::Permanent,
+            0,
+            3,
+        );
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["success"], false);
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["retry_count"], 0);
+        assert_eq!(v["max_retries"], 3);
+        assert_eq!(v["tenant_id"], "t");
+    }
+}
