@@ -4,7 +4,7 @@
 //! connection; actors talk to each other only through the typed messages defined here.
 
 pub mod metrics;
-pub mod outbox;
 pub mod outbound;
+pub mod outbox;
 pub mod sender;
 pub mod supervisor;

@@ -19,8 +19,8 @@ use actix::prelude::*;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions,
-    BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -238,7 +238,10 @@ impl Pipeline {
         }
         self.metrics.do_send(Count::one(
             "mailbridge_emails_sent_total",
-            vec![("tenant", tenant_id.clone()), ("provider", provider_id.clone())],
+            vec![
+                ("tenant", tenant_id.clone()),
+                ("provider", provider_id.clone()),
+            ],
         ));
         let result = SendResult::sent(
             &key.tenant_id,
@@ -271,7 +274,12 @@ impl Pipeline {
 
     /// A redelivered request whose email is already sent: not sent again. Its result is
     /// published only if the first delivery did not get that far.
-    async fn already_sent(&self, key: &OutboxKey, provider_name: &str, row: &Received) -> Disposition {
+    async fn already_sent(
+        &self,
+        key: &OutboxKey,
+        provider_name: &str,
+        row: &Received,
+    ) -> Disposition {
         tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
             "already sent; not sending again");
         if row.result_published {
@@ -331,7 +339,8 @@ impl Pipeline {
             None => {
                 tracing::warn!(%error, "refused a request that has no usable ids");
                 self.count_failure(ids, class);
-                let result = SendResult::failed(ids, error, class, 0, self.settings.retry.max_retries);
+                let result =
+                    SendResult::failed(ids, error, class, 0, self.settings.retry.max_retries);
                 if self.publish_result(&result).await {
                     Disposition::Ack
                 } else {
@@ -388,7 +397,8 @@ impl Pipeline {
 }
 
 fn new_row(r: &SendRequest) -> Option<NewRow> {
-    let usable = |s: &str| !s.trim().is_empty() && s.len() <= 255 && !s.contains(['\r', '\n', '\0']);
+    let usable =
+        |s: &str| !s.trim().is_empty() && s.len() <= 255 && !s.contains(['\r', '\n', '\0']);
     if !usable(&r.tenant_id) || !usable(&r.message_id) {
         return None;
     }
@@ -433,6 +443,7 @@ pub struct OutboundConsumer {
     tag: String,
     in_flight: usize,
     stopping: bool,
+    closing: bool,
     draining: Vec<oneshot::Sender<()>>,
 }
 
@@ -445,17 +456,39 @@ impl OutboundConsumer {
             tag: format!("mailbridge-outbound-{}", std::process::id()),
             in_flight: 0,
             stopping: false,
+            closing: false,
             draining: Vec::new(),
         }
     }
 
+    /// Once stopping and nothing is in flight: close the channels cleanly, then stop.
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
-        if self.stopping && self.in_flight == 0 {
-            for d in self.draining.drain(..) {
-                let _ = d.send(());
-            }
-            ctx.stop();
+        if !self.stopping || self.in_flight > 0 || self.closing {
+            return;
         }
+        self.closing = true;
+        let channels: Vec<Channel> = self
+            .channel
+            .take()
+            .into_iter()
+            .chain(self.pipeline.take().map(|p| p.publisher.clone()))
+            .collect();
+        ctx.wait(
+            async move {
+                for ch in channels {
+                    if ch.status().connected() {
+                        let _ = ch.close(200, "OK".into()).await;
+                    }
+                }
+            }
+            .into_actor(self)
+            .map(|_, act, ctx| {
+                for d in act.draining.drain(..) {
+                    let _ = d.send(());
+                }
+                ctx.stop();
+            }),
+        );
     }
 }
 

@@ -44,6 +44,8 @@ pub enum SendError {
     },
     #[error("TLS with {endpoint} failed: {detail}")]
     Tls { endpoint: String, detail: String },
+    #[error("the certificate of {endpoint} is not trusted: {detail}; fix the server's certificate or give the provider a ca_file")]
+    Certificate { endpoint: String, detail: String },
     #[error("{endpoint} does not offer STARTTLS; set tls = \"none\" or \"tls\" for this provider")]
     NoStarttls { endpoint: String },
     #[error("{endpoint} replied {code}: {reply}")]
@@ -68,7 +70,9 @@ impl SendError {
     pub fn class(&self) -> FailureClass {
         match self {
             SendError::Rejected { code, .. } if *code >= 500 => FailureClass::Permanent,
-            SendError::NoStarttls { .. } | SendError::Config(_) => FailureClass::Permanent,
+            SendError::NoStarttls { .. } | SendError::Certificate { .. } | SendError::Config(_) => {
+                FailureClass::Permanent
+            }
             _ => FailureClass::Transient,
         }
     }
@@ -96,6 +100,12 @@ impl SendError {
                 reply,
             };
         }
+        if let Some(rustls::Error::InvalidCertificate(c)) = find_source::<rustls::Error>(&e) {
+            return SendError::Certificate {
+                endpoint,
+                detail: format!("{c:?}"),
+            };
+        }
         if e.is_tls() {
             return SendError::Tls {
                 endpoint,
@@ -114,6 +124,27 @@ impl SendError {
             detail: error_chain(&e),
         }
     }
+}
+
+/// The first error of type `T` in `e`'s source chain.
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = current {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(t) = inner.downcast_ref::<T>() {
+                    return Some(t);
+                }
+            }
+        }
+        current = err.source();
+    }
+    None
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -178,11 +209,17 @@ impl SmtpPool {
                         SendError::Config(format!("cannot read ca_file {}: {e}", path.display()))
                     })?;
                     let cert = Certificate::from_pem(&pem).map_err(|e| {
-                        SendError::Config(format!("ca_file {} is not a PEM certificate: {e}", path.display()))
+                        SendError::Config(format!(
+                            "ca_file {} is not a PEM certificate: {e}",
+                            path.display()
+                        ))
                     })?;
                     b = b.add_root_certificate(cert);
                 }
-                Some(b.build().map_err(|e| SendError::Config(format!("TLS setup: {e}")))?)
+                Some(
+                    b.build()
+                        .map_err(|e| SendError::Config(format!("TLS setup: {e}")))?,
+                )
             }
         };
         let credentials = match (username, password, oauth2_token) {
@@ -327,7 +364,7 @@ impl SmtpPool {
 }
 
 enum Transport {
-    Smtp(SmtpPool),
+    Smtp(Box<SmtpPool>),
     File(PathBuf),
     /// The provider could not be set up; every send fails with this.
     Broken(SendError),
@@ -347,7 +384,7 @@ impl SenderActor {
         let transport = match &provider.transport {
             ProviderTransport::File { dir } => Transport::File(dir.clone()),
             ProviderTransport::Smtp { .. } => match SmtpPool::new(&provider, send_timeout) {
-                Ok(p) => Transport::Smtp(p),
+                Ok(p) => Transport::Smtp(Box::new(p)),
                 Err(e) => Transport::Broken(e),
             },
         };
@@ -414,14 +451,15 @@ impl Handler<Deliver> for SenderActor {
                 let started = Instant::now();
                 let email = msg.email;
                 let result = match transport.as_ref() {
-                    Transport::Smtp(pool) => pool
-                        .send(&email.envelope, &email.bytes)
-                        .await
-                        .map(|reply| Accepted {
-                            provider_message_id: queue_id_from_reply(&reply)
-                                .unwrap_or_else(|| email.rfc_message_id.clone()),
-                            sent_at: OffsetDateTime::now_utc(),
-                        }),
+                    Transport::Smtp(pool) => {
+                        pool.send(&email.envelope, &email.bytes)
+                            .await
+                            .map(|reply| Accepted {
+                                provider_message_id: queue_id_from_reply(&reply)
+                                    .unwrap_or_else(|| email.rfc_message_id.clone()),
+                                sent_at: OffsetDateTime::now_utc(),
+                            })
+                    }
                     Transport::File(dir) => write_eml(dir, &email).await.map(|_| Accepted {
                         provider_message_id: email.rfc_message_id.clone(),
                         sent_at: OffsetDateTime::now_utc(),
@@ -476,7 +514,13 @@ async fn write_eml(dir: &std::path::Path, email: &OutgoingEmail) -> Result<(), S
     let name: String = email
         .rfc_message_id
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.@".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.@".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     tokio::fs::create_dir_all(dir)
         .await

@@ -638,11 +638,16 @@ impl Handler<Shutdown> for Supervisor {
                     tracing::warn!(grace = ?msg.grace, "in-flight work did not finish within the grace period");
                 }
                 if let Some(conn) = conn {
-                    let _ = tokio::time::timeout(
+                    match tokio::time::timeout(
                         Duration::from_secs(5),
                         conn.close(200, "shutting down".into()),
                     )
-                    .await;
+                    .await
+                    {
+                        Ok(Ok(())) => tracing::info!("closed the AMQP connection"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "closing the AMQP connection failed"),
+                        Err(_) => tracing::warn!("the broker did not confirm the close within 5 s"),
+                    }
                 }
             }
             .into_actor(self),

@@ -70,6 +70,23 @@ ensure_postgres() {
     fi
 }
 
+# A Python virtualenv with the tests' packages (tests/requirements.txt), put first on PATH.
+ensure_test_python() {
+    command -v openssl >/dev/null 2>&1 || apt_install openssl
+    command -v python3 >/dev/null 2>&1 || apt_install python3
+    local venv="$ROOT/target/test-venv"
+    local stamp="$venv/.requirements"
+    if [ ! -x "$venv/bin/python3" ]; then
+        python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; rm -rf "$venv"; python3 -m venv "$venv"; }
+    fi
+    if ! cmp -s "$ROOT/tests/requirements.txt" "$stamp"; then
+        log "installing the tests' Python packages"
+        "$venv/bin/python3" -m pip install -q --disable-pip-version-check -r "$ROOT/tests/requirements.txt"
+        cp "$ROOT/tests/requirements.txt" "$stamp"
+    fi
+    export PATH="$venv/bin:$PATH"
+}
+
 # Prints a PostgreSQL server URL (no database) that works for the OS user: TCP to localhost
 # when the server accepts it without a password, else the local socket.
 pg_server_url() {

@@ -231,8 +231,17 @@ mod tests {
     #[test]
     fn internal_addresses_are_recognised() {
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0",
-            "100.64.0.1", "::1", "fc00::1", "fe80::1", "::ffff:127.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fc00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
@@ -244,14 +253,36 @@ mod tests {
     #[test]
     fn classes_follow_the_cause() {
         let u = || "http://x".to_string();
-        assert_eq!(FetchError::Status { url: u(), status: 404 }.class(), FailureClass::Permanent);
-        assert_eq!(FetchError::Status { url: u(), status: 503 }.class(), FailureClass::Transient);
         assert_eq!(
-            FetchError::Timeout { url: u(), timeout: Duration::from_secs(1) }.class(),
+            FetchError::Status {
+                url: u(),
+                status: 404
+            }
+            .class(),
+            FailureClass::Permanent
+        );
+        assert_eq!(
+            FetchError::Status {
+                url: u(),
+                status: 503
+            }
+            .class(),
             FailureClass::Transient
         );
         assert_eq!(
-            FetchError::Refused { url: u(), reason: String::new() }.class(),
+            FetchError::Timeout {
+                url: u(),
+                timeout: Duration::from_secs(1)
+            }
+            .class(),
+            FailureClass::Transient
+        );
+        assert_eq!(
+            FetchError::Refused {
+                url: u(),
+                reason: String::new()
+            }
+            .class(),
             FailureClass::Permanent
         );
     }

@@ -17,10 +17,10 @@
 pub mod actors;
 pub mod app;
 pub mod domain;
+pub mod fetch;
 pub mod http;
 pub mod metrics;
 pub mod outbound;
 pub mod outbox;
-pub mod fetch;
 pub mod settings;
 pub mod storage;

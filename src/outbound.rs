@@ -235,11 +235,7 @@ impl SendRequest {
         let mut headers = Vec::new();
         for (name, value) in &self.headers {
             let field = format!("headers.{name}");
-            if name.is_empty()
-                || !name
-                    .bytes()
-                    .all(|b| b.is_ascii_graphic() && b != b':')
-            {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
                 return Err(RequestError::field(
                     field,
                     "is not a valid header name (printable ASCII, no spaces or colons)",
@@ -496,7 +492,9 @@ pub fn build_email(
         BodyFormat::Html => {
             MultiPart::alternative_plain_html(html_to_text(&r.body_content), r.body_content.clone())
         }
-        BodyFormat::Text => MultiPart::mixed().singlepart(SinglePart::plain(r.body_content.clone())),
+        BodyFormat::Text => {
+            MultiPart::mixed().singlepart(SinglePart::plain(r.body_content.clone()))
+        }
     };
     let message = if attachments.is_empty() {
         match r.body_format {
@@ -694,7 +692,10 @@ mod tests {
 
     #[test]
     fn the_guide_example_decodes_and_validates() {
-        let v = decode(GUIDE_EXAMPLE.as_bytes()).unwrap().validate().unwrap();
+        let v = decode(GUIDE_EXAMPLE.as_bytes())
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(v.to.len(), 1);
         assert_eq!(v.bcc[0].email.to_string(), "bcc@example.com");
         assert_eq!(v.headers.len(), 2);
@@ -707,19 +708,49 @@ mod tests {
             RequestError::field("to", "is required")
         );
         let e = err_of(&with("to", serde_json::json!("user@example.com")));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "to"), "{e}");
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "to"),
+            "{e}"
+        );
         let e = err_of(&with("to", serde_json::json!(["not an address"])));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "to[0]"), "{e}");
-        let e = err_of(&with("subject", serde_json::json!("Hi\r\nBcc: victim@example.com")));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "subject"), "{e}");
-        let e = err_of(&with("headers", serde_json::json!({"X-A": "1\nBcc: x@example.com"})));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "headers.X-A"), "{e}");
-        let e = err_of(&with("headers", serde_json::json!({"Bcc": "x@example.com"})));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "headers.Bcc"), "{e}");
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "to[0]"),
+            "{e}"
+        );
+        let e = err_of(&with(
+            "subject",
+            serde_json::json!("Hi\r\nBcc: victim@example.com"),
+        ));
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "subject"),
+            "{e}"
+        );
+        let e = err_of(&with(
+            "headers",
+            serde_json::json!({"X-A": "1\nBcc: x@example.com"}),
+        ));
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "headers.X-A"),
+            "{e}"
+        );
+        let e = err_of(&with(
+            "headers",
+            serde_json::json!({"Bcc": "x@example.com"}),
+        ));
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "headers.Bcc"),
+            "{e}"
+        );
         let e = err_of(&with("headers", serde_json::json!({"Bad Name": "v"})));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "headers.Bad Name"), "{e}");
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "headers.Bad Name"),
+            "{e}"
+        );
         let e = err_of(&with("body_format", serde_json::json!("MARKDOWN")));
-        assert!(matches!(&e, RequestError::Invalid { field, .. } if field == "body_format"), "{e}");
+        assert!(
+            matches!(&e, RequestError::Invalid { field, .. } if field == "body_format"),
+            "{e}"
+        );
         let e = err_of(&with(
             "attachments",
             serde_json::json!([{"filename": "a", "url": "file:///etc/passwd", "mime_type": "text/plain"}]),
@@ -760,7 +791,10 @@ mod tests {
         assert!(text.contains("text/plain"));
         assert!(text.contains("text/html"));
         let rcpts: Vec<String> = email.envelope.to().iter().map(|a| a.to_string()).collect();
-        assert_eq!(rcpts, ["user@example.com", "cc@example.com", "bcc@example.com"]);
+        assert_eq!(
+            rcpts,
+            ["user@example.com", "cc@example.com", "bcc@example.com"]
+        );
         assert_eq!(
             email.envelope.from().unwrap().to_string(),
             "noreply@company.com"
@@ -773,7 +807,10 @@ mod tests {
         let a = rfc_message_id("t1", "unique-message-id", &from);
         assert_eq!(a, rfc_message_id("t1", "unique-message-id", &from));
         assert_ne!(a, rfc_message_id("t2", "unique-message-id", &from));
-        assert!(a.starts_with("unique-message-id.") && a.ends_with("@company.com"), "{a}");
+        assert!(
+            a.starts_with("unique-message-id.") && a.ends_with("@company.com"),
+            "{a}"
+        );
         let odd = rfc_message_id("t1", "has space<>", &from);
         assert!(odd.starts_with('h') && !odd.contains(' '), "{odd}");
     }
@@ -792,7 +829,10 @@ mod tests {
             queue_id_from_reply(&["2.0.0 Ok: queued as 4F3ZQX1abc".into()]),
             Some("4F3ZQX1abc".into())
         );
-        assert_eq!(queue_id_from_reply(&["OK id=1tXyz-000".into()]), Some("1tXyz-000".into()));
+        assert_eq!(
+            queue_id_from_reply(&["OK id=1tXyz-000".into()]),
+            Some("1tXyz-000".into())
+        );
         assert_eq!(queue_id_from_reply(&["OK".into()]), None);
     }
 

@@ -93,8 +93,9 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         .collect();
     while !pending.is_empty() {
         let mut seen = std::collections::HashSet::new();
-        let (round, rest): (Vec<usize>, Vec<usize>) =
-            pending.iter().partition(|i| seen.insert(ops[**i].key().clone()));
+        let (round, rest): (Vec<usize>, Vec<usize>) = pending
+            .iter()
+            .partition(|i| seen.insert(ops[**i].key().clone()));
         pending = rest;
         let rows: Vec<&NewRow> = round
             .iter()
@@ -131,7 +132,9 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
                      updated_at = now()
                  RETURNING tenant_id, message_id, status, attempts, provider_message_id, sent_at,
                            result_published_at IS NOT NULL",
-                &[&tenants, &messages, &providers, &users, &templates, &campaigns, &rfc_ids],
+                &[
+                    &tenants, &messages, &providers, &users, &templates, &campaigns, &rfc_ids,
+                ],
             )
             .await?;
         for row in result {

@@ -52,6 +52,8 @@ pub fn free_port() -> u16 {
 pub struct TestEnv {
     pub dir: PathBuf,
     pub vhost: String,
+    /// Created for this test (and deleted after it).
+    own_vhost: bool,
     pub db_name: String,
     pub http_port: u16,
 }
@@ -62,12 +64,23 @@ impl TestEnv {
         let vhost = format!("mbtest-{name}");
         rabbitmqctl(&["add_vhost", &vhost]);
         rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        Self::with_vhost(name, vhost, true)
+    }
+
+    /// On the broker's default vhost `/`, where the guide's client examples connect. Only one
+    /// test at a time may use it.
+    pub fn on_default_vhost(tag: &str) -> Self {
+        Self::with_vhost(unique(tag), "/".into(), false)
+    }
+
+    fn with_vhost(name: String, vhost: String, own_vhost: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("mbtest-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("tenants.d")).unwrap();
         let env = TestEnv {
             dir,
             vhost,
+            own_vhost,
             db_name: format!("mb_test_{name}").to_lowercase(),
             http_port: free_port(),
         };
@@ -84,7 +97,10 @@ impl TestEnv {
     }
 
     pub fn amqp_url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.vhost)
+        format!(
+            "amqp://guest:guest@127.0.0.1:5672/{}",
+            self.vhost.replace('/', "%2f")
+        )
     }
 
     pub fn base_url(&self) -> String {
@@ -153,11 +169,13 @@ grace = "5s"
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.vhost])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        if self.own_vhost {
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_vhost", &self.vhost])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = Command::new("psql")
             .arg(format!("{}/postgres", pg_server_url()))
             .arg("-qc")
@@ -289,4 +307,296 @@ pub fn write_file(path: &Path, text: &str) {
         std::fs::create_dir_all(p).unwrap();
     }
     std::fs::write(path, text).unwrap();
+}
+
+/// The test SMTP server (`tests/support/smtp_server.py`, aiosmtpd) on a free port.
+pub struct SmtpServer {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+/// One message as the SMTP server received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedMail {
+    pub mail_from: String,
+    pub rcpt_tos: Vec<String>,
+    pub authenticated: bool,
+    pub raw: Vec<u8>,
+}
+
+impl ReceivedMail {
+    pub fn parsed(&self) -> mail_parser::Message<'_> {
+        mail_parser::MessageParser::default()
+            .parse(&self.raw)
+            .expect("the received email parses")
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.raw).to_string()
+    }
+}
+
+impl SmtpServer {
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let port = free_port();
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--dir")
+            .arg(dir)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs the test SMTP server (scripts/test.sh installs aiosmtpd)");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "READY", "the SMTP server did not start");
+        SmtpServer {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn messages(&self) -> Vec<ReceivedMail> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|x| x == "eml"));
+        names.sort();
+        names
+            .into_iter()
+            .map(|eml| {
+                let meta: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(eml.with_extension("json")).unwrap())
+                        .unwrap();
+                ReceivedMail {
+                    mail_from: meta["mail_from"].as_str().unwrap_or("").to_string(),
+                    rcpt_tos: meta["rcpt_tos"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap().to_string())
+                        .collect(),
+                    authenticated: meta["auth"].as_bool().unwrap_or(false),
+                    raw: std::fs::read(&eml).unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    /// Makes the server answer DATA with `line` (None: accept again).
+    pub fn set_reply(&self, line: Option<&str>) {
+        let f = self.dir.join("reply");
+        match line {
+            Some(l) => std::fs::write(f, format!("{l}\n")).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<ReceivedMail> {
+        let start = Instant::now();
+        loop {
+            let m = self.messages();
+            if m.len() >= n || start.elapsed() > timeout {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A static HTTP server (python's http.server) over a folder, for attachment URLs.
+pub struct FileServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl FileServer {
+    pub fn start(dir: &Path) -> Self {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "http.server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        FileServer { child, port }
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestEnv {
+    /// A tenant with one SMTP provider (no TLS) pointing at `smtp_port`.
+    pub fn smtp_tenant(&self, tenant_id: &str, provider_id: &str, smtp_port: u16, extra: &str) {
+        self.write_tenant(
+            &format!("{tenant_id}.toml"),
+            &format!(
+                r#"
+id = "{tenant_id}"
+name = "tenant {tenant_id}"
+
+[[providers]]
+id = "{provider_id}"
+name = "SMTP of {tenant_id}"
+kind = "smtp"
+host = "127.0.0.1"
+port = {smtp_port}
+tls = "none"
+max_connections = 4
+{extra}
+"#
+            ),
+        );
+    }
+
+    /// Publishes to the default exchange with routing key `queue`, confirmed.
+    pub async fn publish(&self, queue: &str, body: &[u8]) {
+        let conn = self.amqp().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(Default::default()).await.unwrap();
+        ch.basic_publish(
+            "".into(),
+            queue.into(),
+            Default::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        let _ = conn.close(200, "OK".into()).await;
+    }
+
+    /// Takes up to `n` messages from `queue`, waiting at most `timeout` for them.
+    pub async fn take(&self, queue: &str, n: usize, timeout: Duration) -> Vec<serde_json::Value> {
+        let conn = self.amqp().await;
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        let start = Instant::now();
+        while out.len() < n && start.elapsed() < timeout {
+            match ch
+                .basic_get(
+                    queue.into(),
+                    lapin::options::BasicGetOptions { no_ack: true },
+                )
+                .await
+                .unwrap()
+            {
+                Some(m) => out.push(serde_json::from_slice(&m.delivery.data).unwrap_or_else(
+                    |_| serde_json::Value::String(String::from_utf8_lossy(&m.delivery.data).into()),
+                )),
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        let _ = conn.close(200, "OK".into()).await;
+        out
+    }
+
+    /// How many messages `queue` holds.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let conn = self.amqp().await;
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "OK".into()).await;
+        q.message_count()
+    }
+}
+
+/// The guide's outbound example request, with the given ids and attachment URL.
+pub fn guide_request(
+    tenant_id: &str,
+    provider_id: &str,
+    message_id: &str,
+    attachment_url: Option<&str>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "tenant_id": tenant_id,
+        "provider_id": provider_id,
+        "user_id": "user-123",
+        "message_id": message_id,
+        "from": "noreply@company.com",
+        "to": ["user@example.com"],
+        "cc": ["cc@example.com"],
+        "bcc": ["bcc@example.com"],
+        "subject": "Test Email",
+        "body_format": "HTML",
+        "body_content": "<p>Hello World</p>",
+        "attachments": [],
+        "headers": {"X-Custom-Header": "Custom Value", "X-Priority": "1"},
+        "template_id": "template-123",
+        "campaign_id": "campaign-456",
+        "timestamp": "2025-09-19T10:30:00Z"
+    });
+    if let Some(url) = attachment_url {
+        v["attachments"] = serde_json::json!([
+            {"filename": "document.pdf", "url": url, "mime_type": "application/pdf"}
+        ]);
+    }
+    v
+}
+
+/// Polls the outbox until `sql` (a COUNT query) returns `n`.
+pub async fn wait_count(db: &tokio_postgres::Client, sql: &str, n: i64, timeout: Duration) -> i64 {
+    let start = Instant::now();
+    loop {
+        let c: i64 = db.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(-1);
+        if c == n || start.elapsed() > timeout {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

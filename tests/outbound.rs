@@ -1,0 +1,609 @@
+//! Outbound against the real RabbitMQ, PostgreSQL and a real SMTP server (aiosmtpd):
+//! the guide's request end to end, redelivery, two tenants at volume, refusals, TLS and AUTH,
+//! and the guide's own Python client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{guide_request, wait_count, FileServer, Service, SmtpServer, TestEnv};
+use mail_parser::MimeHeaders;
+
+const TENANT: &str = "01996243-2d8c-726d-a5c2-81b7005ce9a2";
+const PROVIDER: &str = "0198a819-e5d3-703a-a39a-1b77e3ece687";
+
+fn allow_private(env: &TestEnv) {
+    env.write_config("[outbound]\nattachment_allow_private = true\nattachment_timeout = \"3s\"\n");
+}
+
+#[tokio::test]
+async fn the_guide_example_arrives_complete_and_is_recorded() {
+    let env = TestEnv::new("guide");
+    allow_private(&env);
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant(TENANT, PROVIDER, smtp.port, "");
+    let files = env.dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let pdf: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(files.join("document.pdf"), &pdf).unwrap();
+    let http = FileServer::start(&files);
+
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let req = guide_request(
+        TENANT,
+        PROVIDER,
+        "unique-message-id",
+        Some(&http.url("document.pdf")),
+    );
+    env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+        .await;
+
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
+    let mail = &mails[0];
+    assert_eq!(mail.mail_from, "noreply@company.com");
+    let mut rcpts = mail.rcpt_tos.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        ["bcc@example.com", "cc@example.com", "user@example.com"]
+    );
+    let text = mail.text();
+    assert!(
+        !text.to_ascii_lowercase().contains("\nbcc:"),
+        "Bcc header leaked:\n{text}"
+    );
+    assert!(
+        !text.contains("bcc@example.com"),
+        "Bcc address leaked:\n{text}"
+    );
+
+    let parsed = mail.parsed();
+    assert_eq!(parsed.subject(), Some("Test Email"));
+    assert_eq!(
+        parsed.from().unwrap().first().unwrap().address(),
+        Some("noreply@company.com")
+    );
+    assert_eq!(
+        parsed.to().unwrap().first().unwrap().address(),
+        Some("user@example.com")
+    );
+    assert_eq!(
+        parsed.cc().unwrap().first().unwrap().address(),
+        Some("cc@example.com")
+    );
+    assert_eq!(
+        parsed.header_raw("X-Custom-Header").map(str::trim),
+        Some("Custom Value")
+    );
+    assert_eq!(parsed.header_raw("X-Priority").map(str::trim), Some("1"));
+    let message_id = parsed.message_id().unwrap().to_string();
+    assert!(message_id.starts_with("unique-message-id."), "{message_id}");
+    assert_eq!(parsed.body_html(0).unwrap().trim(), "<p>Hello World</p>");
+    assert_eq!(parsed.body_text(0).unwrap().trim(), "Hello World");
+    let att = parsed.attachment(0).expect("an attachment");
+    assert_eq!(att.attachment_name(), Some("document.pdf"));
+    assert_eq!(att.content_type().unwrap().ctype(), "application");
+    assert_eq!(att.content_type().unwrap().subtype(), Some("pdf"));
+    assert_eq!(att.contents(), &pdf[..]);
+
+    let results = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(results.len(), 1);
+    let r = &results[0];
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(r["status"], "sent");
+    assert_eq!(r["message_id"], "unique-message-id");
+    assert_eq!(r["tenant_id"], TENANT);
+    assert_eq!(
+        r["provider_response"]["provider_name"],
+        format!("SMTP of {TENANT}")
+    );
+    assert_eq!(r["provider_response"]["provider_message_id"], "TEST000001");
+    assert!(r["provider_response"]["sent_at"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+
+    let db = env.db().await;
+    let row = db
+        .query_one(
+            "SELECT status, attempts, provider_message_id, rfc_message_id, user_id, template_id,
+                    campaign_id, sent_at IS NOT NULL, last_error
+             FROM outbox WHERE tenant_id = $1 AND message_id = $2",
+            &[&TENANT, &"unique-message-id"],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "sent");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    assert_eq!(row.get::<_, String>(2), "TEST000001");
+    assert_eq!(row.get::<_, String>(3), message_id);
+    assert_eq!(row.get::<_, Option<String>>(4).as_deref(), Some("user-123"));
+    assert_eq!(
+        row.get::<_, Option<String>>(5).as_deref(),
+        Some("template-123")
+    );
+    assert_eq!(
+        row.get::<_, Option<String>>(6).as_deref(),
+        Some("campaign-456")
+    );
+    assert!(row.get::<_, bool>(7));
+    assert_eq!(row.get::<_, Option<String>>(8), None);
+    assert_eq!(env.depth("email.send").await, 0);
+
+    let (_, metrics) = svc.get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "mailbridge_emails_sent_total{{provider=\"{PROVIDER}\",tenant=\"{TENANT}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mailbridge_send_duration_seconds_count{"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_whose_row_is_sent_is_not_sent_again() {
+    let env = TestEnv::new("redeliver");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant(TENANT, PROVIDER, smtp.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    let body = serde_json::to_vec(&guide_request(TENANT, PROVIDER, "once-only", None)).unwrap();
+    env.publish("email.send", &body).await;
+    assert_eq!(smtp.wait_for(1, Duration::from_secs(10)).await.len(), 1);
+    let first = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(first[0]["status"], "sent");
+
+    // The same request again (a redelivery after a crash looks exactly like this).
+    env.publish("email.send", &body).await;
+    let db = env.db().await;
+    // Wait until the service took it off the queue, then a little longer.
+    for _ in 0..100 {
+        if env.depth("email.send").await == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.depth("email.send").await, 0, "the redelivery was acked");
+    assert_eq!(smtp.messages().len(), 1, "sent twice:\n{}", svc.log_text());
+    assert!(svc.log_text().contains("already sent; not sending again"));
+    let row = db
+        .query_one(
+            "SELECT status, attempts FROM outbox WHERE message_id = 'once-only'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "sent");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    // Its result was already published: no second terminal result.
+    assert!(env
+        .take("email.send.result", 1, Duration::from_secs(1))
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_thousand_requests_over_two_tenants_each_through_its_own_server() {
+    let env = TestEnv::new("volume");
+    let smtp_a = SmtpServer::start(&env.dir.join("smtp-a"), &[]);
+    let smtp_b = SmtpServer::start(&env.dir.join("smtp-b"), &[]);
+    env.smtp_tenant("tenant-a", "provider-a", smtp_a.port, "");
+    env.smtp_tenant("tenant-b", "provider-b", smtp_b.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let mut confirms = Vec::new();
+    for i in 0..1000 {
+        let (t, p) = if i % 2 == 0 {
+            ("tenant-a", "provider-a")
+        } else {
+            ("tenant-b", "provider-b")
+        };
+        let mut req = guide_request(t, p, &format!("bulk-{i}"), None);
+        req["subject"] = serde_json::json!(format!("bulk {i} for {t}"));
+        let exchange = if i % 3 == 0 { "email.exchange" } else { "" };
+        confirms.push(
+            ch.basic_publish(
+                exchange.into(),
+                "email.send".into(),
+                Default::default(),
+                &serde_json::to_vec(&req).unwrap(),
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        c.await.unwrap();
+    }
+
+    let db = env.db().await;
+    let sent = wait_count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE status = 'sent'",
+        1000,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(sent, 1000, "{}", svc.log_text());
+    let a = smtp_a.messages();
+    let b = smtp_b.messages();
+    assert_eq!(a.len(), 500);
+    assert_eq!(b.len(), 500);
+    assert!(a.iter().all(|m| m.text().contains("for tenant-a")));
+    assert!(b.iter().all(|m| m.text().contains("for tenant-b")));
+    let results = env
+        .take("email.send.result", 1000, Duration::from_secs(30))
+        .await;
+    assert_eq!(results.len(), 1000);
+    assert!(results.iter().all(|r| r["status"] == "sent"));
+}
+
+#[tokio::test]
+async fn refusals_end_in_failed_results_and_inject_nothing() {
+    let env = TestEnv::new("refuse");
+    allow_private(&env);
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("tenant-a", "provider-a", smtp.port, "");
+    env.smtp_tenant("tenant-b", "provider-b", smtp.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    let mut cross = guide_request("tenant-a", "provider-b", "cross-tenant", None);
+    cross["subject"] = serde_json::json!("cross");
+    let mut header = guide_request("tenant-a", "provider-a", "crlf-header", None);
+    header["headers"] = serde_json::json!({"X-Note": "hi\r\nBcc: victim@example.com"});
+    let mut subject = guide_request("tenant-a", "provider-a", "crlf-subject", None);
+    subject["subject"] = serde_json::json!("Hello\nBcc: victim@example.com");
+    let dead_port = common::free_port();
+    let unreachable = guide_request(
+        "tenant-a",
+        "provider-a",
+        "bad-attachment",
+        Some(&format!("http://127.0.0.1:{dead_port}/missing.pdf")),
+    );
+    for req in [&cross, &header, &subject, &unreachable] {
+        env.publish("email.send", &serde_json::to_vec(req).unwrap())
+            .await;
+    }
+
+    let results = env
+        .take("email.send.result", 4, Duration::from_secs(20))
+        .await;
+    assert_eq!(results.len(), 4, "{}", svc.log_text());
+    let by_id = |id: &str| {
+        results
+            .iter()
+            .find(|r| r["message_id"] == id)
+            .unwrap_or_else(|| panic!("no result for {id}: {results:?}"))
+            .clone()
+    };
+    let r = by_id("cross-tenant");
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["success"], false);
+    assert_eq!(r["error_class"], "permanent");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not belong to tenant `tenant-a`"),
+        "{r}"
+    );
+    let r = by_id("crlf-header");
+    assert_eq!(r["status"], "failed");
+    assert!(
+        r["error"].as_str().unwrap().contains("headers.X-Note"),
+        "{r}"
+    );
+    assert!(r["error"].as_str().unwrap().contains("line break"), "{r}");
+    let r = by_id("crlf-subject");
+    assert!(r["error"].as_str().unwrap().contains("`subject`"), "{r}");
+    let r = by_id("bad-attachment");
+    assert_eq!(r["status"], "failed");
+    assert!(r["error"].as_str().unwrap().contains("missing.pdf"), "{r}");
+    assert_eq!(r["error_class"], "transient");
+    for r in &results {
+        assert_eq!(r["max_retries"], 3);
+        assert!(r["tenant_id"].is_string());
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(smtp.messages().is_empty(), "something was sent");
+    let db = env.db().await;
+    let failed = wait_count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE status = 'failed' AND last_error IS NOT NULL",
+        4,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(failed, 4);
+
+    // A refused attachment address when private addresses are not allowed.
+    let env2 = TestEnv::new("private");
+    env2.smtp_tenant("tenant-a", "provider-a", smtp.port, "");
+    let svc2 = Service::start(&env2);
+    svc2.wait_health(200, Duration::from_secs(30)).await;
+    let req = guide_request(
+        "tenant-a",
+        "provider-a",
+        "private-url",
+        Some("http://127.0.0.1:1/x.pdf"),
+    );
+    env2.publish("email.send", &serde_json::to_vec(&req).unwrap())
+        .await;
+    let r = env2
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(r[0]["status"], "failed");
+    assert_eq!(r[0]["error_class"], "permanent");
+    assert!(
+        r[0]["error"].as_str().unwrap().contains("internal address"),
+        "{}",
+        r[0]
+    );
+    assert!(smtp.messages().is_empty());
+}
+
+/// A self-signed CA and a certificate for `localhost`, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.pem",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test]
+async fn starttls_with_a_configured_ca_and_auth() {
+    let env = TestEnv::new("tls");
+    let certs = env.dir.join("certs");
+    make_certs(&certs);
+    let cert = certs.join("server.pem");
+    let key = certs.join("server.key");
+    let smtp = SmtpServer::start(
+        &env.dir.join("smtp"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--auth",
+            "crm:s3cret-pass",
+        ],
+    );
+    let implicit = SmtpServer::start(
+        &env.dir.join("smtps"),
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--implicit-tls",
+            "--auth",
+            "crm:s3cret-pass",
+        ],
+    );
+    let ca = certs.join("ca.pem");
+    env.write_tenant(
+        "t.toml",
+        &format!(
+            r#"
+id = "t"
+[[providers]]
+id = "starttls"
+kind = "smtp"
+host = "localhost"
+port = {p1}
+tls = "starttls"
+username = "crm"
+password_env = "MB_TEST_SMTP_PASSWORD"
+ca_file = "{ca}"
+
+[[providers]]
+id = "implicit"
+kind = "smtp"
+host = "localhost"
+port = {p2}
+tls = "tls"
+username = "crm"
+password = "s3cret-pass"
+ca_file = "{ca}"
+
+[[providers]]
+id = "untrusted"
+kind = "smtp"
+host = "localhost"
+port = {p1}
+tls = "starttls"
+username = "crm"
+password = "s3cret-pass"
+
+[[providers]]
+id = "wrong-password"
+kind = "smtp"
+host = "localhost"
+port = {p1}
+tls = "starttls"
+username = "crm"
+password = "not-it"
+ca_file = "{ca}"
+"#,
+            p1 = smtp.port,
+            p2 = implicit.port,
+            ca = ca.display()
+        ),
+    );
+    let svc = Service::start_with(&env, &[("MB_TEST_SMTP_PASSWORD", "s3cret-pass")]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    for (id, provider) in [
+        ("via-starttls", "starttls"),
+        ("via-tls", "implicit"),
+        ("via-untrusted", "untrusted"),
+        ("via-wrong-password", "wrong-password"),
+    ] {
+        let req = guide_request("t", provider, id, None);
+        env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+            .await;
+    }
+    let results = env
+        .take("email.send.result", 4, Duration::from_secs(30))
+        .await;
+    assert_eq!(results.len(), 4, "{}", svc.log_text());
+    let by_id = |id: &str| {
+        results
+            .iter()
+            .find(|r| r["message_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        by_id("via-starttls")["status"],
+        "sent",
+        "{}",
+        by_id("via-starttls")
+    );
+    assert_eq!(by_id("via-tls")["status"], "sent", "{}", by_id("via-tls"));
+    let r = by_id("via-untrusted");
+    assert_eq!(
+        r["status"], "failed",
+        "an untrusted certificate must be refused: {r}"
+    );
+    assert_eq!(r["error_class"], "permanent", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("not trusted"), "{r}");
+    let r = by_id("via-wrong-password");
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["error_class"], "permanent", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("535"), "{r}");
+
+    let m = smtp.messages();
+    assert_eq!(m.len(), 1);
+    assert!(m[0].authenticated);
+    assert_eq!(implicit.messages().len(), 1);
+    // The password never reaches the logs or results.
+    assert!(!svc.log_text().contains("s3cret-pass"));
+    assert!(!results
+        .iter()
+        .any(|r| r.to_string().contains("s3cret-pass")));
+    let (_, health) = svc.get("/health").await.unwrap();
+    assert!(!health.contains("s3cret-pass"));
+}
+
+#[tokio::test]
+async fn the_guide_python_client_gets_its_email_sent() {
+    // The guide's Python example connects to localhost's default vhost, unchanged.
+    let env = TestEnv::on_default_vhost("python");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let tenant = common::unique("py-tenant");
+    env.smtp_tenant(&tenant, &format!("{tenant}-smtp"), smtp.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    let guide = include_str!("support/guide_python_client.py");
+    let request = guide_request(&tenant, &format!("{tenant}-smtp"), "from-python", None);
+    let script = format!(
+        "{guide}\nimport json\nEmailQueueService().send_email(json.loads('''{}'''))\n",
+        serde_json::to_string(&request).unwrap()
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
+    assert!(mails[0].text().contains("Subject: Test Email"));
+    let db = env.db().await;
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE message_id = 'from-python' AND status = 'sent'",
+            1,
+            Duration::from_secs(10)
+        )
+        .await,
+        1
+    );
+}

@@ -1,0 +1,110 @@
+#!/usr/bin/env python3
+"""A real SMTP server (aiosmtpd) for the integration tests.
+
+Every accepted message is stored in --dir as NNNNNN.eml (the DATA, as received) with
+NNNNNN.json beside it ({"mail_from", "rcpt_tos", "auth"}). The reply to DATA can be changed
+while it runs: when --dir/reply exists, its first line is sent instead of accepting (for
+example "451 4.3.0 Try again later" or "550 5.1.1 No such user"), and the message is not stored.
+
+Options: --port, --dir, --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
+whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required). Prints READY when
+listening, then runs until killed.
+"""
+import argparse
+import asyncio
+import json
+import os
+import signal
+import ssl
+import sys
+import threading
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+class Store:
+    def __init__(self, directory):
+        self.dir = directory
+        self.lock = threading.Lock()
+        self.count = 0
+        os.makedirs(directory, exist_ok=True)
+
+    async def handle_DATA(self, server, session, envelope):
+        reply_file = os.path.join(self.dir, "reply")
+        if os.path.exists(reply_file):
+            with open(reply_file) as f:
+                line = f.readline().strip()
+            if line:
+                return line
+        with self.lock:
+            self.count += 1
+            n = self.count
+        base = os.path.join(self.dir, "%06d" % n)
+        meta = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": list(envelope.rcpt_tos),
+            "auth": session.authenticated,
+        }
+        with open(base + ".eml.tmp", "wb") as f:
+            f.write(envelope.original_content or envelope.content)
+        with open(base + ".json", "w") as f:
+            json.dump(meta, f)
+        os.rename(base + ".eml.tmp", base + ".eml")
+        return "250 2.0.0 Ok: queued as TEST%06d" % n
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
+    p.add_argument("--implicit-tls", action="store_true")
+    p.add_argument("--auth")
+    a = p.parse_args()
+
+    kwargs = {}
+    context = None
+    if a.tls_cert:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(a.tls_cert, a.tls_key)
+    if context and a.implicit_tls:
+        kwargs["ssl_context"] = context
+    elif context:
+        kwargs["tls_context"] = context
+        kwargs["require_starttls"] = True
+    if a.auth:
+        user, password = a.auth.split(":", 1)
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            ok = (
+                isinstance(auth_data, LoginPassword)
+                and auth_data.login.decode() == user
+                and auth_data.password.decode() == password
+            )
+            if ok:
+                return AuthResult(success=True)
+            return AuthResult(
+                success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+            )
+
+        kwargs["authenticator"] = authenticator
+        kwargs["auth_required"] = True
+        # Implicit TLS is encrypted from the start, but aiosmtpd only counts STARTTLS.
+        kwargs["auth_require_tls"] = bool(context) and not a.implicit_tls
+
+    controller = Controller(
+        Store(a.dir), hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
+    )
+    controller.start()
+    print("READY", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
