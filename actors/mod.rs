@@ -3,8 +3,10 @@
 //! The supervisor starts and restarts the others and is the only owner of the AMQP
 //! connection; actors talk to each other only through the typed messages defined here.
 
+pub mod dlq;
 pub mod metrics;
 pub mod outbound;
 pub mod outbox;
+pub mod retry;
 pub mod sender;
 pub mod supervisor;

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use futures_util::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -26,10 +28,13 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use tokio::sync::oneshot;
 
+use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{Count, MetricsActor};
 use crate::actors::outbox::{Apply, OutboxWriter};
+use crate::actors::retry::{retry_count, RetryScheduler, ScheduleRetry};
 use crate::actors::sender::{Deliver, SendError, SenderActor};
 use crate::actors::supervisor::{ChildContext, Drain, FindChild, Supervisor};
+use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
     build_email, decode, rfc3339, FailureClass, ProviderResponse, RequestIds, SendRequest,
@@ -38,8 +43,14 @@ use crate::outbound::{
 use crate::outbox::{NewRow, OpOutcome, OutboxKey, OutboxOp, Received};
 use crate::settings::Settings;
 
-/// The name the supervisor knows the outbox writer by.
+/// The names the supervisor knows the outbound pipeline's helpers by.
 pub const OUTBOX_CHILD: &str = "outbox";
+pub const RETRY_CHILD: &str = "retry";
+pub const DLQ_CHILD: &str = "dlq";
+
+/// A request delivered this many times without reaching an outcome is dead-lettered as
+/// poison (the service crashed or was killed while processing it each time).
+const MAX_DELIVERIES: i32 = 5;
 
 /// The name the supervisor knows a provider's sender by.
 pub fn sender_child(provider_id: &str) -> String {
@@ -122,29 +133,17 @@ impl Pipeline {
     }
 
     async fn find_sender(&self, provider_id: &str) -> Option<Addr<SenderActor>> {
-        // A sender that is being restarted comes back within a few hundred milliseconds.
-        for _ in 0..25 {
-            if let Ok(Some(addr)) = self
-                .supervisor
-                .send(FindChild::<SenderActor>::named(sender_child(provider_id)))
-                .await
-            {
-                return Some(addr);
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        None
+        self.find::<SenderActor>(&sender_child(provider_id)).await
     }
 
-    /// The whole life of one request.
-    async fn handle(&self, body: &[u8]) -> Disposition {
+    /// The whole life of one request. `retry` is the retry number it carries (0 at first).
+    async fn handle(&self, body: &[u8], retry: u32) -> Disposition {
         let ids = RequestIds::peek(body);
         let request = match decode(body) {
             Ok(r) => r,
             Err(e) => {
-                return self
-                    .fail(&ids, None, e.to_string(), FailureClass::Invalid, None)
-                    .await
+                let f = Failure::new(e.to_string(), FailureClass::Invalid);
+                return self.on_failure(body, &ids, None, retry, f).await;
             }
         };
         let row = new_row(&request);
@@ -153,9 +152,8 @@ impl Pipeline {
         let valid = match request.validate() {
             Ok(v) => v,
             Err(e) => {
-                return self
-                    .fail(&ids, row, e.to_string(), FailureClass::Invalid, None)
-                    .await
+                let f = Failure::new(e.to_string(), FailureClass::Invalid);
+                return self.receive_then_fail(body, &ids, row, retry, f).await;
             }
         };
         let Some(row) = row else {
@@ -163,8 +161,9 @@ impl Pipeline {
         };
         let Some(provider) = self.settings.provider(&tenant_id, &provider_id).cloned() else {
             let reason = self.unknown_provider_reason(&tenant_id, &provider_id);
+            let f = Failure::new(reason, FailureClass::Permanent);
             return self
-                .fail(&ids, Some(row), reason, FailureClass::Permanent, None)
+                .receive_then_fail(body, &ids, Some(row), retry, f)
                 .await;
         };
         let key = row.key.clone();
@@ -176,20 +175,29 @@ impl Pipeline {
         if received.status == "sent" {
             return self.already_sent(&key, &provider.name, &received).await;
         }
+        if received.deliveries > MAX_DELIVERIES {
+            let f = Failure::new(
+                format!(
+                    "delivered {} times without reaching an outcome (the service stopped or failed while processing it); dead-lettered so it does not loop",
+                    received.deliveries
+                ),
+                FailureClass::Permanent,
+            );
+            return self.on_failure(body, &ids, Some(&key), retry, f).await;
+        }
 
         let attachments = match self.fetcher.fetch_all(&valid.request.attachments).await {
             Ok(a) => a,
             Err(e) => {
-                let class = e.class();
-                return self.fail_row(&ids, &key, e.to_string(), class, None).await;
+                let f = Failure::new(e.to_string(), e.class());
+                return self.on_failure(body, &ids, Some(&key), retry, f).await;
             }
         };
         let email = match build_email(&valid, attachments) {
             Ok(e) => Arc::new(e),
             Err(e) => {
-                return self
-                    .fail_row(&ids, &key, e.to_string(), FailureClass::Invalid, None)
-                    .await
+                let f = Failure::new(e.to_string(), FailureClass::Invalid);
+                return self.on_failure(body, &ids, Some(&key), retry, f).await;
             }
         };
 
@@ -209,17 +217,12 @@ impl Pipeline {
         let accepted = match sent {
             Ok(a) => a,
             Err(e) => {
-                let class = e.class();
-                let reply = e.last_reply();
-                self.metrics.do_send(Count::one(
-                    "mailbridge_emails_failed_total",
-                    vec![
-                        ("class", class.as_str().into()),
-                        ("tenant", tenant_id.clone()),
-                        ("provider", provider_id.clone()),
-                    ],
-                ));
-                return self.fail_row(&ids, &key, e.to_string(), class, reply).await;
+                let f = Failure {
+                    error: e.to_string(),
+                    class: e.class(),
+                    last_reply: e.last_reply(),
+                };
+                return self.on_failure(body, &ids, Some(&key), retry, f).await;
             }
         };
 
@@ -261,13 +264,12 @@ impl Pipeline {
             return Disposition::Requeue;
         }
         // Not awaited on the ack path: if this is lost, a redelivery could only repeat a result.
-        let this_key = key.clone();
         if let Ok(Some(writer)) = self
             .supervisor
             .send(FindChild::<OutboxWriter>::named(OUTBOX_CHILD))
             .await
         {
-            writer.do_send(Apply(OutboxOp::ResultPublished(this_key)));
+            writer.do_send(Apply(OutboxOp::ResultPublished(key.clone())));
         }
         Disposition::Ack
     }
@@ -313,87 +315,188 @@ impl Pipeline {
         }
     }
 
-    /// A failure before the row exists (or without one): record what can be recorded, then
-    /// publish a terminal `failed` result.
-    async fn fail(
+    /// A failure found before the outbox row was written: write it (so the CRM can see the
+    /// request and its error there), unless the same ids were already sent.
+    async fn receive_then_fail(
         &self,
+        body: &[u8],
         ids: &RequestIds,
         row: Option<NewRow>,
-        error: String,
-        class: FailureClass,
-        last_reply: Option<String>,
+        retry: u32,
+        failure: Failure,
     ) -> Disposition {
-        match row {
-            Some(row) => {
-                let key = row.key.clone();
-                match self.outbox(OutboxOp::Receive(row)).await {
-                    Some(OpOutcome::Received(r)) if r.status == "sent" => {
-                        // The same ids were sent before; this delivery is a duplicate.
-                        return Disposition::Ack;
-                    }
-                    Some(_) => {}
-                    None => return Disposition::Requeue,
-                }
-                self.fail_row(ids, &key, error, class, last_reply).await
-            }
-            None => {
-                tracing::warn!(%error, "refused a request that has no usable ids");
-                self.count_failure(ids, class);
-                let result =
-                    SendResult::failed(ids, error, class, 0, self.settings.retry.max_retries);
-                if self.publish_result(&result).await {
-                    Disposition::Ack
-                } else {
-                    Disposition::Requeue
-                }
-            }
+        let Some(row) = row else {
+            return self.on_failure(body, ids, None, retry, failure).await;
+        };
+        let key = row.key.clone();
+        match self.outbox(OutboxOp::Receive(row)).await {
+            // The same ids were sent before: this delivery is a duplicate, not a new request.
+            Some(OpOutcome::Received(r)) if r.status == "sent" => Disposition::Ack,
+            Some(_) => self.on_failure(body, ids, Some(&key), retry, failure).await,
+            None => Disposition::Requeue,
         }
     }
 
-    fn count_failure(&self, ids: &RequestIds, class: FailureClass) {
-        if class == FailureClass::Invalid {
-            self.metrics.do_send(Count::one(
-                "mailbridge_emails_failed_total",
-                vec![
-                    ("class", class.as_str().into()),
-                    ("tenant", ids.tenant_id.clone().unwrap_or_default()),
-                    ("provider", ids.provider_id.clone().unwrap_or_default()),
-                ],
-            ));
-        }
-    }
-
-    /// A failure of a request whose outbox row exists: `failed`, then the result.
-    async fn fail_row(
+    /// Every failure ends here: a transient one with retries left is scheduled again; any
+    /// other is dead-lettered with a terminal `failed` result.
+    async fn on_failure(
         &self,
+        body: &[u8],
         ids: &RequestIds,
-        key: &OutboxKey,
-        error: String,
-        class: FailureClass,
-        last_reply: Option<String>,
+        key: Option<&OutboxKey>,
+        retry: u32,
+        failure: Failure,
     ) -> Disposition {
-        tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id, %class,
-            reply = last_reply.as_deref().unwrap_or(""), "send failed: {error}");
-        self.count_failure(ids, class);
-        if self
-            .outbox(OutboxOp::Failed {
-                key: key.clone(),
-                status: "failed",
-                error: error.clone(),
-            })
-            .await
-            .is_none()
-        {
-            return Disposition::Requeue;
-        }
+        let tenant = key
+            .map(|k| k.tenant_id.clone())
+            .or_else(|| ids.tenant_id.clone())
+            .unwrap_or_default();
+        let provider = ids.provider_id.clone().unwrap_or_default();
+        let message_id = key
+            .map(|k| k.message_id.clone())
+            .or_else(|| ids.message_id.clone());
+        self.metrics.do_send(Count::one(
+            "mailbridge_emails_failed_total",
+            vec![
+                ("class", failure.class.as_str().into()),
+                ("tenant", tenant.clone()),
+                ("provider", provider.clone()),
+            ],
+        ));
         let ids = RequestIds {
-            tenant_id: Some(key.tenant_id.clone()),
-            message_id: Some(key.message_id.clone()),
+            tenant_id: key
+                .map(|k| k.tenant_id.clone())
+                .or_else(|| ids.tenant_id.clone()),
+            message_id: message_id.clone(),
             provider_id: ids.provider_id.clone(),
         };
-        let result = SendResult::failed(&ids, error, class, 0, self.settings.retry.max_retries);
-        self.announce(key, &result).await
+        let max_retries = self.settings.retry.max_retries;
+        tracing::warn!(tenant = %tenant, message_id = message_id.as_deref().unwrap_or(""),
+            class = %failure.class, retry, reply = failure.last_reply.as_deref().unwrap_or(""),
+            "send failed: {}", failure.error);
+
+        if failure.class == FailureClass::Transient && retry < max_retries {
+            let next = retry + 1;
+            let delay = self.settings.retry_delay(next);
+            if let Some(key) = key {
+                let op = OutboxOp::Failed {
+                    key: key.clone(),
+                    status: "retrying",
+                    error: failure.error.clone(),
+                };
+                if self.outbox(op).await.is_none() {
+                    return Disposition::Requeue;
+                }
+            }
+            let Some(scheduler) = self.find::<RetryScheduler>(RETRY_CHILD).await else {
+                return Disposition::Requeue;
+            };
+            let scheduled = scheduler
+                .send(ScheduleRetry {
+                    body: body.to_vec(),
+                    retry: next,
+                    delay,
+                })
+                .await;
+            if !matches!(scheduled, Ok(Ok(()))) {
+                tracing::warn!(?scheduled, "could not schedule a retry; requeueing");
+                return Disposition::Requeue;
+            }
+            self.metrics.do_send(Count::one(
+                "mailbridge_retries_total",
+                vec![("tenant", tenant), ("provider", provider)],
+            ));
+            let next_at = time::OffsetDateTime::now_utc() + delay;
+            let result =
+                SendResult::retrying(&ids, failure.error, next, max_retries, rfc3339(next_at));
+            // The retry is parked durably; a lost notice must not make the request run twice.
+            if !self.publish_result(&result).await {
+                tracing::warn!("the retrying notice was not confirmed");
+            }
+            return Disposition::Ack;
+        }
+
+        if let Some(key) = key {
+            let op = OutboxOp::Failed {
+                key: key.clone(),
+                status: "failed",
+                error: failure.error.clone(),
+            };
+            if self.outbox(op).await.is_none() {
+                return Disposition::Requeue;
+            }
+        }
+        let entry = DeadLetterEntry {
+            tenant_id: ids.tenant_id.clone(),
+            message_id: ids.message_id.clone(),
+            retry_count: retry,
+            last_reply: failure.last_reply.clone(),
+            ..DeadLetterEntry::for_body(
+                body,
+                failure.error.clone(),
+                failure.class.as_str(),
+                rfc3339(time::OffsetDateTime::now_utc()),
+            )
+        };
+        let Some(dlq) = self.find::<DeadLetterActor>(DLQ_CHILD).await else {
+            return Disposition::Requeue;
+        };
+        let queued = dlq
+            .send(DeadLetter {
+                queue: self.settings.queues.send_dlq(),
+                entry,
+            })
+            .await;
+        if !matches!(queued, Ok(Ok(()))) {
+            tracing::warn!(?queued, "could not dead-letter a request; requeueing");
+            return Disposition::Requeue;
+        }
+        let result = SendResult::failed(&ids, failure.error, failure.class, retry, max_retries);
+        match key {
+            Some(key) => self.announce(key, &result).await,
+            None if self.publish_result(&result).await => Disposition::Ack,
+            None => Disposition::Requeue,
+        }
     }
+
+    /// A sibling actor by name, waiting briefly for one that is being restarted.
+    async fn find<A>(&self, name: &str) -> Option<Addr<A>>
+    where
+        A: Actor<Context = Context<A>>,
+    {
+        for _ in 0..25 {
+            if let Ok(Some(addr)) = self.supervisor.send(FindChild::<A>::named(name)).await {
+                return Some(addr);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        None
+    }
+}
+
+/// What went wrong with a request, and whether trying again can help.
+struct Failure {
+    error: String,
+    class: FailureClass,
+    last_reply: Option<String>,
+}
+
+impl Failure {
+    fn new(error: String, class: FailureClass) -> Self {
+        Self {
+            error,
+            class,
+            last_reply: None,
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
 }
 
 fn new_row(r: &SendRequest) -> Option<NewRow> {
@@ -567,7 +670,36 @@ impl StreamHandler<Result<Delivery, String>> for OutboundConsumer {
         self.in_flight += 1;
         ctx.spawn(
             async move {
-                let disposition = pipeline.handle(&delivery.data).await;
+                let retry = retry_count(&delivery.properties);
+                let body = &delivery.data;
+                let disposition = match AssertUnwindSafe(pipeline.handle(body, retry))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(d) => d,
+                    Err(panic) => {
+                        // A request that makes the handler panic would panic again: dead-letter
+                        // it now instead of letting it loop.
+                        let what = panic_message(panic.as_ref());
+                        tracing::error!("processing a request panicked: {what}");
+                        let ids = RequestIds::peek(body);
+                        let key = match (&ids.tenant_id, &ids.message_id) {
+                            (Some(t), Some(m)) => Some(OutboxKey {
+                                tenant_id: t.clone(),
+                                message_id: m.clone(),
+                            }),
+                            _ => None,
+                        };
+                        let failure = Failure::new(
+                            format!("the service failed unexpectedly while processing this request ({what}); dead-lettered so that it cannot loop"),
+                            FailureClass::Permanent,
+                        );
+                        AssertUnwindSafe(pipeline.on_failure(body, &ids, key.as_ref(), retry, failure))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or(Disposition::Requeue)
+                    }
+                };
                 settle(delivery, disposition).await;
             }
             .into_actor(self)

@@ -114,6 +114,36 @@ pub async fn declare_topology(ch: &Channel, settings: &Settings) -> Result<(), A
             source,
         })?;
     }
+    // The service's own delay queues: a message waits out its TTL, then is dead-lettered back
+    // to the exchange with the send queue's routing key.
+    for (queue, delay) in settings.retry_queues() {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            lapin::types::AMQPValue::LongLongInt(delay.as_millis() as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            lapin::types::AMQPValue::LongString(exchange.into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            lapin::types::AMQPValue::LongString(settings.queues.send.as_str().into()),
+        );
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|source| AmqpError::Topology {
+            what: format!("retry queue `{queue}`"),
+            source,
+        })?;
+    }
     Ok(())
 }
 
@@ -226,6 +256,9 @@ pub struct ChildSpec {
     pub name: String,
     /// Started only while the AMQP connection is up, and stopped when it is lost.
     pub needs_amqp: bool,
+    /// Takes work from a queue: drained before every other child at shutdown, because its
+    /// in-flight work needs the others.
+    pub consumer: bool,
     pub start: StartFn,
 }
 
@@ -238,8 +271,15 @@ impl ChildSpec {
         Self {
             name: name.into(),
             needs_amqp,
+            consumer: false,
             start: Box::new(start),
         }
+    }
+
+    /// Marks the child as a queue consumer (drained first at shutdown).
+    pub fn consumer(mut self) -> Self {
+        self.consumer = true;
+        self
     }
 }
 
@@ -614,10 +654,10 @@ impl Handler<Shutdown> for Supervisor {
         self.shutting_down = true;
         // Consumers first (they finish in-flight work, which needs the senders and the outbox
         // writer), then everything else.
-        let mut drain = |amqp: bool| -> Vec<_> {
+        let mut drain = |consumers: bool| -> Vec<_> {
             self.children
                 .iter_mut()
-                .filter(|c| c.spec.needs_amqp == amqp)
+                .filter(|c| c.spec.consumer == consumers)
                 .filter_map(|c| {
                     c.stopping = true;
                     c.handle.as_ref().map(|h| h.drain())
@@ -638,15 +678,27 @@ impl Handler<Shutdown> for Supervisor {
                     tracing::warn!(grace = ?msg.grace, "in-flight work did not finish within the grace period");
                 }
                 if let Some(conn) = conn {
-                    match tokio::time::timeout(
-                        Duration::from_secs(5),
-                        conn.close(200, "shutting down".into()),
-                    )
-                    .await
-                    {
-                        Ok(Ok(())) => tracing::info!("closed the AMQP connection"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "closing the AMQP connection failed"),
-                        Err(_) => tracing::warn!("the broker did not confirm the close within 5 s"),
+                    // A channel still closing makes the connection close fail: try again shortly.
+                    let mut outcome = Err("not tried".to_string());
+                    for _ in 0..10 {
+                        outcome = match tokio::time::timeout(
+                            Duration::from_secs(5),
+                            conn.close(200, "shutting down".into()),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err("the broker did not confirm the close within 5 s".into()),
+                        };
+                        if outcome.is_ok() || !conn.status().connected() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    match outcome {
+                        Ok(()) => tracing::info!("closed the AMQP connection"),
+                        Err(e) => tracing::warn!(error = %e, "closing the AMQP connection failed"),
                     }
                 }
             }

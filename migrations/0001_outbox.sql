@@ -9,6 +9,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     status               text        NOT NULL DEFAULT 'queued'
         CHECK (status IN ('queued', 'sending', 'retrying', 'sent', 'failed')),
     attempts             integer     NOT NULL DEFAULT 0,
+    -- deliveries of the request since its last recorded outcome; a request that keeps
+    -- coming back without one (the service crashes on it) is dead-lettered as poison
+    deliveries           integer     NOT NULL DEFAULT 0,
     last_error           text,
     provider_message_id  text,
     rfc_message_id       text,

@@ -12,13 +12,17 @@ use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::actors::dlq::DeadLetterActor;
 use crate::actors::metrics::MetricsActor;
-use crate::actors::outbound::{sender_child, OutboundConsumer, OUTBOX_CHILD};
+use crate::actors::outbound::{
+    sender_child, OutboundConsumer, DLQ_CHILD, OUTBOX_CHILD, RETRY_CHILD,
+};
 use crate::actors::outbox::OutboxWriter;
+use crate::actors::retry::RetryScheduler;
 use crate::actors::sender::SenderActor;
 use crate::actors::supervisor::{ChildContext, ChildSpec, Shutdown, Supervisor};
 use crate::http::{self, AppState};
-use crate::settings::Settings;
+use crate::settings::{Secret, Settings};
 use crate::storage;
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -40,9 +44,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let supervisor = supervisor.start();
 
+    let admin_token = std::env::var(&settings.http.admin_token_env)
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Secret::new);
+    if admin_token.is_none() {
+        tracing::info!(
+            "admin endpoints (DLQ, reload) are disabled until {} is set",
+            settings.http.admin_token_env
+        );
+    }
     let state = AppState {
         metrics,
         supervisor: supervisor.clone(),
+        settings: settings.clone(),
+        admin_token,
     };
     let server = HttpServer::new(move || {
         App::new()
@@ -80,7 +96,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// The supervised actors of the configured service: the outbox writer, one sender per
-/// provider, and the outbound consumer.
+/// provider, the retry scheduler, the DLQ actor and the outbound consumer.
 pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     let mut specs = vec![ChildSpec::new(OUTBOX_CHILD, false, |c: ChildContext| {
         Box::new(OutboxWriter::new(c.pool).start())
@@ -102,9 +118,18 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
             },
         ));
     }
-    specs.push(ChildSpec::new("outbound", true, |c: ChildContext| {
-        Box::new(OutboundConsumer::new(c).start())
+    specs.push(ChildSpec::new(RETRY_CHILD, true, |c: ChildContext| {
+        Box::new(RetryScheduler::new(c).start())
     }));
+    specs.push(ChildSpec::new(DLQ_CHILD, true, |c: ChildContext| {
+        Box::new(DeadLetterActor::new(c).start())
+    }));
+    specs.push(
+        ChildSpec::new("outbound", true, |c: ChildContext| {
+            Box::new(OutboundConsumer::new(c).start())
+        })
+        .consumer(),
+    );
     specs
 }
 

@@ -50,6 +50,55 @@ pub struct QueueStatusResponse {
     pub error: Option<String>,
 }
 
+/// An entry on a dead-letter queue (contract §4).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct DeadLetterEntry {
+    /// The original request, when it parsed as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<serde_json::Value>,
+    /// The original body as text, when it was not JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_body: Option<String>,
+    pub message_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub error: String,
+    /// `permanent`, `transient` (after the last retry) or `invalid`.
+    pub error_class: String,
+    pub retry_count: u32,
+    pub failed_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_reply: Option<String>,
+    /// Inbound entries: the mailbox and the message's UID there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+impl DeadLetterEntry {
+    /// An entry for `body`, keeping the request as JSON when it is JSON; the caller fills in
+    /// ids, retry count and last reply.
+    pub fn for_body(body: &[u8], error: String, error_class: &str, failed_at: String) -> Self {
+        let (request, raw_body) = match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v) => (Some(v), None),
+            Err(_) => (None, Some(String::from_utf8_lossy(body).into_owned())),
+        };
+        Self {
+            request,
+            raw_body,
+            message_id: None,
+            tenant_id: None,
+            error,
+            error_class: error_class.to_string(),
+            retry_count: 0,
+            failed_at,
+            last_reply: None,
+            mailbox_id: None,
+            uid: None,
+        }
+    }
+}
+
 /// The state of one part of the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -223,6 +272,24 @@ mod tests {
         let r = HealthReport::build(&c, true);
         assert_eq!(r.status, "degraded");
         assert!(r.ready());
+    }
+
+    #[test]
+    fn dead_letters_keep_json_requests_as_json() {
+        let e = DeadLetterEntry::for_body(
+            br#"{"message_id":"m"}"#,
+            "x".into(),
+            "permanent",
+            "2025-01-01T00:00:00Z".into(),
+        );
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["request"]["message_id"], "m");
+        assert!(v.get("raw_body").is_none());
+        let e = DeadLetterEntry::for_body(b"not json", "x".into(), "invalid", "t".into());
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["raw_body"], "not json");
+        assert!(v.get("request").is_none());
+        assert!(v["message_id"].is_null());
     }
 
     #[test]

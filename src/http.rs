@@ -3,22 +3,163 @@
 //! Handlers hold no state of their own: each asks the actor that owns the answer
 //! (the metrics actor for `/health` and `/metrics`, the supervisor for queue depths).
 
-use actix::Addr;
-use actix_web::{web, HttpResponse};
+use std::sync::Arc;
 
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use crate::actors::dlq::{DeadLetterActor, ListDeadLetters, ReplayDeadLetters};
 use crate::actors::metrics::{GetHealth, MetricsActor, RenderMetrics};
-use crate::actors::supervisor::{GetQueueStatus, Supervisor};
+use crate::actors::outbound::DLQ_CHILD;
+use crate::actors::supervisor::{FindChild, GetQueueStatus, Supervisor};
+use crate::dlq::Selection;
+use crate::settings::{Secret, Settings};
 
 #[derive(Clone)]
 pub struct AppState {
     pub metrics: Addr<MetricsActor>,
     pub supervisor: Addr<Supervisor>,
+    pub settings: Arc<Settings>,
+    /// The bearer token of the admin endpoints; `None` disables them.
+    pub admin_token: Option<Secret>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/metrics", web::get().to(metrics))
-        .route("/api/rabbitmq/status", web::get().to(queue_status));
+        .route("/api/rabbitmq/status", web::get().to(queue_status))
+        .route("/api/dlq", web::get().to(dlq_list))
+        .route("/api/dlq/replay", web::post().to(dlq_replay));
+}
+
+/// Checks `Authorization: Bearer <token>` against the configured admin token; the refusal
+/// to send when it does not match.
+fn refuse_unauthorized(state: &AppState, req: &HttpRequest) -> Option<HttpResponse> {
+    let Some(expected) = &state.admin_token else {
+        return Some(HttpResponse::Forbidden().json(serde_json::json!({
+            "success": false,
+            "error": format!(
+                "admin endpoints are disabled: set the environment variable {} to a token",
+                state.settings.http.admin_token_env
+            ),
+        })));
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
+        None
+    } else {
+        Some(
+            HttpResponse::Unauthorized()
+                .insert_header(("WWW-Authenticate", "Bearer"))
+                .json(serde_json::json!({
+                    "success": false,
+                    "error": "missing or wrong bearer token (Authorization: Bearer <token>)",
+                })),
+        )
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn dlq_actor(state: &AppState) -> Option<Addr<DeadLetterActor>> {
+    state
+        .supervisor
+        .send(FindChild::<DeadLetterActor>::named(DLQ_CHILD))
+        .await
+        .ok()
+        .flatten()
+}
+
+#[derive(Deserialize)]
+struct DlqListQuery {
+    queue: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn dlq_list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    query: web::Query<DlqListQuery>,
+) -> HttpResponse {
+    if let Some(refusal) = refuse_unauthorized(&state, &req) {
+        return refusal;
+    }
+    let Some(actor) = dlq_actor(&state).await else {
+        return unavailable("DLQ actor (it needs the RabbitMQ connection)");
+    };
+    let queue = query
+        .queue
+        .clone()
+        .unwrap_or_else(|| state.settings.queues.send_dlq());
+    let limit = query.limit.unwrap_or(100).min(10_000);
+    match actor
+        .send(ListDeadLetters {
+            queue: queue.clone(),
+            limit,
+        })
+        .await
+    {
+        Ok(Ok(entries)) => HttpResponse::Ok().json(serde_json::json!({
+            "success": true, "queue": queue, "count": entries.len(), "entries": entries,
+        })),
+        Ok(Err(e)) => {
+            HttpResponse::BadRequest().json(serde_json::json!({"success": false, "error": e}))
+        }
+        Err(_) => unavailable("DLQ actor"),
+    }
+}
+
+#[derive(Deserialize)]
+struct ReplayBody {
+    queue: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    message_ids: Vec<String>,
+}
+
+async fn dlq_replay(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<ReplayBody>,
+) -> HttpResponse {
+    if let Some(refusal) = refuse_unauthorized(&state, &req) {
+        return refusal;
+    }
+    let selection = match (body.all, body.message_ids.is_empty()) {
+        (true, true) => Selection::All,
+        (false, false) => Selection::MessageIds(body.message_ids.clone()),
+        _ => {
+            return HttpResponse::BadRequest().json(serde_json::json!({
+                "success": false,
+                "error": "give either \"all\": true or a non-empty \"message_ids\" list",
+            }))
+        }
+    };
+    let Some(actor) = dlq_actor(&state).await else {
+        return unavailable("DLQ actor (it needs the RabbitMQ connection)");
+    };
+    let queue = body
+        .queue
+        .clone()
+        .unwrap_or_else(|| state.settings.queues.send_dlq());
+    match actor.send(ReplayDeadLetters { queue, selection }).await {
+        Ok(Ok(report)) => HttpResponse::Ok().json(serde_json::json!({
+            "success": true, "replayed": report.replayed, "kept": report.kept,
+        })),
+        Ok(Err(e)) => {
+            HttpResponse::BadRequest().json(serde_json::json!({"success": false, "error": e}))
+        }
+        Err(_) => unavailable("DLQ actor"),
+    }
 }
 
 fn unavailable(what: &str) -> HttpResponse {

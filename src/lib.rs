@@ -16,6 +16,7 @@
 #[path = "../actors/mod.rs"]
 pub mod actors;
 pub mod app;
+pub mod dlq;
 pub mod domain;
 pub mod fetch;
 pub mod http;

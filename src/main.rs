@@ -28,6 +28,34 @@ enum Command {
     Migrate,
     /// Validate the config and every tenant file; exit 1 when anything is wrong.
     CheckConfig,
+    /// Inspect and replay dead letters.
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqAction {
+    /// Print the entries at the head of a DLQ, one JSON object per line (they stay queued).
+    List {
+        /// The DLQ (default: the outbound one, email.send.dlq).
+        #[arg(long)]
+        queue: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Send dead-lettered requests back to the send queue with a fresh retry schedule.
+    Replay {
+        #[arg(long)]
+        queue: Option<String>,
+        /// Replay every entry.
+        #[arg(long, conflicts_with = "message_id")]
+        all: bool,
+        /// Replay the entries with this message_id (repeatable).
+        #[arg(long = "message-id")]
+        message_id: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +105,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Dlq { action } => {
+            let result = actix_rt::System::new().block_on(run_dlq(&settings, action));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run => {
             install_panic_hook();
             let result = actix_rt::System::new().block_on(mailbridge::app::run(settings));
@@ -89,6 +127,47 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+async fn run_dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use mailbridge::dlq::{self, Selection};
+    let uri = settings.amqp_uri().map_err(anyhow::Error::msg)?;
+    let conn = lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.amqp_display()))?;
+    let default_queue = settings.queues.send_dlq();
+    match action {
+        DlqAction::List { queue, limit } => {
+            let queue = queue.unwrap_or(default_queue);
+            for entry in dlq::list(&conn, settings, &queue, limit).await? {
+                println!("{entry}");
+            }
+        }
+        DlqAction::Replay {
+            queue,
+            all,
+            message_id,
+        } => {
+            let selection = match (all, message_id.is_empty()) {
+                (true, _) => Selection::All,
+                (false, false) => Selection::MessageIds(message_id),
+                (false, true) => anyhow::bail!("say what to replay: --all or --message-id ID"),
+            };
+            mailbridge::storage::create_database_if_missing(&settings.database).await?;
+            let pool = mailbridge::storage::pool(&settings.database)?;
+            let queue = queue.unwrap_or(default_queue);
+            let report = dlq::replay(&conn, &pool, settings, &queue, &selection).await?;
+            println!(
+                "replayed {}: {}; {} left on {queue}",
+                report.replayed.len(),
+                report.replayed.join(", "),
+                report.kept
+            );
+        }
+    }
+    let _ = conn.close(200, "OK".into()).await;
+    Ok(())
 }
 
 fn init_logging() {

@@ -616,6 +616,30 @@ impl SendResult {
     }
 }
 
+impl SendResult {
+    /// The guide's "Error Response Format" for a failure that will be retried.
+    pub fn retrying(
+        ids: &RequestIds,
+        error: String,
+        retry_count: u32,
+        max_retries: u32,
+        next_retry_at: String,
+    ) -> Self {
+        Self {
+            status: "retrying",
+            error_class: Some(FailureClass::Transient),
+            next_retry_at: Some(next_retry_at),
+            ..Self::failed(
+                ids,
+                error,
+                FailureClass::Transient,
+                retry_count,
+                max_retries,
+            )
+        }
+    }
+}
+
 /// Takes the queue id out of a server's 250 reply to DATA, when it gives one
 /// (Postfix: "Ok: queued as 4F3Z…", Exim: "OK id=1abc…").
 pub fn queue_id_from_reply(lines: &[String]) -> Option<String> {

@@ -49,13 +49,15 @@ pub enum OutboxOp {
     },
     /// The result for this row is confirmed on the result queue.
     ResultPublished(OutboxKey),
+    /// A dead letter is replayed: back to `queued` with no attempts, as if new.
+    Reset(OutboxKey),
 }
 
 impl OutboxOp {
     pub fn key(&self) -> &OutboxKey {
         match self {
             OutboxOp::Receive(r) => &r.key,
-            OutboxOp::Sending(k) | OutboxOp::ResultPublished(k) => k,
+            OutboxOp::Sending(k) | OutboxOp::ResultPublished(k) | OutboxOp::Reset(k) => k,
             OutboxOp::Sent { key, .. } | OutboxOp::Failed { key, .. } => key,
         }
     }
@@ -69,6 +71,8 @@ pub struct Received {
     pub provider_message_id: Option<String>,
     pub sent_at: Option<OffsetDateTime>,
     pub result_published: bool,
+    /// Deliveries since the last recorded outcome, this one included.
+    pub deliveries: i32,
 }
 
 /// What one operation came to.
@@ -117,8 +121,8 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         let result = client
             .query(
                 "INSERT INTO outbox (tenant_id, message_id, provider_id, user_id, template_id,
-                                     campaign_id, rfc_message_id, status)
-                 SELECT t, m, p, u, tp, c, r, 'queued'
+                                     campaign_id, rfc_message_id, status, deliveries)
+                 SELECT t, m, p, u, tp, c, r, 'queued', 1
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                              $6::text[], $7::text[]) AS x(t, m, p, u, tp, c, r)
                  ON CONFLICT (tenant_id, message_id) DO UPDATE SET
@@ -129,9 +133,11 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
                      template_id = COALESCE(EXCLUDED.template_id, outbox.template_id),
                      campaign_id = COALESCE(EXCLUDED.campaign_id, outbox.campaign_id),
                      rfc_message_id = COALESCE(outbox.rfc_message_id, EXCLUDED.rfc_message_id),
+                     deliveries = CASE WHEN outbox.status = 'sent' THEN outbox.deliveries
+                                       ELSE outbox.deliveries + 1 END,
                      updated_at = now()
                  RETURNING tenant_id, message_id, status, attempts, provider_message_id, sent_at,
-                           result_published_at IS NOT NULL",
+                           result_published_at IS NOT NULL, deliveries",
                 &[
                     &tenants, &messages, &providers, &users, &templates, &campaigns, &rfc_ids,
                 ],
@@ -148,6 +154,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
                 provider_message_id: row.get(4),
                 sent_at: row.get(5),
                 result_published: row.get(6),
+                deliveries: row.get(7),
             };
             if let Some(i) = round.iter().find(|i| ops[**i].key() == &key) {
                 outcomes[*i] = Some(OpOutcome::Received(received));
@@ -190,7 +197,8 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         client
             .execute(
                 "UPDATE outbox o SET status = 'sent', provider_message_id = u.p,
-                        rfc_message_id = u.r, sent_at = u.at, last_error = NULL, updated_at = now()
+                        rfc_message_id = u.r, sent_at = u.at, last_error = NULL, deliveries = 0,
+                        updated_at = now()
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
                       AS u(t, m, p, r, at)
                  WHERE o.tenant_id = u.t AND o.message_id = u.m",
@@ -214,7 +222,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         let e: Vec<&str> = failed.iter().map(|s| s.2.as_str()).collect();
         client
             .execute(
-                "UPDATE outbox o SET status = u.s, last_error = u.e, updated_at = now()
+                "UPDATE outbox o SET status = u.s, last_error = u.e, deliveries = 0, updated_at = now()
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, m, s, e)
                  WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'",
                 &[&t, &m, &st, &e],
@@ -230,6 +238,20 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
                 "UPDATE outbox o SET result_published_at = now()
                  FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
                  WHERE o.tenant_id = u.t AND o.message_id = u.m",
+                &[&t, &m],
+            )
+            .await?;
+    }
+
+    // Reset (replay).
+    let (t, m) = keys(ops, |o| matches!(o, OutboxOp::Reset(_)));
+    if !t.is_empty() {
+        client
+            .execute(
+                "UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
+                        last_error = NULL, result_published_at = NULL, updated_at = now()
+                 FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
+                 WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'",
                 &[&t, &m],
             )
             .await?;

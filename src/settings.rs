@@ -716,6 +716,36 @@ impl Settings {
         }
     }
 
+    /// The delay before retry number `retry` (1 for the first retry): the configured delays in
+    /// order, the last one repeated when `max_retries` exceeds their number.
+    pub fn retry_delay(&self, retry: u32) -> Duration {
+        let delays = &self.retry.delays;
+        let i = (retry.max(1) as usize - 1).min(delays.len().saturating_sub(1));
+        delays.get(i).map(|d| d.0).unwrap_or(Duration::from_secs(1))
+    }
+
+    /// The service's own delay queue for `delay`: messages wait there for their TTL, then are
+    /// dead-lettered back to the exchange with the send queue's routing key.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        format!(
+            "mailbridge.retry.{}.{}ms",
+            self.queues.send,
+            delay.as_millis()
+        )
+    }
+
+    /// Every delay queue of the configuration, with its delay.
+    pub fn retry_queues(&self) -> Vec<(String, Duration)> {
+        let mut out: Vec<(String, Duration)> = Vec::new();
+        for d in &self.retry.delays {
+            let q = self.retry_queue(d.0);
+            if !out.iter().any(|(name, _)| *name == q) {
+                out.push((q, d.0));
+            }
+        }
+        out
+    }
+
     /// A provider by id, only when it belongs to `tenant_id`.
     pub fn provider(&self, tenant_id: &str, provider_id: &str) -> Option<&Provider> {
         self.tenants
@@ -1126,6 +1156,21 @@ mod tests {
         assert_eq!(s.http_listen.port(), 8000);
         assert_eq!(s.attachments.link_ttl.0.as_secs(), 7 * 86400);
         assert!(s.tenants.is_empty());
+    }
+
+    #[test]
+    fn retry_delays_repeat_the_last() {
+        let d = tempdir("retry");
+        let main = write(
+            &d,
+            "m.toml",
+            "[retry]\nmax_retries = 5\ndelays = [\"1s\", \"5s\"]\n",
+        );
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        let secs: Vec<u64> = (1..=5).map(|n| s.retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 5, 5, 5, 5]);
+        assert_eq!(s.retry_queues().len(), 2);
+        assert_eq!(s.retry_queues()[0].0, "mailbridge.retry.email.send.1000ms");
     }
 
     #[test]

@@ -257,7 +257,10 @@ async fn a_thousand_requests_over_two_tenants_each_through_its_own_server() {
 #[tokio::test]
 async fn refusals_end_in_failed_results_and_inject_nothing() {
     let env = TestEnv::new("refuse");
-    allow_private(&env);
+    // No retries here: the unreachable attachment (transient) must end at once.
+    env.write_config(
+        "[outbound]\nattachment_allow_private = true\nattachment_timeout = \"3s\"\n[retry]\nmax_retries = 0\n",
+    );
     let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
     env.smtp_tenant("tenant-a", "provider-a", smtp.port, "");
     env.smtp_tenant("tenant-b", "provider-b", smtp.port, "");
@@ -318,9 +321,15 @@ async fn refusals_end_in_failed_results_and_inject_nothing() {
     assert!(r["error"].as_str().unwrap().contains("missing.pdf"), "{r}");
     assert_eq!(r["error_class"], "transient");
     for r in &results {
-        assert_eq!(r["max_retries"], 3);
+        assert_eq!(r["max_retries"], 0);
         assert!(r["tenant_id"].is_string());
     }
+    // Each is dead-lettered too, with its reason.
+    let dead = env.take("email.send.dlq", 4, Duration::from_secs(5)).await;
+    assert_eq!(dead.len(), 4);
+    assert!(dead
+        .iter()
+        .all(|d| d["error"].is_string() && d["request"].is_object()));
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(smtp.messages().is_empty(), "something was sent");

@@ -229,6 +229,14 @@ impl Service {
         self.child.as_ref().unwrap().id()
     }
 
+    /// SIGKILL: no drain, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -388,6 +396,18 @@ impl SmtpServer {
                     authenticated: meta["auth"].as_bool().unwrap_or(false),
                     raw: std::fs::read(&eml).unwrap(),
                 }
+            })
+            .collect()
+    }
+
+    /// Every DATA answer so far: (unix time, reply).
+    pub fn attempts(&self) -> Vec<(f64, String)> {
+        std::fs::read_to_string(self.dir.join("attempts.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (t, r) = l.split_once(' ')?;
+                Some((t.parse().ok()?, r.to_string()))
             })
             .collect()
     }

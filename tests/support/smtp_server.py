@@ -6,7 +6,8 @@ NNNNNN.json beside it ({"mail_from", "rcpt_tos", "auth"}). The reply to DATA can
 while it runs: when --dir/reply exists, its first line is sent instead of accepting (for
 example "451 4.3.0 Try again later" or "550 5.1.1 No such user"), and the message is not stored.
 
-Options: --port, --dir, --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
+Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
+Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
 whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required). Prints READY when
 listening, then runs until killed.
 """
@@ -17,7 +18,9 @@ import os
 import signal
 import ssl
 import sys
+import socket
 import threading
+import time
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -30,12 +33,18 @@ class Store:
         self.count = 0
         os.makedirs(directory, exist_ok=True)
 
+    def log_attempt(self, reply):
+        with self.lock:
+            with open(os.path.join(self.dir, "attempts.log"), "a") as f:
+                f.write("%.3f %s\n" % (time.time(), reply))
+
     async def handle_DATA(self, server, session, envelope):
         reply_file = os.path.join(self.dir, "reply")
         if os.path.exists(reply_file):
             with open(reply_file) as f:
                 line = f.readline().strip()
             if line:
+                self.log_attempt(line)
                 return line
         with self.lock:
             self.count += 1
@@ -51,7 +60,9 @@ class Store:
         with open(base + ".json", "w") as f:
             json.dump(meta, f)
         os.rename(base + ".eml.tmp", base + ".eml")
-        return "250 2.0.0 Ok: queued as TEST%06d" % n
+        reply = "250 2.0.0 Ok: queued as TEST%06d" % n
+        self.log_attempt(reply)
+        return reply
 
 
 def main():
@@ -62,7 +73,19 @@ def main():
     p.add_argument("--tls-key")
     p.add_argument("--implicit-tls", action="store_true")
     p.add_argument("--auth")
+    p.add_argument("--blackhole", action="store_true", help="accept TCP connections, never answer")
     a = p.parse_args()
+
+    if a.blackhole:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", a.port))
+        sock.listen(128)
+        print("READY", flush=True)
+        held = []
+        while True:
+            conn, _ = sock.accept()
+            held.append(conn)
 
     kwargs = {}
     context = None
