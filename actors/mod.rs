@@ -4,9 +4,11 @@
 //! connection; actors talk to each other only through the typed messages defined here.
 
 pub mod dlq;
+pub mod fetcher;
 pub mod metrics;
 pub mod outbound;
 pub mod outbox;
 pub mod retry;
 pub mod sender;
 pub mod supervisor;
+pub mod sync_user;

@@ -70,6 +70,13 @@ ensure_postgres() {
     fi
 }
 
+# Dovecot (IMAP and POP3) for the inbound tests; the tests start their own instances.
+ensure_dovecot() {
+    if ! command -v dovecot >/dev/null 2>&1 || [ ! -e /usr/lib/dovecot/imap ] || [ ! -e /usr/lib/dovecot/pop3 ]; then
+        apt_install dovecot-imapd dovecot-pop3d
+    fi
+}
+
 # A Python virtualenv with the tests' packages (tests/requirements.txt), put first on PATH.
 ensure_test_python() {
     command -v openssl >/dev/null 2>&1 || apt_install openssl

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: formatting, clippy, unit and integration tests against the real
 # RabbitMQ and PostgreSQL (installed and started here when missing or stopped), a real SMTP
-# server (aiosmtpd, in a virtualenv under target/) and the guide's Python client (pika), which
-# the tests start on free ports themselves. Stops what it started.
+# server (aiosmtpd, in a virtualenv under target/), the guide's Python client (pika) and
+# Dovecot for IMAP/POP3, which the tests start on free ports themselves (and stop). Stops what it started.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
@@ -11,6 +11,7 @@ trap stop_started_services EXIT
 ensure_rabbitmq
 ensure_postgres
 ensure_test_python
+ensure_dovecot
 export MAILBRIDGE_TEST_PG="${MAILBRIDGE_TEST_PG:-$(pg_server_url)}"
 
 # Databases and vhosts left by an interrupted earlier run.

@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::actors::dlq::DeadLetterActor;
+use crate::actors::fetcher::{mailbox_child, MailboxFetcher};
 use crate::actors::metrics::MetricsActor;
 use crate::actors::outbound::{
     sender_child, OutboundConsumer, DLQ_CHILD, OUTBOX_CHILD, RETRY_CHILD,
@@ -21,6 +22,8 @@ use crate::actors::outbox::OutboxWriter;
 use crate::actors::retry::RetryScheduler;
 use crate::actors::sender::SenderActor;
 use crate::actors::supervisor::{ChildContext, ChildSpec, Shutdown, Supervisor};
+use crate::actors::sync_user::SyncUserConsumer;
+use crate::attachments::AttachmentStore;
 use crate::http::{self, AppState};
 use crate::settings::{Secret, Settings};
 use crate::storage;
@@ -54,11 +57,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             settings.http.admin_token_env
         );
     }
+    let attachments = AttachmentStore::open(
+        &settings.attachments.dir,
+        &settings.attachments.public_base_url,
+        settings.attachments.link_ttl.0,
+    )?;
     let state = AppState {
         metrics,
         supervisor: supervisor.clone(),
         settings: settings.clone(),
         admin_token,
+        attachments: Arc::new(attachments),
     };
     let server = HttpServer::new(move || {
         App::new()
@@ -96,7 +105,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// The supervised actors of the configured service: the outbox writer, one sender per
-/// provider, the retry scheduler, the DLQ actor and the outbound consumer.
+/// provider, the retry scheduler, the DLQ actor, the outbound consumer, one fetcher per
+/// mailbox and the sync-request consumer.
 pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     let mut specs = vec![ChildSpec::new(OUTBOX_CHILD, false, |c: ChildContext| {
         Box::new(OutboxWriter::new(c.pool).start())
@@ -127,6 +137,20 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     specs.push(
         ChildSpec::new("outbound", true, |c: ChildContext| {
             Box::new(OutboundConsumer::new(c).start())
+        })
+        .consumer(),
+    );
+    for mailbox in settings.tenants.iter().flat_map(|t| &t.mailboxes) {
+        let mailbox = mailbox.clone();
+        specs.push(ChildSpec::new(
+            mailbox_child(&mailbox.id),
+            true,
+            move |c: ChildContext| Box::new(MailboxFetcher::new(mailbox.clone(), c).start()),
+        ));
+    }
+    specs.push(
+        ChildSpec::new("sync-user", true, |c: ChildContext| {
+            Box::new(SyncUserConsumer::new(c).start())
         })
         .consumer(),
     );

@@ -13,6 +13,7 @@ use crate::actors::dlq::{DeadLetterActor, ListDeadLetters, ReplayDeadLetters};
 use crate::actors::metrics::{GetHealth, MetricsActor, RenderMetrics};
 use crate::actors::outbound::DLQ_CHILD;
 use crate::actors::supervisor::{FindChild, GetQueueStatus, Supervisor};
+use crate::attachments::{AttachmentError, AttachmentStore};
 use crate::dlq::Selection;
 use crate::settings::{Secret, Settings};
 
@@ -23,6 +24,7 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<Secret>,
+    pub attachments: Arc<AttachmentStore>,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -30,7 +32,62 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/api/rabbitmq/status", web::get().to(queue_status))
         .route("/api/dlq", web::get().to(dlq_list))
-        .route("/api/dlq/replay", web::post().to(dlq_replay));
+        .route("/api/dlq/replay", web::post().to(dlq_replay))
+        .route("/api/attachments/{id}", web::get().to(attachment));
+}
+
+#[derive(Deserialize)]
+struct AttachmentQuery {
+    expires: i64,
+    sig: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default, rename = "type")]
+    mime: String,
+}
+
+/// An inbound attachment, by the signed link published in `email.inbound`.
+async fn attachment(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    query: Option<web::Query<AttachmentQuery>>,
+) -> HttpResponse {
+    let Some(q) = query else {
+        return HttpResponse::Forbidden()
+            .json(serde_json::json!({"success": false, "error": "a signed link is required"}));
+    };
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    match state
+        .attachments
+        .open_link(&id, q.expires, &q.name, &q.mime, &q.sig, now)
+    {
+        Ok(path) => match tokio::fs::read(&path).await {
+            Ok(bytes) => {
+                let mime = if q.mime.is_empty() {
+                    "application/octet-stream".to_string()
+                } else {
+                    q.mime.clone()
+                };
+                let name = q.name.replace(['"', '\\', '\r', '\n'], "_");
+                HttpResponse::Ok()
+                    .content_type(mime)
+                    .insert_header((
+                        "Content-Disposition",
+                        format!("attachment; filename=\"{name}\""),
+                    ))
+                    .body(bytes)
+            }
+            Err(_) => HttpResponse::NotFound()
+                .json(serde_json::json!({"success": false, "error": "no such attachment"})),
+        },
+        Err(e @ AttachmentError::Expired) => {
+            HttpResponse::Gone().json(serde_json::json!({"success": false, "error": e.to_string()}))
+        }
+        Err(e @ AttachmentError::NotFound) => HttpResponse::NotFound()
+            .json(serde_json::json!({"success": false, "error": e.to_string()})),
+        Err(e) => HttpResponse::Forbidden()
+            .json(serde_json::json!({"success": false, "error": e.to_string()})),
+    }
 }
 
 /// Checks `Authorization: Bearer <token>` against the configured admin token; the refusal

@@ -16,10 +16,13 @@
 #[path = "../actors/mod.rs"]
 pub mod actors;
 pub mod app;
+pub mod attachments;
 pub mod dlq;
 pub mod domain;
 pub mod fetch;
 pub mod http;
+pub mod inbound;
+pub mod mailproto;
 pub mod metrics;
 pub mod outbound;
 pub mod outbox;

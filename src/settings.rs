@@ -415,6 +415,7 @@ struct MailboxFile {
     initial_sync: InitialSync,
     #[serde(default)]
     delete_after_fetch: bool,
+    ca_file: Option<PathBuf>,
 }
 
 fn default_folder() -> String {
@@ -483,6 +484,8 @@ pub struct Mailbox {
     pub poll_interval: Duration,
     pub initial_sync: InitialSync,
     pub delete_after_fetch: bool,
+    /// An extra CA to trust for this mailbox's server certificate.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1035,7 +1038,16 @@ fn load_tenants(
                 &key,
                 &mut p,
             );
+            let ca_file = mf
+                .ca_file
+                .map(|f| if f.is_absolute() { f } else { base.join(f) });
+            if let Some(f) = &ca_file {
+                if !f.is_file() {
+                    p(key("ca_file"), format!("{} does not exist", f.display()));
+                }
+            }
             mailboxes.push(Mailbox {
+                ca_file,
                 id: mf.id,
                 tenant_id: raw.id.clone(),
                 user_id: mf.user_id,

@@ -13,11 +13,18 @@ use tokio_postgres::NoTls;
 use crate::settings::DatabaseSection;
 
 /// The migrations, in the order they apply. A new file gets a new, higher version here.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "0001_outbox.sql",
-    include_str!("../migrations/0001_outbox.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "0001_outbox.sql",
+        include_str!("../migrations/0001_outbox.sql"),
+    ),
+    (
+        2,
+        "0002_inbound.sql",
+        include_str!("../migrations/0002_inbound.sql"),
+    ),
+];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6d61_696c_6272_6467;

@@ -126,8 +126,13 @@ listen = "127.0.0.1:{port}"
 
 [shutdown]
 grace = "5s"
+
+[attachments]
+dir = "{attachments}"
+public_base_url = "http://127.0.0.1:{port}"
 {extra}
 "#,
+            attachments = self.dir.join("attachments").display(),
             vhost = self.vhost,
             db = self.db_url(),
             port = self.http_port,
@@ -618,5 +623,250 @@ pub async fn wait_count(db: &tokio_postgres::Client, sql: &str, n: i64, timeout:
             return c;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Dovecot (IMAP and POP3, plain text on loopback) of this test's own, on free ports, with
+/// maildirs under its folder. Mail processes run as `nobody`.
+pub struct Dovecot {
+    child: Child,
+    pub dir: PathBuf,
+    pub imap_port: u16,
+    pub pop3_port: u16,
+}
+
+fn nobody() -> (u32, u32) {
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    for line in passwd.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f[0] == "nobody" {
+            return (f[2].parse().unwrap(), f[3].parse().unwrap());
+        }
+    }
+    panic!("no user nobody");
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_tree(&e.unwrap().path(), uid, gid);
+        }
+    }
+}
+
+impl Dovecot {
+    pub fn start(dir: &Path, users: &[(&str, &str)]) -> Self {
+        let _ = std::fs::remove_dir_all(dir);
+        for sub in ["run", "state", "mail", "home"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let (uid, gid) = nobody();
+        // Dovecot's unprivileged processes must reach the folders.
+        let mut p = dir.to_path_buf();
+        while let Some(parent) = p.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::metadata(&p) {
+                let mode = meta.permissions().mode();
+                if mode & 0o005 != 0o005 && p.starts_with(std::env::temp_dir()) {
+                    let _ =
+                        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode | 0o005));
+                }
+            }
+            p = parent.to_path_buf();
+        }
+        chown_tree(&dir.join("mail"), uid, gid);
+        chown_tree(&dir.join("home"), uid, gid);
+        let users_file: String = users
+            .iter()
+            .map(|(u, p)| format!("{u}:{{PLAIN}}{p}\n"))
+            .collect();
+        std::fs::write(dir.join("users"), users_file).unwrap();
+        let imap_port = free_port();
+        let pop3_port = free_port();
+        let d = dir.display();
+        let conf = format!(
+            r#"
+base_dir = {d}/run
+state_dir = {d}/state
+log_path = {d}/dovecot.log
+protocols = imap pop3
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{d}/mail/%u
+first_valid_uid = 1
+default_internal_user = dovecot
+default_login_user = dovenull
+pop3_uidl_format = %08Xu%08Xv
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={d}/home/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = {imap_port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    port = {pop3_port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+service stats {{
+  unix_listener stats-reader {{
+    mode = 0666
+  }}
+  unix_listener stats-writer {{
+    mode = 0666
+  }}
+}}
+"#
+        );
+        std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        let child = Command::new("dovecot")
+            .arg("-c")
+            .arg(dir.join("dovecot.conf"))
+            .arg("-F")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect(
+                "dovecot is installed (scripts/test.sh installs dovecot-imapd and dovecot-pop3d)",
+            );
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", imap_port)).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", pop3_port)).is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "dovecot did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Dovecot {
+            child,
+            dir: dir.to_path_buf(),
+            imap_port,
+            pop3_port,
+        }
+    }
+
+    /// Runs IMAP commands as `user` with python's imaplib (a client independent of ours).
+    /// `script` is Python with `m` the logged-in IMAP4 connection.
+    pub fn imap(&self, user: &str, password: &str, script: &str) {
+        let code = format!(
+            "import imaplib, sys\nm = imaplib.IMAP4('127.0.0.1', {})\nm.login({user:?}, {password:?})\n{script}\nm.logout()\n",
+            self.imap_port
+        );
+        let out = Command::new("python3")
+            .arg("-c")
+            .arg(code)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "imap script failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// APPENDs a message to `folder` over IMAP.
+    pub fn append(&self, user: &str, password: &str, folder: &str, raw: &[u8]) {
+        let file = self.dir.join(format!("{}.eml", unique("append")));
+        std::fs::write(&file, raw).unwrap();
+        self.imap(
+            user,
+            password,
+            &format!(
+                "typ, data = m.append({folder:?}, None, None, open({:?}, 'rb').read())\nassert typ == 'OK', data",
+                file.display().to_string()
+            ),
+        );
+    }
+
+    /// Writes messages straight into a maildir folder (fast, for big mailboxes).
+    pub fn deliver_files(&self, user: &str, messages: impl Iterator<Item = Vec<u8>>) {
+        let (uid, gid) = nobody();
+        let base = self.dir.join("mail").join(user);
+        for sub in ["new", "cur", "tmp"] {
+            std::fs::create_dir_all(base.join(sub)).unwrap();
+        }
+        for (i, raw) in messages.enumerate() {
+            let path = base.join("new").join(format!(
+                "{}.M{i}P{}.mbtest",
+                1_700_000_000 + i,
+                std::process::id()
+            ));
+            std::fs::write(&path, raw).unwrap();
+        }
+        chown_tree(&self.dir.join("mail"), uid, gid);
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        signal(self.child.id(), "TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TestEnv {
+    /// A tenant with a file provider and one mailbox (`mb-<user>`, user id `user-<user>`) on
+    /// Dovecot; `extra` adds mailbox keys.
+    pub fn mailbox_tenant(
+        &self,
+        tenant: &str,
+        protocol: &str,
+        port: u16,
+        user: &str,
+        password: &str,
+        extra: &str,
+    ) {
+        let mailbox_id = format!("mb-{user}");
+        self.write_tenant(
+            &format!("{tenant}.toml"),
+            &format!(
+                r#"
+id = "{tenant}"
+[[providers]]
+id = "{tenant}-provider"
+name = "Files of {tenant}"
+kind = "file"
+dir = "sent-{tenant}"
+
+[[mailboxes]]
+id = "{mailbox_id}"
+user_id = "user-{user}"
+provider_id = "{tenant}-provider"
+protocol = "{protocol}"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+username = "{user}"
+password = "{password}"
+{extra}
+"#
+            ),
+        );
     }
 }

@@ -1,0 +1,163 @@
+//! The `email.sync.user` consumer: a request makes every mailbox of that tenant, provider and
+//! user sync now, whatever its poll interval. A request naming nothing known, or not decodable,
+//! is logged with its reason and counted (`mailbridge_sync_requests_total{outcome}`); every
+//! request is acknowledged, since there is nothing to retry.
+
+use actix::prelude::*;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Channel;
+use serde::Deserialize;
+
+use crate::actors::fetcher::{mailbox_child, MailboxFetcher, SyncNow};
+use crate::actors::metrics::Count;
+use crate::actors::supervisor::{ChildContext, Drain, FindChild};
+
+/// The guide's `email.sync.user` message.
+#[derive(Debug, Deserialize)]
+pub struct SyncUserRequest {
+    pub tenant_id: String,
+    pub provider_id: String,
+    pub user_id: String,
+    #[serde(default)]
+    pub sync_type: Option<String>,
+    #[serde(default)]
+    pub timestamp: Option<String>,
+}
+
+pub struct SyncUserConsumer {
+    child: ChildContext,
+    channel: Option<Channel>,
+    tag: String,
+}
+
+impl SyncUserConsumer {
+    pub fn new(child: ChildContext) -> Self {
+        Self {
+            child,
+            channel: None,
+            tag: format!("mailbridge-sync-{}", std::process::id()),
+        }
+    }
+
+    fn count(&self, outcome: &str, tenant: &str) {
+        self.child.metrics.do_send(Count::one(
+            "mailbridge_sync_requests_total",
+            vec![("outcome", outcome.into()), ("tenant", tenant.into())],
+        ));
+    }
+}
+
+impl Actor for SyncUserConsumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let conn = self.child.connection.clone();
+        let queue = self.child.settings.queues.sync_user.clone();
+        let tag = self.tag.clone();
+        ctx.wait(
+            async move {
+                let conn = conn.ok_or_else(|| "no AMQP connection".to_string())?;
+                let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
+                ch.basic_qos(32, BasicQosOptions::default())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let consumer = ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        tag.as_str().into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((ch, consumer))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| match res {
+                Ok((ch, consumer)) => {
+                    act.channel = Some(ch);
+                    ctx.add_stream(consumer.map(|d| d.map_err(|e| e.to_string())));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume sync requests");
+                    ctx.stop();
+                }
+            }),
+        );
+    }
+}
+
+impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
+    fn handle(&mut self, item: Result<Delivery, String>, ctx: &mut Context<Self>) {
+        let Ok(delivery) = item else {
+            return;
+        };
+        let request: Result<SyncUserRequest, _> = serde_json::from_slice(&delivery.data);
+        let mut targets = Vec::new();
+        match &request {
+            Err(e) => {
+                tracing::warn!(error = %e, "sync request refused: not the guide's format");
+                self.count("invalid", "");
+            }
+            Ok(r) => {
+                targets = self
+                    .child
+                    .settings
+                    .tenants
+                    .iter()
+                    .filter(|t| t.id == r.tenant_id)
+                    .flat_map(|t| &t.mailboxes)
+                    .filter(|m| m.provider_id == r.provider_id && m.user_id == r.user_id)
+                    .map(|m| m.id.clone())
+                    .collect();
+                if targets.is_empty() {
+                    tracing::warn!(tenant = %r.tenant_id, provider = %r.provider_id, user = %r.user_id,
+                        "sync request matches no configured mailbox (tenant, provider and user must all match)");
+                    self.count("unmatched", &r.tenant_id);
+                } else {
+                    tracing::info!(tenant = %r.tenant_id, user = %r.user_id, mailboxes = targets.len(), "sync requested");
+                    self.count("triggered", &r.tenant_id);
+                }
+            }
+        }
+        let supervisor = self.child.supervisor.clone();
+        ctx.spawn(
+            async move {
+                for id in targets {
+                    if let Ok(Some(fetcher)) = supervisor
+                        .send(FindChild::<MailboxFetcher>::named(mailbox_child(&id)))
+                        .await
+                    {
+                        fetcher.do_send(SyncNow);
+                    }
+                }
+                let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            }
+            .into_actor(self),
+        );
+    }
+}
+
+impl Handler<Drain> for SyncUserConsumer {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
+        let channel = self.channel.take();
+        let tag = self.tag.clone();
+        Box::pin(
+            async move {
+                if let Some(ch) = channel {
+                    let _ = ch
+                        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                        .await;
+                    let _ = ch.close(200, "OK".into()).await;
+                }
+            }
+            .into_actor(self)
+            .map(|_, _, ctx| ctx.stop()),
+        )
+    }
+}
