@@ -184,6 +184,15 @@ pub fn parse(
     if msg.headers().is_empty() {
         return Err(ParseError("no headers found".into()));
     }
+    if msg.from().is_none()
+        && msg.message_id().is_none()
+        && msg.date().is_none()
+        && msg.subject().is_none()
+    {
+        return Err(ParseError(
+            "it has no From, Subject, Date or Message-ID header".into(),
+        ));
+    }
     let subject = msg.subject().unwrap_or("").to_string();
     let message_id = match msg.message_id() {
         Some(id) => strip_brackets(id),
@@ -400,6 +409,21 @@ mod tests {
         assert_eq!(atts[0].bytes, b"%PDF-1.4\n");
         assert_eq!(e.attachments[0].size, 9);
         assert_eq!(e.body_content.trim(), "hi");
+    }
+
+    #[test]
+    fn what_is_not_an_email_is_refused() {
+        for raw in [
+            &b"this is not an email at all\r\n"[..],
+            b"",
+            b"\r\n\r\nbody only",
+        ] {
+            assert!(
+                parse(raw, &origin()).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
     }
 
     #[test]

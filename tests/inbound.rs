@@ -198,9 +198,37 @@ async fn replies_threads_flags_and_attachment_links() {
         "From: john@example.com\r\nTo: crm@acme.example\r\nSubject: the file\r\nMessage-ID: <file-1@example.com>\r\nX-Priority: 1\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>attached</p>\r\n--B\r\nContent-Type: application/pdf; name=\"quote.pdf\"\r\nContent-Disposition: attachment; filename=\"quote.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{b64}--B--\r\n"
     );
     dovecot.append("bob", PW, "INBOX", with_file.as_bytes());
+    // Not an email: dead-lettered with the mailbox and UID; the mailbox moves on.
+    dovecot.append("bob", PW, "INBOX", b"this is not an email at all\r\n");
+    dovecot.append(
+        "bob",
+        PW,
+        "INBOX",
+        &message("after-junk@example.com", "still here", "", "x"),
+    );
 
-    let got = inbound(&env, 5, Duration::from_secs(15)).await;
-    assert_eq!(got.len(), 5, "{got:?}\n{}", svc.log_text());
+    let got = inbound(&env, 6, Duration::from_secs(15)).await;
+    assert!(
+        got.iter()
+            .any(|m| m["message_id"] == "after-junk@example.com"),
+        "{got:?}"
+    );
+    let dead = env
+        .take("email.inbound.dlq", 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.len(), 1, "{}", svc.log_text());
+    assert_eq!(dead[0]["mailbox_id"], "mb-bob");
+    assert_eq!(dead[0]["uid"], "6", "{}", dead[0]);
+    assert_eq!(dead[0]["tenant_id"], "acme");
+    assert!(
+        dead[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot be parsed as an email"),
+        "{}",
+        dead[0]
+    );
+    assert_eq!(got.len(), 6, "{got:?}\n{}", svc.log_text());
     let by = |id: &str| got.iter().find(|m| m["message_id"] == id).unwrap().clone();
     let r1 = by("reply-1@example.com");
     assert_eq!(r1["is_reply"], true);
