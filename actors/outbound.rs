@@ -33,7 +33,7 @@ use crate::actors::metrics::{Count, MetricsActor};
 use crate::actors::outbox::{Apply, OutboxWriter};
 use crate::actors::retry::{retry_count, RetryScheduler, ScheduleRetry};
 use crate::actors::sender::{Deliver, SendError, SenderActor};
-use crate::actors::supervisor::{ChildContext, Drain, FindChild, Supervisor};
+use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged, Supervisor};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
@@ -67,7 +67,8 @@ enum Disposition {
 
 /// Everything a pipeline needs; shared by the concurrent pipelines of one consumer.
 struct Pipeline {
-    settings: Arc<Settings>,
+    /// Replaced on reload ([`SettingsChanged`]); read once per use.
+    settings: std::sync::RwLock<Arc<Settings>>,
     publisher: Channel,
     fetcher: AttachmentFetcher,
     supervisor: Addr<Supervisor>,
@@ -75,6 +76,13 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
     async fn outbox(&self, op: OutboxOp) -> Option<OpOutcome> {
         let writer = self
             .supervisor
@@ -107,7 +115,7 @@ impl Pipeline {
             .publisher
             .basic_publish(
                 "".into(),
-                self.settings.queues.result.as_str().into(),
+                self.settings().queues.result.as_str().into(),
                 BasicPublishOptions::default(),
                 &body,
                 props,
@@ -159,7 +167,7 @@ impl Pipeline {
         let Some(row) = row else {
             unreachable!("a valid request has non-empty ids");
         };
-        let Some(provider) = self.settings.provider(&tenant_id, &provider_id).cloned() else {
+        let Some(provider) = self.settings().provider(&tenant_id, &provider_id).cloned() else {
             let reason = self.unknown_provider_reason(&tenant_id, &provider_id);
             let f = Failure::new(reason, FailureClass::Permanent);
             return self
@@ -300,9 +308,9 @@ impl Pipeline {
     }
 
     fn unknown_provider_reason(&self, tenant_id: &str, provider_id: &str) -> String {
-        let tenant_known = self.settings.tenants.iter().any(|t| t.id == tenant_id);
-        let elsewhere = self
-            .settings
+        let settings = self.settings();
+        let tenant_known = settings.tenants.iter().any(|t| t.id == tenant_id);
+        let elsewhere = settings
             .tenants
             .iter()
             .any(|t| t.id != tenant_id && t.providers.iter().any(|p| p.id == provider_id));
@@ -370,14 +378,14 @@ impl Pipeline {
             message_id: message_id.clone(),
             provider_id: ids.provider_id.clone(),
         };
-        let max_retries = self.settings.retry.max_retries;
+        let max_retries = self.settings().retry.max_retries;
         tracing::warn!(tenant = %tenant, message_id = message_id.as_deref().unwrap_or(""),
             class = %failure.class, retry, reply = failure.last_reply.as_deref().unwrap_or(""),
             "send failed: {}", failure.error);
 
         if failure.class == FailureClass::Transient && retry < max_retries {
             let next = retry + 1;
-            let delay = self.settings.retry_delay(next);
+            let delay = self.settings().retry_delay(next);
             if let Some(key) = key {
                 let op = OutboxOp::Failed {
                     key: key.clone(),
@@ -443,7 +451,7 @@ impl Pipeline {
         };
         let queued = dlq
             .send(DeadLetter {
-                queue: self.settings.queues.send_dlq(),
+                queue: self.settings().queues.send_dlq(),
                 entry,
             })
             .await;
@@ -637,7 +645,7 @@ impl Actor for OutboundConsumer {
                 Ok((channel, publisher, fetcher, consumer)) => {
                     tracing::info!(queue = %act.child.settings.queues.send, "consuming send requests");
                     act.pipeline = Some(Arc::new(Pipeline {
-                        settings: act.child.settings.clone(),
+                        settings: std::sync::RwLock::new(act.child.settings.clone()),
                         publisher,
                         fetcher,
                         supervisor: act.child.supervisor.clone(),
@@ -718,6 +726,18 @@ impl StreamHandler<Result<Delivery, String>> for OutboundConsumer {
         }
         self.stopping = true;
         self.maybe_stop(ctx);
+    }
+}
+
+impl Handler<SettingsChanged> for OutboundConsumer {
+    type Result = ();
+    fn handle(&mut self, msg: SettingsChanged, _: &mut Context<Self>) {
+        if let Some(p) = &self.pipeline {
+            if let Ok(mut s) = p.settings.write() {
+                *s = msg.0.clone();
+            }
+        }
+        self.child.settings = msg.0;
     }
 }
 

@@ -26,7 +26,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-use crate::actors::metrics::{Count, MetricsActor, ReportHealth};
+use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth};
 use crate::domain::{ComponentHealth, ComponentId, QueueStats, QueueStatusResponse};
 use crate::settings::Settings;
 use crate::storage;
@@ -259,8 +259,19 @@ pub struct ChildSpec {
     /// Takes work from a queue: drained before every other child at shutdown, because its
     /// in-flight work needs the others.
     pub consumer: bool,
+    /// Changes when the child's configuration changes: a reload restarts the child then.
+    pub fingerprint: u64,
+    /// Tells a running child about a new configuration (for children that read the tenants).
+    pub on_settings: Option<SettingsHook>,
     pub start: StartFn,
 }
+
+type SettingsHook = Box<dyn Fn(&dyn Any, Arc<Settings>) + Send>;
+
+/// A new configuration was loaded (sent to children that asked for it).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct SettingsChanged(pub Arc<Settings>);
 
 impl ChildSpec {
     pub fn new(
@@ -272,8 +283,29 @@ impl ChildSpec {
             name: name.into(),
             needs_amqp,
             consumer: false,
+            fingerprint: 0,
+            on_settings: None,
             start: Box::new(start),
         }
+    }
+
+    /// Restart the child on reload when this value changes.
+    pub fn fingerprint(mut self, fingerprint: u64) -> Self {
+        self.fingerprint = fingerprint;
+        self
+    }
+
+    /// Send the child [`SettingsChanged`] on every reload.
+    pub fn settings_updates<A>(mut self) -> Self
+    where
+        A: Actor<Context = Context<A>> + Handler<SettingsChanged>,
+    {
+        self.on_settings = Some(Box::new(|any: &dyn Any, settings: Arc<Settings>| {
+            if let Some(addr) = any.downcast_ref::<Addr<A>>() {
+                addr.do_send(SettingsChanged(settings));
+            }
+        }));
+        self
     }
 
     /// Marks the child as a queue consumer (drained first at shutdown).
@@ -292,8 +324,12 @@ struct Child {
     restarts: u64,
     /// Crashes in a row, for the backoff.
     consecutive: u32,
-    /// Stopped on purpose (connection loss, shutdown): not a crash.
+    /// Stopped on purpose (connection loss, shutdown, reload): not a crash.
     stopping: bool,
+    /// Removed by a reload: forgotten once it has drained.
+    removing: bool,
+    /// Made by the factory from the configuration (a reload may add, change or remove it).
+    from_config: bool,
 }
 
 pub struct Supervisor {
@@ -307,7 +343,11 @@ pub struct Supervisor {
     migrated: bool,
     children: Vec<Child>,
     shutting_down: bool,
+    factory: Option<ChildFactory>,
 }
+
+/// Builds the configured children from a configuration (`app::children`).
+type ChildFactory = Box<dyn Fn(&Settings) -> Vec<ChildSpec> + Send>;
 
 impl Supervisor {
     pub fn new(settings: Arc<Settings>, pool: Pool, metrics: Addr<MetricsActor>) -> Self {
@@ -322,6 +362,7 @@ impl Supervisor {
             migrated: false,
             children: Vec::new(),
             shutting_down: false,
+            factory: None,
         }
     }
 
@@ -341,7 +382,118 @@ impl Supervisor {
             restarts: 0,
             consecutive: 0,
             stopping: false,
+            removing: false,
+            from_config: false,
         });
+    }
+
+    /// Builds the configured children from `factory` now and again on every reload.
+    pub fn with_factory(
+        mut self,
+        factory: impl Fn(&Settings) -> Vec<ChildSpec> + Send + 'static,
+    ) -> Self {
+        for spec in factory(&self.settings) {
+            self.push_child(spec);
+            if let Some(c) = self.children.last_mut() {
+                c.from_config = true;
+            }
+        }
+        self.factory = Some(Box::new(factory));
+        self
+    }
+
+    fn reload(&mut self, source: &str, ctx: &mut Context<Self>) -> ReloadOutcome {
+        let now = crate::outbound::rfc3339(time::OffsetDateTime::now_utc());
+        let new = match Settings::load(&self.settings.path) {
+            Ok(s) => s,
+            Err(e) => {
+                let problems: Vec<String> = e.0.iter().map(|p| p.to_string()).collect();
+                for p in &problems {
+                    tracing::warn!(%source, "configuration refused: {p}");
+                }
+                tracing::warn!(%source, "the running configuration stays in force");
+                self.report(
+                    ComponentId::Config,
+                    ComponentHealth::down(format!(
+                        "reload refused ({} problem(s)): {}",
+                        problems.len(),
+                        problems.join("; ")
+                    ))
+                    .with("refused_at", now),
+                );
+                return ReloadOutcome {
+                    applied: false,
+                    source: source.to_string(),
+                    diff: None,
+                    problems,
+                };
+            }
+        };
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
+        let diff = self.settings.diff(&new);
+        let new = Arc::new(new);
+        self.settings = new.clone();
+        let mut specs: Vec<ChildSpec> = self.factory.as_ref().map(|f| f(&new)).unwrap_or_default();
+        // Changed and removed children drain first (their in-flight work finishes), then
+        // stop; changed ones start again from their new spec on a later tick.
+        for child in self.children.iter_mut().filter(|c| c.from_config) {
+            match specs.iter().position(|s| s.name == child.spec.name) {
+                Some(i) if specs[i].fingerprint == child.spec.fingerprint => {
+                    specs.remove(i);
+                }
+                Some(i) => {
+                    child.spec = specs.remove(i);
+                    if let Some(h) = &child.handle {
+                        child.stopping = true;
+                        actix::spawn(h.drain());
+                    }
+                }
+                None => {
+                    child.removing = true;
+                    if let Some(h) = &child.handle {
+                        child.stopping = true;
+                        actix::spawn(h.drain());
+                    }
+                }
+            }
+        }
+        for spec in specs {
+            self.push_child(spec);
+            if let Some(c) = self.children.last_mut() {
+                c.from_config = true;
+            }
+        }
+        for child in &self.children {
+            if let (Some(hook), Some(h)) = (&child.spec.on_settings, &child.handle) {
+                hook(h.as_any(), new.clone());
+            }
+        }
+        let pool = self.pool.clone();
+        let mirror = new.clone();
+        ctx.spawn(
+            async move {
+                if let Err(e) = storage::mirror_config(&pool, &mirror).await {
+                    tracing::warn!(error = %e, "the configuration mirror could not be updated");
+                }
+            }
+            .into_actor(self),
+        );
+        tracing::info!(%source, diff = %serde_json::to_string(&diff).unwrap_or_default(), "configuration reloaded");
+        self.report(
+            ComponentId::Config,
+            ComponentHealth::ok()
+                .with("reloaded_at", now)
+                .with("tenants", new.tenants.len()),
+        );
+        self.tick(ctx);
+        ReloadOutcome {
+            applied: true,
+            source: source.to_string(),
+            diff: Some(diff),
+            problems: Vec::new(),
+        }
     }
 
     fn report(&self, id: ComponentId, health: ComponentHealth) {
@@ -360,6 +512,16 @@ impl Supervisor {
                         }
                         act.migrated = true;
                         act.probe_database(ctx);
+                        let pool = act.pool.clone();
+                        let settings = act.settings.clone();
+                        ctx.spawn(
+                            async move {
+                                if let Err(e) = storage::mirror_config(&pool, &settings).await {
+                                    tracing::warn!(error = %e, "the configuration mirror could not be written");
+                                }
+                            }
+                            .into_actor(act),
+                        );
                     }
                     Err(e) => {
                         let delay = backoff(attempt, Duration::from_secs(10));
@@ -524,7 +686,31 @@ impl Supervisor {
             supervisor: ctx.address(),
         };
         let mut reports = Vec::new();
+        let mut forget = Vec::new();
+        self.children.retain(|c| {
+            let gone = c.removing && c.handle.as_ref().is_none_or(|h| !h.alive());
+            if gone {
+                forget.push(c.spec.name.clone());
+            }
+            !gone
+        });
+        for name in forget {
+            tracing::info!(actor = %name, "stopped (removed from the configuration)");
+            self.metrics
+                .do_send(ForgetComponent(ComponentId::Actor(name.clone())));
+            if let Some(id) = name.strip_prefix("sender:") {
+                self.metrics
+                    .do_send(ForgetComponent(ComponentId::Provider(id.into())));
+            }
+            if let Some(id) = name.strip_prefix("mailbox:") {
+                self.metrics
+                    .do_send(ForgetComponent(ComponentId::Mailbox(id.into())));
+            }
+        }
         for child in &mut self.children {
+            if child.removing {
+                continue;
+            }
             if let Some(h) = &child.handle {
                 if h.alive() {
                     continue;
@@ -623,6 +809,40 @@ impl Handler<GetQueueStatus> for Supervisor {
                 }
             }
         })
+    }
+}
+
+/// Reload the configuration: validate it whole, then start, restart or stop exactly the
+/// children whose configuration changed. A refused configuration changes nothing.
+#[derive(Message, Debug)]
+#[rtype(result = "ReloadOutcome")]
+pub struct Reload {
+    /// What asked for it: "SIGHUP", "file change", "HTTP".
+    pub source: &'static str,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadOutcome {
+    pub applied: bool,
+    pub source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<crate::settings::ConfigDiff>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+}
+
+impl Handler<Reload> for Supervisor {
+    type Result = MessageResult<Reload>;
+    fn handle(&mut self, msg: Reload, ctx: &mut Context<Self>) -> Self::Result {
+        if self.shutting_down {
+            return MessageResult(ReloadOutcome {
+                applied: false,
+                source: msg.source.into(),
+                diff: None,
+                problems: vec!["the service is shutting down".into()],
+            });
+        }
+        MessageResult(self.reload(msg.source, ctx))
     }
 }
 

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use crate::actors::fetcher::{mailbox_child, MailboxFetcher, SyncNow};
 use crate::actors::metrics::Count;
-use crate::actors::supervisor::{ChildContext, Drain, FindChild};
+use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged};
 
 /// The guide's `email.sync.user` message.
 #[derive(Debug, Deserialize)]
@@ -138,6 +138,13 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
             }
             .into_actor(self),
         );
+    }
+}
+
+impl Handler<SettingsChanged> for SyncUserConsumer {
+    type Result = ();
+    fn handle(&mut self, msg: SettingsChanged, _: &mut Context<Self>) {
+        self.child.settings = msg.0;
     }
 }
 

@@ -14,7 +14,8 @@ ensure_test_python
 ensure_dovecot
 export MAILBRIDGE_TEST_PG="${MAILBRIDGE_TEST_PG:-$(pg_server_url)}"
 
-# Databases and vhosts left by an interrupted earlier run.
+# Logs, databases and vhosts left by an earlier run.
+rm -rf /tmp/mbtest-* 2>/dev/null || true
 for db in $(psql "$MAILBRIDGE_TEST_PG/postgres" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'mb_test_%'"); do
     psql "$MAILBRIDGE_TEST_PG/postgres" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
 done
@@ -28,3 +29,13 @@ log "cargo clippy"
 cargo clippy --locked --all-targets -q -- -D warnings
 log "cargo test"
 cargo test --locked --all-targets
+
+# Secrets never reach the logs: no password the tests configure appears in any service log.
+log "checking the service logs of the whole run for configured passwords"
+leaks=$(grep -rl --include='service_*.log' -e 's3cret-pass' -e 'secret-imap-pw' -e 'mailbox-pw-123' /tmp/mbtest-* 2>/dev/null || true)
+if [ -n "$leaks" ]; then
+    echo "configured passwords found in: $leaks" >&2
+    exit 1
+fi
+logs=$(find /tmp -maxdepth 2 -path '/tmp/mbtest-*' -name 'service_*.log' | wc -l)
+echo "no configured password in $logs service logs"

@@ -21,7 +21,7 @@ use crate::actors::outbound::{
 use crate::actors::outbox::OutboxWriter;
 use crate::actors::retry::RetryScheduler;
 use crate::actors::sender::SenderActor;
-use crate::actors::supervisor::{ChildContext, ChildSpec, Shutdown, Supervisor};
+use crate::actors::supervisor::{ChildContext, ChildSpec, Reload, Shutdown, Supervisor};
 use crate::actors::sync_user::SyncUserConsumer;
 use crate::attachments::AttachmentStore;
 use crate::http::{self, AppState};
@@ -41,11 +41,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let metrics = MetricsActor::default().start();
     let pool = storage::pool(&settings.database)?;
-    let mut supervisor = Supervisor::new(settings.clone(), pool, metrics.clone());
-    for spec in children(&settings) {
-        supervisor = supervisor.with_child(spec);
-    }
-    let supervisor = supervisor.start();
+    let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone())
+        .with_factory(children)
+        .start();
+    actix_rt::spawn(watch_config(settings.clone(), supervisor.clone()));
 
     let admin_token = std::env::var(&settings.http.admin_token_env)
         .ok()
@@ -88,7 +87,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let server_handle = server.handle();
     actix_rt::spawn(server);
 
-    wait_for_stop_signal().await?;
+    wait_for_stop_signal(&supervisor).await?;
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight work");
     if supervisor
         .send(Shutdown {
@@ -113,10 +112,9 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     })];
     for provider in settings.tenants.iter().flat_map(|t| &t.providers) {
         let provider = provider.clone();
-        specs.push(ChildSpec::new(
-            sender_child(&provider.id),
-            false,
-            move |c: ChildContext| {
+        let provider_fingerprint = provider.fingerprint();
+        specs.push(
+            ChildSpec::new(sender_child(&provider.id), false, move |c: ChildContext| {
                 Box::new(
                     SenderActor::new(
                         provider.clone(),
@@ -125,8 +123,9 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
                     )
                     .start(),
                 )
-            },
-        ));
+            })
+            .fingerprint(provider_fingerprint),
+        );
     }
     specs.push(ChildSpec::new(RETRY_CHILD, true, |c: ChildContext| {
         Box::new(RetryScheduler::new(c).start())
@@ -138,28 +137,81 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
         ChildSpec::new("outbound", true, |c: ChildContext| {
             Box::new(OutboundConsumer::new(c).start())
         })
-        .consumer(),
+        .consumer()
+        .settings_updates::<OutboundConsumer>(),
     );
     for mailbox in settings.tenants.iter().flat_map(|t| &t.mailboxes) {
         let mailbox = mailbox.clone();
-        specs.push(ChildSpec::new(
-            mailbox_child(&mailbox.id),
-            true,
-            move |c: ChildContext| Box::new(MailboxFetcher::new(mailbox.clone(), c).start()),
-        ));
+        let mailbox_fingerprint = mailbox.fingerprint();
+        specs.push(
+            ChildSpec::new(mailbox_child(&mailbox.id), true, move |c: ChildContext| {
+                Box::new(MailboxFetcher::new(mailbox.clone(), c).start())
+            })
+            .fingerprint(mailbox_fingerprint),
+        );
     }
     specs.push(
         ChildSpec::new("sync-user", true, |c: ChildContext| {
             Box::new(SyncUserConsumer::new(c).start())
         })
-        .consumer(),
+        .consumer()
+        .settings_updates::<SyncUserConsumer>(),
     );
     specs
 }
 
-/// Waits for SIGTERM or SIGINT. SIGHUP (whose default action would kill the process) is
-/// caught and logged.
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
+/// The config files' names, sizes and modification times: what the watcher compares.
+fn config_fingerprint(
+    settings: &Settings,
+) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+    let stat = |p: std::path::PathBuf| {
+        let meta = std::fs::metadata(&p).ok();
+        let len = meta.as_ref().map(|m| m.len()).unwrap_or(0);
+        let modified = meta.and_then(|m| m.modified().ok());
+        (p, len, modified)
+    };
+    let mut files = vec![stat(settings.path.clone())];
+    if let Ok(dir) = std::fs::read_dir(&settings.tenants_dir) {
+        let mut tenants: Vec<_> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        tenants.sort();
+        files.extend(tenants.into_iter().map(stat));
+    }
+    files
+}
+
+/// Reloads when a config file changes. Polls (every second: file events do not reach every
+/// filesystem) and waits for the files to be still for a second, so an editor's several
+/// writes make one reload.
+async fn watch_config(settings: Arc<Settings>, supervisor: actix::Addr<Supervisor>) {
+    let mut applied = config_fingerprint(&settings);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let now = config_fingerprint(&settings);
+        if now == applied {
+            continue;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if config_fingerprint(&settings) != now {
+            continue;
+        }
+        applied = now;
+        if supervisor
+            .send(Reload {
+                source: "file change",
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the configuration.
+async fn wait_for_stop_signal(supervisor: &actix::Addr<Supervisor>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -168,7 +220,7 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
             _ = hup.recv() => {
-                tracing::warn!("SIGHUP received: live tenant reload is not available in this version; restart the service to apply config changes");
+                let _ = supervisor.send(Reload { source: "SIGHUP" }).await;
             }
         }
     }

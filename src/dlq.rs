@@ -34,6 +34,8 @@ pub enum DlqError {
 pub enum Selection {
     All,
     MessageIds(Vec<String>),
+    /// Only entries of this tenant (all of them, or those ids).
+    Tenant(String, Option<Vec<String>>),
 }
 
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -119,10 +121,15 @@ pub async fn replay(
             break;
         };
         let entry: Option<DeadLetterEntry> = serde_json::from_slice(&m.delivery.data).ok();
+        let id_in = |e: &DeadLetterEntry, ids: &[String]| {
+            e.message_id.as_ref().is_some_and(|id| ids.contains(id))
+        };
         let selected = match (&entry, selection) {
             (Some(_), Selection::All) => true,
-            (Some(e), Selection::MessageIds(ids)) => {
-                e.message_id.as_ref().is_some_and(|id| ids.contains(id))
+            (Some(e), Selection::MessageIds(ids)) => id_in(e, ids),
+            (Some(e), Selection::Tenant(t, ids)) => {
+                e.tenant_id.as_deref() == Some(t.as_str())
+                    && ids.as_ref().is_none_or(|ids| id_in(e, ids))
             }
             (None, _) => false,
         };

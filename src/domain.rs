@@ -157,6 +157,8 @@ pub enum ComponentId {
     Mailbox(String),
     /// A supervised actor (restart counts live here).
     Actor(String),
+    /// The configuration: the last reload and, when it was refused, why.
+    Config,
 }
 
 /// The `/health` document of contract §6.
@@ -171,6 +173,7 @@ pub struct HealthReport {
 pub struct HealthComponents {
     pub rabbitmq: ComponentHealth,
     pub database: ComponentHealth,
+    pub config: ComponentHealth,
     pub providers: BTreeMap<String, ComponentHealth>,
     pub mailboxes: BTreeMap<String, ComponentHealth>,
     pub actors: BTreeMap<String, ComponentHealth>,
@@ -183,6 +186,7 @@ impl HealthReport {
         let mut out = HealthComponents {
             rabbitmq: ComponentHealth::starting(),
             database: ComponentHealth::starting(),
+            config: ComponentHealth::ok(),
             providers: BTreeMap::new(),
             mailboxes: BTreeMap::new(),
             actors: BTreeMap::new(),
@@ -200,6 +204,7 @@ impl HealthReport {
                 ComponentId::Actor(a) => {
                     out.actors.insert(a.clone(), h.clone());
                 }
+                ComponentId::Config => out.config = h.clone(),
             }
         }
         let core_ok =
@@ -209,6 +214,7 @@ impl HealthReport {
             .values()
             .chain(out.mailboxes.values())
             .chain(out.actors.values())
+            .chain(std::iter::once(&out.config))
             .all(|h| h.status != ComponentState::Down);
         let status = match (core_ok, rest_ok, ever_ready) {
             (true, true, _) => "ok",

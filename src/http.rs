@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::actors::dlq::{DeadLetterActor, ListDeadLetters, ReplayDeadLetters};
 use crate::actors::metrics::{GetHealth, MetricsActor, RenderMetrics};
 use crate::actors::outbound::DLQ_CHILD;
-use crate::actors::supervisor::{FindChild, GetQueueStatus, Supervisor};
+use crate::actors::supervisor::{FindChild, GetQueueStatus, Reload, Supervisor};
 use crate::attachments::{AttachmentError, AttachmentStore};
 use crate::dlq::Selection;
 use crate::settings::{Secret, Settings};
@@ -33,7 +33,26 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/rabbitmq/status", web::get().to(queue_status))
         .route("/api/dlq", web::get().to(dlq_list))
         .route("/api/dlq/replay", web::post().to(dlq_replay))
-        .route("/api/attachments/{id}", web::get().to(attachment));
+        .route("/api/attachments/{id}", web::get().to(attachment))
+        .route("/api/config/reload", web::post().to(config_reload));
+}
+
+/// `POST /api/config/reload`: 200 with what changed, 422 with every problem when refused.
+async fn config_reload(state: web::Data<AppState>, req: HttpRequest) -> HttpResponse {
+    if let Some(refusal) = refuse_unauthorized(&state, &req) {
+        return refusal;
+    }
+    match state.supervisor.send(Reload { source: "HTTP" }).await {
+        Ok(outcome) if outcome.applied => HttpResponse::Ok().json(serde_json::json!({
+            "success": true, "outcome": outcome,
+        })),
+        Ok(outcome) => HttpResponse::UnprocessableEntity().json(serde_json::json!({
+            "success": false,
+            "error": "the configuration was refused; the running one stays in force",
+            "outcome": outcome,
+        })),
+        Err(_) => unavailable("supervisor"),
+    }
 }
 
 #[derive(Deserialize)]
@@ -181,6 +200,8 @@ struct ReplayBody {
     all: bool,
     #[serde(default)]
     message_ids: Vec<String>,
+    /// Only entries of this tenant.
+    tenant_id: Option<String>,
 }
 
 async fn dlq_replay(
@@ -191,9 +212,11 @@ async fn dlq_replay(
     if let Some(refusal) = refuse_unauthorized(&state, &req) {
         return refusal;
     }
-    let selection = match (body.all, body.message_ids.is_empty()) {
-        (true, true) => Selection::All,
-        (false, false) => Selection::MessageIds(body.message_ids.clone()),
+    let ids = (!body.message_ids.is_empty()).then(|| body.message_ids.clone());
+    let selection = match (body.all, ids, body.tenant_id.clone()) {
+        (all, ids, Some(t)) if all != ids.is_some() => Selection::Tenant(t, ids),
+        (true, None, None) => Selection::All,
+        (false, Some(ids), None) => Selection::MessageIds(ids),
         _ => {
             return HttpResponse::BadRequest().json(serde_json::json!({
                 "success": false,

@@ -55,6 +55,9 @@ enum DlqAction {
         /// Replay the entries with this message_id (repeatable).
         #[arg(long = "message-id")]
         message_id: Vec<String>,
+        /// Only entries of this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
     },
 }
 
@@ -148,11 +151,14 @@ async fn run_dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
             queue,
             all,
             message_id,
+            tenant,
         } => {
-            let selection = match (all, message_id.is_empty()) {
-                (true, _) => Selection::All,
-                (false, false) => Selection::MessageIds(message_id),
-                (false, true) => anyhow::bail!("say what to replay: --all or --message-id ID"),
+            let ids = (!message_id.is_empty()).then_some(message_id);
+            let selection = match (all, ids, tenant) {
+                (_, ids, Some(t)) if all || ids.is_some() => Selection::Tenant(t, ids),
+                (true, None, None) => Selection::All,
+                (false, Some(ids), None) => Selection::MessageIds(ids),
+                _ => anyhow::bail!("say what to replay: --all or --message-id ID (and --tenant T to keep to one tenant)"),
             };
             mailbridge::storage::create_database_if_missing(&settings.database).await?;
             let pool = mailbridge::storage::pool(&settings.database)?;

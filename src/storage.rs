@@ -24,6 +24,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0002_inbound.sql",
         include_str!("../migrations/0002_inbound.sql"),
     ),
+    (
+        3,
+        "0003_config_mirror.sql",
+        include_str!("../migrations/0003_config_mirror.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).
@@ -260,6 +265,106 @@ async fn apply_migrations(
         now.push(*name);
     }
     Ok(now)
+}
+
+/// Makes the `tenants`, `providers` and `mailboxes` tables mirror `settings` (no secrets),
+/// in one transaction.
+pub async fn mirror_config(
+    pool: &Pool,
+    settings: &crate::settings::Settings,
+) -> Result<(), StorageError> {
+    use crate::settings::{MailProtocol, ProviderTransport, TlsMode};
+    let tls = |t: TlsMode| match t {
+        TlsMode::None => "none",
+        TlsMode::Starttls => "starttls",
+        TlsMode::Tls => "tls",
+    };
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let tenant_ids: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
+    tx.execute(
+        "DELETE FROM tenants WHERE NOT (id = ANY($1))",
+        &[&tenant_ids],
+    )
+    .await?;
+    for t in &settings.tenants {
+        tx.execute(
+            "INSERT INTO tenants (id, name, file) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, file = EXCLUDED.file, updated_at = now()",
+            &[&t.id, &t.name, &t.file.display().to_string()],
+        )
+        .await?;
+    }
+    let providers: Vec<_> = settings.tenants.iter().flat_map(|t| &t.providers).collect();
+    let ids: Vec<&str> = providers.iter().map(|p| p.id.as_str()).collect();
+    tx.execute("DELETE FROM providers WHERE NOT (id = ANY($1))", &[&ids])
+        .await?;
+    for p in providers {
+        let (kind, host, port, mode, user) = match &p.transport {
+            ProviderTransport::Smtp {
+                host,
+                port,
+                tls: t,
+                username,
+                ..
+            } => (
+                "smtp",
+                Some(host.clone()),
+                Some(i32::from(*port)),
+                Some(tls(*t)),
+                username.clone(),
+            ),
+            ProviderTransport::File { .. } => ("file", None, None, None, None),
+        };
+        tx.execute(
+            "INSERT INTO providers (id, tenant_id, name, kind, host, port, tls, username, max_connections)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id, name = EXCLUDED.name,
+                 kind = EXCLUDED.kind, host = EXCLUDED.host, port = EXCLUDED.port, tls = EXCLUDED.tls,
+                 username = EXCLUDED.username, max_connections = EXCLUDED.max_connections,
+                 updated_at = now()",
+            &[&p.id, &p.tenant_id, &p.name, &kind, &host, &port, &mode, &user, &(p.max_connections as i32)],
+        )
+        .await?;
+    }
+    let mailboxes: Vec<_> = settings.tenants.iter().flat_map(|t| &t.mailboxes).collect();
+    let ids: Vec<&str> = mailboxes.iter().map(|m| m.id.as_str()).collect();
+    tx.execute("DELETE FROM mailboxes WHERE NOT (id = ANY($1))", &[&ids])
+        .await?;
+    for m in mailboxes {
+        let protocol = match m.protocol {
+            MailProtocol::Imap => "imap",
+            MailProtocol::Pop3 => "pop3",
+        };
+        tx.execute(
+            "INSERT INTO mailboxes (id, tenant_id, provider_id, user_id, protocol, host, port, tls,
+                                    username, folder, idle, poll_interval_secs)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (id) DO UPDATE SET tenant_id = EXCLUDED.tenant_id,
+                 provider_id = EXCLUDED.provider_id, user_id = EXCLUDED.user_id,
+                 protocol = EXCLUDED.protocol, host = EXCLUDED.host, port = EXCLUDED.port,
+                 tls = EXCLUDED.tls, username = EXCLUDED.username, folder = EXCLUDED.folder,
+                 idle = EXCLUDED.idle, poll_interval_secs = EXCLUDED.poll_interval_secs,
+                 updated_at = now()",
+            &[
+                &m.id,
+                &m.tenant_id,
+                &m.provider_id,
+                &m.user_id,
+                &protocol,
+                &m.host,
+                &i32::from(m.port),
+                &tls(m.tls),
+                &m.username,
+                &m.folder,
+                &m.idle,
+                &(m.poll_interval.as_secs() as i64),
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 /// A cheap round trip, for `/health`.

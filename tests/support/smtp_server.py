@@ -6,6 +6,7 @@ NNNNNN.json beside it ({"mail_from", "rcpt_tos", "auth"}). The reply to DATA can
 while it runs: when --dir/reply exists, its first line is sent instead of accepting (for
 example "451 4.3.0 Try again later" or "550 5.1.1 No such user"), and the message is not stored.
 
+When --dir/delay exists, its number of seconds passes before DATA is answered.
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
 whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required). Prints READY when
@@ -39,6 +40,10 @@ class Store:
                 f.write("%.3f %s\n" % (time.time(), reply))
 
     async def handle_DATA(self, server, session, envelope):
+        delay_file = os.path.join(self.dir, "delay")
+        if os.path.exists(delay_file):
+            with open(delay_file) as f:
+                await asyncio.sleep(float(f.read().strip() or "0"))
         reply_file = os.path.join(self.dir, "reply")
         if os.path.exists(reply_file):
             with open(reply_file) as f:
