@@ -82,10 +82,12 @@ pub enum OpOutcome {
     Done,
 }
 
-/// Runs a batch; outcomes are in the order of `ops`. Two `Receive`s of the same key in one
+/// Runs a batch in one transaction; outcomes are in the order of `ops`. Two `Receive`s of the same key in one
 /// batch run in separate statements (one upsert may not touch a row twice).
 pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, StorageError> {
-    let client = pool.get().await?;
+    let mut conn = pool.get().await?;
+    // One transaction per batch: one commit (one WAL flush) however many statements.
+    let client = conn.transaction().await?;
     let mut outcomes: Vec<Option<OpOutcome>> = vec![None; ops.len()];
 
     // Receives, in rounds of distinct keys.
@@ -257,6 +259,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
             .await?;
     }
 
+    client.commit().await?;
     Ok(outcomes
         .into_iter()
         .map(|o| o.unwrap_or(OpOutcome::Done))

@@ -1,0 +1,395 @@
+//! The benchmark of issue 7: outbound throughput and latency against Postfix's smtp-sink, and
+//! inbound throughput from Dovecot, with the service's peak RSS, against the local RabbitMQ
+//! and PostgreSQL. Prints a table; it does not pass or fail.
+//!
+//! Run it with `scripts/bench.sh` (which installs postfix and dovecot first). Sizes:
+//! `BENCH_OUTBOUND_N` (20000), `BENCH_LATENCY_RATE` (1000/s), `BENCH_LATENCY_SECS` (30),
+//! `BENCH_INBOUND_N` (10000), `BENCH_SMTP_CONNECTIONS` (16); `BENCH_ONLY=outbound|latency|inbound`
+//! runs one part.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{Dovecot, Service, TestEnv};
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+struct Sink {
+    child: Child,
+    port: u16,
+}
+
+impl Sink {
+    fn start() -> Self {
+        let port = common::free_port();
+        let child = Command::new("/usr/sbin/smtp-sink")
+            .args(["-u", "nobody", &format!("127.0.0.1:{port}"), "1024"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("smtp-sink (Debian package postfix; scripts/bench.sh installs it)");
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "smtp-sink did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sink { child, port }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `BENCH_PREFETCH` overrides `[rabbitmq] prefetch` (default: the service's default).
+fn tune(env: &TestEnv) {
+    if let Ok(p) = std::env::var("BENCH_PREFETCH") {
+        let path = env.config_path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replacen("[rabbitmq]\n", &format!("[rabbitmq]\nprefetch = {p}\n"), 1);
+        std::fs::write(path, text).unwrap();
+    }
+}
+
+fn sink_tenant(env: &TestEnv, port: u16) {
+    tune(env);
+    env.write_tenant(
+        "bench.toml",
+        &format!(
+            "id = \"bench\"\n[[providers]]\nid = \"sink\"\nname = \"smtp-sink\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nmax_connections = {}\n",
+            env_num("BENCH_SMTP_CONNECTIONS", 16)
+        ),
+    );
+}
+
+fn request(id: &str, body: &str) -> Vec<u8> {
+    let mut r = common::guide_request("bench", "sink", id, None);
+    r["body_content"] = serde_json::Value::String(body.to_string());
+    serde_json::to_vec(&r).unwrap()
+}
+
+fn html_4k() -> String {
+    let para = "<p>Dear customer, thank you for your order. Your parcel is on its way and will arrive within three working days.</p>\n";
+    let mut s = String::from("<html><body>\n");
+    while s.len() < 4000 {
+        s.push_str(para);
+    }
+    s.push_str("</body></html>");
+    s
+}
+
+async fn declare_send_queue(env: &TestEnv) {
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "email.send".into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+async fn publish_many(env: &TestEnv, bodies: impl Iterator<Item = Vec<u8>>) {
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let mut pending = Vec::new();
+    for body in bodies {
+        pending.push(
+            ch.basic_publish(
+                "".into(),
+                "email.send".into(),
+                Default::default(),
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+        if pending.len() >= 2000 {
+            for p in pending.drain(..) {
+                p.await.unwrap();
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(0)
+}
+
+struct Row {
+    what: String,
+    result: String,
+    rss_mb: f64,
+}
+
+async fn outbound_throughput(n: u64) -> Row {
+    let env = TestEnv::new("bench_out");
+    let sink = Sink::start();
+    sink_tenant(&env, sink.port);
+    declare_send_queue(&env).await;
+    let body = html_4k();
+    publish_many(&env, (0..n).map(|i| request(&format!("t-{i}"), &body))).await;
+
+    let started = Instant::now();
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(60)).await;
+    let db = env.db().await;
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(600) {
+        sent = count(&db, "SELECT count(*) FROM outbox WHERE status = 'sent'").await;
+        if sent as u64 >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    Row {
+        what: format!("outbound throughput ({n} × 4 KB HTML, preloaded)"),
+        result: format!(
+            "{:.0} emails/s ({sent} sent in {took:.1} s, from service start)",
+            sent as f64 / took
+        ),
+        rss_mb: peak_rss_mb(svc.pid()),
+    }
+}
+
+async fn outbound_latency(rate: u64, secs: u64) -> Row {
+    let env = TestEnv::new("bench_lat");
+    let sink = Sink::start();
+    sink_tenant(&env, sink.port);
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(60)).await;
+    let db = env.db().await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let body = html_4k();
+    let total = rate * secs;
+    let mut published: HashMap<String, SystemTime> = HashMap::new();
+    let mut confirms = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for i in 0..total {
+        tick.tick().await;
+        let id = format!("l-{i}");
+        let payload = request(&id, &body);
+        published.insert(id, SystemTime::now());
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                "email.send".into(),
+                Default::default(),
+                &payload,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap(),
+        );
+        if confirms.len() >= 500 {
+            futures_util::future::join_all(confirms.drain(..)).await;
+        }
+    }
+    futures_util::future::join_all(confirms).await;
+    let start = Instant::now();
+    while count(&db, "SELECT count(*) FROM outbox WHERE status = 'sent'").await < total as i64
+        && start.elapsed() < Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rows = db
+        .query(
+            "SELECT message_id, sent_at FROM outbox WHERE status = 'sent'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut lat: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| {
+            let id: String = r.get(0);
+            let at: time::OffsetDateTime = r.get(1);
+            let at =
+                SystemTime::UNIX_EPOCH + Duration::from_nanos(at.unix_timestamp_nanos() as u64);
+            let p = published.get(&id)?;
+            Some(at.duration_since(*p).unwrap_or_default().as_secs_f64() * 1000.0)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Row {
+        what: format!("outbound latency ({rate}/s offered for {secs} s, publish → accepted)"),
+        result: format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {total} sent)",
+            pct(0.5),
+            pct(0.99),
+            lat.last().copied().unwrap_or(0.0),
+            lat.len()
+        ),
+        rss_mb: peak_rss_mb(svc.pid()),
+    }
+}
+
+fn realistic(i: usize) -> Vec<u8> {
+    let id = format!("in-{i}@customer.example");
+    let text =
+        "Hello, thanks for the quick answer. Could you send the updated offer? Regards, Jo\r\n"
+            .repeat(6);
+    match i % 3 {
+        0 => format!(
+            "From: Jo Customer <jo@customer.example>\r\nTo: sales@acme.example\r\nSubject: Re: Offer {i}\r\nMessage-ID: <{id}>\r\nIn-Reply-To: <offer-{i}@acme.example>\r\nReferences: <offer-{i}@acme.example>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{text}"
+        )
+        .into_bytes(),
+        1 => format!(
+            "From: Jo Customer <jo@customer.example>\r\nTo: sales@acme.example\r\nSubject: Fwd: Invoice {i}\r\nMessage-ID: <{id}>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: multipart/alternative; boundary=ALT\r\n\r\n--ALT\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{text}\r\n--ALT\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>{text}</p>\r\n--ALT--\r\n"
+        )
+        .into_bytes(),
+        _ => {
+            let line = "JVBERi0xLjQKJcOkw7zDtsOfCjIgMCBvYmoKPDwvTGVuZ3RoIDMgMCBSL0ZpbHRlci9GbGF0ZURlY29kZT4+CnN0cmVhbQp4nA==\r\n";
+            format!(
+                "From: Jo Customer <jo@customer.example>\r\nTo: sales@acme.example\r\nSubject: Order form {i}\r\nMessage-ID: <{id}>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=MIX\r\n\r\n--MIX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{text}\r\n--MIX\r\nContent-Type: application/pdf; name=\"order-{i}.pdf\"\r\nContent-Disposition: attachment; filename=\"order-{i}.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}--MIX--\r\n",
+                line.repeat(200)
+            )
+            .into_bytes()
+        }
+    }
+}
+
+async fn inbound_throughput(n: usize) -> Row {
+    let env = TestEnv::new("bench_in");
+    let pw = "bench-pw";
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("sales", pw)]);
+    dovecot.deliver_files("sales", (0..n).map(realistic));
+    // Let Dovecot index the maildir before the clock starts.
+    dovecot.imap("sales", pw, "m.select('INBOX')");
+    env.mailbox_tenant(
+        "bench",
+        "imap",
+        dovecot.imap_port,
+        "sales",
+        pw,
+        "initial_sync = \"all\"",
+    );
+    let started = Instant::now();
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(60)).await;
+    let mut depth = 0;
+    while started.elapsed() < Duration::from_secs(600) {
+        depth = env.depth("email.inbound").await;
+        if depth as usize >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    Row {
+        what: format!("inbound throughput ({n} messages: replies, forwards, attachments)"),
+        result: format!(
+            "{:.0} emails/s ({depth} published in {took:.1} s, from service start)",
+            depth as f64 / took
+        ),
+        rss_mb: peak_rss_mb(svc.pid()),
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    format!("{cores} cores ({cpu}), {} GiB", mem / 1024 / 1024)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    // `cargo bench` passes --bench; under `cargo test` there is nothing to measure.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("the benchmark runs with `cargo bench --bench throughput` (scripts/bench.sh)");
+        return;
+    }
+    let out_n = env_num("BENCH_OUTBOUND_N", 20_000);
+    let rate = env_num("BENCH_LATENCY_RATE", 1000);
+    let secs = env_num("BENCH_LATENCY_SECS", 30);
+    let in_n = env_num("BENCH_INBOUND_N", 10_000) as usize;
+    // BENCH_ONLY=outbound|latency|inbound runs one part (for profiling).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only == name;
+    let mut rows = Vec::new();
+    if wanted("outbound") {
+        rows.push(outbound_throughput(out_n).await);
+    }
+    if wanted("latency") {
+        rows.push(outbound_latency(rate, secs).await);
+    }
+    if wanted("inbound") {
+        rows.push(inbound_throughput(in_n).await);
+    }
+    println!();
+    println!("machine: {}", machine());
+    println!("RabbitMQ, PostgreSQL, the mail servers and the service share this machine.");
+    println!();
+    println!("| run | result | peak RSS |");
+    println!("|---|---|---|");
+    for r in rows {
+        println!("| {} | {} | {:.0} MB |", r.what, r.result, r.rss_mb);
+    }
+}
