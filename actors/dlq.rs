@@ -2,11 +2,11 @@
 //! of the HTTP API (`GET /api/dlq`, `POST /api/dlq/replay`).
 
 use actix::prelude::*;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel};
+use lapin::Channel;
 
 use crate::actors::metrics::Count;
 use crate::actors::supervisor::{ChildContext, Drain};
+use crate::amqp::{confirm_channel, publish_confirmed};
 use crate::dlq::{self, ReplayReport, Selection};
 use crate::domain::DeadLetterEntry;
 
@@ -30,22 +30,15 @@ impl Actor for DeadLetterActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let conn = self.child.connection.clone();
         ctx.wait(
-            async move {
-                let conn = conn.ok_or_else(|| "no AMQP connection".to_string())?;
-                let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(ch)
-            }
-            .into_actor(self)
-            .map(|res, act, ctx| match res {
-                Ok(ch) => act.channel = Some(ch),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the DLQ actor cannot open its channel");
-                    ctx.stop();
-                }
-            }),
+            async move { confirm_channel(conn.as_deref()).await }
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Ok(ch) => act.channel = Some(ch),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the DLQ actor cannot open its channel");
+                        ctx.stop();
+                    }
+                }),
         );
     }
 }
@@ -67,26 +60,7 @@ impl Handler<DeadLetter> for DeadLetterActor {
         Box::pin(async move {
             let ch = channel.ok_or_else(|| "the DLQ channel is not open".to_string())?;
             let body = serde_json::to_vec(&msg.entry).map_err(|e| e.to_string())?;
-            let confirm = ch
-                .basic_publish(
-                    "".into(),
-                    msg.queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_content_type("application/json".into()),
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            if confirm.is_nack() {
-                return Err(format!(
-                    "the broker refused the dead letter for {}",
-                    msg.queue
-                ));
-            }
+            publish_confirmed(&ch, &msg.queue, &body, None).await?;
             metrics.do_send(Count::one(
                 "mailbridge_dead_letters_total",
                 vec![

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::StreamExt;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel};
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -23,6 +23,7 @@ use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{Count, ReportHealth};
 use crate::actors::outbound::DLQ_CHILD;
 use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild};
+use crate::amqp::confirm_channel;
 use crate::attachments::AttachmentStore;
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
 use crate::inbound::{answered_ids, dedup_key, parse, InboundEmail, Origin};
@@ -125,6 +126,16 @@ impl Fetch {
         });
     }
 
+    /// Sleeps for `d`, or less when a sync is requested or the fetcher is stopped.
+    async fn pause(&self, d: Duration) {
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = self.wake.notified() => {}
+            _ = stop.changed() => {}
+        }
+    }
+
     fn report_ok(&self, idling: bool) {
         self.report(
             ComponentHealth::ok()
@@ -159,12 +170,7 @@ impl Fetch {
                             .with("connected", false)
                             .with("idling", false),
                     );
-                    let mut stop = self.stop.clone();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.wake.notified() => {}
-                        _ = stop.changed() => {}
-                    }
+                    self.pause(delay).await;
                 }
             }
         }
@@ -196,12 +202,7 @@ impl Fetch {
                 session = self.idle(session).await?;
             } else {
                 self.report_ok(false);
-                let mut stop = self.stop.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(self.mailbox.poll_interval) => {}
-                    _ = self.wake.notified() => {}
-                    _ = stop.changed() => {}
-                }
+                self.pause(self.mailbox.poll_interval).await;
             }
             if self.stopped() {
                 let _ = session.logout().await;
@@ -361,12 +362,7 @@ impl Fetch {
             self.pop3_sync().await?;
             self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
             self.report_ok(false);
-            let mut stop = self.stop.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(self.mailbox.poll_interval) => {}
-                _ = self.wake.notified() => {}
-                _ = stop.changed() => {}
-            }
+            self.pause(self.mailbox.poll_interval).await;
             if self.stopped() {
                 return Ok(());
             }
@@ -698,11 +694,7 @@ impl Actor for MailboxFetcher {
         let conn = self.child.connection.clone();
         let settings = self.child.settings.clone();
         let setup = async move {
-            let conn = conn.ok_or_else(|| "no AMQP connection".to_string())?;
-            let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-            ch.confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
+            let ch = confirm_channel(conn.as_deref()).await?;
             let store = AttachmentStore::open(
                 &settings.attachments.dir,
                 &settings.attachments.public_base_url,

@@ -21,11 +21,10 @@ use std::panic::AssertUnwindSafe;
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::Channel;
 use tokio::sync::oneshot;
 
 use crate::actors::dlq::{DeadLetter, DeadLetterActor};
@@ -34,6 +33,7 @@ use crate::actors::outbox::{Apply, OutboxWriter};
 use crate::actors::retry::{retry_count, RetryScheduler, ScheduleRetry};
 use crate::actors::sender::{Deliver, SendError, SenderActor};
 use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged, Supervisor};
+use crate::amqp::{confirm_channel, publish_confirmed};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
@@ -108,33 +108,11 @@ impl Pipeline {
                 return false;
             }
         };
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        let confirm = self
-            .publisher
-            .basic_publish(
-                "".into(),
-                self.settings().queues.result.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await;
-        match confirm {
-            Ok(pending) => match pending.await {
-                Ok(c) if !c.is_nack() => true,
-                Ok(_) => {
-                    tracing::warn!("the broker refused a result (nack)");
-                    false
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "result not confirmed");
-                    false
-                }
-            },
+        let queue = self.settings().queues.result.clone();
+        match publish_confirmed(&self.publisher, &queue, &body, None).await {
+            Ok(()) => true,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot publish a result");
+                tracing::warn!(error = %e, "result not confirmed");
                 false
             }
         }
@@ -675,6 +653,8 @@ enum SetupError {
     Amqp(#[from] lapin::Error),
     #[error("attachment client: {0}")]
     Http(String),
+    #[error("AMQP channel: {0}")]
+    Channel(String),
 }
 
 impl Actor for OutboundConsumer {
@@ -688,8 +668,7 @@ impl Actor for OutboundConsumer {
             async move {
                 let conn = conn.ok_or(SetupError::NoConnection)?;
                 let fetcher = AttachmentFetcher::new(&settings.outbound).map_err(SetupError::Http)?;
-                let publisher = conn.create_channel().await?;
-                publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+                let publisher = confirm_channel(Some(&conn)).await.map_err(SetupError::Channel)?;
                 let channel = conn.create_channel().await?;
                 channel
                     .basic_qos(settings.rabbitmq.prefetch, BasicQosOptions::default())

@@ -9,11 +9,11 @@
 use std::time::Duration;
 
 use actix::prelude::*;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
 use crate::actors::supervisor::{ChildContext, Drain};
+use crate::amqp::{confirm_channel, publish_confirmed};
 
 /// The header that carries how many retries a request has had.
 pub const RETRY_HEADER: &str = "x-retry-count";
@@ -53,22 +53,15 @@ impl Actor for RetryScheduler {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let conn = self.child.connection.clone();
         ctx.wait(
-            async move {
-                let conn = conn.ok_or_else(|| "no AMQP connection".to_string())?;
-                let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
-                ch.confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(ch)
-            }
-            .into_actor(self)
-            .map(|res, act, ctx| match res {
-                Ok(ch) => act.channel = Some(ch),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the retry scheduler cannot open its channel");
-                    ctx.stop();
-                }
-            }),
+            async move { confirm_channel(conn.as_deref()).await }
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Ok(ch) => act.channel = Some(ch),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the retry scheduler cannot open its channel");
+                        ctx.stop();
+                    }
+                }),
         );
     }
 }
@@ -92,25 +85,7 @@ impl Handler<ScheduleRetry> for RetryScheduler {
             let ch = channel.ok_or_else(|| "the retry channel is not open".to_string())?;
             let mut headers = FieldTable::default();
             headers.insert(RETRY_HEADER.into(), AMQPValue::LongUInt(msg.retry));
-            let confirm = ch
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &msg.body,
-                    BasicProperties::default()
-                        .with_delivery_mode(2)
-                        .with_content_type("application/json".into())
-                        .with_headers(headers),
-                )
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            if confirm.is_nack() {
-                return Err(format!("the broker refused the retry message for {queue}"));
-            }
-            Ok(())
+            publish_confirmed(&ch, &queue, &msg.body, Some(headers)).await
         })
     }
 }

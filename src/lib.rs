@@ -15,6 +15,7 @@
 
 #[path = "../actors/mod.rs"]
 pub mod actors;
+pub mod amqp;
 pub mod app;
 pub mod attachments;
 pub mod dlq;

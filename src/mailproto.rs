@@ -252,7 +252,8 @@ impl Pop3 {
         }
     }
 
-    async fn read_line(&mut self) -> Result<String, MailboxError> {
+    /// One raw line, with its line ending; an empty answer means the server hung up.
+    async fn read_raw_line(&mut self) -> Result<Vec<u8>, MailboxError> {
         let mut line = Vec::new();
         let n = tokio::time::timeout(STEP_TIMEOUT, self.stream.read_until(b'\n', &mut line))
             .await
@@ -270,6 +271,11 @@ impl Pop3 {
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"),
             });
         }
+        Ok(line)
+    }
+
+    async fn read_line(&mut self) -> Result<String, MailboxError> {
+        let line = self.read_raw_line().await?;
         Ok(String::from_utf8_lossy(&line)
             .trim_end_matches(['\r', '\n'])
             .to_string())
@@ -312,23 +318,7 @@ impl Pop3 {
     async fn read_multiline(&mut self) -> Result<Vec<u8>, MailboxError> {
         let mut out = Vec::new();
         loop {
-            let mut line = Vec::new();
-            let n = tokio::time::timeout(STEP_TIMEOUT, self.stream.read_until(b'\n', &mut line))
-                .await
-                .map_err(|_| MailboxError::Timeout {
-                    endpoint: self.endpoint.clone(),
-                    timeout: STEP_TIMEOUT,
-                })?
-                .map_err(|source| MailboxError::Io {
-                    endpoint: self.endpoint.clone(),
-                    source,
-                })?;
-            if n == 0 {
-                return Err(MailboxError::Io {
-                    endpoint: self.endpoint.clone(),
-                    source: io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"),
-                });
-            }
+            let line = self.read_raw_line().await?;
             if line == b".\r\n" || line == b".\n" {
                 return Ok(out);
             }
