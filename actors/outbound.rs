@@ -37,8 +37,8 @@ use crate::amqp::{confirm_channel, publish_confirmed};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
-    build_email, decode, rfc3339, FailureClass, ProviderResponse, RequestIds, SendRequest,
-    SendResult,
+    build_email, decode_value, rfc3339, FailureClass, ProviderResponse, RequestError, RequestIds,
+    SendRequest, SendResult,
 };
 use crate::outbox::{NewRow, OpOutcome, OutboxKey, OutboxOp, Received};
 use crate::settings::Settings;
@@ -69,6 +69,7 @@ enum Disposition {
 struct Pipeline {
     /// Replaced on reload ([`SettingsChanged`]); read once per use.
     settings: std::sync::RwLock<Arc<Settings>>,
+    writer: std::sync::Mutex<Option<Addr<OutboxWriter>>>,
     publisher: Channel,
     fetcher: AttachmentFetcher,
     supervisor: Addr<Supervisor>,
@@ -83,13 +84,22 @@ impl Pipeline {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
+    /// The outbox writer, remembered until it stops (then asked for again).
+    async fn outbox_writer(&self) -> Option<Addr<OutboxWriter>> {
+        if let Some(a) = self.writer.lock().ok().and_then(|w| w.clone()) {
+            if a.connected() {
+                return Some(a);
+            }
+        }
+        let found = self.find::<OutboxWriter>(OUTBOX_CHILD).await;
+        if let Ok(mut w) = self.writer.lock() {
+            w.clone_from(&found);
+        }
+        found
+    }
+
     async fn outbox(&self, op: OutboxOp) -> Option<OpOutcome> {
-        let writer = self
-            .supervisor
-            .send(FindChild::<OutboxWriter>::named(OUTBOX_CHILD))
-            .await
-            .ok()
-            .flatten()?;
+        let writer = self.outbox_writer().await?;
         match writer.send(Apply(op)).await {
             Ok(Ok(outcome)) => Some(outcome),
             Ok(Err(e)) => {
@@ -124,8 +134,10 @@ impl Pipeline {
 
     /// The whole life of one request. `retry` is the retry number it carries (0 at first).
     async fn handle(&self, body: &[u8], retry: u32) -> Disposition {
-        let ids = RequestIds::peek(body);
-        let request = match decode(body) {
+        let parsed = serde_json::from_slice::<serde_json::Value>(body)
+            .map_err(|e| RequestError::NotJson(e.to_string()));
+        let ids = parsed.as_ref().map(RequestIds::of).unwrap_or_default();
+        let request = match parsed.and_then(|v| decode_value(&v)) {
             Ok(r) => r,
             Err(e) => {
                 let f = Failure::new(e.to_string(), FailureClass::Invalid);
@@ -250,11 +262,7 @@ impl Pipeline {
             return Disposition::Requeue;
         }
         // Not awaited on the ack path: if this is lost, a redelivery could only repeat a result.
-        if let Ok(Some(writer)) = self
-            .supervisor
-            .send(FindChild::<OutboxWriter>::named(OUTBOX_CHILD))
-            .await
-        {
+        if let Some(writer) = self.outbox_writer().await {
             writer.do_send(Apply(OutboxOp::ResultPublished(key.clone())));
         }
         Disposition::Ack
@@ -689,6 +697,7 @@ impl Actor for OutboundConsumer {
                     tracing::info!(queue = %act.child.settings.queues.send, "consuming send requests");
                     act.pipeline = Some(Arc::new(Pipeline {
                         settings: std::sync::RwLock::new(act.child.settings.clone()),
+                        writer: std::sync::Mutex::new(None),
                         publisher,
                         fetcher,
                         supervisor: act.child.supervisor.clone(),

@@ -118,8 +118,14 @@ pub struct RequestIds {
 
 impl RequestIds {
     pub fn peek(body: &[u8]) -> Self {
-        let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(body)
-        else {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .map(|v| Self::of(&v))
+            .unwrap_or_default()
+    }
+
+    /// The ids of an already parsed request.
+    pub fn of(value: &serde_json::Value) -> Self {
+        let Some(map) = value.as_object() else {
             return Self::default();
         };
         let get = |k: &str| map.get(k).and_then(|v| v.as_str()).map(str::to_string);
@@ -135,6 +141,11 @@ impl RequestIds {
 pub fn decode(body: &[u8]) -> Result<SendRequest, RequestError> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+    decode_value(&value)
+}
+
+/// Decodes an already parsed request (the body is parsed once, for its ids and for this).
+pub fn decode_value(value: &serde_json::Value) -> Result<SendRequest, RequestError> {
     serde_path_to_error::deserialize::<_, SendRequest>(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
