@@ -559,3 +559,116 @@ async fn ten_thousand_messages_with_bounded_memory() {
         .get(0);
     assert_eq!(n as usize, N);
 }
+
+#[tokio::test]
+async fn imap_starttls_and_pop3_tls_with_a_configured_ca() {
+    let env = TestEnv::new("mailtls");
+    let (ca, cert, key) = common::make_certs(&env.dir.join("certs"));
+    // Dovecot's unprivileged processes read the key as root at start; that is enough.
+    let dovecot = Dovecot::start_tls(
+        &env.dir.join("dovecot"),
+        &[("gina", PW), ("hank", PW)],
+        Some((&cert, &key)),
+    );
+    dovecot.append(
+        "gina",
+        PW,
+        "INBOX",
+        &message("tls-imap@example.com", "imap", "", "x"),
+    );
+    dovecot.append(
+        "hank",
+        PW,
+        "INBOX",
+        &message("tls-pop@example.com", "pop", "", "x"),
+    );
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent"
+
+[[mailboxes]]
+id = "mb-gina"
+user_id = "user-gina"
+provider_id = "acme-provider"
+protocol = "imap"
+host = "localhost"
+port = {imap}
+tls = "starttls"
+ca_file = "{ca}"
+username = "gina"
+password = "{PW}"
+initial_sync = "all"
+
+[[mailboxes]]
+id = "mb-hank"
+user_id = "user-hank"
+provider_id = "acme-provider"
+protocol = "pop3"
+host = "localhost"
+port = {pop3s}
+tls = "tls"
+ca_file = "{ca}"
+username = "hank"
+password = "{PW}"
+initial_sync = "all"
+
+[[mailboxes]]
+id = "mb-untrusted"
+user_id = "user-gina"
+provider_id = "acme-provider"
+protocol = "imap"
+host = "localhost"
+port = {imaps}
+tls = "tls"
+username = "gina"
+password = "{PW}"
+initial_sync = "all"
+"#,
+            imap = dovecot.imap_port,
+            pop3s = dovecot.pop3s_port,
+            imaps = dovecot.imaps_port,
+            ca = ca.display(),
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let got = inbound(&env, 2, Duration::from_secs(15)).await;
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|m| {
+            format!(
+                "{}:{}",
+                m["mailbox_id"].as_str().unwrap(),
+                m["message_id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "mb-gina:tls-imap@example.com",
+            "mb-hank:tls-pop@example.com"
+        ],
+        "{}",
+        svc.log_text()
+    );
+    // Without the CA the certificate is not trusted, and the mailbox says so.
+    let start = Instant::now();
+    loop {
+        let (_, h) = svc.get_json("/health").await;
+        let mb = &h["components"]["mailboxes"]["mb-untrusted"];
+        if mb["status"] == "down" {
+            assert!(mb["last_error"].as_str().unwrap().contains("TLS"), "{mb}");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(15), "{h}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -369,83 +369,10 @@ async fn refusals_end_in_failed_results_and_inject_nothing() {
     assert!(smtp.messages().is_empty());
 }
 
-/// A self-signed CA and a certificate for `localhost`, made with openssl.
-fn make_certs(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    std::fs::create_dir_all(dir).unwrap();
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        "server.pem",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
 #[tokio::test]
 async fn starttls_with_a_configured_ca_and_auth() {
     let env = TestEnv::new("tls");
-    let certs = env.dir.join("certs");
-    make_certs(&certs);
-    let cert = certs.join("server.pem");
-    let key = certs.join("server.key");
+    let (ca, cert, key) = common::make_certs(&env.dir.join("certs"));
     let smtp = SmtpServer::start(
         &env.dir.join("smtp"),
         &[
@@ -469,7 +396,6 @@ async fn starttls_with_a_configured_ca_and_auth() {
             "crm:s3cret-pass",
         ],
     );
-    let ca = certs.join("ca.pem");
     env.write_tenant(
         "t.toml",
         &format!(

@@ -633,6 +633,9 @@ pub struct Dovecot {
     pub dir: PathBuf,
     pub imap_port: u16,
     pub pop3_port: u16,
+    /// Implicit-TLS ports, when started with a certificate.
+    pub imaps_port: u16,
+    pub pop3s_port: u16,
 }
 
 fn nobody() -> (u32, u32) {
@@ -657,6 +660,12 @@ fn chown_tree(path: &Path, uid: u32, gid: u32) {
 
 impl Dovecot {
     pub fn start(dir: &Path, users: &[(&str, &str)]) -> Self {
+        Self::start_tls(dir, users, None)
+    }
+
+    /// With `cert` (PEM certificate and key paths): STARTTLS on the plain ports and implicit
+    /// TLS on `imaps_port` / `pop3s_port`.
+    pub fn start_tls(dir: &Path, users: &[(&str, &str)], cert: Option<(&Path, &Path)>) -> Self {
         let _ = std::fs::remove_dir_all(dir);
         for sub in ["run", "state", "mail", "home"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -684,6 +693,18 @@ impl Dovecot {
         std::fs::write(dir.join("users"), users_file).unwrap();
         let imap_port = free_port();
         let pop3_port = free_port();
+        let (imaps_port, pop3s_port) = match cert {
+            Some(_) => (free_port(), free_port()),
+            None => (0, 0),
+        };
+        let ssl = match cert {
+            Some((c, k)) => format!(
+                "ssl = yes\nssl_cert = <{}\nssl_key = <{}",
+                c.display(),
+                k.display()
+            ),
+            None => "ssl = no".into(),
+        };
         let d = dir.display();
         let conf = format!(
             r#"
@@ -692,7 +713,7 @@ state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = imap pop3
 listen = 127.0.0.1
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 mail_location = maildir:{d}/mail/%u
@@ -713,7 +734,7 @@ service imap-login {{
     port = {imap_port}
   }}
   inet_listener imaps {{
-    port = 0
+    port = {imaps_port}
   }}
 }}
 service pop3-login {{
@@ -721,7 +742,7 @@ service pop3-login {{
     port = {pop3_port}
   }}
   inet_listener pop3s {{
-    port = 0
+    port = {pop3s_port}
   }}
 }}
 service stats {{
@@ -760,6 +781,8 @@ service stats {{
             dir: dir.to_path_buf(),
             imap_port,
             pop3_port,
+            imaps_port,
+            pop3s_port,
         }
     }
 
@@ -869,4 +892,80 @@ password = "{password}"
             ),
         );
     }
+}
+
+/// A self-signed CA and a certificate for `localhost` / 127.0.0.1 signed by it, made with
+/// openssl in `dir`: (ca.pem, server.pem, server.key).
+pub fn make_certs(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        "server.pem",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    )
 }
