@@ -59,8 +59,16 @@ pub enum StorageError {
     },
     #[error("no database connection available: {0}")]
     Pool(String),
-    #[error("database query failed: {0}")]
+    #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+}
+
+/// tokio-postgres shows a server error as just "db error": add what the server said.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 impl StorageError {
