@@ -366,12 +366,6 @@ impl Supervisor {
         }
     }
 
-    /// Adds a child to supervise (before or after start).
-    pub fn with_child(mut self, spec: ChildSpec) -> Self {
-        self.push_child(spec);
-        self
-    }
-
     fn push_child(&mut self, spec: ChildSpec) {
         let now = Instant::now();
         self.children.push(Child {
