@@ -36,6 +36,79 @@ fn peak_rss_mb(pid: u32) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU seconds (user + system) spent so far by every process, summed by command name.
+fn cpu_by_process() -> HashMap<String, f64> {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut out = HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ... utime(14) stime(15)
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        *out.entry(comm).or_insert(0.0) += (num(11) + num(12)) / tick;
+    }
+    out
+}
+
+/// Where the CPU went between two [`cpu_by_process`] snapshots, per email, biggest first.
+fn cpu_per_email(before: &HashMap<String, f64>, after: &HashMap<String, f64>, n: u64) -> String {
+    let group = |comm: &str| -> &'static str {
+        match comm {
+            c if c.starts_with("mailbridge") => "service",
+            c if c.starts_with("beam") || c.starts_with("erl") || c.contains("rabbit") => {
+                "RabbitMQ"
+            }
+            c if c.starts_with("postgres") => "PostgreSQL",
+            c if c.starts_with("smtp-sink") => "smtp-sink",
+            c if c.starts_with("dovecot") || c.starts_with("imap") || c.starts_with("auth") => {
+                "Dovecot"
+            }
+            c if c.starts_with("throughput") || c.starts_with("tokio") => "benchmark client",
+            c if c.starts_with("kworker")
+                || c.starts_with("ksoftirq")
+                || c.starts_with("kdamond") =>
+            {
+                "kernel threads (disk, network)"
+            }
+            _ => "other",
+        }
+    };
+    let mut sums: HashMap<&str, f64> = HashMap::new();
+    for (comm, t) in after {
+        let d = t - before.get(comm).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            if std::env::var("BENCH_CPU_DETAIL").is_ok() && d > 0.01 {
+                eprintln!("cpu: {comm} {d:.2} s");
+            }
+            *sums.entry(group(comm)).or_insert(0.0) += d;
+        }
+    }
+    let mut v: Vec<(&str, f64)> = sums.into_iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.iter()
+        .map(|(g, t)| format!("{g} {:.0} µs", t * 1e6 / n.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 struct Sink {
     child: Child,
     port: u16,
@@ -159,6 +232,8 @@ struct Row {
     what: String,
     result: String,
     rss_mb: f64,
+    /// CPU time per email by process group during the run.
+    cpu: String,
 }
 
 async fn outbound_throughput(n: u64) -> Row {
@@ -169,6 +244,7 @@ async fn outbound_throughput(n: u64) -> Row {
     let body = html_4k();
     publish_many(&env, (0..n).map(|i| request(&format!("t-{i}"), &body))).await;
 
+    let cpu_before = cpu_by_process();
     let started = Instant::now();
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(60)).await;
@@ -182,6 +258,7 @@ async fn outbound_throughput(n: u64) -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = started.elapsed().as_secs_f64();
+    let cpu = cpu_per_email(&cpu_before, &cpu_by_process(), n);
     Row {
         what: format!("outbound throughput ({n} × 4 KB HTML, preloaded)"),
         result: format!(
@@ -189,6 +266,7 @@ async fn outbound_throughput(n: u64) -> Row {
             sent as f64 / took
         ),
         rss_mb: peak_rss_mb(svc.pid()),
+        cpu,
     }
 }
 
@@ -206,6 +284,7 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
     let total = rate * secs;
     let mut published: HashMap<String, SystemTime> = HashMap::new();
     let mut confirms = Vec::new();
+    let cpu_before = cpu_by_process();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for i in 0..total {
@@ -235,6 +314,7 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let cpu = cpu_per_email(&cpu_before, &cpu_by_process(), total);
     let rows = db
         .query(
             "SELECT message_id, sent_at FROM outbox WHERE status = 'sent'",
@@ -269,6 +349,7 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
             lat.len()
         ),
         rss_mb: peak_rss_mb(svc.pid()),
+        cpu,
     }
 }
 
@@ -312,6 +393,7 @@ async fn inbound_throughput(n: usize) -> Row {
         pw,
         "initial_sync = \"all\"",
     );
+    let cpu_before = cpu_by_process();
     let started = Instant::now();
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(60)).await;
@@ -324,6 +406,7 @@ async fn inbound_throughput(n: usize) -> Row {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = started.elapsed().as_secs_f64();
+    let cpu = cpu_per_email(&cpu_before, &cpu_by_process(), n as u64);
     Row {
         what: format!("inbound throughput ({n} messages: replies, forwards, attachments)"),
         result: format!(
@@ -331,6 +414,7 @@ async fn inbound_throughput(n: usize) -> Row {
             depth as f64 / took
         ),
         rss_mb: peak_rss_mb(svc.pid()),
+        cpu,
     }
 }
 
@@ -387,9 +471,12 @@ async fn main() {
     println!("machine: {}", machine());
     println!("RabbitMQ, PostgreSQL, the mail servers and the service share this machine.");
     println!();
-    println!("| run | result | peak RSS |");
-    println!("|---|---|---|");
+    println!("| run | result | peak RSS | CPU per email |");
+    println!("|---|---|---|---|");
     for r in rows {
-        println!("| {} | {} | {:.0} MB |", r.what, r.result, r.rss_mb);
+        println!(
+            "| {} | {} | {:.0} MB | {} |",
+            r.what, r.result, r.rss_mb, r.cpu
+        );
     }
 }

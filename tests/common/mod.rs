@@ -216,7 +216,11 @@ impl Service {
             .env_remove("DATABASE_URL")
             .env_remove("RABBITMQ_URL")
             .env_remove("HTTP_LISTEN")
-            .env("RUST_LOG", "info")
+            // MAILBRIDGE_TEST_LOG: a different log filter for the service (profiling, debugging).
+            .env(
+                "RUST_LOG",
+                std::env::var("MAILBRIDGE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(file);
         for (k, v) in vars {
