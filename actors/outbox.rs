@@ -1,8 +1,9 @@
 //! The outbox writer: turns many concurrent outbox changes into few batched statements.
 //!
 //! Group commit without a timer: when no batch is running, a change is written at once; while
-//! batches run (up to `MAX_CONCURRENT`), changes accumulate and go out together as soon as one
-//! finishes. A batch that fails because PostgreSQL is unreachable is retried with backoff for
+//! one runs, changes accumulate and go out together when it finishes — or, once
+//! `PARALLEL_BATCH` of them wait, in a batch of their own beside it (up to `MAX_CONCURRENT`).
+//! Every transaction costs a commit, so under load batches are few and large. A batch that fails because PostgreSQL is unreachable is retried with backoff for
 //! up to `RETRY_FOR`, so a short database restart costs latency, not messages; after that the
 //! callers get the error (and leave their deliveries unacknowledged).
 
@@ -17,6 +18,8 @@ use crate::outbox::{self, OpOutcome, OutboxOp};
 
 const MAX_BATCH: usize = 500;
 const MAX_CONCURRENT: usize = 3;
+/// Changes that may start a batch while another is still running.
+const PARALLEL_BATCH: usize = 64;
 const RETRY_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,7 +46,10 @@ impl OutboxWriter {
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
-        while self.running < MAX_CONCURRENT && !self.pending.is_empty() {
+        while !self.pending.is_empty()
+            && (self.running == 0
+                || (self.running < MAX_CONCURRENT && self.pending.len() >= PARALLEL_BATCH))
+        {
             let n = self.pending.len().min(MAX_BATCH);
             let batch: Vec<(OutboxOp, Reply)> = self.pending.drain(..n).collect();
             self.running += 1;
@@ -66,6 +72,7 @@ impl OutboxWriter {
                     };
                     match result {
                         Ok(outcomes) => {
+                            tracing::debug!(ops = ops.len(), took = ?started.elapsed(), "outbox batch committed");
                             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                                 let _ = reply.send(Ok(outcome));
                             }

@@ -122,24 +122,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         let rfc_ids = col(&|r| r.rfc_message_id.clone());
         let result = client
             .query(
-                "INSERT INTO outbox (tenant_id, message_id, provider_id, user_id, template_id,
-                                     campaign_id, rfc_message_id, status, deliveries)
-                 SELECT t, m, p, u, tp, c, r, 'queued', 1
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                             $6::text[], $7::text[]) AS x(t, m, p, u, tp, c, r)
-                 ON CONFLICT (tenant_id, message_id) DO UPDATE SET
-                     status = CASE WHEN outbox.status = 'sent' THEN 'sent' ELSE 'queued' END,
-                     provider_id = CASE WHEN outbox.status = 'sent' THEN outbox.provider_id
-                                        ELSE EXCLUDED.provider_id END,
-                     user_id = COALESCE(EXCLUDED.user_id, outbox.user_id),
-                     template_id = COALESCE(EXCLUDED.template_id, outbox.template_id),
-                     campaign_id = COALESCE(EXCLUDED.campaign_id, outbox.campaign_id),
-                     rfc_message_id = COALESCE(outbox.rfc_message_id, EXCLUDED.rfc_message_id),
-                     deliveries = CASE WHEN outbox.status = 'sent' THEN outbox.deliveries
-                                       ELSE outbox.deliveries + 1 END,
-                     updated_at = now()
-                 RETURNING tenant_id, message_id, status, attempts, provider_message_id, sent_at,
-                           result_published_at IS NOT NULL, deliveries",
+                &client.prepare_cached(RECEIVE_SQL).await?,
                 &[
                     &tenants, &messages, &providers, &users, &templates, &campaigns, &rfc_ids,
                 ],
@@ -168,12 +151,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
     let (t, m) = keys(ops, |o| matches!(o, OutboxOp::Sending(_)));
     if !t.is_empty() {
         client
-            .execute(
-                "UPDATE outbox o SET status = 'sending', attempts = o.attempts + 1, updated_at = now()
-                 FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
-                 WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'",
-                &[&t, &m],
-            )
+            .execute(&client.prepare_cached(SENDING_SQL).await?, &[&t, &m])
             .await?;
     }
 
@@ -198,12 +176,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         let at: Vec<OffsetDateTime> = sent.iter().map(|s| *s.3).collect();
         client
             .execute(
-                "UPDATE outbox o SET status = 'sent', provider_message_id = u.p,
-                        rfc_message_id = u.r, sent_at = u.at, last_error = NULL, deliveries = 0,
-                        updated_at = now()
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
-                      AS u(t, m, p, r, at)
-                 WHERE o.tenant_id = u.t AND o.message_id = u.m",
+                &client.prepare_cached(SENT_SQL).await?,
                 &[&t, &m, &p, &r, &at],
             )
             .await?;
@@ -224,9 +197,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         let e: Vec<&str> = failed.iter().map(|s| s.2.as_str()).collect();
         client
             .execute(
-                "UPDATE outbox o SET status = u.s, last_error = u.e, deliveries = 0, updated_at = now()
-                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, m, s, e)
-                 WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'",
+                &client.prepare_cached(FAILED_SQL).await?,
                 &[&t, &m, &st, &e],
             )
             .await?;
@@ -237,9 +208,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
     if !t.is_empty() {
         client
             .execute(
-                "UPDATE outbox o SET result_published_at = now()
-                 FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
-                 WHERE o.tenant_id = u.t AND o.message_id = u.m",
+                &client.prepare_cached(RESULT_PUBLISHED_SQL).await?,
                 &[&t, &m],
             )
             .await?;
@@ -249,13 +218,7 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
     let (t, m) = keys(ops, |o| matches!(o, OutboxOp::Reset(_)));
     if !t.is_empty() {
         client
-            .execute(
-                "UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
-                        last_error = NULL, result_published_at = NULL, updated_at = now()
-                 FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
-                 WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'",
-                &[&t, &m],
-            )
+            .execute(&client.prepare_cached(RESET_SQL).await?, &[&t, &m])
             .await?;
     }
 
@@ -272,3 +235,58 @@ fn keys(ops: &[OutboxOp], pick: impl Fn(&OutboxOp) -> bool) -> (Vec<&str>, Vec<&
         .map(|o| (o.key().tenant_id.as_str(), o.key().message_id.as_str()))
         .unzip()
 }
+
+// The statements, prepared once per connection (`prepare_cached`): PostgreSQL parses and
+// plans each only once, and a batch costs one round trip per statement.
+
+/// Insert as `queued`, or count a redelivery (a `sent` row is left as it is).
+const RECEIVE_SQL: &str =
+    "INSERT INTO outbox (tenant_id, message_id, provider_id, user_id, template_id,
+                        campaign_id, rfc_message_id, status, deliveries)
+    SELECT t, m, p, u, tp, c, r, 'queued', 1
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                $6::text[], $7::text[]) AS x(t, m, p, u, tp, c, r)
+    ON CONFLICT (tenant_id, message_id) DO UPDATE SET
+        status = CASE WHEN outbox.status = 'sent' THEN 'sent' ELSE 'queued' END,
+        provider_id = CASE WHEN outbox.status = 'sent' THEN outbox.provider_id
+                           ELSE EXCLUDED.provider_id END,
+        user_id = COALESCE(EXCLUDED.user_id, outbox.user_id),
+        template_id = COALESCE(EXCLUDED.template_id, outbox.template_id),
+        campaign_id = COALESCE(EXCLUDED.campaign_id, outbox.campaign_id),
+        rfc_message_id = COALESCE(outbox.rfc_message_id, EXCLUDED.rfc_message_id),
+        deliveries = CASE WHEN outbox.status = 'sent' THEN outbox.deliveries
+                          ELSE outbox.deliveries + 1 END,
+        updated_at = now()
+    RETURNING tenant_id, message_id, status, attempts, provider_message_id, sent_at,
+              result_published_at IS NOT NULL, deliveries";
+
+/// The SMTP transaction starts.
+const SENDING_SQL: &str =
+    "UPDATE outbox o SET status = 'sending', attempts = o.attempts + 1, updated_at = now()
+    FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
+    WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'";
+
+/// The provider accepted the email.
+const SENT_SQL: &str = "UPDATE outbox o SET status = 'sent', provider_message_id = u.p,
+           rfc_message_id = u.r, sent_at = u.at, last_error = NULL, deliveries = 0,
+           updated_at = now()
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
+         AS u(t, m, p, r, at)
+    WHERE o.tenant_id = u.t AND o.message_id = u.m";
+
+/// `failed` or `retrying`, with the error.
+const FAILED_SQL: &str =
+    "UPDATE outbox o SET status = u.s, last_error = u.e, deliveries = 0, updated_at = now()
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(t, m, s, e)
+    WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'";
+
+/// The result is confirmed on the result queue.
+const RESULT_PUBLISHED_SQL: &str = "UPDATE outbox o SET result_published_at = now()
+    FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
+    WHERE o.tenant_id = u.t AND o.message_id = u.m";
+
+/// A replayed dead letter starts again as new.
+const RESET_SQL: &str = "UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
+           last_error = NULL, result_published_at = NULL, updated_at = now()
+    FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
+    WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'";

@@ -201,7 +201,16 @@ pub async fn create_database_if_missing(db: &DatabaseSection) -> Result<(), Stor
 
 /// The pool every database user of the service shares.
 pub fn pool(db: &DatabaseSection) -> Result<Pool, StorageError> {
-    let cfg = pg_config(db.url.expose())?;
+    let mut cfg = pg_config(db.url.expose())?;
+    // The outbox statements are prepared once per connection. A generic plan, made while the
+    // table is still small, would join the batch's keys by scanning the whole table for good:
+    // plan every execution with its actual arrays instead.
+    let custom_plans = "-c plan_cache_mode=force_custom_plan";
+    let options = match cfg.get_options() {
+        Some(o) if !o.is_empty() => format!("{o} {custom_plans}"),
+        _ => custom_plans.to_string(),
+    };
+    cfg.options(options);
     let mgr = Manager::from_config(
         cfg,
         NoTls,
