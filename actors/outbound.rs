@@ -2,8 +2,9 @@
 //! sender actor, records each step in the outbox and publishes a result.
 //!
 //! Every delivery runs its own pipeline concurrently (bounded by the channel's prefetch):
-//! decode → validate → tenant/provider lookup → outbox `queued` → fetch attachments → build →
-//! outbox `sending` → deliver → outbox `sent`/`failed` → result (publisher-confirmed) → ack.
+//! decode → validate → tenant/provider lookup → outbox `sending` (received, attempts + 1) →
+//! fetch attachments → build → deliver → outbox `sent`/`failed` → result (publisher-confirmed)
+//! → ack (then, not awaited, outbox "result published").
 //! The outbox writes of concurrent pipelines are batched by the outbox writer and the result
 //! confirms are awaited concurrently, so nothing is serialised message by message.
 //!
@@ -166,7 +167,13 @@ impl Pipeline {
         };
         let key = row.key.clone();
 
-        let received = match self.outbox(OutboxOp::Receive(row)).await {
+        let received = match self
+            .outbox(OutboxOp::Receive(NewRow {
+                sending: true,
+                ..row
+            }))
+            .await
+        {
             Some(OpOutcome::Received(r)) => r,
             _ => return Disposition::Requeue,
         };
@@ -199,9 +206,6 @@ impl Pipeline {
             }
         };
 
-        if self.outbox(OutboxOp::Sending(key.clone())).await.is_none() {
-            return Disposition::Requeue;
-        }
         let sent = match self.find_sender(&provider_id).await {
             Some(sender) => sender
                 .send(Deliver {
@@ -509,6 +513,7 @@ fn new_row(r: &SendRequest) -> Option<NewRow> {
         template_id: r.template_id.clone(),
         campaign_id: r.campaign_id.clone(),
         rfc_message_id: None,
+        sending: false,
     })
 }
 

@@ -25,16 +25,19 @@ pub struct NewRow {
     pub template_id: Option<String>,
     pub campaign_id: Option<String>,
     pub rfc_message_id: Option<String>,
+    /// To be sent right away: the same write marks it `sending` with `attempts + 1`, which
+    /// saves the email a statement of its own (issue 7). Requests that fail before reaching a
+    /// provider (invalid, unknown provider) are received as `queued`.
+    pub sending: bool,
 }
 
 /// One change to the outbox.
 #[derive(Debug, Clone)]
 pub enum OutboxOp {
-    /// Insert as `queued`, or (for a redelivery) set back to `queued` — unless already `sent`,
-    /// which is left as it is and reported, so it is not sent twice.
+    /// Insert as `queued` or `sending` ([`NewRow::sending`]), or (for a redelivery) set back
+    /// to that — unless already `sent`, which is left as it is and reported, so it is not
+    /// sent twice.
     Receive(NewRow),
-    /// The SMTP transaction starts: `sending`, `attempts + 1`.
-    Sending(OutboxKey),
     Sent {
         key: OutboxKey,
         provider_message_id: String,
@@ -57,7 +60,7 @@ impl OutboxOp {
     pub fn key(&self) -> &OutboxKey {
         match self {
             OutboxOp::Receive(r) => &r.key,
-            OutboxOp::Sending(k) | OutboxOp::ResultPublished(k) | OutboxOp::Reset(k) => k,
+            OutboxOp::ResultPublished(k) | OutboxOp::Reset(k) => k,
             OutboxOp::Sent { key, .. } | OutboxOp::Failed { key, .. } => key,
         }
     }
@@ -120,11 +123,13 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
         let templates = col(&|r| r.template_id.clone());
         let campaigns = col(&|r| r.campaign_id.clone());
         let rfc_ids = col(&|r| r.rfc_message_id.clone());
+        let sending: Vec<bool> = rows.iter().map(|r| r.sending).collect();
         let result = client
             .query(
                 &client.prepare_cached(RECEIVE_SQL).await?,
                 &[
                     &tenants, &messages, &providers, &users, &templates, &campaigns, &rfc_ids,
+                    &sending,
                 ],
             )
             .await?;
@@ -145,14 +150,6 @@ pub async fn apply(pool: &Pool, ops: &[OutboxOp]) -> Result<Vec<OpOutcome>, Stor
                 outcomes[*i] = Some(OpOutcome::Received(received));
             }
         }
-    }
-
-    // Sending.
-    let (t, m) = keys(ops, |o| matches!(o, OutboxOp::Sending(_)));
-    if !t.is_empty() {
-        client
-            .execute(&client.prepare_cached(SENDING_SQL).await?, &[&t, &m])
-            .await?;
     }
 
     // Sent.
@@ -239,15 +236,18 @@ fn keys(ops: &[OutboxOp], pick: impl Fn(&OutboxOp) -> bool) -> (Vec<&str>, Vec<&
 // The statements, prepared once per connection (`prepare_cached`): PostgreSQL parses and
 // plans each only once, and a batch costs one round trip per statement.
 
-/// Insert as `queued`, or count a redelivery (a `sent` row is left as it is).
+/// Insert as `queued` or `sending`, or count a redelivery (a `sent` row is left as it is).
 const RECEIVE_SQL: &str =
     "INSERT INTO outbox (tenant_id, message_id, provider_id, user_id, template_id,
-                        campaign_id, rfc_message_id, status, deliveries)
-    SELECT t, m, p, u, tp, c, r, 'queued', 1
+                        campaign_id, rfc_message_id, status, attempts, deliveries)
+    SELECT t, m, p, u, tp, c, r, CASE WHEN s THEN 'sending' ELSE 'queued' END,
+           CASE WHEN s THEN 1 ELSE 0 END, 1
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                $6::text[], $7::text[]) AS x(t, m, p, u, tp, c, r)
+                $6::text[], $7::text[], $8::bool[]) AS x(t, m, p, u, tp, c, r, s)
     ON CONFLICT (tenant_id, message_id) DO UPDATE SET
-        status = CASE WHEN outbox.status = 'sent' THEN 'sent' ELSE 'queued' END,
+        status = CASE WHEN outbox.status = 'sent' THEN 'sent' ELSE EXCLUDED.status END,
+        attempts = CASE WHEN outbox.status = 'sent' THEN outbox.attempts
+                        ELSE outbox.attempts + EXCLUDED.attempts END,
         provider_id = CASE WHEN outbox.status = 'sent' THEN outbox.provider_id
                            ELSE EXCLUDED.provider_id END,
         user_id = COALESCE(EXCLUDED.user_id, outbox.user_id),
@@ -259,12 +259,6 @@ const RECEIVE_SQL: &str =
         updated_at = now()
     RETURNING tenant_id, message_id, status, attempts, provider_message_id, sent_at,
               result_published_at IS NOT NULL, deliveries";
-
-/// The SMTP transaction starts.
-const SENDING_SQL: &str =
-    "UPDATE outbox o SET status = 'sending', attempts = o.attempts + 1, updated_at = now()
-    FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
-    WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'";
 
 /// The provider accepted the email.
 const SENT_SQL: &str = "UPDATE outbox o SET status = 'sent', provider_message_id = u.p,
