@@ -25,6 +25,7 @@ pub mod http;
 pub mod inbound;
 pub mod mailproto;
 pub mod metrics;
+pub mod mime;
 pub mod outbound;
 pub mod outbox;
 pub mod settings;

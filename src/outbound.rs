@@ -16,6 +16,8 @@ use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::{Address, Message};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::mime::text_body;
+
 /// `body_format` of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
@@ -551,28 +553,35 @@ pub fn build_email(
         .map_err(|e| RequestError::field("to", format!("no usable envelope: {e}")))?;
     b = b.envelope(envelope.clone());
 
-    let body = match r.body_format {
-        BodyFormat::Html => {
-            MultiPart::alternative_plain_html(html_to_text(&r.body_content), r.body_content.clone())
+    let message = match (r.body_format, attachments.is_empty()) {
+        (BodyFormat::Text, true) => {
+            b.singlepart(SinglePart::plain(text_body(r.body_content.clone())))
         }
-        BodyFormat::Text => {
-            MultiPart::mixed().singlepart(SinglePart::plain(r.body_content.clone()))
+        (format, _) => {
+            let body = match format {
+                BodyFormat::Html => MultiPart::alternative_plain_html(
+                    text_body(html_to_text(&r.body_content)),
+                    text_body(r.body_content.clone()),
+                ),
+                BodyFormat::Text => MultiPart::mixed()
+                    .singlepart(SinglePart::plain(text_body(r.body_content.clone()))),
+            };
+            if attachments.is_empty() {
+                b.multipart(body)
+            } else {
+                let mut mixed = MultiPart::mixed().multipart(body);
+                for (i, a) in attachments.into_iter().enumerate() {
+                    let ct = ContentType::parse(&a.mime_type).map_err(|_| {
+                        RequestError::field(
+                            format!("attachments[{i}].mime_type"),
+                            "is not a MIME type",
+                        )
+                    })?;
+                    mixed = mixed.singlepart(Attachment::new(a.filename).body(a.bytes, ct));
+                }
+                b.multipart(mixed)
+            }
         }
-    };
-    let message = if attachments.is_empty() {
-        match r.body_format {
-            BodyFormat::Html => b.multipart(body),
-            BodyFormat::Text => b.singlepart(SinglePart::plain(r.body_content.clone())),
-        }
-    } else {
-        let mut mixed = MultiPart::mixed().multipart(body);
-        for (i, a) in attachments.into_iter().enumerate() {
-            let ct = ContentType::parse(&a.mime_type).map_err(|_| {
-                RequestError::field(format!("attachments[{i}].mime_type"), "is not a MIME type")
-            })?;
-            mixed = mixed.singlepart(Attachment::new(a.filename).body(a.bytes, ct));
-        }
-        b.multipart(mixed)
     }
     .map_err(|e| RequestError::field("(email)", format!("cannot build the email: {e}")))?;
     Ok(OutgoingEmail {
