@@ -1,11 +1,10 @@
 //! A sender actor: one per provider, delivering emails through that provider.
 //!
-//! SMTP providers get a connection pool of their own making (`SmtpPool`): up to
-//! `max_connections` sessions, each opened on our own `TcpStream` with TCP_NODELAY (lettre
-//! never sets it, which caps a session at ~23 emails/s against an MTA with delayed ACKs), kept
-//! open and reused between emails, and dropped after any error. Every transaction is bounded
-//! by `[outbound] send_timeout` (lettre's own timeout covers connecting only). Implicit TLS
-//! (`tls = "tls"`) uses lettre's connector, which does not set TCP_NODELAY.
+//! SMTP providers get a pool of sessions of the service's own SMTP client (`crate::smtp`): up
+//! to `max_connections` sessions, each on a TCP_NODELAY socket, kept open and reused between
+//! emails, dropped after any error, and pipelined (MAIL, RCPT, DATA in one write) where the
+//! server offers PIPELINING. Every transaction is bounded by `[outbound] send_timeout`,
+//! connecting (with TLS and AUTH) by `CONNECT_TIMEOUT`.
 //!
 //! `file` providers write each email as an `.eml` file (development, the shipped example).
 
@@ -15,8 +14,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use lettre::address::Envelope;
-use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, Semaphore};
@@ -24,8 +21,10 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::actors::metrics::{MetricsActor, Observe, ReportHealth};
 use crate::actors::supervisor::Drain;
 use crate::domain::{ComponentHealth, ComponentId};
+use crate::mailproto::tls_client_config;
 use crate::outbound::{queue_id_from_reply, FailureClass, OutgoingEmail};
 use crate::settings::{Provider, ProviderTransport, TlsMode};
+use crate::smtp::{Credentials, SmtpConfig, SmtpError, SmtpSession};
 
 /// An idle session is not reused after this long (servers drop idle clients).
 const IDLE_MAX: Duration = Duration::from_secs(20);
@@ -85,43 +84,34 @@ impl SendError {
         }
     }
 
-    fn from_smtp(endpoint: &str, e: lettre::transport::smtp::Error) -> Self {
+    fn from_smtp(endpoint: &str, e: SmtpError) -> Self {
         let endpoint = endpoint.to_string();
-        if let Some(code) = e.status() {
-            let reply = e.to_string();
-            // lettre prefixes "permanent error (550): " etc.; keep the server's words.
-            let reply = reply
-                .split_once("): ")
-                .map(|(_, r)| r.to_string())
-                .unwrap_or(reply);
-            return SendError::Rejected {
+        match e {
+            SmtpError::Rejected { reply, .. } => SendError::Rejected {
                 endpoint,
-                code: u16::from(code),
-                reply,
-            };
-        }
-        if let Some(rustls::Error::InvalidCertificate(c)) = find_source::<rustls::Error>(&e) {
-            return SendError::Certificate {
-                endpoint,
-                detail: format!("{c:?}"),
-            };
-        }
-        if e.is_tls() {
-            return SendError::Tls {
+                code: reply.code,
+                reply: reply.text(),
+            },
+            SmtpError::Connect(e) => SendError::Connect {
                 endpoint,
                 detail: e.to_string(),
-            };
-        }
-        if e.is_timeout() {
-            return SendError::Timeout {
+            },
+            SmtpError::Tls(e) => match find_source::<rustls::Error>(&e) {
+                Some(rustls::Error::InvalidCertificate(c)) => SendError::Certificate {
+                    endpoint,
+                    detail: format!("{c:?}"),
+                },
+                _ => SendError::Tls {
+                    endpoint,
+                    detail: error_chain(&e),
+                },
+            },
+            SmtpError::NoStarttls => SendError::NoStarttls { endpoint },
+            SmtpError::NoAuthMechanism { .. } => SendError::Config(e.to_string()),
+            SmtpError::Io(_) | SmtpError::Protocol(_) => SendError::Protocol {
                 endpoint,
-                timeout: CONNECT_TIMEOUT,
-                during: "SMTP exchange",
-            };
-        }
-        SendError::Protocol {
-            endpoint,
-            detail: error_chain(&e),
+                detail: error_chain(&e),
+            },
         }
     }
 }
@@ -168,20 +158,11 @@ pub struct Accepted {
     pub sent_at: OffsetDateTime,
 }
 
-struct SmtpTarget {
-    host: String,
-    port: u16,
-    tls: TlsMode,
-    tls_parameters: Option<TlsParameters>,
-    credentials: Option<(Credentials, Vec<Mechanism>)>,
-    hello: ClientId,
-}
-
 /// The sessions of one SMTP provider.
 pub struct SmtpPool {
-    target: SmtpTarget,
+    config: SmtpConfig,
     endpoint: String,
-    idle: Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: Mutex<Vec<(SmtpSession, Instant)>>,
     slots: Semaphore,
     send_timeout: Duration,
 }
@@ -200,48 +181,33 @@ impl SmtpPool {
         else {
             return Err(SendError::Config("not an SMTP provider".into()));
         };
-        let tls_parameters = match tls {
+        let tls_config = match tls {
             TlsMode::None => None,
-            _ => {
-                let mut b = TlsParameters::builder(host.clone());
-                if let Some(path) = ca_file {
-                    let pem = std::fs::read(path).map_err(|e| {
-                        SendError::Config(format!("cannot read ca_file {}: {e}", path.display()))
-                    })?;
-                    let cert = Certificate::from_pem(&pem).map_err(|e| {
-                        SendError::Config(format!(
-                            "ca_file {} is not a PEM certificate: {e}",
-                            path.display()
-                        ))
-                    })?;
-                    b = b.add_root_certificate(cert);
-                }
-                Some(
-                    b.build()
-                        .map_err(|e| SendError::Config(format!("TLS setup: {e}")))?,
-                )
-            }
+            _ => Some(
+                tls_client_config(ca_file.as_deref())
+                    .map_err(|e| SendError::Config(format!("TLS setup: {e}")))?,
+            ),
         };
-        let credentials = match (username, password, oauth2_token) {
-            (Some(u), _, Some(token)) => Some((
-                Credentials::new(u.clone(), token.expose().to_string()),
-                vec![Mechanism::Xoauth2],
-            )),
-            (Some(u), Some(p), None) => Some((
-                Credentials::new(u.clone(), p.expose().to_string()),
-                vec![Mechanism::Plain, Mechanism::Login],
-            )),
+        let auth = match (username, password, oauth2_token) {
+            (Some(u), _, Some(token)) => Some(Credentials::OAuth2 {
+                user: u.clone(),
+                token: token.expose().to_string(),
+            }),
+            (Some(u), Some(p), None) => Some(Credentials::Password {
+                user: u.clone(),
+                password: p.expose().to_string(),
+            }),
             _ => None,
         };
         Ok(Self {
             endpoint: format!("{host}:{port}"),
-            target: SmtpTarget {
+            config: SmtpConfig {
                 host: host.clone(),
                 port: *port,
                 tls: *tls,
-                tls_parameters,
-                credentials,
-                hello: ClientId::default(),
+                tls_config,
+                auth,
+                hello: ClientId::default().to_string(),
             },
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(provider.max_connections as usize),
@@ -249,77 +215,32 @@ impl SmtpPool {
         })
     }
 
-    async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
-        let t = &self.target;
-        let endpoint = self.endpoint.as_str();
-        let connect = async {
-            let mut conn = if t.tls == TlsMode::Tls {
-                AsyncSmtpConnection::connect_tokio1(
-                    (t.host.as_str(), t.port),
-                    Some(CONNECT_TIMEOUT),
-                    &t.hello,
-                    t.tls_parameters.clone(),
-                    None,
-                )
-                .await
-                .map_err(|e| SendError::from_smtp(endpoint, e))?
-            } else {
-                let tcp = tokio::net::TcpStream::connect((t.host.as_str(), t.port))
-                    .await
-                    .map_err(|e| SendError::Connect {
-                        endpoint: endpoint.to_string(),
-                        detail: e.to_string(),
-                    })?;
-                let _ = tcp.set_nodelay(true);
-                let mut conn = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &t.hello)
-                    .await
-                    .map_err(|e| SendError::from_smtp(endpoint, e))?;
-                if t.tls == TlsMode::Starttls {
-                    if !conn.can_starttls() {
-                        return Err(SendError::NoStarttls {
-                            endpoint: endpoint.to_string(),
-                        });
-                    }
-                    let params = t.tls_parameters.clone().ok_or_else(|| {
-                        SendError::Config("STARTTLS without TLS parameters".into())
-                    })?;
-                    conn.starttls(params, &t.hello)
-                        .await
-                        .map_err(|e| SendError::from_smtp(endpoint, e))?;
-                }
-                conn
-            };
-            if let Some((creds, mechanisms)) = &t.credentials {
-                conn.auth(mechanisms, creds)
-                    .await
-                    .map_err(|e| SendError::from_smtp(endpoint, e))?;
-            }
-            Ok(conn)
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+    async fn open(&self) -> Result<SmtpSession, SendError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, SmtpSession::connect(&self.config))
             .await
             .map_err(|_| SendError::Timeout {
-                endpoint: endpoint.to_string(),
+                endpoint: self.endpoint.clone(),
                 timeout: CONNECT_TIMEOUT,
                 during: "connecting",
             })?
+            .map_err(|e| SendError::from_smtp(&self.endpoint, e))
     }
 
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+    fn take_idle(&self) -> Option<SmtpSession> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((conn, since)) = idle.pop() {
-            if since.elapsed() < IDLE_MAX && !conn.has_broken() {
-                return Some(conn);
+        while let Some((session, since)) = idle.pop() {
+            if since.elapsed() < IDLE_MAX && !session.is_broken() {
+                return Some(session);
             }
         }
         None
     }
 
-    fn put_idle(&self, conn: AsyncSmtpConnection) {
+    fn put_idle(&self, session: SmtpSession) {
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push((conn, Instant::now()));
+            .push((session, Instant::now()));
     }
 
     /// Sends one email on a pooled session; returns the server's reply lines.
@@ -334,15 +255,19 @@ impl SmtpPool {
         let mut reused = self.take_idle();
         loop {
             let was_reused = reused.is_some();
-            let mut conn = match reused.take() {
-                Some(c) => c,
+            let mut session = match reused.take() {
+                Some(s) => s,
                 None => self.open().await?,
             };
-            let result = tokio::time::timeout(self.send_timeout, conn.send(envelope, bytes)).await;
+            let result = tokio::time::timeout(
+                self.send_timeout,
+                session.send(envelope.from(), envelope.to(), bytes),
+            )
+            .await;
             match result {
-                Ok(Ok(response)) => {
-                    self.put_idle(conn);
-                    return Ok(response.message().map(str::to_string).collect());
+                Ok(Ok(reply)) => {
+                    self.put_idle(session);
+                    return Ok(reply.lines);
                 }
                 Ok(Err(e)) => {
                     let err = SendError::from_smtp(&self.endpoint, e);

@@ -29,4 +29,5 @@ pub mod mime;
 pub mod outbound;
 pub mod outbox;
 pub mod settings;
+pub mod smtp;
 pub mod storage;

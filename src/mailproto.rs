@@ -98,21 +98,21 @@ pub fn endpoint(m: &Mailbox) -> String {
     format!("{}:{}", m.host, m.port)
 }
 
-fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, MailboxError> {
+/// The TLS client settings of mail connections (mailboxes and SMTP providers): certificates
+/// verified against the system's roots plus those of `ca_file`.
+pub fn tls_client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| MailboxError::Config(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let extra: Vec<CertificateDer<'static>> = match ca_file {
         Some(path) => CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| {
-                MailboxError::Config(format!("ca_file {} is not usable: {e}", path.display()))
-            })?,
+            .map_err(|e| format!("ca_file {} is not usable: {e}", path.display()))?,
         None => Vec::new(),
     };
     let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider)
-        .map_err(|e| MailboxError::Config(format!("certificate verifier: {e}")))?;
+        .map_err(|e| format!("certificate verifier: {e}"))?;
     Ok(Arc::new(
         builder
             .dangerous()
@@ -123,7 +123,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Mailb
 
 /// Wraps an open TCP stream in TLS for `host`.
 pub async fn start_tls(tcp: TcpStream, m: &Mailbox) -> Result<MailStream, MailboxError> {
-    let config = tls_config(m.ca_file.as_deref())?;
+    let config = tls_client_config(m.ca_file.as_deref()).map_err(MailboxError::Config)?;
     let name = ServerName::try_from(m.host.clone()).map_err(|e| {
         MailboxError::Config(format!("`{}` is not a valid TLS server name: {e}", m.host))
     })?;

@@ -194,7 +194,10 @@ mod tests {
         assert_eq!(long.encoding(), ContentTransferEncoding::QuotedPrintable);
         let german = text_body("Grüße aus Köln, bis bald".into());
         assert_eq!(german.encoding(), ContentTransferEncoding::QuotedPrintable);
-        assert_eq!(german.into_vec(), b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln, bis bald");
+        assert_eq!(
+            german.into_vec(),
+            b"Gr=C3=BC=C3=9Fe aus K=C3=B6ln, bis bald"
+        );
         let japanese = text_body("日本語のメールです".into());
         assert_eq!(japanese.encoding(), ContentTransferEncoding::Base64);
     }

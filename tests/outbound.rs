@@ -394,6 +394,8 @@ async fn starttls_with_a_configured_ca_and_auth() {
             "--implicit-tls",
             "--auth",
             "crm:s3cret-pass",
+            // One server without PIPELINING: the client's one-command-at-a-time path.
+            "--no-pipelining",
         ],
     );
     env.write_tenant(
@@ -498,6 +500,82 @@ ca_file = "{ca}"
         .any(|r| r.to_string().contains("s3cret-pass")));
     let (_, health) = svc.get("/health").await.unwrap();
     assert!(!health.contains("s3cret-pass"));
+}
+
+#[tokio::test]
+async fn a_refused_recipient_fails_its_email_alone_on_a_pipelining_server() {
+    // The server offers PIPELINING, so MAIL, RCPT and DATA go out together and their replies
+    // are read in order; a refused recipient must fail that email (nothing delivered, not even
+    // to the recipients that were accepted) and leave the next emails unharmed.
+    let env = TestEnv::new("pipelining");
+    env.write_config("[retry]\nmax_retries = 0\n");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("t", "p", smtp.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let mut cases = Vec::new();
+    for (id, to, cc) in [
+        ("before", "user@example.com", "cc@example.com"),
+        ("refused-to", "refused@example.com", "cc@example.com"),
+        ("refused-cc", "user@example.com", "refused-cc@example.com"),
+        ("after", "user@example.com", "cc@example.com"),
+    ] {
+        let mut req = guide_request("t", "p", id, None);
+        req["to"] = serde_json::json!([to]);
+        req["cc"] = serde_json::json!([cc]);
+        req["bcc"] = serde_json::json!([]);
+        cases.push(req);
+    }
+    // One at a time, so that the emails after a refusal reuse the provider's sessions.
+    let mut results = Vec::new();
+    for req in &cases {
+        env.publish("email.send", &serde_json::to_vec(req).unwrap())
+            .await;
+        let r = env
+            .take("email.send.result", 1, Duration::from_secs(15))
+            .await;
+        assert_eq!(
+            r.len(),
+            1,
+            "no result for {}: {}",
+            req["message_id"],
+            svc.log_text()
+        );
+        results.push(r[0].clone());
+    }
+    let status: Vec<(&str, &str)> = results
+        .iter()
+        .map(|r| {
+            (
+                r["message_id"].as_str().unwrap(),
+                r["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        status,
+        [
+            ("before", "sent"),
+            ("refused-to", "failed"),
+            ("refused-cc", "failed"),
+            ("after", "sent")
+        ]
+    );
+    for r in &results[1..3] {
+        assert_eq!(r["error_class"], "permanent", "{r}");
+        assert!(r["error"].as_str().unwrap().contains("550"), "{r}");
+        assert!(r["error"].as_str().unwrap().contains("No such user"), "{r}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let delivered: Vec<Vec<String>> = smtp.messages().into_iter().map(|m| m.rcpt_tos).collect();
+    assert_eq!(
+        delivered,
+        [
+            vec!["user@example.com".to_string(), "cc@example.com".to_string()],
+            vec!["user@example.com".to_string(), "cc@example.com".to_string()],
+        ],
+        "only `before` and `after` may arrive"
+    );
 }
 
 #[tokio::test]

@@ -7,6 +7,8 @@ while it runs: when --dir/reply exists, its first line is sent instead of accept
 example "451 4.3.0 Try again later" or "550 5.1.1 No such user"), and the message is not stored.
 
 When --dir/delay exists, its number of seconds passes before DATA is answered.
+A recipient whose address starts with "refused" is refused with "550 5.1.1 No such user".
+The server offers PIPELINING (RFC 2920) unless --no-pipelining is given.
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
 whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required). Prints READY when
@@ -28,8 +30,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Store:
-    def __init__(self, directory):
+    def __init__(self, directory, pipelining=True):
         self.dir = directory
+        self.pipelining = pipelining
         self.lock = threading.Lock()
         self.count = 0
         os.makedirs(directory, exist_ok=True)
@@ -38,6 +41,19 @@ class Store:
         with self.lock:
             with open(os.path.join(self.dir, "attempts.log"), "a") as f:
                 f.write("%.3f %s\n" % (time.time(), reply))
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.pipelining:
+            # aiosmtpd reads commands one by one, so it serves pipelined clients as they are.
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.lower().startswith("refused"):
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         delay_file = os.path.join(self.dir, "delay")
@@ -78,6 +94,7 @@ def main():
     p.add_argument("--tls-key")
     p.add_argument("--implicit-tls", action="store_true")
     p.add_argument("--auth")
+    p.add_argument("--no-pipelining", action="store_true")
     p.add_argument("--blackhole", action="store_true", help="accept TCP connections, never answer")
     a = p.parse_args()
 
@@ -123,7 +140,7 @@ def main():
         kwargs["auth_require_tls"] = bool(context) and not a.implicit_tls
 
     controller = Controller(
-        Store(a.dir), hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
+        Store(a.dir, pipelining=not a.no_pipelining), hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
     )
     controller.start()
     print("READY", flush=True)
