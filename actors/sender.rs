@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use lettre::address::Envelope;
-use lettre::transport::smtp::extension::ClientId;
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, Semaphore};
 
@@ -207,7 +206,7 @@ impl SmtpPool {
                 tls: *tls,
                 tls_config,
                 auth,
-                hello: ClientId::default().to_string(),
+                hello: crate::smtp::hello_name(),
             },
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(provider.max_connections as usize),

@@ -22,6 +22,23 @@ use tokio::net::TcpStream;
 use crate::mailproto::MailStream;
 use crate::settings::TlsMode;
 
+/// The name this host gives in EHLO: its host name when that is a usable domain, else the
+/// loopback address literal.
+pub fn hello_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    let usable = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if usable {
+        name.to_string()
+    } else {
+        "[127.0.0.1]".to_string()
+    }
+}
+
 fn text(a: &Address) -> &str {
     a.as_ref()
 }
