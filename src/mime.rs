@@ -17,15 +17,10 @@ const LINE: usize = 75;
 /// Line endings become CRLF.
 pub fn text_body(text: String) -> Body {
     let bytes = text.as_bytes();
-    let seven_bit = bytes.is_ascii()
-        && bytes.split(|&b| b == b'\n').all(|l| {
-            let l = l.strip_suffix(b"\r").unwrap_or(l);
-            l.len() <= LINE && !l.iter().any(|&b| b == 0 || b == b'\r')
-        });
-    if seven_bit {
+    if bytes.is_ascii() && short_lines(bytes) && !bytes.contains(&0) {
         return Body::dangerous_pre_encoded(crlf(bytes), ContentTransferEncoding::SevenBit);
     }
-    let escaped = bytes.iter().filter(|&&b| !is_literal(b)).count();
+    let escaped = bytes.iter().filter(|&&b| !LITERAL[usize::from(b)]).count();
     if escaped <= bytes.len() / 3 {
         return Body::dangerous_pre_encoded(
             quoted_printable(&text),
@@ -35,20 +30,45 @@ pub fn text_body(text: String) -> Body {
     Body::new(text)
 }
 
-/// A byte that quoted-printable writes as itself (space and tab except at the end of a line).
-fn is_literal(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | 33..=60 | 62..=126)
+/// The bytes quoted-printable writes as themselves (space and tab except at the end of a
+/// line), as a table: this is looked up for every byte of every email.
+static LITERAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        t[b] = matches!(b as u8, b' ' | b'\t' | 33..=60 | 62..=126);
+        b += 1;
+    }
+    t
+};
+
+/// Every line (without its CRLF or LF) at most [`LINE`] long, and no lone CR.
+fn short_lines(bytes: &[u8]) -> bool {
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
+        let mut line = &bytes[start..end];
+        if end < bytes.len() {
+            line = line.strip_suffix(b"\r").unwrap_or(line);
+        }
+        if line.len() > LINE || memchr::memchr(b'\r', line).is_some() {
+            return false;
+        }
+        start = end + 1;
+    }
+    true
 }
 
 /// `\n` (and `\r\n`) line endings as CRLF.
 fn crlf(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32 + 2);
-    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        if i > 0 {
-            out.extend_from_slice(b"\r\n");
-        }
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes) {
+        let line = &bytes[start..end];
         out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        out.extend_from_slice(b"\r\n");
+        start = end + 1;
     }
+    out.extend_from_slice(&bytes[start..]);
     out
 }
 
@@ -59,46 +79,50 @@ pub fn quoted_printable(text: &str) -> Vec<u8> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 16 + 16);
-    for (n, line) in bytes.split(|&b| b == b'\n').enumerate() {
+    let mut start = 0;
+    let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    for (n, end) in ends.enumerate() {
         if n > 0 {
             out.extend_from_slice(b"\r\n");
         }
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut line = &bytes[start..end];
+        if end < bytes.len() {
+            // CRLF is a line break as LF is; a CR anywhere else is escaped.
+            line = line.strip_suffix(b"\r").unwrap_or(line);
+        }
+        start = end + 1;
         // Trailing whitespace would be lost in transit: it is escaped.
-        let end = match line.last() {
+        let literal_end = match line.last() {
             Some(b' ' | b'\t') => line.len() - 1,
             _ => line.len(),
         };
         let mut col = 0;
         let mut i = 0;
         while i < line.len() {
-            if i < end && is_literal(line[i]) {
-                let run = line[i..end]
-                    .iter()
-                    .position(|&b| !is_literal(b))
-                    .unwrap_or(end - i);
-                let mut left = &line[i..i + run];
-                while !left.is_empty() {
-                    if col == LINE {
-                        out.extend_from_slice(b"=\r\n");
-                        col = 0;
-                    }
-                    let take = left.len().min(LINE - col);
-                    out.extend_from_slice(&left[..take]);
-                    col += take;
-                    left = &left[take..];
-                }
-                i += run;
-            } else {
-                if col + 3 > LINE {
-                    out.extend_from_slice(b"=\r\n");
-                    col = 0;
-                }
-                let b = line[i];
-                out.extend_from_slice(&[b'=', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
-                col += 3;
-                i += 1;
+            if col == LINE {
+                out.extend_from_slice(b"=\r\n");
+                col = 0;
             }
+            // Literal bytes, as many as fit on this output line.
+            let room = (LINE - col).min(literal_end.saturating_sub(i));
+            let run = line[i..i + room]
+                .iter()
+                .position(|&b| !LITERAL[usize::from(b)])
+                .unwrap_or(room);
+            if run > 0 {
+                out.extend_from_slice(&line[i..i + run]);
+                col += run;
+                i += run;
+                continue;
+            }
+            if col + 3 > LINE {
+                out.extend_from_slice(b"=\r\n");
+                col = 0;
+            }
+            let b = line[i];
+            out.extend_from_slice(&[b'=', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+            col += 3;
+            i += 1;
         }
     }
     out
@@ -157,6 +181,41 @@ mod tests {
         check_qp(&html.repeat(40));
         for n in 70..80 {
             check_qp(&format!("{}={}", "a".repeat(n), " ".repeat(n % 3)));
+        }
+    }
+
+    #[test]
+    fn quoted_printable_round_trips_random_text() {
+        let pieces = [
+            "a",
+            "word ",
+            "=",
+            " ",
+            "\t",
+            "\r\n",
+            "\n",
+            "\r",
+            "é",
+            "日",
+            "x".repeat(70).leak(),
+            "<p class=\"c\">",
+            ".",
+            "\u{0}",
+        ];
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..3000 {
+            let len = next() % 40;
+            let text: String = (0..len)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            // A lone CR is not a line break: it is escaped and comes back as itself.
+            check_qp(&text);
         }
     }
 
