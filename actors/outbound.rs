@@ -38,8 +38,8 @@ use crate::amqp::{confirm_channel, publish_confirmed};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
-    build_email, decode_value, rfc3339, FailureClass, ProviderResponse, RequestError, RequestIds,
-    SendRequest, SendResult,
+    build_email, decode_with_ids, rfc3339, FailureClass, ProviderResponse, RequestIds, SendRequest,
+    SendResult,
 };
 use crate::outbox::{NewRow, OpOutcome, OutboxKey, OutboxOp, Received};
 use crate::settings::Settings;
@@ -135,10 +135,8 @@ impl Pipeline {
 
     /// The whole life of one request. `retry` is the retry number it carries (0 at first).
     async fn handle(&self, body: &[u8], retry: u32) -> Disposition {
-        let parsed = serde_json::from_slice::<serde_json::Value>(body)
-            .map_err(|e| RequestError::NotJson(e.to_string()));
-        let ids = parsed.as_ref().map(RequestIds::of).unwrap_or_default();
-        let request = match parsed.and_then(|v| decode_value(&v)) {
+        let (decoded, ids) = decode_with_ids(body);
+        let request = match decoded {
             Ok(r) => r,
             Err(e) => {
                 let f = Failure::new(e.to_string(), FailureClass::Invalid);

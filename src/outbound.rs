@@ -141,9 +141,28 @@ impl RequestIds {
 
 /// Decodes a request body: JSON, the right types, every required field.
 pub fn decode(body: &[u8]) -> Result<SendRequest, RequestError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
-    decode_value(&value)
+    decode_with_ids(body).0
+}
+
+/// Decodes a request body, with the ids it names even when it is invalid. A well-formed body
+/// is parsed once, straight into the request; only a body that fails is parsed again as a
+/// JSON value, to name its ids and the path of what is wrong.
+pub fn decode_with_ids(body: &[u8]) -> (Result<SendRequest, RequestError>, RequestIds) {
+    if let Ok(request) = serde_json::from_slice::<SendRequest>(body) {
+        let ids = RequestIds {
+            tenant_id: Some(request.tenant_id.clone()),
+            message_id: Some(request.message_id.clone()),
+            provider_id: Some(request.provider_id.clone()),
+        };
+        return (Ok(request), ids);
+    }
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(value) => (decode_value(&value), RequestIds::of(&value)),
+        Err(e) => (
+            Err(RequestError::NotJson(e.to_string())),
+            RequestIds::default(),
+        ),
+    }
 }
 
 /// Decodes an already parsed request (the body is parsed once, for its ids and for this).
