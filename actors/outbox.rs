@@ -1,11 +1,13 @@
 //! The outbox writer: turns many concurrent outbox changes into few batched statements.
 //!
-//! Group commit without a timer: when no batch is running, a change is written at once; while
-//! one runs, changes accumulate and go out together when it finishes — or, once
-//! `PARALLEL_BATCH` of them wait, in a batch of their own beside it (up to `MAX_CONCURRENT`).
-//! Every transaction costs a commit, so under load batches are few and large. A batch that fails because PostgreSQL is unreachable is retried with backoff for
-//! up to `RETRY_FOR`, so a short database restart costs latency, not messages; after that the
-//! callers get the error (and leave their deliveries unacknowledged).
+//! Group commit: when no batch is running, changes are written at once — after waiting up to
+//! `LINGER` for company while fewer than `LINGER_BELOW` are pending; while one runs, changes
+//! accumulate and go out together when it finishes — or, once `PARALLEL_BATCH` of them wait,
+//! in a batch of their own beside it (up to `MAX_CONCURRENT`). Every transaction costs a
+//! commit, so batches are few and large under load, and a moderate load does not pay one
+//! commit per change. A batch that fails because PostgreSQL is unreachable is retried with
+//! backoff for up to `RETRY_FOR`, so a short database restart costs latency, not messages;
+//! after that the callers get the error (and leave their deliveries unacknowledged).
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,9 @@ const MAX_BATCH: usize = 500;
 const MAX_CONCURRENT: usize = 3;
 /// Changes that may start a batch while another is still running.
 const PARALLEL_BATCH: usize = 64;
+/// A batch smaller than this, with nothing running, waits up to `LINGER` for more changes.
+const LINGER_BELOW: usize = 16;
+const LINGER: Duration = Duration::from_millis(1);
 const RETRY_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,6 +37,10 @@ pub struct OutboxWriter {
     pool: Pool,
     pending: Vec<(OutboxOp, Reply)>,
     running: usize,
+    /// A linger timer is set.
+    lingering: bool,
+    /// The linger timer fired: the next flush writes what is pending, however little.
+    lingered: bool,
     draining: Vec<oneshot::Sender<()>>,
 }
 
@@ -41,11 +50,26 @@ impl OutboxWriter {
             pool,
             pending: Vec::new(),
             running: 0,
+            lingering: false,
+            lingered: false,
             draining: Vec::new(),
         }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
+        let few = !self.pending.is_empty() && self.pending.len() < LINGER_BELOW;
+        if self.running == 0 && few && !self.lingered {
+            if !self.lingering {
+                self.lingering = true;
+                ctx.run_later(LINGER, |act, ctx| {
+                    act.lingering = false;
+                    act.lingered = true;
+                    act.flush(ctx);
+                    act.lingered = false;
+                });
+            }
+            return;
+        }
         while !self.pending.is_empty()
             && (self.running == 0
                 || (self.running < MAX_CONCURRENT && self.pending.len() >= PARALLEL_BATCH))
