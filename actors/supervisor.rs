@@ -506,6 +506,8 @@ impl Supervisor {
                         }
                         act.migrated = true;
                         act.probe_database(ctx);
+                        // The children that waited for the database start now, not a tick later.
+                        act.tick(ctx);
                         let pool = act.pool.clone();
                         let settings = act.settings.clone();
                         ctx.spawn(
