@@ -46,9 +46,11 @@ pub enum SendError {
     Certificate { endpoint: String, detail: String },
     #[error("{endpoint} does not offer STARTTLS; set tls = \"none\" or \"tls\" for this provider")]
     NoStarttls { endpoint: String },
-    #[error("{endpoint} replied {code}: {reply}")]
+    #[error("{endpoint} replied {code} to {during}: {reply}")]
     Rejected {
         endpoint: String,
+        /// The command refused (`MAIL FROM`, `RCPT TO`, `DATA`, `end of data`, `AUTH`, …).
+        during: &'static str,
         code: u16,
         reply: String,
     },
@@ -86,8 +88,9 @@ impl SendError {
     fn from_smtp(endpoint: &str, e: SmtpError) -> Self {
         let endpoint = endpoint.to_string();
         match e {
-            SmtpError::Rejected { reply, .. } => SendError::Rejected {
+            SmtpError::Rejected { during, reply } => SendError::Rejected {
                 endpoint,
+                during,
                 code: reply.code,
                 reply: reply.text(),
             },
