@@ -441,28 +441,56 @@ tls = "starttls"
 username = "crm"
 password = "not-it"
 ca_file = "{ca}"
+
+[[providers]]
+id = "oauth"
+kind = "smtp"
+host = "localhost"
+port = {p1}
+tls = "starttls"
+username = "crm"
+oauth2_token_env = "MB_TEST_SMTP_PASSWORD"
+ca_file = "{ca}"
+
+[[providers]]
+id = "oauth-expired"
+kind = "smtp"
+host = "localhost"
+port = {p1}
+tls = "starttls"
+username = "crm"
+oauth2_token_env = "MB_TEST_EXPIRED_TOKEN"
+ca_file = "{ca}"
 "#,
             p1 = smtp.port,
             p2 = implicit.port,
             ca = ca.display()
         ),
     );
-    let svc = Service::start_with(&env, &[("MB_TEST_SMTP_PASSWORD", "s3cret-pass")]);
+    let svc = Service::start_with(
+        &env,
+        &[
+            ("MB_TEST_SMTP_PASSWORD", "s3cret-pass"),
+            ("MB_TEST_EXPIRED_TOKEN", "expired-token"),
+        ],
+    );
     svc.wait_health(200, Duration::from_secs(30)).await;
     for (id, provider) in [
         ("via-starttls", "starttls"),
         ("via-tls", "implicit"),
         ("via-untrusted", "untrusted"),
         ("via-wrong-password", "wrong-password"),
+        ("via-oauth", "oauth"),
+        ("via-oauth-expired", "oauth-expired"),
     ] {
         let req = guide_request("t", provider, id, None);
         env.publish("email.send", &serde_json::to_vec(&req).unwrap())
             .await;
     }
     let results = env
-        .take("email.send.result", 4, Duration::from_secs(30))
+        .take("email.send.result", 6, Duration::from_secs(30))
         .await;
-    assert_eq!(results.len(), 4, "{}", svc.log_text());
+    assert_eq!(results.len(), 6, "{}", svc.log_text());
     let by_id = |id: &str| {
         results
             .iter()
@@ -489,9 +517,22 @@ ca_file = "{ca}"
     assert_eq!(r["error_class"], "permanent", "{r}");
     assert!(r["error"].as_str().unwrap().contains("535"), "{r}");
 
+    // XOAUTH2: the token is accepted; an expired one gets the server's challenge, answered
+    // with an empty line, and fails with the server's 535.
+    assert_eq!(
+        by_id("via-oauth")["status"],
+        "sent",
+        "{}",
+        by_id("via-oauth")
+    );
+    let r = by_id("via-oauth-expired");
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["error_class"], "permanent", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("535 to AUTH"), "{r}");
+
     let m = smtp.messages();
-    assert_eq!(m.len(), 1);
-    assert!(m[0].authenticated);
+    assert_eq!(m.len(), 2, "via-starttls and via-oauth");
+    assert!(m.iter().all(|m| m.authenticated));
     assert_eq!(implicit.messages().len(), 1);
     // The password never reaches the logs or results.
     assert!(!svc.log_text().contains("s3cret-pass"));

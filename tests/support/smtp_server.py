@@ -11,11 +11,13 @@ A recipient whose address starts with "refused" is refused with "550 5.1.1 No su
 The server offers PIPELINING (RFC 2920) unless --no-pipelining is given.
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
-whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required). Prints READY when
+whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required; XOAUTH2 with PASS as the
+bearer token is accepted too, and a wrong token gets the error challenge real servers send). Prints READY when
 listening, then runs until killed.
 """
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -30,9 +32,10 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Store:
-    def __init__(self, directory, pipelining=True):
+    def __init__(self, directory, pipelining=True, oauth=None):
         self.dir = directory
         self.pipelining = pipelining
+        self.oauth = oauth
         self.lock = threading.Lock()
         self.count = 0
         os.makedirs(directory, exist_ok=True)
@@ -48,6 +51,23 @@ class Store:
             # aiosmtpd reads commands one by one, so it serves pipelined clients as they are.
             responses.insert(len(responses) - 1, "250-PIPELINING")
         return responses
+
+    async def auth_XOAUTH2(self, server, args):
+        """RFC-less but documented by Google and Microsoft: one base64 initial response
+        "user=U\\x01auth=Bearer T\\x01\\x01"; on failure a 334 challenge with a JSON error,
+        answered by an empty line, then 535."""
+        try:
+            given = base64.b64decode(args[1]).decode() if len(args) > 1 else ""
+        except Exception:
+            given = ""
+        if self.oauth and given == "user=%s\x01auth=Bearer %s\x01\x01" % self.oauth:
+            return AuthResult(success=True, auth_data=LoginPassword(self.oauth[0].encode(), b""))
+        error = base64.b64encode(b'{"status":"401","schemes":"bearer"}').decode()
+        await server.push("334 " + error)
+        await server._reader.readline()
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
+        )
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.lower().startswith("refused"):
@@ -140,7 +160,12 @@ def main():
         kwargs["auth_require_tls"] = bool(context) and not a.implicit_tls
 
     controller = Controller(
-        Store(a.dir, pipelining=not a.no_pipelining), hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
+        Store(
+            a.dir,
+            pipelining=not a.no_pipelining,
+            oauth=tuple(a.auth.split(":", 1)) if a.auth else None,
+        ),
+        hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
     )
     controller.start()
     print("READY", flush=True)
