@@ -544,10 +544,10 @@ ca_file = "{ca}"
 }
 
 #[tokio::test]
-async fn a_refused_recipient_fails_its_email_alone_on_a_pipelining_server() {
+async fn a_refused_sender_or_recipient_fails_its_email_alone_on_a_pipelining_server() {
     // The server offers PIPELINING, so MAIL, RCPT and DATA go out together and their replies
-    // are read in order; a refused recipient must fail that email (nothing delivered, not even
-    // to the recipients that were accepted) and leave the next emails unharmed.
+    // are read in order; a refused sender or recipient must fail that email (nothing delivered,
+    // not even to the recipients that were accepted) and leave the next emails unharmed.
     let env = TestEnv::new("pipelining");
     env.write_config("[retry]\nmax_retries = 0\n");
     let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
@@ -555,13 +555,40 @@ async fn a_refused_recipient_fails_its_email_alone_on_a_pipelining_server() {
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(30)).await;
     let mut cases = Vec::new();
-    for (id, to, cc) in [
-        ("before", "user@example.com", "cc@example.com"),
-        ("refused-to", "refused@example.com", "cc@example.com"),
-        ("refused-cc", "user@example.com", "refused-cc@example.com"),
-        ("after", "user@example.com", "cc@example.com"),
+    for (id, from, to, cc) in [
+        (
+            "before",
+            "noreply@company.com",
+            "user@example.com",
+            "cc@example.com",
+        ),
+        (
+            "refused-to",
+            "noreply@company.com",
+            "refused@example.com",
+            "cc@example.com",
+        ),
+        (
+            "refused-cc",
+            "noreply@company.com",
+            "user@example.com",
+            "refused-cc@example.com",
+        ),
+        (
+            "refused-from",
+            "refused@company.com",
+            "user@example.com",
+            "cc@example.com",
+        ),
+        (
+            "after",
+            "noreply@company.com",
+            "user@example.com",
+            "cc@example.com",
+        ),
     ] {
         let mut req = guide_request("t", "p", id, None);
+        req["from"] = serde_json::json!(from);
         req["to"] = serde_json::json!([to]);
         req["cc"] = serde_json::json!([cc]);
         req["bcc"] = serde_json::json!([]);
@@ -599,8 +626,20 @@ async fn a_refused_recipient_fails_its_email_alone_on_a_pipelining_server() {
             ("before", "sent"),
             ("refused-to", "failed"),
             ("refused-cc", "failed"),
+            ("refused-from", "failed"),
             ("after", "sent")
         ]
+    );
+    // The sender refused: the replies to the RCPT and DATA that followed it in the same write
+    // (503, bad sequence) are read and the first refusal is the one reported.
+    let r = &results[3];
+    assert_eq!(r["error_class"], "permanent", "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("replied 550 to MAIL FROM: 5.7.1 Sender rejected"),
+        "{r}"
     );
     for r in &results[1..3] {
         assert_eq!(r["error_class"], "permanent", "{r}");

@@ -7,7 +7,8 @@ while it runs: when --dir/reply exists, its first line is sent instead of accept
 example "451 4.3.0 Try again later" or "550 5.1.1 No such user"), and the message is not stored.
 
 When --dir/delay exists, its number of seconds passes before DATA is answered.
-A recipient whose address starts with "refused" is refused with "550 5.1.1 No such user".
+A recipient whose address starts with "refused" is refused with "550 5.1.1 No such user", a
+sender whose address does with "550 5.7.1 Sender rejected".
 The server offers PIPELINING (RFC 2920) unless --no-pipelining is given.
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
@@ -68,6 +69,13 @@ class Store:
         return AuthResult(
             success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
         )
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if address.lower().startswith("refused"):
+            return "550 5.7.1 Sender rejected"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if address.lower().startswith("refused"):
