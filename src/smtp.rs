@@ -303,11 +303,22 @@ impl SmtpSession {
         Ok(reply)
     }
 
+    /// EHLO, or HELO (and no extensions) for a server that does not know EHLO.
     async fn ehlo(&mut self, hello: &str) -> Result<Extensions, SmtpError> {
-        let reply = self
-            .expect(&format!("EHLO {hello}\r\n"), "EHLO", 250)
-            .await?;
-        Ok(Extensions::parse(&reply))
+        let reply = self.command(&format!("EHLO {hello}\r\n")).await?;
+        match reply.code {
+            250 => Ok(Extensions::parse(&reply)),
+            // Not recognised / not implemented (RFC 5321 §3.2).
+            500 | 502 => {
+                self.expect(&format!("HELO {hello}\r\n"), "HELO", 250)
+                    .await?;
+                Ok(Extensions::default())
+            }
+            _ => Err(SmtpError::Rejected {
+                during: "EHLO",
+                reply,
+            }),
+        }
     }
 
     async fn authenticate(

@@ -666,6 +666,26 @@ async fn a_refused_sender_or_recipient_fails_its_email_alone_on_a_pipelining_ser
 }
 
 #[tokio::test]
+async fn a_server_that_refuses_ehlo_is_greeted_with_helo() {
+    let env = TestEnv::new("helo");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &["--no-ehlo"]);
+    env.smtp_tenant("t", "old", smtp.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let req = guide_request("t", "old", "via-helo", None);
+    env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+        .await;
+    let r = env
+        .take("email.send.result", 1, Duration::from_secs(15))
+        .await;
+    assert_eq!(r.len(), 1, "{}", svc.log_text());
+    assert_eq!(r[0]["status"], "sent", "{}", r[0]);
+    let m = smtp.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].mail_from, "noreply@company.com");
+}
+
+#[tokio::test]
 async fn the_guide_python_client_gets_its_email_sent() {
     // The guide's Python example connects to localhost's default vhost, unchanged.
     let env = TestEnv::on_default_vhost("python");

@@ -9,7 +9,8 @@ example "451 4.3.0 Try again later" or "550 5.1.1 No such user"), and the messag
 When --dir/delay exists, its number of seconds passes before DATA is answered.
 A recipient whose address starts with "refused" is refused with "550 5.1.1 No such user", a
 sender whose address does with "550 5.7.1 Sender rejected".
-The server offers PIPELINING (RFC 2920) unless --no-pipelining is given.
+The server offers PIPELINING (RFC 2920) unless --no-pipelining is given; with --no-ehlo it
+answers EHLO with 502 (an old server: HELO only, no extensions).
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
 whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required; XOAUTH2 with PASS as the
@@ -33,8 +34,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Store:
-    def __init__(self, directory, pipelining=True, oauth=None):
+    def __init__(self, directory, pipelining=True, oauth=None, ehlo=True):
         self.dir = directory
+        self.ehlo = ehlo
         self.pipelining = pipelining
         self.oauth = oauth
         self.lock = threading.Lock()
@@ -47,6 +49,8 @@ class Store:
                 f.write("%.3f %s\n" % (time.time(), reply))
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        if not self.ehlo:
+            return ["502 5.5.1 EHLO not implemented"]
         session.host_name = hostname
         if self.pipelining:
             # aiosmtpd reads commands one by one, so it serves pipelined clients as they are.
@@ -123,6 +127,7 @@ def main():
     p.add_argument("--implicit-tls", action="store_true")
     p.add_argument("--auth")
     p.add_argument("--no-pipelining", action="store_true")
+    p.add_argument("--no-ehlo", action="store_true")
     p.add_argument("--blackhole", action="store_true", help="accept TCP connections, never answer")
     a = p.parse_args()
 
@@ -172,6 +177,7 @@ def main():
             a.dir,
             pipelining=not a.no_pipelining,
             oauth=tuple(a.auth.split(":", 1)) if a.auth else None,
+            ehlo=not a.no_ehlo,
         ),
         hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
     )
