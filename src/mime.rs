@@ -42,33 +42,37 @@ static LITERAL: [bool; 256] = {
     t
 };
 
-/// Every line (without its CRLF or LF) at most [`LINE`] long, and no lone CR.
-fn short_lines(bytes: &[u8]) -> bool {
+/// The lines of `bytes` without their breaks, the last being what follows the last LF. LF and
+/// CRLF are breaks; a CR anywhere else is part of its line.
+fn lines(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len())) {
-        let mut line = &bytes[start..end];
-        if end < bytes.len() {
-            line = line.strip_suffix(b"\r").unwrap_or(line);
-        }
-        if line.len() > LINE || memchr::memchr(b'\r', line).is_some() {
-            return false;
-        }
-        start = end + 1;
-    }
-    true
+    memchr::memchr_iter(b'\n', bytes)
+        .map(Some)
+        .chain(std::iter::once(None))
+        .map(move |end| match end {
+            Some(end) => {
+                let line = &bytes[start..end];
+                start = end + 1;
+                line.strip_suffix(b"\r").unwrap_or(line)
+            }
+            None => &bytes[start..],
+        })
+}
+
+/// Every line at most [`LINE`] long, and no lone CR.
+fn short_lines(bytes: &[u8]) -> bool {
+    lines(bytes).all(|l| l.len() <= LINE && memchr::memchr(b'\r', l).is_none())
 }
 
 /// `\n` (and `\r\n`) line endings as CRLF.
 fn crlf(bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32 + 2);
-    let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', bytes) {
-        let line = &bytes[start..end];
-        out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
-        out.extend_from_slice(b"\r\n");
-        start = end + 1;
+    for (n, line) in lines(bytes).enumerate() {
+        if n > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(line);
     }
-    out.extend_from_slice(&bytes[start..]);
     out
 }
 
@@ -79,18 +83,10 @@ pub fn quoted_printable(text: &str) -> Vec<u8> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 16 + 16);
-    let mut start = 0;
-    let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
-    for (n, end) in ends.enumerate() {
+    for (n, line) in lines(bytes).enumerate() {
         if n > 0 {
             out.extend_from_slice(b"\r\n");
         }
-        let mut line = &bytes[start..end];
-        if end < bytes.len() {
-            // CRLF is a line break as LF is; a CR anywhere else is escaped.
-            line = line.strip_suffix(b"\r").unwrap_or(line);
-        }
-        start = end + 1;
         // Trailing whitespace would be lost in transit: it is escaped.
         let literal_end = match line.last() {
             Some(b' ' | b'\t') => line.len() - 1,
