@@ -39,8 +39,6 @@ pub struct OutboxWriter {
     running: usize,
     /// A linger timer is set.
     lingering: bool,
-    /// The linger timer fired: the next flush writes what is pending, however little.
-    lingered: bool,
     draining: Vec<oneshot::Sender<()>>,
 }
 
@@ -51,25 +49,29 @@ impl OutboxWriter {
             pending: Vec::new(),
             running: 0,
             lingering: false,
-            lingered: false,
             draining: Vec::new(),
         }
     }
 
+    /// Starts what may start now, or lets a small batch linger.
     fn flush(&mut self, ctx: &mut Context<Self>) {
         let few = !self.pending.is_empty() && self.pending.len() < LINGER_BELOW;
-        if self.running == 0 && few && !self.lingered {
+        if self.running == 0 && few {
             if !self.lingering {
                 self.lingering = true;
                 ctx.run_later(LINGER, |act, ctx| {
                     act.lingering = false;
-                    act.lingered = true;
-                    act.flush(ctx);
-                    act.lingered = false;
+                    act.start_batches(ctx);
                 });
             }
             return;
         }
+        self.start_batches(ctx);
+    }
+
+    /// Starts batches of what is pending: one when nothing runs, more beside it once
+    /// `PARALLEL_BATCH` wait.
+    fn start_batches(&mut self, ctx: &mut Context<Self>) {
         while !self.pending.is_empty()
             && (self.running == 0
                 || (self.running < MAX_CONCURRENT && self.pending.len() >= PARALLEL_BATCH))
