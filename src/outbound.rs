@@ -166,7 +166,7 @@ pub fn decode_with_ids(body: &[u8]) -> (Result<SendRequest, RequestError>, Reque
 }
 
 /// Decodes an already parsed request (the body is parsed once, for its ids and for this).
-pub fn decode_value(value: &serde_json::Value) -> Result<SendRequest, RequestError> {
+fn decode_value(value: &serde_json::Value) -> Result<SendRequest, RequestError> {
     serde_path_to_error::deserialize::<_, SendRequest>(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
