@@ -225,23 +225,26 @@ async fn declare_queue(env: &TestEnv, queue: &str) {
     let _ = conn.close(200, "OK".into()).await;
 }
 
+/// Publishes one persistent request to `email.send`; the confirm is for the caller to await.
+async fn publish_request(ch: &lapin::Channel, body: &[u8]) -> lapin::PublisherConfirm {
+    ch.basic_publish(
+        "".into(),
+        "email.send".into(),
+        Default::default(),
+        body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+}
+
 async fn publish_many(env: &TestEnv, bodies: impl Iterator<Item = Vec<u8>>) {
     let conn = env.amqp().await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
     let mut pending = Vec::new();
     for body in bodies {
-        pending.push(
-            ch.basic_publish(
-                "".into(),
-                "email.send".into(),
-                Default::default(),
-                &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap(),
-        );
+        pending.push(publish_request(&ch, &body).await);
         if pending.len() >= 2000 {
             for p in pending.drain(..) {
                 p.await.unwrap();
@@ -274,17 +277,9 @@ impl DepthWatch {
     }
 
     async fn depth(&self) -> u64 {
-        self.ch
-            .queue_declare(
-                self.queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
+        common::queue_depth(&self.ch, &self.queue)
             .await
-            .map(|q| u64::from(q.message_count()))
+            .map(u64::from)
             .unwrap_or(0)
     }
 
@@ -379,17 +374,7 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
         let id = format!("l-{i}");
         let payload = request(&id, &body);
         published.insert(id, SystemTime::now());
-        confirms.push(
-            ch.basic_publish(
-                "".into(),
-                "email.send".into(),
-                Default::default(),
-                &payload,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap(),
-        );
+        confirms.push(publish_request(&ch, &payload).await);
         if confirms.len() >= 500 {
             futures_util::future::join_all(confirms.drain(..)).await;
         }

@@ -569,20 +569,24 @@ max_connections = 4
     pub async fn depth(&self, queue: &str) -> u32 {
         let conn = self.amqp().await;
         let ch = conn.create_channel().await.unwrap();
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                Default::default(),
-            )
-            .await
-            .unwrap();
+        let depth = queue_depth(&ch, queue).await.unwrap();
         let _ = conn.close(200, "OK".into()).await;
-        q.message_count()
+        depth
     }
+}
+
+/// The number of ready messages in `queue` (a passive declare on `ch`).
+pub async fn queue_depth(ch: &lapin::Channel, queue: &str) -> Result<u32, lapin::Error> {
+    ch.queue_declare(
+        queue.into(),
+        lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        Default::default(),
+    )
+    .await
+    .map(|q| q.message_count())
 }
 
 /// The guide's outbound example request, with the given ids and attachment URL.
