@@ -2,71 +2,69 @@
 //! of the HTTP API (`GET /api/dlq`, `POST /api/dlq/replay`).
 
 use actix::prelude::*;
-use lapin::Channel;
 
-use crate::actors::metrics::Count;
+use crate::actors::metrics::{metric_tenant, Count};
 use crate::actors::supervisor::{ChildContext, Drain};
-use crate::amqp::{confirm_channel, publish_confirmed};
+use crate::amqp::{lane_of, PublishError};
 use crate::dlq::{self, ReplayReport, Selection};
 use crate::domain::DeadLetterEntry;
 
 pub struct DeadLetterActor {
     child: ChildContext,
-    channel: Option<Channel>,
 }
 
 impl DeadLetterActor {
     pub fn new(child: ChildContext) -> Self {
-        Self {
-            child,
-            channel: None,
-        }
+        Self { child }
     }
 }
 
 impl Actor for DeadLetterActor {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        let conn = self.child.connection.clone();
-        ctx.wait(
-            async move { confirm_channel(conn.as_deref()).await }
-                .into_actor(self)
-                .map(|res, act, ctx| match res {
-                    Ok(ch) => act.channel = Some(ch),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the DLQ actor cannot open its channel");
-                        ctx.stop();
-                    }
-                }),
-        );
-    }
 }
 
 /// Put an entry on a dead-letter queue; resolves once the broker confirmed it.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), PublishError>")]
 pub struct DeadLetter {
     pub queue: String,
     pub entry: DeadLetterEntry,
+    /// The original request body: the entry's `request` (or `raw_body`) is made from it here,
+    /// off the actors' thread (a request may be megabytes). Kept whole up to `keep_whole`.
+    pub body: Option<Vec<u8>>,
+    pub keep_whole: usize,
 }
 
 impl Handler<DeadLetter> for DeadLetterActor {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ResponseFuture<Result<(), PublishError>>;
 
     fn handle(&mut self, msg: DeadLetter, _: &mut Context<Self>) -> Self::Result {
-        let channel = self.channel.clone();
+        let publisher = self.child.publisher.clone();
         let metrics = self.child.metrics.clone();
+        let tenant = metric_tenant(&self.child.settings, msg.entry.tenant_id.as_deref());
         Box::pin(async move {
-            let ch = channel.ok_or_else(|| "the DLQ channel is not open".to_string())?;
-            let body = serde_json::to_vec(&msg.entry).map_err(|e| e.to_string())?;
-            publish_confirmed(&ch, &msg.queue, &body, None).await?;
+            let publisher = publisher.ok_or(PublishError::NoConnection)?;
+            let DeadLetter {
+                queue,
+                mut entry,
+                body,
+                keep_whole,
+            } = msg;
+            let json = tokio::task::spawn_blocking(move || {
+                if let Some(body) = body {
+                    entry.attach_body(&body, keep_whole);
+                }
+                serde_json::to_vec(&entry)
+            })
+            .await
+            .map_err(|e| PublishError::Channel(format!("encoding the dead letter: {e}")))?
+            .map_err(|e| PublishError::Channel(format!("encoding the dead letter: {e}")))?;
+            publisher
+                .publish_json(lane_of(&queue), &queue, &json, None)
+                .await?;
             metrics.do_send(Count::one(
                 "mailbridge_dead_letters_total",
-                vec![
-                    ("queue", msg.queue.clone()),
-                    ("tenant", msg.entry.tenant_id.clone().unwrap_or_default()),
-                ],
+                vec![("queue", queue), ("tenant", tenant)],
             ));
             Ok(())
         })
@@ -124,19 +122,9 @@ impl Handler<ReplayDeadLetters> for DeadLetterActor {
 }
 
 impl Handler<Drain> for DeadLetterActor {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ();
 
-    /// Closes the channel cleanly (publishes in flight are confirmed first), then stops.
-    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        let channel = self.channel.take();
-        Box::pin(
-            async move {
-                if let Some(ch) = channel {
-                    let _ = ch.close(200, "OK".into()).await;
-                }
-            }
-            .into_actor(self)
-            .map(|_, _, ctx| ctx.stop()),
-        )
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }

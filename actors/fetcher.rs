@@ -15,15 +15,14 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use futures_util::StreamExt;
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use lapin::BasicProperties;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{Count, ReportHealth};
 use crate::actors::outbound::DLQ_CHILD;
 use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild};
-use crate::amqp::confirm_channel;
+use crate::amqp::{lane_of, short_string, Publisher};
 use crate::attachments::AttachmentStore;
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
 use crate::inbound::{answered_ids, dedup_key, parse, InboundEmail, Origin};
@@ -84,7 +83,7 @@ struct Item {
 struct Fetch {
     mailbox: Mailbox,
     child: ChildContext,
-    publisher: Channel,
+    publisher: Arc<Publisher>,
     store: AttachmentStore,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
@@ -499,13 +498,10 @@ impl Fetch {
             tenant_id: Some(self.mailbox.tenant_id.clone()),
             error: reason,
             error_class: "permanent".into(),
-            retry_count: 0,
             failed_at: rfc3339(time::OffsetDateTime::now_utc()),
-            last_reply: None,
-            request: None,
-            raw_body: None,
             mailbox_id: Some(self.mailbox.id.clone()),
             uid: Some(uid.to_string()),
+            ..DeadLetterEntry::default()
         };
         let dlq = self
             .child
@@ -518,10 +514,12 @@ impl Fetch {
         dlq.send(DeadLetter {
             queue: self.child.settings.queues.inbound_dlq(),
             entry,
+            body: None,
+            keep_whole: 0,
         })
         .await
         .map_err(|e| FetchError::Publish(e.to_string()))?
-        .map_err(FetchError::Publish)
+        .map_err(|e| FetchError::Publish(e.to_string()))
     }
 
     /// Parses, stores attachments, publishes (confirmed), then records: one batch.
@@ -573,42 +571,37 @@ impl Fetch {
         }
         self.match_replies(&mut emails).await?;
 
-        let mut confirms = Vec::with_capacity(emails.len());
+        // Published concurrently on this mailbox's lane (in order), each confirmed.
+        let lane = lane_of(&m.id);
+        let queue = self.child.settings.queues.inbound.clone();
+        let mut bodies = Vec::with_capacity(emails.len());
         for (_, email) in &emails {
             let body = serde_json::to_vec(email).map_err(|e| FetchError::Publish(e.to_string()))?;
             let props = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
-                .with_message_id(email.message_id.as_str().into());
-            let confirm = self
-                .publisher
-                .basic_publish(
-                    "".into(),
-                    self.child.settings.queues.inbound.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await
-                .map_err(|e| FetchError::Publish(e.to_string()))?;
-            confirms.push(confirm);
+                .with_message_id(short_string(&email.message_id));
+            bodies.push((body, props));
         }
+        let confirms = futures_util::future::join_all(bodies.into_iter().map(|(body, props)| {
+            let publisher = self.publisher.clone();
+            let queue = queue.clone();
+            async move { publisher.publish(lane, &queue, &body, props).await }
+        }))
+        .await;
         let mut published_keys = Vec::new();
         let mut published_ids = Vec::new();
-        for ((key, email), confirm) in emails
-            .into_iter()
-            .zip(futures_util::future::join_all(confirms).await)
-        {
+        for ((key, email), confirm) in emails.into_iter().zip(confirms) {
             match confirm {
-                Ok(c) if !c.is_nack() => {
+                Ok(()) => {
                     published_keys.push(key);
                     published_ids.push(Some(email.message_id));
                 }
-                Ok(_) => {
+                Err(e) if e.is_refusal() => {
                     self.dead_letter(
                         "",
                         Some(email.message_id.clone()),
-                        "the broker refused to take the email (nack)".into(),
+                        format!("the broker refused to take the email: {e}"),
                     )
                     .await?;
                     dead.push((key, Some(email.message_id)));
@@ -691,10 +684,10 @@ impl Actor for MailboxFetcher {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        let conn = self.child.connection.clone();
+        let publisher = self.child.publisher.clone();
         let settings = self.child.settings.clone();
         let setup = async move {
-            let ch = confirm_channel(conn.as_deref()).await?;
+            let ch = publisher.ok_or_else(|| "not connected to RabbitMQ".to_string())?;
             let store = AttachmentStore::open(
                 &settings.attachments.dir,
                 &settings.attachments.public_base_url,
@@ -715,9 +708,6 @@ impl Actor for MailboxFetcher {
                     last_sync: None,
                 };
                 ctx.spawn(fetch.run().into_actor(act).map(move |_, act, ctx| {
-                    actix::spawn(async move {
-                        let _ = publisher.close(200, "OK".into()).await;
-                    });
                     for d in act.done.drain(..) {
                         let _ = d.send(());
                     }

@@ -133,3 +133,29 @@ impl Handler<GetCounter> for MetricsActor {
         self.registry.counter(msg.name, &labels)
     }
 }
+
+/// Label value for tenants and providers the configuration does not know: a label value
+/// never comes straight from outside data, so a flood of made-up ids cannot grow `/metrics`.
+pub const UNKNOWN_LABEL: &str = "unknown";
+
+/// The `tenant` label for `tenant`: its id when a tenant file declares it, else
+/// [`UNKNOWN_LABEL`].
+pub fn metric_tenant(settings: &crate::settings::Settings, tenant: Option<&str>) -> String {
+    match tenant {
+        Some(t) if settings.tenants.iter().any(|x| x.id == t) => t.to_string(),
+        _ => UNKNOWN_LABEL.to_string(),
+    }
+}
+
+/// The `provider` label: the provider's id when it is one of `tenant`'s, else
+/// [`UNKNOWN_LABEL`].
+pub fn metric_provider(
+    settings: &crate::settings::Settings,
+    tenant: Option<&str>,
+    provider: Option<&str>,
+) -> String {
+    match (tenant, provider) {
+        (Some(t), Some(p)) if settings.provider(t, p).is_some() => p.to_string(),
+        _ => UNKNOWN_LABEL.to_string(),
+    }
+}

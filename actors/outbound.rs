@@ -2,23 +2,31 @@
 //! sender actor, records each step in the outbox and publishes a result.
 //!
 //! Every delivery runs its own pipeline concurrently (bounded by the channel's prefetch):
-//! decode → validate → tenant/provider lookup → outbox `sending` (received, attempts + 1) →
-//! fetch attachments → build → deliver → outbox `sent`/`failed` → result (publisher-confirmed)
-//! → ack (then, not awaited, outbox "result published").
-//! The outbox writes of concurrent pipelines are batched by the outbox writer and the result
-//! confirms are awaited concurrently, so nothing is serialised message by message.
+//! decode (bounded by `[outbound]` limits; off the actors' thread when large) → claim the
+//! outbox row (received, `sending`, attempts + 1, in one write) → fetch attachments (within
+//! the in-flight byte budget) → build (off the thread when large) → deliver → outbox `sent` →
+//! result (publisher-confirmed) → ack (then, not awaited, outbox "result published").
 //!
-//! Invariant: a delivery is acked only after its outcome is committed in the outbox and its
-//! result is confirmed by the broker. When either cannot be done, the delivery is requeued
-//! (after a pause), and the outbox — where a `sent` row is never sent again — makes the
-//! redelivery safe.
+//! Invariants:
+//! - A delivery is acked only after its outcome is committed in the outbox and its result is
+//!   confirmed by the broker. When either cannot be done, the delivery is requeued (after a
+//!   pause) — except after the provider accepted the email: then the `sent` write is retried
+//!   until it commits, because a redelivery would send the email again.
+//! - At most one transaction per request at a time, none after `sent`: a delivery proceeds
+//!   only with the row's claim (see `outbox`). A copy that finds the request claimed waits for
+//!   the holder's outcome; one that finds it finished (`sent`, `failed`) or with a retry
+//!   parked is a duplicate: it completes what the first copy may have left undone (its result,
+//!   its dead letter) and is acked.
+//! - Acks go out as soon as a delivery is done — with one `multiple` ack for a run of done
+//!   deliveries below every unfinished one, individually above it — so one slow delivery does
+//!   not hold the prefetch window.
 
+use std::collections::BTreeSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use std::panic::AssertUnwindSafe;
-
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -29,20 +37,20 @@ use lapin::Channel;
 use tokio::sync::oneshot;
 
 use crate::actors::dlq::{DeadLetter, DeadLetterActor};
-use crate::actors::metrics::{Count, MetricsActor};
-use crate::actors::outbox::{Apply, OutboxWriter};
-use crate::actors::retry::{retry_count, RetryScheduler, ScheduleRetry};
+use crate::actors::metrics::{metric_provider, metric_tenant, Count, MetricsActor};
+use crate::actors::outbox::{Apply, Claim, ClaimOutcome, OutboxError, OutboxWriter};
+use crate::actors::retry::{retry_count, retry_token, RetryScheduler, ScheduleRetry};
 use crate::actors::sender::{Deliver, SendError, SenderActor};
 use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged, Supervisor};
-use crate::amqp::{confirm_channel, publish_confirmed};
+use crate::amqp::{lane_of, Publisher};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
-    build_email, decode_with_ids, rfc3339, FailureClass, ProviderResponse, RequestIds, SendRequest,
-    SendResult,
+    build_email, decode_with_ids, rfc3339, FailureClass, Limits, ProviderResponse, RequestError,
+    RequestIds, SendRequest, SendResult, ValidRequest, MAX_ID_BYTES,
 };
-use crate::outbox::{NewRow, OpOutcome, OutboxKey, OutboxOp, Received};
-use crate::settings::Settings;
+use crate::outbox::{FailureRecord, NewRow, OpOutcome, OutboxKey, OutboxOp, RowState, RowStatus};
+use crate::settings::{Provider, Settings};
 
 /// The names the supervisor knows the outbound pipeline's helpers by.
 pub const OUTBOX_CHILD: &str = "outbox";
@@ -52,6 +60,11 @@ pub const DLQ_CHILD: &str = "dlq";
 /// A request delivered this many times without reaching an outcome is dead-lettered as
 /// poison (the service crashed or was killed while processing it each time).
 const MAX_DELIVERIES: i32 = 5;
+/// A request body or an email larger than this is decoded or built off the actors' thread.
+const OFF_THREAD_BYTES: usize = 64 * 1024;
+/// How long a copy waits for another instance's claim on its request before giving the
+/// delivery back to the broker.
+const MAX_CLAIM_WAIT: Duration = Duration::from_secs(600);
 
 /// The name the supervisor knows a provider's sender by.
 pub fn sender_child(provider_id: &str) -> String {
@@ -66,12 +79,74 @@ enum Disposition {
     Requeue,
 }
 
+/// One delivery, as the pipeline needs it.
+struct Incoming {
+    body: Arc<Vec<u8>>,
+    /// The retry number it carries (0 at first).
+    retry: u32,
+    /// The parked retry it continues, when it is one.
+    retry_token: Option<String>,
+}
+
+/// What went wrong with a request, and whether trying again can help.
+struct Failure {
+    error: String,
+    class: FailureClass,
+    last_reply: Option<String>,
+    /// The provider may have accepted it anyway (the outbox records it).
+    uncertain: bool,
+}
+
+impl Failure {
+    fn new(error: impl Into<String>, class: FailureClass) -> Self {
+        Self {
+            error: error.into(),
+            class,
+            last_reply: None,
+            uncertain: false,
+        }
+    }
+
+    fn invalid(e: &RequestError) -> Self {
+        Self::new(e.to_string(), FailureClass::Invalid)
+    }
+}
+
+/// What a decoded request leads to.
+enum Plan {
+    Send {
+        valid: Box<ValidRequest>,
+        provider: Provider,
+    },
+    Fail(Failure),
+}
+
+/// A claim held by one pipeline: released when dropped without an outcome (an early return,
+/// a panic, the pipeline abandoned), so its request is never stranded in this process.
+struct ClaimGuard {
+    key: OutboxKey,
+    token: i64,
+    writer: Addr<OutboxWriter>,
+    settled: bool,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.writer.do_send(Apply(OutboxOp::Release {
+                key: self.key.clone(),
+                token: self.token,
+            }));
+        }
+    }
+}
+
 /// Everything a pipeline needs; shared by the concurrent pipelines of one consumer.
 struct Pipeline {
     /// Replaced on reload ([`SettingsChanged`]); read once per use.
     settings: std::sync::RwLock<Arc<Settings>>,
     writer: std::sync::Mutex<Option<Addr<OutboxWriter>>>,
-    publisher: Channel,
+    publisher: Arc<Publisher>,
     fetcher: AttachmentFetcher,
     supervisor: Addr<Supervisor>,
     metrics: Addr<MetricsActor>,
@@ -99,15 +174,21 @@ impl Pipeline {
         found
     }
 
-    async fn outbox(&self, op: OutboxOp) -> Option<OpOutcome> {
-        let writer = self.outbox_writer().await?;
-        match writer.send(Apply(op)).await {
-            Ok(Ok(outcome)) => Some(outcome),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "outbox write failed");
-                None
-            }
-            Err(_) => None,
+    async fn outbox(&self, op: OutboxOp) -> Result<OpOutcome, OutboxError> {
+        let writer = self
+            .outbox_writer()
+            .await
+            .ok_or_else(|| OutboxError::Unavailable("the outbox writer is not running".into()))?;
+        writer
+            .send(Apply(op))
+            .await
+            .unwrap_or_else(|_| Err(OutboxError::Unavailable("the outbox writer stopped".into())))
+    }
+
+    /// Fire and forget: a bookkeeping write whose loss costs at most a repeated result.
+    async fn outbox_later(&self, op: OutboxOp) {
+        if let Some(writer) = self.outbox_writer().await {
+            writer.do_send(Apply(op));
         }
     }
 
@@ -120,7 +201,8 @@ impl Pipeline {
             }
         };
         let queue = self.settings().queues.result.clone();
-        match publish_confirmed(&self.publisher, &queue, &body, None).await {
+        let lane = lane_of(result.message_id.as_deref().unwrap_or(""));
+        match self.publisher.publish_json(lane, &queue, &body, None).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "result not confirmed");
@@ -129,91 +211,190 @@ impl Pipeline {
         }
     }
 
-    async fn find_sender(&self, provider_id: &str) -> Option<Addr<SenderActor>> {
-        self.find::<SenderActor>(&sender_child(provider_id)).await
-    }
+    /// The whole life of one request.
+    async fn handle(&self, d: &Incoming) -> Disposition {
+        let settings = self.settings();
+        let limits = settings.outbound.limits();
+        let (decoded, ids) = decode_off_thread(d.body.clone(), limits).await;
+        let row = new_row(&ids, decoded.as_ref().ok());
+        let plan = match decoded.and_then(|r| r.validate(&limits)) {
+            Err(e) => Plan::Fail(Failure::invalid(&e)),
+            Ok(valid) => match settings
+                .provider(&valid.request.tenant_id, &valid.request.provider_id)
+                .cloned()
+            {
+                Some(provider) => Plan::Send {
+                    valid: Box::new(valid),
+                    provider,
+                },
+                None => Plan::Fail(Failure::new(
+                    unknown_provider_reason(&settings, &ids),
+                    FailureClass::Permanent,
+                )),
+            },
+        };
+        let Some(mut row) = row else {
+            // Without usable ids there is no row to claim: the dead letter and the result
+            // are all there is.
+            let failure = match plan {
+                Plan::Fail(f) => f,
+                Plan::Send { .. } => {
+                    Failure::new("the request has no usable ids", FailureClass::Invalid)
+                }
+            };
+            return self.dead_letter(d, &ids, failure).await;
+        };
+        row.sending = matches!(plan, Plan::Send { .. });
 
-    /// The whole life of one request. `retry` is the retry number it carries (0 at first).
-    async fn handle(&self, body: &[u8], retry: u32) -> Disposition {
-        let (decoded, ids) = decode_with_ids(body);
-        let request = match decoded {
-            Ok(r) => r,
-            Err(e) => {
-                let f = Failure::new(e.to_string(), FailureClass::Invalid);
-                return self.on_failure(body, &ids, None, retry, f).await;
-            }
+        let guard = match self.claim(d, row, &ids).await {
+            Ok(guard) => guard,
+            Err(disposition) => return disposition,
         };
-        let row = new_row(&request);
-        let tenant_id = request.tenant_id.clone();
-        let provider_id = request.provider_id.clone();
-        let valid = match request.validate() {
-            Ok(v) => v,
-            Err(e) => {
-                let f = Failure::new(e.to_string(), FailureClass::Invalid);
-                return self.receive_then_fail(body, &ids, row, retry, f).await;
-            }
-        };
-        let Some(row) = row else {
-            unreachable!("a valid request has non-empty ids");
-        };
-        let Some(provider) = self.settings().provider(&tenant_id, &provider_id).cloned() else {
-            let reason = self.unknown_provider_reason(&tenant_id, &provider_id);
-            let f = Failure::new(reason, FailureClass::Permanent);
-            return self
-                .receive_then_fail(body, &ids, Some(row), retry, f)
-                .await;
-        };
-        let key = row.key.clone();
-
-        let received = match self
-            .outbox(OutboxOp::Receive(NewRow {
-                sending: true,
-                ..row
-            }))
-            .await
-        {
-            Some(OpOutcome::Received(r)) => r,
-            _ => return Disposition::Requeue,
-        };
-        if received.status == "sent" {
-            return self.already_sent(&key, &provider.name, &received).await;
-        }
-        if received.deliveries > MAX_DELIVERIES {
+        let (mut guard, deliveries) = guard;
+        if deliveries > MAX_DELIVERIES {
             let f = Failure::new(
                 format!(
-                    "delivered {} times without reaching an outcome (the service stopped or failed while processing it); dead-lettered so it does not loop",
-                    received.deliveries
+                    "delivered {deliveries} times without reaching an outcome (the service stopped or failed while processing it); dead-lettered so it does not loop"
                 ),
                 FailureClass::Permanent,
             );
-            return self.on_failure(body, &ids, Some(&key), retry, f).await;
+            return self.on_failure(d, &ids, &mut guard, f).await;
         }
+        match plan {
+            Plan::Fail(f) => self.on_failure(d, &ids, &mut guard, f).await,
+            Plan::Send { valid, provider } => {
+                self.send(d, &ids, &mut guard, *valid, &provider).await
+            }
+        }
+    }
 
-        let attachments = match self.fetcher.fetch_all(&valid.request.attachments).await {
+    /// Claims the request's row. `Err` is what to do with the delivery when this copy does
+    /// not get to process it (a duplicate, or the outbox unavailable).
+    async fn claim(
+        &self,
+        d: &Incoming,
+        row: NewRow,
+        ids: &RequestIds,
+    ) -> Result<(ClaimGuard, i32), Disposition> {
+        let started = Instant::now();
+        loop {
+            let Some(writer) = self.outbox_writer().await else {
+                return Err(Disposition::Requeue);
+            };
+            let outcome = writer
+                .send(Claim {
+                    row: row.clone(),
+                    retry_token: d.retry_token.clone(),
+                })
+                .await
+                .unwrap_or_else(|_| {
+                    Err(OutboxError::Unavailable("the outbox writer stopped".into()))
+                });
+            let state = match outcome {
+                Ok(ClaimOutcome::Claimed {
+                    token, deliveries, ..
+                }) => {
+                    let guard = ClaimGuard {
+                        key: row.key.clone(),
+                        token,
+                        writer,
+                        settled: false,
+                    };
+                    return Ok((guard, deliveries));
+                }
+                Ok(ClaimOutcome::NotClaimed(state)) => state,
+                Err(OutboxError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, "cannot claim a request; requeueing it");
+                    return Err(Disposition::Requeue);
+                }
+                Err(OutboxError::Refused(e)) => {
+                    let f = Failure::new(
+                        format!("the outbox refused this request: {e}"),
+                        FailureClass::Invalid,
+                    );
+                    return Err(self.dead_letter(d, ids, f).await);
+                }
+            };
+            let key = &row.key;
+            match state.status {
+                RowStatus::Sent => return Err(self.duplicate_of_sent(key, &state).await),
+                RowStatus::Failed => return Err(self.duplicate_of_failed(d, key, &state).await),
+                _ if state.claim_live => {
+                    // Another instance (or an earlier run) works on it: wait for its outcome
+                    // or for its claim to expire.
+                    if started.elapsed() > MAX_CLAIM_WAIT {
+                        tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
+                            "the request stays claimed elsewhere; giving the delivery back");
+                        return Err(Disposition::Requeue);
+                    }
+                    let wait = state.claim_expires_in.clamp(0.1, 2.0);
+                    tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+                        owner = state.claim_owner.as_deref().unwrap_or(""),
+                        "the request is being processed elsewhere; waiting for its outcome");
+                    tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+                }
+                RowStatus::Retrying => {
+                    tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+                        "a duplicate of a request whose retry is parked; acknowledged without sending");
+                    return Err(Disposition::Ack);
+                }
+                // Released between the claim and the look: try again.
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Sends a claimed, valid request through its provider.
+    async fn send(
+        &self,
+        d: &Incoming,
+        ids: &RequestIds,
+        guard: &mut ClaimGuard,
+        valid: ValidRequest,
+        provider: &Provider,
+    ) -> Disposition {
+        let fetched = match self.fetcher.fetch_all(&valid.request.attachments).await {
             Ok(a) => a,
             Err(e) => {
                 let f = Failure::new(e.to_string(), e.class());
-                return self.on_failure(body, &ids, Some(&key), retry, f).await;
+                return self.on_failure(d, ids, guard, f).await;
             }
         };
-        let email = match build_email(&valid, attachments) {
+        let crate::fetch::Fetched {
+            attachments,
+            budget,
+        } = fetched;
+        let large = valid.request.body_content.len() > OFF_THREAD_BYTES || !attachments.is_empty();
+        let built = if large {
+            tokio::task::spawn_blocking(move || build_email(&valid, attachments))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(RequestError::Invalid {
+                        field: "(email)".into(),
+                        reason: format!("building the email failed: {e}"),
+                    })
+                })
+        } else {
+            build_email(&valid, attachments)
+        };
+        let email = match built {
             Ok(e) => Arc::new(e),
-            Err(e) => {
-                let f = Failure::new(e.to_string(), FailureClass::Invalid);
-                return self.on_failure(body, &ids, Some(&key), retry, f).await;
-            }
+            Err(e) => return self.on_failure(d, ids, guard, Failure::invalid(&e)).await,
         };
 
-        let sent = match self.find_sender(&provider_id).await {
+        let key = guard.key.clone();
+        let sent = match self.find::<SenderActor>(&sender_child(&provider.id)).await {
             Some(sender) => sender
                 .send(Deliver {
                     email: email.clone(),
-                    tenant_id: tenant_id.clone(),
+                    tenant_id: key.tenant_id.clone(),
                 })
                 .await
                 .unwrap_or(Err(SendError::Unavailable)),
             None => Err(SendError::Unavailable),
         };
+        // The attachment bytes (in the email) are done with once it is sent.
+        drop(budget);
         let accepted = match sent {
             Ok(a) => a,
             Err(e) => {
@@ -221,29 +402,53 @@ impl Pipeline {
                     error: e.to_string(),
                     class: e.class(),
                     last_reply: e.last_reply(),
+                    uncertain: e.is_uncertain(),
                 };
-                return self.on_failure(body, &ids, Some(&key), retry, f).await;
+                return self.on_failure(d, ids, guard, f).await;
             }
         };
 
-        let committed = self
-            .outbox(OutboxOp::Sent {
-                key: key.clone(),
-                provider_message_id: accepted.provider_message_id.clone(),
-                rfc_message_id: email.rfc_message_id.clone(),
-                sent_at: accepted.sent_at,
-            })
-            .await;
-        if committed.is_none() {
-            tracing::error!(tenant = %key.tenant_id, message_id = %key.message_id,
-                "sent, but the outbox could not record it; the request is requeued and may be sent again");
-            return Disposition::Requeue;
+        // The provider has the email: from here on the delivery is never requeued before
+        // `sent` is committed, or a redelivery would send it again.
+        let op = OutboxOp::Sent {
+            key: key.clone(),
+            provider_message_id: accepted.provider_message_id.clone(),
+            rfc_message_id: email.rfc_message_id.clone(),
+            sent_at: accepted.sent_at,
+        };
+        let mut attempt = 0;
+        loop {
+            match self.outbox(op.clone()).await {
+                Ok(_) => break,
+                Err(OutboxError::Refused(e)) => {
+                    // Cannot happen with the values the service writes; if it does, the email
+                    // is sent all the same and must not be sent again.
+                    tracing::error!(tenant = %key.tenant_id, message_id = %key.message_id, error = %e,
+                        "sent, but the outbox refused to record it");
+                    break;
+                }
+                Err(OutboxError::Unavailable(e)) => {
+                    tracing::error!(tenant = %key.tenant_id, message_id = %key.message_id, error = %e,
+                        "sent, but the outbox cannot record it yet; retrying (the delivery stays unacknowledged)");
+                    tokio::time::sleep(crate::actors::supervisor::backoff(
+                        attempt,
+                        Duration::from_secs(5),
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+            }
         }
+        guard.settled = true;
+        let settings = self.settings();
         self.metrics.do_send(Count::one(
             "mailbridge_emails_sent_total",
             vec![
-                ("tenant", tenant_id.clone()),
-                ("provider", provider_id.clone()),
+                ("tenant", metric_tenant(&settings, Some(&key.tenant_id))),
+                (
+                    "provider",
+                    metric_provider(&settings, Some(&key.tenant_id), Some(&provider.id)),
+                ),
             ],
         ));
         let result = SendResult::sent(
@@ -264,30 +469,29 @@ impl Pipeline {
             return Disposition::Requeue;
         }
         // Not awaited on the ack path: if this is lost, a redelivery could only repeat a result.
-        if let Some(writer) = self.outbox_writer().await {
-            writer.do_send(Apply(OutboxOp::ResultPublished(key.clone())));
-        }
+        self.outbox_later(OutboxOp::ResultPublished(key.clone()))
+            .await;
         Disposition::Ack
     }
 
-    /// A redelivered request whose email is already sent: not sent again. Its result is
-    /// published only if the first delivery did not get that far.
-    async fn already_sent(
-        &self,
-        key: &OutboxKey,
-        provider_name: &str,
-        row: &Received,
-    ) -> Disposition {
+    /// A copy of a request whose email is sent: not sent again. Its result is published only
+    /// if the first copy did not get that far.
+    async fn duplicate_of_sent(&self, key: &OutboxKey, row: &RowState) -> Disposition {
         tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
             "already sent; not sending again");
         if row.result_published {
             return Disposition::Ack;
         }
+        let settings = self.settings();
+        let provider_name = settings
+            .provider(&key.tenant_id, &row.provider_id)
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| row.provider_id.clone());
         let result = SendResult::sent(
             &key.tenant_id,
             &key.message_id,
             ProviderResponse {
-                provider_name: provider_name.to_string(),
+                provider_name,
                 provider_message_id: row.provider_message_id.clone().unwrap_or_default(),
                 sent_at: row.sent_at.map(rfc3339).unwrap_or_default(),
             },
@@ -295,112 +499,109 @@ impl Pipeline {
         self.announce(key, &result).await
     }
 
-    fn unknown_provider_reason(&self, tenant_id: &str, provider_id: &str) -> String {
-        let settings = self.settings();
-        let tenant_known = settings.tenants.iter().any(|t| t.id == tenant_id);
-        let elsewhere = settings
-            .tenants
-            .iter()
-            .any(|t| t.id != tenant_id && t.providers.iter().any(|p| p.id == provider_id));
-        if elsewhere {
-            format!("provider `{provider_id}` does not belong to tenant `{tenant_id}`")
-        } else if !tenant_known {
-            format!("unknown tenant `{tenant_id}`: no tenant file declares it")
-        } else {
-            format!("unknown provider `{provider_id}` for tenant `{tenant_id}`")
-        }
-    }
-
-    /// A failure found before the outbox row was written: write it (so the CRM can see the
-    /// request and its error there), unless the same ids were already sent.
-    async fn receive_then_fail(
+    /// A copy of a request that failed: not tried again (a dead letter is replayed to try
+    /// again). What the first copy may not have finished — its dead letter, its result — is
+    /// finished from the row.
+    async fn duplicate_of_failed(
         &self,
-        body: &[u8],
-        ids: &RequestIds,
-        row: Option<NewRow>,
-        retry: u32,
-        failure: Failure,
+        d: &Incoming,
+        key: &OutboxKey,
+        row: &RowState,
     ) -> Disposition {
-        let Some(row) = row else {
-            return self.on_failure(body, ids, None, retry, failure).await;
+        tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+            "already failed (and dead-lettered); not tried again");
+        let class = match row.error_class.as_deref() {
+            Some("invalid") => FailureClass::Invalid,
+            Some("transient") => FailureClass::Transient,
+            _ => FailureClass::Permanent,
         };
-        let key = row.key.clone();
-        match self.outbox(OutboxOp::Receive(row)).await {
-            // The same ids were sent before: this delivery is a duplicate, not a new request.
-            Some(OpOutcome::Received(r)) if r.status == "sent" => Disposition::Ack,
-            Some(_) => self.on_failure(body, ids, Some(&key), retry, failure).await,
-            None => Disposition::Requeue,
+        let error = row.last_error.clone().unwrap_or_else(|| "failed".into());
+        let retry = u32::try_from(row.retry_count).unwrap_or(0);
+        let ids = RequestIds {
+            tenant_id: Some(key.tenant_id.clone()),
+            message_id: Some(key.message_id.clone()),
+            provider_id: Some(row.provider_id.clone()),
+        };
+        if !row.dead_lettered {
+            let entry = self.entry(&ids, &error, class, retry, row.last_reply.clone());
+            if !self.send_dead_letter(d, entry).await {
+                return Disposition::Requeue;
+            }
+            self.outbox_later(OutboxOp::DeadLettered(key.clone())).await;
         }
+        if row.result_published {
+            return Disposition::Ack;
+        }
+        let max_retries = self.settings().retry.max_retries;
+        let result = SendResult::failed(&ids, error, class, retry, max_retries);
+        self.announce(key, &result).await
     }
 
-    /// Every failure ends here: a transient one with retries left is scheduled again; any
-    /// other is dead-lettered with a terminal `failed` result.
+    /// Every failure of a claimed request ends here: a transient one with retries left is
+    /// parked in a delay queue; any other is recorded `failed` and dead-lettered, with a
+    /// terminal `failed` result.
     async fn on_failure(
         &self,
-        body: &[u8],
+        d: &Incoming,
         ids: &RequestIds,
-        key: Option<&OutboxKey>,
-        retry: u32,
+        guard: &mut ClaimGuard,
         failure: Failure,
     ) -> Disposition {
-        let tenant = key
-            .map(|k| k.tenant_id.clone())
-            .or_else(|| ids.tenant_id.clone())
-            .unwrap_or_default();
-        let provider = ids.provider_id.clone().unwrap_or_default();
-        let message_id = key
-            .map(|k| k.message_id.clone())
-            .or_else(|| ids.message_id.clone());
-        self.metrics.do_send(Count::one(
-            "mailbridge_emails_failed_total",
-            vec![
-                ("class", failure.class.as_str().into()),
-                ("tenant", tenant.clone()),
-                ("provider", provider.clone()),
-            ],
-        ));
+        let settings = self.settings();
+        let key = guard.key.clone();
+        self.count_failure(ids, &failure);
+        let max_retries = settings.retry.max_retries;
         let ids = RequestIds {
-            tenant_id: key
-                .map(|k| k.tenant_id.clone())
-                .or_else(|| ids.tenant_id.clone()),
-            message_id: message_id.clone(),
+            tenant_id: Some(key.tenant_id.clone()),
+            message_id: Some(key.message_id.clone()),
             provider_id: ids.provider_id.clone(),
         };
-        let max_retries = self.settings().retry.max_retries;
-        tracing::warn!(tenant = %tenant, message_id = message_id.as_deref().unwrap_or(""),
-            class = %failure.class, retry, reply = failure.last_reply.as_deref().unwrap_or(""),
+        tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
+            class = %failure.class, retry = d.retry, reply = failure.last_reply.as_deref().unwrap_or(""),
             "send failed: {}", failure.error);
 
-        if failure.class == FailureClass::Transient && retry < max_retries {
-            let next = retry + 1;
-            let delay = self.settings().retry_delay(next);
-            if let Some(key) = key {
-                let op = OutboxOp::Failed {
-                    key: key.clone(),
-                    status: "retrying",
-                    error: failure.error.clone(),
-                };
-                if self.outbox(op).await.is_none() {
-                    return Disposition::Requeue;
-                }
-            }
+        if failure.class == FailureClass::Transient && d.retry < max_retries {
+            let next = d.retry + 1;
+            let delay = settings.retry_delay(next);
+            let token = new_retry_token();
+            // Parked first (confirmed), then recorded: a crash in between leaves the row to
+            // the redelivered copy, and the parked one then stands down as a duplicate.
             let Some(scheduler) = self.find::<RetryScheduler>(RETRY_CHILD).await else {
                 return Disposition::Requeue;
             };
             let scheduled = scheduler
                 .send(ScheduleRetry {
-                    body: body.to_vec(),
+                    body: d.body.as_ref().clone(),
                     retry: next,
                     delay,
+                    token: token.clone(),
                 })
                 .await;
             if !matches!(scheduled, Ok(Ok(()))) {
                 tracing::warn!(?scheduled, "could not schedule a retry; requeueing");
                 return Disposition::Requeue;
             }
+            let record = FailureRecord {
+                key: key.clone(),
+                token: guard.token,
+                status: RowStatus::Retrying,
+                error: failure.error.clone(),
+                error_class: failure.class.as_str().into(),
+                retry_count: next,
+                last_reply: failure.last_reply.clone(),
+                retry_token: Some(token),
+                retry_in_secs: Some(delay.as_secs_f64()),
+                uncertain: failure.uncertain,
+            };
+            match self.outbox(OutboxOp::Failed(record)).await {
+                Ok(_) => guard.settled = true,
+                // The parked retry comes back with a token the row does not have: it will
+                // stand down, and this copy, requeued, continues the request.
+                Err(_) => return Disposition::Requeue,
+            }
             self.metrics.do_send(Count::one(
                 "mailbridge_retries_total",
-                vec![("tenant", tenant), ("provider", provider)],
+                self.labels(&settings, &ids),
             ));
             let next_at = time::OffsetDateTime::now_utc() + delay;
             let result =
@@ -412,47 +613,135 @@ impl Pipeline {
             return Disposition::Ack;
         }
 
-        if let Some(key) = key {
-            let op = OutboxOp::Failed {
-                key: key.clone(),
-                status: "failed",
-                error: failure.error.clone(),
-            };
-            if self.outbox(op).await.is_none() {
-                return Disposition::Requeue;
+        let record = FailureRecord {
+            key: key.clone(),
+            token: guard.token,
+            status: RowStatus::Failed,
+            error: failure.error.clone(),
+            error_class: failure.class.as_str().into(),
+            retry_count: d.retry,
+            last_reply: failure.last_reply.clone(),
+            retry_token: None,
+            retry_in_secs: None,
+            uncertain: failure.uncertain,
+        };
+        match self.outbox(OutboxOp::Failed(record)).await {
+            Ok(OpOutcome::Applied(false)) => {
+                // Another copy took the request over meanwhile: its outcome stands.
+                guard.settled = true;
+                return Disposition::Ack;
+            }
+            Ok(_) => guard.settled = true,
+            Err(OutboxError::Unavailable(_)) => return Disposition::Requeue,
+            Err(OutboxError::Refused(e)) => {
+                tracing::error!(error = %e, "the outbox refused a failure record");
             }
         }
-        let entry = DeadLetterEntry {
+        let entry = self.entry(
+            &ids,
+            &failure.error,
+            failure.class,
+            d.retry,
+            failure.last_reply.clone(),
+        );
+        if !self.send_dead_letter(d, entry).await {
+            // The row is `failed` but not dead-lettered: the redelivery finishes it.
+            return Disposition::Requeue;
+        }
+        self.outbox_later(OutboxOp::DeadLettered(key.clone())).await;
+        let result = SendResult::failed(&ids, failure.error, failure.class, d.retry, max_retries);
+        self.announce(&key, &result).await
+    }
+
+    /// A request without a row (no usable ids, or refused by the outbox): dead letter and
+    /// result.
+    async fn dead_letter(&self, d: &Incoming, ids: &RequestIds, failure: Failure) -> Disposition {
+        self.count_failure(ids, &failure);
+        tracing::warn!(tenant = ids.tenant_id.as_deref().unwrap_or(""),
+            message_id = ids.message_id.as_deref().unwrap_or(""),
+            class = %failure.class, "request refused: {}", failure.error);
+        let max_retries = self.settings().retry.max_retries;
+        let entry = self.entry(
+            ids,
+            &failure.error,
+            failure.class,
+            d.retry,
+            failure.last_reply.clone(),
+        );
+        if !self.send_dead_letter(d, entry).await {
+            return Disposition::Requeue;
+        }
+        let result = SendResult::failed(ids, failure.error, failure.class, d.retry, max_retries);
+        if self.publish_result(&result).await {
+            Disposition::Ack
+        } else {
+            Disposition::Requeue
+        }
+    }
+
+    fn entry(
+        &self,
+        ids: &RequestIds,
+        error: &str,
+        class: FailureClass,
+        retry: u32,
+        last_reply: Option<String>,
+    ) -> DeadLetterEntry {
+        DeadLetterEntry {
             tenant_id: ids.tenant_id.clone(),
             message_id: ids.message_id.clone(),
+            error: error.to_string(),
+            error_class: class.as_str().into(),
             retry_count: retry,
-            last_reply: failure.last_reply.clone(),
-            ..DeadLetterEntry::for_body(
-                body,
-                failure.error.clone(),
-                failure.class.as_str(),
-                rfc3339(time::OffsetDateTime::now_utc()),
-            )
-        };
+            failed_at: rfc3339(time::OffsetDateTime::now_utc()),
+            last_reply,
+            ..DeadLetterEntry::default()
+        }
+    }
+
+    async fn send_dead_letter(&self, d: &Incoming, entry: DeadLetterEntry) -> bool {
         let Some(dlq) = self.find::<DeadLetterActor>(DLQ_CHILD).await else {
-            return Disposition::Requeue;
+            return false;
         };
+        let settings = self.settings();
         let queued = dlq
             .send(DeadLetter {
-                queue: self.settings().queues.send_dlq(),
+                queue: settings.queues.send_dlq(),
                 entry,
+                body: Some(d.body.as_ref().clone()),
+                keep_whole: usize::try_from(settings.outbound.max_request_bytes)
+                    .unwrap_or(usize::MAX),
             })
             .await;
-        if !matches!(queued, Ok(Ok(()))) {
-            tracing::warn!(?queued, "could not dead-letter a request; requeueing");
-            return Disposition::Requeue;
+        match queued {
+            Ok(Ok(())) => true,
+            other => {
+                tracing::warn!(?other, "could not dead-letter a request; requeueing");
+                false
+            }
         }
-        let result = SendResult::failed(&ids, failure.error, failure.class, retry, max_retries);
-        match key {
-            Some(key) => self.announce(key, &result).await,
-            None if self.publish_result(&result).await => Disposition::Ack,
-            None => Disposition::Requeue,
-        }
+    }
+
+    fn labels(&self, settings: &Settings, ids: &RequestIds) -> Vec<(&'static str, String)> {
+        vec![
+            ("tenant", metric_tenant(settings, ids.tenant_id.as_deref())),
+            (
+                "provider",
+                metric_provider(
+                    settings,
+                    ids.tenant_id.as_deref(),
+                    ids.provider_id.as_deref(),
+                ),
+            ),
+        ]
+    }
+
+    fn count_failure(&self, ids: &RequestIds, failure: &Failure) {
+        let settings = self.settings();
+        let mut labels = self.labels(&settings, ids);
+        labels.push(("class", failure.class.as_str().into()));
+        self.metrics
+            .do_send(Count::one("mailbridge_emails_failed_total", labels));
     }
 
     /// A sibling actor by name, waiting briefly for one that is being restarted.
@@ -470,21 +759,52 @@ impl Pipeline {
     }
 }
 
-/// What went wrong with a request, and whether trying again can help.
-struct Failure {
-    error: String,
-    class: FailureClass,
-    last_reply: Option<String>,
+/// Decodes a request body; a large one on the blocking pool, so the actors' thread (and with
+/// it the broker's heartbeats and every other tenant's mail) is never held up by it.
+async fn decode_off_thread(
+    body: Arc<Vec<u8>>,
+    limits: Limits,
+) -> (Result<SendRequest, RequestError>, RequestIds) {
+    if body.len() <= OFF_THREAD_BYTES {
+        return decode_with_ids(&body, &limits);
+    }
+    let fallback = RequestIds::default();
+    tokio::task::spawn_blocking(move || decode_with_ids(&body, &limits))
+        .await
+        .unwrap_or_else(|e| {
+            (
+                Err(RequestError::Invalid {
+                    field: "(request)".into(),
+                    reason: format!("decoding failed: {e}"),
+                }),
+                fallback,
+            )
+        })
 }
 
-impl Failure {
-    fn new(error: String, class: FailureClass) -> Self {
-        Self {
-            error,
-            class,
-            last_reply: None,
-        }
+/// Why a request's provider is not usable.
+fn unknown_provider_reason(settings: &Settings, ids: &RequestIds) -> String {
+    let tenant_id = ids.tenant_id.as_deref().unwrap_or("");
+    let provider_id = ids.provider_id.as_deref().unwrap_or("");
+    let tenant_known = settings.tenants.iter().any(|t| t.id == tenant_id);
+    let elsewhere = settings
+        .tenants
+        .iter()
+        .any(|t| t.id != tenant_id && t.providers.iter().any(|p| p.id == provider_id));
+    if elsewhere {
+        format!("provider `{provider_id}` does not belong to tenant `{tenant_id}`")
+    } else if !tenant_known {
+        format!("unknown tenant `{tenant_id}`: no tenant file declares it")
+    } else {
+        format!("unknown provider `{provider_id}` for tenant `{tenant_id}`")
     }
+}
+
+/// A fresh token for a parked retry.
+fn new_retry_token() -> String {
+    let mut b = [0u8; 16];
+    let _ = aws_lc_rs::rand::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -495,22 +815,25 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
-fn new_row(r: &SendRequest) -> Option<NewRow> {
-    let usable =
-        |s: &str| !s.trim().is_empty() && s.len() <= 255 && !s.contains(['\r', '\n', '\0']);
-    if !usable(&r.tenant_id) || !usable(&r.message_id) {
-        return None;
-    }
+/// The row a request is recorded in, when its ids can key one (a PostgreSQL text key: no
+/// control characters, at most 255 bytes). Invalid requests with usable ids get a row too, so
+/// their duplicates are recognised and their failure is visible in the outbox.
+fn new_row(ids: &RequestIds, request: Option<&SendRequest>) -> Option<NewRow> {
+    let usable = |s: &str| {
+        !s.trim().is_empty() && s.len() <= MAX_ID_BYTES && !s.chars().any(char::is_control)
+    };
+    let optional = |s: &Option<String>| s.clone().filter(|v| usable(v));
+    let tenant_id = ids.tenant_id.clone().filter(|s| usable(s))?;
+    let message_id = ids.message_id.clone().filter(|s| usable(s))?;
     Some(NewRow {
         key: OutboxKey {
-            tenant_id: r.tenant_id.clone(),
-            message_id: r.message_id.clone(),
+            tenant_id,
+            message_id,
         },
-        provider_id: r.provider_id.clone(),
-        user_id: r.user_id.clone(),
-        template_id: r.template_id.clone(),
-        campaign_id: r.campaign_id.clone(),
-        rfc_message_id: None,
+        provider_id: optional(&ids.provider_id).unwrap_or_default(),
+        user_id: request.and_then(|r| optional(&r.user_id)),
+        template_id: request.and_then(|r| optional(&r.template_id)),
+        campaign_id: request.and_then(|r| optional(&r.campaign_id)),
         sending: false,
     })
 }
@@ -525,10 +848,10 @@ pub struct OutboundConsumer {
     closing: bool,
     draining: Vec<oneshot::Sender<()>>,
     /// Delivery tags not settled yet (in processing, or waiting to be requeued).
-    unsettled: std::collections::BTreeSet<u64>,
+    unsettled: BTreeSet<u64>,
     /// Tags whose outcome is committed and confirmed, not yet acknowledged to the broker.
-    done: std::collections::BTreeSet<u64>,
-    /// An ack is on its way: acks go out one at a time, in order.
+    done: BTreeSet<u64>,
+    /// Acks are on their way: they go out one batch at a time.
     acking: bool,
 }
 
@@ -549,32 +872,36 @@ impl OutboundConsumer {
         }
     }
 
-    /// Acknowledges, with one `multiple` ack, every finished delivery below the oldest one
-    /// still unsettled. Same guarantee as one ack each (nothing is acked before its outcome is
-    /// committed and confirmed), at a fraction of the frames.
+    /// Acknowledges every finished delivery: those below the oldest one still unsettled with
+    /// one `multiple` ack, the others one by one — so a delivery that takes long (a slow
+    /// attachment host, a hanging provider) holds one slot of the prefetch window, not all of
+    /// them. Nothing is acked before its outcome is committed and confirmed.
     fn flush_acks(&mut self, ctx: &mut Context<Self>) {
         if self.acking {
             return;
         }
-        let low = self.unsettled.first().copied().unwrap_or(u64::MAX);
-        let Some(upto) = self.done.range(..low).next_back().copied() else {
+        if self.done.is_empty() {
             self.maybe_stop(ctx);
             return;
-        };
-        self.done = self.done.split_off(&(upto + 1));
+        }
+        let low = self.unsettled.first().copied().unwrap_or(u64::MAX);
+        let above = self.done.split_off(&low);
+        let upto = self.done.last().copied();
+        self.done.clear();
+        let singles: Vec<u64> = above.into_iter().collect();
         let Some(ch) = self.channel.clone() else {
             return;
         };
         self.acking = true;
         ctx.spawn(
             async move {
-                ch.basic_ack(
-                    upto,
-                    BasicAckOptions {
-                        multiple: true,
-                    },
-                )
-                .await
+                if let Some(upto) = upto {
+                    ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
+                }
+                for tag in singles {
+                    ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
+                }
+                Ok::<_, lapin::Error>(())
             }
             .into_actor(self)
             .map(|res, act, ctx| {
@@ -624,22 +951,18 @@ impl OutboundConsumer {
         }
     }
 
-    /// Once stopping and nothing is in flight: close the channels cleanly, then stop.
+    /// Once stopping and nothing is in flight: close the channel cleanly, then stop.
     fn maybe_stop(&mut self, ctx: &mut Context<Self>) {
         let unsettled = !self.unsettled.is_empty() || !self.done.is_empty() || self.acking;
         if !self.stopping || self.in_flight > 0 || unsettled || self.closing {
             return;
         }
         self.closing = true;
-        let channels: Vec<Channel> = self
-            .channel
-            .take()
-            .into_iter()
-            .chain(self.pipeline.take().map(|p| p.publisher.clone()))
-            .collect();
+        let channel = self.channel.take();
+        self.pipeline = None;
         ctx.wait(
             async move {
-                for ch in channels {
+                if let Some(ch) = channel {
                     if ch.status().connected() {
                         let _ = ch.close(200, "OK".into()).await;
                     }
@@ -664,8 +987,6 @@ enum SetupError {
     Amqp(#[from] lapin::Error),
     #[error("attachment client: {0}")]
     Http(String),
-    #[error("AMQP channel: {0}")]
-    Channel(String),
 }
 
 impl Actor for OutboundConsumer {
@@ -673,13 +994,14 @@ impl Actor for OutboundConsumer {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         let conn = self.child.connection.clone();
+        let publisher = self.child.publisher.clone();
         let settings = self.child.settings.clone();
         let tag = self.tag.clone();
         ctx.wait(
             async move {
                 let conn = conn.ok_or(SetupError::NoConnection)?;
+                let publisher = publisher.ok_or(SetupError::NoConnection)?;
                 let fetcher = AttachmentFetcher::new(&settings.outbound).map_err(SetupError::Http)?;
-                let publisher = confirm_channel(Some(&conn)).await.map_err(SetupError::Channel)?;
                 let channel = conn.create_channel().await?;
                 channel
                     .basic_qos(settings.rabbitmq.prefetch, BasicQosOptions::default())
@@ -732,39 +1054,37 @@ impl StreamHandler<Result<Delivery, String>> for OutboundConsumer {
         };
         self.in_flight += 1;
         self.unsettled.insert(delivery.delivery_tag);
+        let tag = delivery.delivery_tag;
+        let incoming = Incoming {
+            retry: retry_count(&delivery.properties),
+            retry_token: retry_token(&delivery.properties),
+            body: Arc::new(delivery.data),
+        };
         ctx.spawn(
             async move {
-                let retry = retry_count(&delivery.properties);
-                let body = &delivery.data;
-                let disposition = match AssertUnwindSafe(pipeline.handle(body, retry))
+                let disposition = match AssertUnwindSafe(pipeline.handle(&incoming))
                     .catch_unwind()
                     .await
                 {
                     Ok(d) => d,
                     Err(panic) => {
                         // A request that makes the handler panic would panic again: dead-letter
-                        // it now instead of letting it loop.
+                        // it now instead of letting it loop. Its claim (if any) was released by
+                        // its guard as the panic unwound.
                         let what = panic_message(panic.as_ref());
                         tracing::error!("processing a request panicked: {what}");
-                        let ids = RequestIds::peek(body);
-                        let key = match (&ids.tenant_id, &ids.message_id) {
-                            (Some(t), Some(m)) => Some(OutboxKey {
-                                tenant_id: t.clone(),
-                                message_id: m.clone(),
-                            }),
-                            _ => None,
-                        };
+                        let ids = RequestIds::peek(&incoming.body);
                         let failure = Failure::new(
                             format!("the service failed unexpectedly while processing this request ({what}); dead-lettered so that it cannot loop"),
                             FailureClass::Permanent,
                         );
-                        AssertUnwindSafe(pipeline.on_failure(body, &ids, key.as_ref(), retry, failure))
+                        AssertUnwindSafe(pipeline.dead_letter(&incoming, &ids, failure))
                             .catch_unwind()
                             .await
                             .unwrap_or(Disposition::Requeue)
                     }
                 };
-                (delivery.delivery_tag, disposition)
+                (tag, disposition)
             }
             .into_actor(self)
             .map(|(tag, disposition), act, ctx| {

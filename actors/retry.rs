@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel};
+use lapin::BasicProperties;
 
 use crate::actors::supervisor::{ChildContext, Drain};
-use crate::amqp::{confirm_channel, publish_confirmed};
+use crate::amqp::PublishError;
 
 /// The header that carries how many retries a request has had.
 pub const RETRY_HEADER: &str = "x-retry-count";
@@ -33,77 +33,77 @@ pub fn retry_count(properties: &BasicProperties) -> u32 {
     }
 }
 
+/// The header that carries the token of the parked retry a copy continues (the outbox
+/// accepts only that copy while the retry is pending, see `outbox::ClaimRequest`).
+pub const RETRY_TOKEN_HEADER: &str = "x-mailbridge-retry-token";
+
+/// The retry token a delivery carries.
+pub fn retry_token(properties: &BasicProperties) -> Option<String> {
+    match properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(RETRY_TOKEN_HEADER)?
+    {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+    .filter(|t| !t.is_empty() && t.len() <= 64)
+}
+
 pub struct RetryScheduler {
     child: ChildContext,
-    channel: Option<Channel>,
 }
 
 impl RetryScheduler {
     pub fn new(child: ChildContext) -> Self {
-        Self {
-            child,
-            channel: None,
-        }
+        Self { child }
     }
 }
 
 impl Actor for RetryScheduler {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Context<Self>) {
-        let conn = self.child.connection.clone();
-        ctx.wait(
-            async move { confirm_channel(conn.as_deref()).await }
-                .into_actor(self)
-                .map(|res, act, ctx| match res {
-                    Ok(ch) => act.channel = Some(ch),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the retry scheduler cannot open its channel");
-                        ctx.stop();
-                    }
-                }),
-        );
-    }
 }
 
-/// Park `body` for `delay`, then redeliver it to the send queue as retry number `retry`.
+/// Park `body` for `delay`, then redeliver it to the send queue as retry number `retry`,
+/// carrying `token`.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "Result<(), PublishError>")]
 pub struct ScheduleRetry {
     pub body: Vec<u8>,
     pub retry: u32,
     pub delay: Duration,
+    pub token: String,
 }
 
 impl Handler<ScheduleRetry> for RetryScheduler {
-    type Result = ResponseFuture<Result<(), String>>;
+    type Result = ResponseFuture<Result<(), PublishError>>;
 
     fn handle(&mut self, msg: ScheduleRetry, _: &mut Context<Self>) -> Self::Result {
-        let channel = self.channel.clone();
+        let publisher = self.child.publisher.clone();
+        // Only the delays of the running configuration have queues (a reload does not
+        // change them), and the publish is mandatory: an undeclared queue fails it.
         let queue = self.child.settings.retry_queue(msg.delay);
         Box::pin(async move {
-            let ch = channel.ok_or_else(|| "the retry channel is not open".to_string())?;
+            let publisher = publisher.ok_or(PublishError::NoConnection)?;
             let mut headers = FieldTable::default();
             headers.insert(RETRY_HEADER.into(), AMQPValue::LongUInt(msg.retry));
-            publish_confirmed(&ch, &queue, &msg.body, Some(headers)).await
+            headers.insert(
+                RETRY_TOKEN_HEADER.into(),
+                AMQPValue::LongString(msg.token.as_str().into()),
+            );
+            publisher
+                .publish_json(0, &queue, &msg.body, Some(headers))
+                .await
         })
     }
 }
 
 impl Handler<Drain> for RetryScheduler {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ();
 
-    /// Closes the channel cleanly (publishes in flight are confirmed first), then stops.
-    fn handle(&mut self, _: Drain, _: &mut Context<Self>) -> Self::Result {
-        let channel = self.channel.take();
-        Box::pin(
-            async move {
-                if let Some(ch) = channel {
-                    let _ = ch.close(200, "OK".into()).await;
-                }
-            }
-            .into_actor(self)
-            .map(|_, _, ctx| ctx.stop()),
-        )
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) {
+        ctx.stop();
     }
 }

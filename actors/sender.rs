@@ -56,6 +56,16 @@ pub enum SendError {
     },
     #[error("SMTP session with {endpoint} broke: {detail}")]
     Protocol { endpoint: String, detail: String },
+    /// The session failed after the whole message (final dot included) was written and
+    /// before the server answered: it may have been delivered. Retried only by the retry
+    /// schedule (never at once), and recorded in the outbox as uncertain.
+    #[error("the outcome at {endpoint} is unknown: {detail} after the whole message was sent, before the server answered; it is retried later and may arrive twice")]
+    Uncertain { endpoint: String, detail: String },
+    #[error("{endpoint} cannot take this email: {what}")]
+    Unsupported {
+        endpoint: String,
+        what: &'static str,
+    },
     #[error("provider is misconfigured: {0}")]
     Config(String),
     #[error("cannot write the email file: {0}")]
@@ -70,11 +80,17 @@ impl SendError {
     pub fn class(&self) -> FailureClass {
         match self {
             SendError::Rejected { code, .. } if *code >= 500 => FailureClass::Permanent,
-            SendError::NoStarttls { .. } | SendError::Certificate { .. } | SendError::Config(_) => {
-                FailureClass::Permanent
-            }
+            SendError::NoStarttls { .. }
+            | SendError::Certificate { .. }
+            | SendError::Config(_)
+            | SendError::Unsupported { .. } => FailureClass::Permanent,
             _ => FailureClass::Transient,
         }
+    }
+
+    /// Whether the provider may have accepted the email despite the failure.
+    pub fn is_uncertain(&self) -> bool {
+        matches!(self, SendError::Uncertain { .. })
     }
 
     /// The server's reply, when the failure was one.
@@ -109,6 +125,7 @@ impl SendError {
                 },
             },
             SmtpError::NoStarttls => SendError::NoStarttls { endpoint },
+            SmtpError::Unsupported(what) => SendError::Unsupported { endpoint, what },
             SmtpError::NoAuthMechanism { .. } => SendError::Config(e.to_string()),
             SmtpError::Io(_) | SmtpError::Protocol(_) => SendError::Protocol {
                 endpoint,
@@ -253,7 +270,9 @@ impl SmtpPool {
             .await
             .map_err(|_| SendError::Unavailable)?;
         // A reused session may have been closed by the server meanwhile: one retry on a fresh
-        // one, only when the failure is not the server's answer to this email.
+        // one — only when the failure is not the server's answer to this email, and never
+        // once the final dot has been written (the server may have accepted the email; that
+        // case goes through the retry schedule as `Uncertain`).
         let mut reused = self.take_idle();
         loop {
             let was_reused = reused.is_some();
@@ -266,26 +285,36 @@ impl SmtpPool {
                 session.send(envelope.from(), envelope.to(), bytes),
             )
             .await;
-            match result {
+            let failure = match result {
                 Ok(Ok(reply)) => {
                     self.put_idle(session);
                     return Ok(reply.lines);
                 }
-                Ok(Err(e)) => {
-                    let err = SendError::from_smtp(&self.endpoint, e);
-                    if was_reused && !matches!(err, SendError::Rejected { .. }) {
-                        continue;
-                    }
-                    return Err(err);
-                }
-                Err(_) => {
-                    return Err(SendError::Timeout {
-                        endpoint: self.endpoint.clone(),
-                        timeout: self.send_timeout,
-                        during: "sending",
-                    })
-                }
+                Ok(Err(e)) => SendError::from_smtp(&self.endpoint, e),
+                Err(_) => SendError::Timeout {
+                    endpoint: self.endpoint.clone(),
+                    timeout: self.send_timeout,
+                    during: "sending",
+                },
+            };
+            if session.outcome_unknown() {
+                return Err(SendError::Uncertain {
+                    endpoint: self.endpoint.clone(),
+                    detail: failure.to_string(),
+                });
             }
+            let answered = matches!(
+                failure,
+                SendError::Rejected { .. } | SendError::Unsupported { .. }
+            );
+            if was_reused && !answered {
+                continue;
+            }
+            if matches!(failure, SendError::Unsupported { .. }) {
+                // Nothing was sent: the session is as good as before.
+                self.put_idle(session);
+            }
+            return Err(failure);
         }
     }
 }

@@ -27,10 +27,13 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth};
+use crate::amqp::Publisher;
 use crate::domain::{ComponentHealth, ComponentId, QueueStats, QueueStatusResponse};
 use crate::settings::Settings;
 use crate::storage;
 
+/// Channels of the shared publisher (each caller keeps to one, so its messages stay in order).
+const PUBLISH_LANES: usize = 4;
 /// How often the supervisor checks its children and the connection.
 const TICK: Duration = Duration::from_millis(250);
 /// How often PostgreSQL is pinged for `/health`.
@@ -211,6 +214,8 @@ pub struct ChildContext {
     pub metrics: Addr<MetricsActor>,
     /// The live connection, for children that declared `needs_amqp`.
     pub connection: Option<Arc<Connection>>,
+    /// The publisher on that connection (confirm-mode channels shared by every child).
+    pub publisher: Option<Arc<Publisher>>,
     /// To find sibling actors ([`FindChild`]).
     pub supervisor: Addr<Supervisor>,
 }
@@ -337,6 +342,7 @@ pub struct Supervisor {
     metrics: Addr<MetricsActor>,
     pool: Pool,
     connection: Option<Arc<Connection>>,
+    publisher: Option<Arc<Publisher>>,
     generation: u64,
     connecting: bool,
     attempt: u32,
@@ -356,6 +362,7 @@ impl Supervisor {
             metrics,
             pool,
             connection: None,
+            publisher: None,
             generation: 0,
             connecting: false,
             attempt: 0,
@@ -427,7 +434,10 @@ impl Supervisor {
             tracing::warn!("{w}");
         }
         let diff = self.settings.diff(&new);
-        let new = Arc::new(new);
+        for section in &diff.restart_required {
+            tracing::warn!(%section, "changed in the configuration; it applies at the next start (the running service keeps its current settings)");
+        }
+        let new = Arc::new(self.settings.with_tenants_of(new));
         self.settings = new.clone();
         let mut specs: Vec<ChildSpec> = self.factory.as_ref().map(|f| f(&new)).unwrap_or_default();
         // Changed and removed children drain first (their in-flight work finishes), then
@@ -496,13 +506,24 @@ impl Supervisor {
 
     fn migrate(&mut self, ctx: &mut Context<Self>, attempt: u32) {
         let db = self.settings.database.clone();
+        let pool = self.pool.clone();
+        let instance = self.settings.instance_id.clone();
         ctx.spawn(
-            async move { storage::migrate(&db).await }
+            async move {
+                let applied = storage::migrate(&db).await?;
+                // Before any delivery is taken up: what this instance held when it stopped
+                // is free again at once (other instances' claims expire on their own).
+                let released = crate::outbox::release_claims_of(&pool, &instance).await?;
+                Ok::<_, storage::StorageError>((applied, released))
+            }
                 .into_actor(self)
                 .map(move |res, act, ctx| match res {
-                    Ok(applied) => {
+                    Ok((applied, released)) => {
                         if !applied.is_empty() {
                             tracing::info!(?applied, "database migrated");
+                        }
+                        if released > 0 {
+                            tracing::info!(released, "released the outbox claims of this instance's previous run");
                         }
                         act.migrated = true;
                         act.probe_database(ctx);
@@ -622,7 +643,9 @@ impl Supervisor {
             .into_actor(self)
             .map(move |reason, act, ctx| act.on_lost(generation, reason, ctx)),
         );
-        self.connection = Some(Arc::new(conn));
+        let conn = Arc::new(conn);
+        self.publisher = Some(Arc::new(Publisher::new(conn.clone(), PUBLISH_LANES)));
+        self.connection = Some(conn);
         self.tick(ctx);
     }
 
@@ -642,6 +665,7 @@ impl Supervisor {
             return;
         }
         self.connection = None;
+        self.publisher = None;
         tracing::warn!(%reason, "lost the RabbitMQ connection; reconnecting");
         self.metrics.do_send(Count::one(
             "mailbridge_amqp_connection_losses_total",
@@ -679,6 +703,7 @@ impl Supervisor {
             pool: self.pool.clone(),
             metrics: self.metrics.clone(),
             connection: self.connection.clone(),
+            publisher: self.publisher.clone(),
             supervisor: ctx.address(),
         };
         let mut reports = Vec::new();
@@ -883,6 +908,7 @@ impl Handler<Shutdown> for Supervisor {
         let consumers = drain(true);
         let others = drain(false);
         let conn = self.connection.take();
+        let publisher = self.publisher.take();
         Box::pin(
             async move {
                 let deadline = tokio::time::Instant::now() + msg.grace;
@@ -892,6 +918,9 @@ impl Handler<Shutdown> for Supervisor {
                 };
                 if tokio::time::timeout_at(deadline, all).await.is_err() {
                     tracing::warn!(grace = ?msg.grace, "in-flight work did not finish within the grace period");
+                }
+                if let Some(p) = publisher {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), p.close()).await;
                 }
                 if let Some(conn) = conn {
                     // A channel still closing makes the connection close fail: try again shortly.

@@ -139,6 +139,23 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
             .into_actor(self),
         );
     }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // Cancelled by a drain: the drain closes the channel and stops the actor (stopping
+        // here would drop the drain before the channel is closed). Otherwise the broker
+        // cancelled the consumer or closed the channel: stop, and be restarted.
+        if !self.draining() {
+            tracing::warn!("the sync request consumer ended");
+            ctx.stop();
+        }
+    }
+}
+
+impl SyncUserConsumer {
+    /// Whether a drain is closing the channel (the consumer stream ending then is expected).
+    fn draining(&self) -> bool {
+        self.channel.is_none()
+    }
 }
 
 impl Handler<SettingsChanged> for SyncUserConsumer {

@@ -108,7 +108,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// mailbox and the sync-request consumer.
 pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     let mut specs = vec![ChildSpec::new(OUTBOX_CHILD, false, |c: ChildContext| {
-        Box::new(OutboxWriter::new(c.pool).start())
+        Box::new(
+            OutboxWriter::new(
+                c.pool,
+                c.settings.instance_id.clone(),
+                c.settings.cluster.claim_ttl.0,
+            )
+            .start(),
+        )
     })];
     for provider in settings.tenants.iter().flat_map(|t| &t.providers) {
         let provider = provider.clone();

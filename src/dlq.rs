@@ -146,8 +146,13 @@ pub async fn replay(
             }
         };
         if let (Some(t), Some(id)) = (&entry.tenant_id, &entry.message_id) {
+            let claims = outbox::ClaimConfig {
+                owner: settings.instance_id.clone(),
+                ttl_secs: settings.cluster.claim_ttl.0.as_secs_f64(),
+            };
             outbox::apply(
                 pool,
+                &claims,
                 &[OutboxOp::Reset(OutboxKey {
                     tenant_id: t.clone(),
                     message_id: id.clone(),

@@ -51,14 +51,17 @@ pub struct QueueStatusResponse {
 }
 
 /// An entry on a dead-letter queue (contract §4).
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct DeadLetterEntry {
     /// The original request, when it parsed as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<serde_json::Value>,
-    /// The original body as text, when it was not JSON.
+    /// The original body as text, when it was not JSON (or was too large to keep whole).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub raw_body: Option<String>,
+    /// Set when `raw_body` is only the start of the body: the body's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_body_bytes: Option<u64>,
     pub message_id: Option<String>,
     pub tenant_id: Option<String>,
     pub error: String,
@@ -73,28 +76,59 @@ pub struct DeadLetterEntry {
     pub mailbox_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
+    /// Inbound entries: the exactly-once key of the email in its mailbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_key: Option<String>,
+    /// Inbound entries: the email's bytes, kept in the attachment store (id, and a signed
+    /// link to download them), so it can be recovered (`mailbridge dlq replay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_url: Option<String>,
+    /// Inbound entries: the email's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Inbound entries not published whole (too large): the email's headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
 }
+
+/// How much of a body too large to keep whole a dead letter carries.
+const RAW_PREVIEW: usize = 64 * 1024;
 
 impl DeadLetterEntry {
     /// An entry for `body`, keeping the request as JSON when it is JSON; the caller fills in
-    /// ids, retry count and last reply.
-    pub fn for_body(body: &[u8], error: String, error_class: &str, failed_at: String) -> Self {
-        let (request, raw_body) = match serde_json::from_slice::<serde_json::Value>(body) {
-            Ok(v) => (Some(v), None),
-            Err(_) => (None, Some(String::from_utf8_lossy(body).into_owned())),
-        };
-        Self {
-            request,
-            raw_body,
-            message_id: None,
-            tenant_id: None,
+    /// ids, retry count and last reply. A body over `keep_whole` bytes (a request refused as
+    /// too large) is kept as the start of its text, with its size.
+    pub fn for_body(
+        body: &[u8],
+        error: String,
+        error_class: &str,
+        failed_at: String,
+        keep_whole: usize,
+    ) -> Self {
+        let mut entry = Self {
             error,
             error_class: error_class.to_string(),
-            retry_count: 0,
             failed_at,
-            last_reply: None,
-            mailbox_id: None,
-            uid: None,
+            ..Self::default()
+        };
+        entry.attach_body(body, keep_whole);
+        entry
+    }
+
+    /// Sets `request` (or `raw_body`, `raw_body_bytes`) from the original body.
+    pub fn attach_body(&mut self, body: &[u8], keep_whole: usize) {
+        if body.len() > keep_whole {
+            let start = &body[..RAW_PREVIEW.min(body.len())];
+            self.request = None;
+            self.raw_body = Some(String::from_utf8_lossy(start).into_owned());
+            self.raw_body_bytes = Some(body.len() as u64);
+            return;
+        }
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v) => self.request = Some(v),
+            Err(_) => self.raw_body = Some(String::from_utf8_lossy(body).into_owned()),
         }
     }
 }
@@ -287,15 +321,22 @@ mod tests {
             "x".into(),
             "permanent",
             "2025-01-01T00:00:00Z".into(),
+            1024,
         );
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["request"]["message_id"], "m");
         assert!(v.get("raw_body").is_none());
-        let e = DeadLetterEntry::for_body(b"not json", "x".into(), "invalid", "t".into());
+        let e = DeadLetterEntry::for_body(b"not json", "x".into(), "invalid", "t".into(), 1024);
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["raw_body"], "not json");
         assert!(v.get("request").is_none());
         assert!(v["message_id"].is_null());
+        // A body over the bound keeps its start and says how large it was.
+        let big = vec![b'x'; 100_000];
+        let e = DeadLetterEntry::for_body(&big, "x".into(), "invalid", "t".into(), 1024);
+        assert_eq!(e.raw_body.as_ref().map(|r| r.len()), Some(64 * 1024));
+        assert_eq!(e.raw_body_bytes, Some(100_000));
+        assert!(e.request.is_none());
     }
 
     #[test]

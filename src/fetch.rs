@@ -52,6 +52,8 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (o[1] & 0xc0) == 64) // 100.64.0.0/10, shared address space
                 || (o[0] == 198 && (o[1] & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+                || (o[0] == 192 && o[1] == 0 && o[2] == 0) // 192.0.0.0/24, IETF protocol assignments
+                || (o[0] & 0xf0) == 240 // 240.0.0.0/4, reserved
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
@@ -63,6 +65,12 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link local
+                || (s[0] & 0xffc0) == 0xfec0 // site local (deprecated, still routed inward)
+                // Addresses that carry an IPv4 address a gateway may reach: NAT64
+                // (64:ff9b::/96), 6to4 (2002::/16), IPv4-compatible (::/96).
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0])
+                || s[0] == 0x2002
+                || s[..6] == [0, 0, 0, 0, 0, 0]
         }
     }
 }
@@ -101,6 +109,26 @@ pub struct AttachmentFetcher {
     max_bytes: u64,
     timeout: Duration,
     allow_private: bool,
+    /// `[outbound] attachments_in_flight_bytes`, in KiB: each request with attachments takes
+    /// `attachment_max_bytes` of it before downloading and gives it back when it is done, so
+    /// the attachment bytes held by all pipelines together stay within it.
+    budget: Arc<tokio::sync::Semaphore>,
+    /// What one request takes of it (KiB).
+    share: u32,
+}
+
+/// A request's attachments, and its share of the in-flight budget (held until this is
+/// dropped: after the email built from them is sent).
+pub struct Fetched {
+    pub attachments: Vec<FetchedAttachment>,
+    pub budget: BudgetShare,
+}
+
+/// A request's share of the attachment budget; given back when dropped.
+pub struct BudgetShare(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 impl AttachmentFetcher {
@@ -121,16 +149,44 @@ impl AttachmentFetcher {
         if !allow_private {
             builder = builder.dns_resolver(Arc::new(PublicOnlyResolver));
         }
+        let budget = kib(cfg.attachments_in_flight_bytes)
+            .max(kib(cfg.attachment_max_bytes))
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u32);
         Ok(Self {
             client: builder.build().map_err(|e| e.to_string())?,
             max_bytes: cfg.attachment_max_bytes,
             timeout: cfg.attachment_timeout.0,
             allow_private,
+            budget: Arc::new(tokio::sync::Semaphore::new(budget as usize)),
+            share: kib(cfg.attachment_max_bytes).min(budget),
         })
     }
 
-    /// Fetches every attachment, in order, within the per-message size cap.
-    pub async fn fetch_all(
+    /// Fetches every attachment, in order, within the per-message size cap, after taking
+    /// this request's share of the in-flight budget (waiting for it when others hold it).
+    pub async fn fetch_all(&self, refs: &[AttachmentRef]) -> Result<Fetched, FetchError> {
+        if refs.is_empty() {
+            return Ok(Fetched {
+                attachments: Vec::new(),
+                budget: BudgetShare(None),
+            });
+        }
+        let permit = self
+            .budget
+            .clone()
+            .acquire_many_owned(self.share)
+            .await
+            .map_err(|_| FetchError::Network {
+                url: String::new(),
+                detail: "the attachment budget is closed".into(),
+            })?;
+        Ok(Fetched {
+            attachments: self.fetch_each(refs).await?,
+            budget: BudgetShare(Some(permit)),
+        })
+    }
+
+    async fn fetch_each(
         &self,
         refs: &[AttachmentRef],
     ) -> Result<Vec<FetchedAttachment>, FetchError> {
@@ -242,6 +298,15 @@ mod tests {
             "fc00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::808:808",
+            "2002:7f00:1::",
+            "::127.0.0.1",
+            "::8.8.8.8",
+            "fec0::1",
+            "192.0.0.8",
+            "240.0.0.1",
+            "255.255.255.254",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }

@@ -11,8 +11,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use lettre::address::Envelope;
-use lettre::message::header::{ContentType, HeaderName, HeaderValue};
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Body, Mailbox, MultiPart, SinglePart};
 use lettre::{Address, Message};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -91,11 +91,43 @@ pub struct SendRequest {
     pub timestamp: Option<String>,
 }
 
+/// How large a request may be; every limit is checked while decoding, before any costly
+/// work, and a request over one is refused as `invalid` with the field and the limit named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_request_bytes: u64,
+    pub max_body_bytes: u64,
+    pub max_recipients: usize,
+    pub max_attachments: usize,
+    pub max_subject_bytes: usize,
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        crate::settings::OutboundSection::default().limits()
+    }
+}
+
+/// JSON nested deeper than this is refused before it is parsed.
+pub const MAX_JSON_DEPTH: usize = 64;
+/// Ids and the short optional fields (`user_id`, `template_id`, `campaign_id`): PostgreSQL
+/// keys and AMQP short strings.
+pub const MAX_ID_BYTES: usize = 255;
+/// An attachment's file name and URL.
+const MAX_FILENAME_BYTES: usize = 255;
+const MAX_URL_BYTES: usize = 4096;
+
 /// Why a request was refused before anything was sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     #[error("the message body is not JSON: {0}")]
     NotJson(String),
+    #[error(
+        "the request is {size} bytes, more than the {limit} allowed ([outbound] max_request_bytes)"
+    )]
+    TooLarge { size: usize, limit: u64 },
     #[error("field `{field}`: {reason}")]
     Invalid { field: String, reason: String },
 }
@@ -118,10 +150,76 @@ pub struct RequestIds {
     pub provider_id: Option<String>,
 }
 
+/// A string field, or nothing when the field has another type (for [`RequestIds::peek`]).
+fn lenient_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("anything")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            while a
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+#[derive(Deserialize)]
+struct PeekedIds {
+    #[serde(default, deserialize_with = "lenient_string")]
+    tenant_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    message_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_string")]
+    provider_id: Option<String>,
+}
+
 impl RequestIds {
+    /// The ids of a body, without building a value of the rest (a large or deep request costs
+    /// one pass and no allocation beyond the ids).
     pub fn peek(body: &[u8]) -> Self {
-        serde_json::from_slice::<serde_json::Value>(body)
-            .map(|v| Self::of(&v))
+        if json_depth_exceeds(body, MAX_JSON_DEPTH) {
+            return Self::default();
+        }
+        serde_json::from_slice::<PeekedIds>(body)
+            .map(|p| Self {
+                tenant_id: p.tenant_id,
+                message_id: p.message_id,
+                provider_id: p.provider_id,
+            })
             .unwrap_or_default()
     }
 
@@ -139,15 +237,65 @@ impl RequestIds {
     }
 }
 
-/// Decodes a request body: JSON, the right types, every required field.
-pub fn decode(body: &[u8]) -> Result<SendRequest, RequestError> {
-    decode_with_ids(body).0
+/// Whether JSON `body` nests arrays and objects deeper than `max` (brackets inside strings do
+/// not count). One pass, no allocation: it runs before anything parses the body.
+pub fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
-/// Decodes a request body, with the ids it names even when it is invalid. A well-formed body
-/// is parsed once, straight into the request; only a body that fails is parsed again as a
-/// JSON value, to name its ids and the path of what is wrong.
-pub fn decode_with_ids(body: &[u8]) -> (Result<SendRequest, RequestError>, RequestIds) {
+/// Decodes a request body: JSON, the right types, every required field.
+pub fn decode(body: &[u8]) -> Result<SendRequest, RequestError> {
+    decode_with_ids(body, &Limits::default()).0
+}
+
+/// Decodes a request body, with the ids it names even when it is invalid. A body over the
+/// size or depth limits is refused before it is parsed (its ids are still looked for). A
+/// well-formed body is parsed once, straight into the request; only a body that fails is
+/// parsed again as a JSON value, to name its ids and the path of what is wrong.
+pub fn decode_with_ids(
+    body: &[u8],
+    limits: &Limits,
+) -> (Result<SendRequest, RequestError>, RequestIds) {
+    if body.len() as u64 > limits.max_request_bytes {
+        let err = RequestError::TooLarge {
+            size: body.len(),
+            limit: limits.max_request_bytes,
+        };
+        return (Err(err), RequestIds::peek(body));
+    }
+    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
+        let err = RequestError::field(
+            "(request)",
+            format!("is nested deeper than {MAX_JSON_DEPTH} levels"),
+        );
+        return (Err(err), RequestIds::default());
+    }
     if let Ok(request) = serde_json::from_slice::<SendRequest>(body) {
         let ids = RequestIds {
             tenant_id: Some(request.tenant_id.clone()),
@@ -208,12 +356,42 @@ fn has_line_break(s: &str) -> bool {
     s.contains(['\r', '\n', '\0'])
 }
 
+/// A control character other than tab (C0, DEL, C1): none of them belongs in an id, an
+/// address, a subject or a header, and NUL cannot be stored by PostgreSQL at all.
+fn has_control(s: &str) -> bool {
+    s.chars().any(|c| c != '\t' && c.is_control())
+}
+
 fn mailbox(field: &str, s: &str) -> Result<Mailbox, RequestError> {
     if has_line_break(s) {
         return Err(RequestError::field(field, "contains a line break"));
     }
-    Mailbox::from_str(s.trim())
-        .map_err(|e| RequestError::field(field, format!("`{s}` is not an email address ({e})")))
+    if has_control(s) {
+        return Err(RequestError::field(field, "contains a control character"));
+    }
+    // With its header name and folding, one address stays within a 998-octet line.
+    if s.len() > 900 {
+        return Err(RequestError::field(field, "is longer than 900 bytes"));
+    }
+    Mailbox::from_str(s.trim()).map_err(|e| {
+        RequestError::field(
+            field,
+            format!("`{}` is not an email address ({e})", preview(s)),
+        )
+    })
+}
+
+/// The start of a value for an error message (a refused value may be megabytes long).
+fn preview(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// A request that passed validation, with its addresses parsed.
@@ -228,7 +406,10 @@ pub struct ValidRequest {
 }
 
 impl SendRequest {
-    pub fn validate(self) -> Result<ValidRequest, RequestError> {
+    /// Checks what serde cannot, within `limits`. Everything that will be stored in
+    /// PostgreSQL or written into a header is free of control characters (NUL included), so
+    /// one bad request cannot fail a batch of others.
+    pub fn validate(self, limits: &Limits) -> Result<ValidRequest, RequestError> {
         for (field, value) in [
             ("tenant_id", &self.tenant_id),
             ("provider_id", &self.provider_id),
@@ -240,14 +421,92 @@ impl SendRequest {
             if has_line_break(value) {
                 return Err(RequestError::field(field, "contains a line break"));
             }
-            if value.len() > 255 {
-                return Err(RequestError::field(field, "is longer than 255 characters"));
+            if has_control(value) {
+                return Err(RequestError::field(field, "contains a control character"));
+            }
+            if value.len() > MAX_ID_BYTES {
+                return Err(RequestError::field(
+                    field,
+                    format!("is longer than {MAX_ID_BYTES} bytes"),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("user_id", &self.user_id),
+            ("template_id", &self.template_id),
+            ("campaign_id", &self.campaign_id),
+        ] {
+            let Some(value) = value else { continue };
+            if has_control(value) {
+                return Err(RequestError::field(field, "contains a control character"));
+            }
+            if value.len() > MAX_ID_BYTES {
+                return Err(RequestError::field(
+                    field,
+                    format!("is longer than {MAX_ID_BYTES} bytes"),
+                ));
             }
         }
         if has_line_break(&self.subject) {
             return Err(RequestError::field(
                 "subject",
                 "contains a line break (CR or LF), which would inject headers",
+            ));
+        }
+        if has_control(&self.subject) {
+            return Err(RequestError::field(
+                "subject",
+                "contains a control character",
+            ));
+        }
+        if self.subject.len() > limits.max_subject_bytes {
+            return Err(RequestError::field(
+                "subject",
+                format!(
+                    "is {} bytes, more than the {} allowed ([outbound] max_subject_bytes)",
+                    self.subject.len(),
+                    limits.max_subject_bytes
+                ),
+            ));
+        }
+        if self.body_content.len() as u64 > limits.max_body_bytes {
+            return Err(RequestError::field(
+                "body_content",
+                format!(
+                    "is {} bytes, more than the {} allowed ([outbound] max_body_bytes)",
+                    self.body_content.len(),
+                    limits.max_body_bytes
+                ),
+            ));
+        }
+        let recipients = self.to.len() + self.cc.len() + self.bcc.len();
+        if recipients > limits.max_recipients {
+            return Err(RequestError::field(
+                "to",
+                format!(
+                    "{recipients} recipients (to, cc and bcc together), more than the {} allowed ([outbound] max_recipients)",
+                    limits.max_recipients
+                ),
+            ));
+        }
+        if self.attachments.len() > limits.max_attachments {
+            return Err(RequestError::field(
+                "attachments",
+                format!(
+                    "{} attachments, more than the {} allowed ([outbound] max_attachments)",
+                    self.attachments.len(),
+                    limits.max_attachments
+                ),
+            ));
+        }
+        if self.headers.len() > limits.max_headers {
+            return Err(RequestError::field(
+                "headers",
+                format!(
+                    "{} headers, more than the {} allowed ([outbound] max_headers)",
+                    self.headers.len(),
+                    limits.max_headers
+                ),
             ));
         }
         let from = mailbox("from", &self.from)?;
@@ -266,11 +525,14 @@ impl SendRequest {
         let bcc = list("bcc", &self.bcc)?;
         let mut headers = Vec::new();
         for (name, value) in &self.headers {
-            let field = format!("headers.{name}");
-            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            let field = format!("headers.{}", preview(name));
+            if name.is_empty()
+                || name.len() > 76
+                || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':')
+            {
                 return Err(RequestError::field(
                     field,
-                    "is not a valid header name (printable ASCII, no spaces or colons)",
+                    "is not a valid header name (1 to 76 printable ASCII characters, no spaces or colons)",
                 ));
             }
             if STRUCTURAL_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
@@ -285,8 +547,18 @@ impl SendRequest {
                     "contains a line break (CR or LF), which would inject headers",
                 ));
             }
-            if value.len() > 900 {
-                return Err(RequestError::field(field, "is longer than 900 characters"));
+            if has_control(value) {
+                return Err(RequestError::field(field, "contains a control character"));
+            }
+            if value.len() > limits.max_header_bytes {
+                return Err(RequestError::field(
+                    field,
+                    format!(
+                        "is {} bytes, more than the {} allowed ([outbound] max_header_bytes)",
+                        value.len(),
+                        limits.max_header_bytes
+                    ),
+                ));
             }
             let hn = HeaderName::new_from_ascii(name.clone())
                 .map_err(|_| RequestError::field(&field, "is not a valid header name"))?;
@@ -294,10 +566,19 @@ impl SendRequest {
         }
         for (i, a) in self.attachments.iter().enumerate() {
             let field = |k: &str| format!("attachments[{i}].{k}");
-            if a.filename.trim().is_empty() || has_line_break(&a.filename) {
+            if a.filename.trim().is_empty()
+                || has_control(&a.filename)
+                || a.filename.len() > MAX_FILENAME_BYTES
+            {
                 return Err(RequestError::field(
                     field("filename"),
-                    "must be a non-empty name without line breaks",
+                    format!("must be a non-empty name of at most {MAX_FILENAME_BYTES} bytes without control characters"),
+                ));
+            }
+            if a.url.len() > MAX_URL_BYTES {
+                return Err(RequestError::field(
+                    field("url"),
+                    format!("is longer than {MAX_URL_BYTES} bytes"),
                 ));
             }
             match url::Url::parse(&a.url) {
@@ -311,14 +592,17 @@ impl SendRequest {
                 Err(e) => {
                     return Err(RequestError::field(
                         field("url"),
-                        format!("`{}` is not a URL ({e})", a.url),
+                        format!("`{}` is not a URL ({e})", preview(&a.url)),
                     ))
                 }
             }
-            if ContentType::parse(&a.mime_type).is_err() {
+            if a.mime_type.len() > MAX_FILENAME_BYTES
+                || has_control(&a.mime_type)
+                || ContentType::parse(&a.mime_type).is_err()
+            {
                 return Err(RequestError::field(
                     field("mime_type"),
-                    format!("`{}` is not a MIME type", a.mime_type),
+                    format!("`{}` is not a MIME type", preview(&a.mime_type)),
                 ));
             }
         }
@@ -539,6 +823,29 @@ pub struct OutgoingEmail {
     pub rfc_message_id: String,
 }
 
+/// A header as it goes on the wire, folded into lines of at most 78 characters where it has
+/// spaces to fold at. lettre folds at spaces only, so a value with a word too long for a line
+/// (a 5,000-character subject without spaces, say) is written whole as RFC 2047 encoded words,
+/// which fold anywhere and decode to the same text: no line ever exceeds RFC 5322's 998 octets.
+fn header_value(name: HeaderName, value: &str) -> HeaderValue {
+    const LONGEST_WORD: usize = 60;
+    if value.split(' ').all(|w| w.len() <= LONGEST_WORD) {
+        return HeaderValue::new(name, value.to_string());
+    }
+    let mut encoded = String::with_capacity(value.len() * 3 / 2 + 64);
+    {
+        let mut w = email_encoding::headers::writer::EmailWriter::new(
+            &mut encoded,
+            name.len() + 2,
+            0,
+            false,
+        );
+        // Writing into a String cannot fail.
+        let _ = email_encoding::headers::rfc2047::encode(value, &mut w);
+    }
+    HeaderValue::dangerous_new_pre_encoded(name, value.to_string(), encoded)
+}
+
 /// Builds the email: From, To, Cc as headers, Bcc in the envelope only, the custom headers,
 /// the derived Message-ID, the body (HTML with a text alternative, or text) and attachments.
 pub fn build_email(
@@ -549,7 +856,10 @@ pub fn build_email(
     let rfc_id = rfc_message_id(&r.tenant_id, &r.message_id, &req.from.email);
     let mut b = Message::builder()
         .from(req.from.clone())
-        .subject(r.subject.clone())
+        .raw_header(header_value(
+            HeaderName::new_from_ascii_str("Subject"),
+            &r.subject,
+        ))
         .message_id(Some(format!("<{rfc_id}>")))
         .date_now();
     for m in &req.to {
@@ -559,7 +869,7 @@ pub fn build_email(
         b = b.cc(m.clone());
     }
     for (name, value) in &req.headers {
-        b = b.raw_header(HeaderValue::new(name.clone(), value.clone()));
+        b = b.raw_header(header_value(name.clone(), value));
     }
     let recipients: Vec<Address> = req
         .to
@@ -596,7 +906,16 @@ pub fn build_email(
                             "is not a MIME type",
                         )
                     })?;
-                    mixed = mixed.singlepart(Attachment::new(a.filename).body(a.bytes, ct));
+                    // Always base64: an attachment's bytes (bare CR, LF or NUL included)
+                    // never reach the DATA stream as they are.
+                    let body = Body::new_with_encoding(a.bytes, ContentTransferEncoding::Base64)
+                        .map_err(|_| {
+                            RequestError::field(
+                                format!("attachments[{i}]"),
+                                "cannot be encoded as base64",
+                            )
+                        })?;
+                    mixed = mixed.singlepart(Attachment::new(a.filename).body(body, ct));
                 }
                 b.multipart(mixed)
             }
@@ -799,7 +1118,7 @@ mod tests {
     }
 
     fn err_of(body: &[u8]) -> RequestError {
-        match decode(body).and_then(SendRequest::validate) {
+        match decode(body).and_then(|r| r.validate(&Limits::default())) {
             Ok(_) => panic!("accepted"),
             Err(e) => e,
         }
@@ -809,7 +1128,7 @@ mod tests {
     fn the_guide_example_decodes_and_validates() {
         let v = decode(GUIDE_EXAMPLE.as_bytes())
             .unwrap()
-            .validate()
+            .validate(&Limits::default())
             .unwrap();
         assert_eq!(v.to.len(), 1);
         assert_eq!(v.bcc[0].email.to_string(), "bcc@example.com");
@@ -881,7 +1200,7 @@ mod tests {
     fn nulls_are_empty_lists() {
         let v = decode(&with("cc", serde_json::json!(null_value())))
             .unwrap()
-            .validate()
+            .validate(&Limits::default())
             .unwrap();
         assert!(v.cc.is_empty());
     }
@@ -894,7 +1213,7 @@ mod tests {
     fn the_email_has_no_bcc_header_but_the_envelope_has_bcc() {
         let v = decode(&with("attachments", serde_json::json!([])))
             .unwrap()
-            .validate()
+            .validate(&Limits::default())
             .unwrap();
         let email = build_email(&v, vec![]).unwrap();
         let text = String::from_utf8(email.bytes.clone()).unwrap();

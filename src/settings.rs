@@ -132,6 +132,9 @@ pub struct RabbitMqSection {
     pub heartbeat: Dur,
     /// Longest wait between two connection attempts (the backoff doubles up to this).
     pub reconnect_max_delay: Dur,
+    /// An extra CA (PEM) to trust for an `amqps://` broker's certificate (relative to the main
+    /// file).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for RabbitMqSection {
@@ -147,6 +150,7 @@ impl Default for RabbitMqSection {
             prefetch: 256,
             heartbeat: Dur(Duration::from_secs(10)),
             reconnect_max_delay: Dur(Duration::from_secs(5)),
+            ca_file: None,
         }
     }
 }
@@ -248,8 +252,24 @@ pub struct OutboundSection {
     pub attachment_max_bytes: u64,
     pub attachment_timeout: Dur,
     pub attachment_allow_private: bool,
-    /// Upper bound on one SMTP transaction (lettre's own timeout covers connecting only).
+    /// Upper bound on one SMTP transaction.
     pub send_timeout: Dur,
+    /// Attachment bytes held in memory by all pipelines together: a request with attachments
+    /// reserves `attachment_max_bytes` of this before it downloads them, so at most
+    /// `attachments_in_flight_bytes / attachment_max_bytes` requests download at once.
+    pub attachments_in_flight_bytes: u64,
+    /// Largest request body (the AMQP message) that is decoded; larger ones are refused.
+    pub max_request_bytes: u64,
+    /// Largest `body_content`.
+    pub max_body_bytes: u64,
+    /// Most recipients (to + cc + bcc together).
+    pub max_recipients: usize,
+    pub max_attachments: usize,
+    /// Longest subject, in bytes (long ones are folded into lines of at most 998 octets).
+    pub max_subject_bytes: usize,
+    /// Most custom `headers`, and the longest value of one.
+    pub max_headers: usize,
+    pub max_header_bytes: usize,
 }
 
 impl Default for OutboundSection {
@@ -259,6 +279,72 @@ impl Default for OutboundSection {
             attachment_timeout: Dur(Duration::from_secs(30)),
             attachment_allow_private: false,
             send_timeout: Dur(Duration::from_secs(60)),
+            attachments_in_flight_bytes: 268_435_456,
+            max_request_bytes: 16_777_216,
+            max_body_bytes: 10_485_760,
+            max_recipients: 1000,
+            max_attachments: 100,
+            max_subject_bytes: 4096,
+            max_headers: 100,
+            max_header_bytes: 4096,
+        }
+    }
+}
+
+impl OutboundSection {
+    /// The decoding limits of a request.
+    pub fn limits(&self) -> crate::outbound::Limits {
+        crate::outbound::Limits {
+            max_request_bytes: self.max_request_bytes,
+            max_body_bytes: self.max_body_bytes,
+            max_recipients: self.max_recipients,
+            max_attachments: self.max_attachments,
+            max_subject_bytes: self.max_subject_bytes,
+            max_headers: self.max_headers,
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
+}
+
+/// Inbound mail: how much of it is held at once.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboundSection {
+    /// A received email larger than this is not published: its headers and size go to the
+    /// inbound DLQ and its bytes are stored (linked from the entry).
+    pub max_message_bytes: u64,
+    /// Bytes of mail one fetcher holds in memory per batch (IMAP fetches are grouped by the
+    /// messages' sizes to stay under it).
+    pub fetch_batch_bytes: u64,
+}
+
+impl Default for InboundSection {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 52_428_800,
+            fetch_batch_bytes: 33_554_432,
+        }
+    }
+}
+
+/// This instance among others sharing the broker and the database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Names this instance in outbox claims (default `<host name>:<HTTP port>`). It must be
+    /// unique among running instances and stay the same across restarts: at start an
+    /// instance releases the claims its previous run left.
+    pub instance_id: Option<String>,
+    /// How long an outbox claim lives without being renewed (in-flight claims are renewed
+    /// every third of it); a claim of a dead instance frees its request after this.
+    pub claim_ttl: Dur,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            instance_id: None,
+            claim_ttl: Dur(Duration::from_secs(30)),
         }
     }
 }
@@ -316,6 +402,8 @@ pub struct MainFile {
     pub attachments: AttachmentsSection,
     pub tenants: TenantsSection,
     pub shutdown: ShutdownSection,
+    pub inbound: InboundSection,
+    pub cluster: ClusterSection,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -512,6 +600,10 @@ pub struct Settings {
     pub attachments: AttachmentsSection,
     pub tenants_dir: PathBuf,
     pub shutdown_grace: Duration,
+    pub inbound: InboundSection,
+    pub cluster: ClusterSection,
+    /// `[cluster] instance_id`, or its default.
+    pub instance_id: String,
     pub tenants: Vec<Tenant>,
     /// Things that are allowed but worth saying (for example credentials over `tls = "none"`).
     pub warnings: Vec<ConfigProblem>,
@@ -576,6 +668,8 @@ impl Settings {
             attachments,
             tenants,
             shutdown,
+            inbound,
+            cluster,
         } = main;
 
         apply_env(
@@ -597,9 +691,22 @@ impl Settings {
             if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
                 problems.push(at(
                     "rabbitmq.url",
-                    format!("not an amqp:// or amqps:// URL ({e})"),
+                    format!(
+                        "not an amqp:// or amqps:// URL ({})",
+                        redact_credentials(&e, url.expose())
+                    ),
                 ));
             }
+        }
+        if let Some(ca) = &rabbitmq.ca_file {
+            let ca = resolve_path(path.parent().unwrap_or(Path::new(".")), ca);
+            if !ca.is_file() {
+                problems.push(at(
+                    "rabbitmq.ca_file",
+                    format!("{} does not exist", ca.display()),
+                ));
+            }
+            rabbitmq.ca_file = Some(ca);
         }
         if rabbitmq.prefetch == 0 {
             problems.push(at(
@@ -620,10 +727,13 @@ impl Settings {
                 problems.push(at(key, "must not be empty".into()));
             }
         }
-        if let Err(e) = database.url.expose().parse::<tokio_postgres::Config>() {
+        if let Err(e) = crate::storage::pg_config(database.url.expose()) {
             problems.push(at(
                 "database.url",
-                format!("not a PostgreSQL connection string ({e})"),
+                format!(
+                    "not a PostgreSQL connection string ({})",
+                    redact_credentials(&e, database.url.expose())
+                ),
             ));
         }
         if database.max_connections == 0 {
@@ -648,6 +758,56 @@ impl Settings {
         if retry.delays.iter().any(|d| d.0.is_zero()) {
             problems.push(at("retry.delays", "a delay must be longer than 0".into()));
         }
+        for (key, value) in [
+            ("outbound.max_request_bytes", outbound.max_request_bytes),
+            ("outbound.max_body_bytes", outbound.max_body_bytes),
+            ("outbound.max_recipients", outbound.max_recipients as u64),
+            (
+                "outbound.max_subject_bytes",
+                outbound.max_subject_bytes as u64,
+            ),
+            (
+                "outbound.max_header_bytes",
+                outbound.max_header_bytes as u64,
+            ),
+            (
+                "outbound.attachment_max_bytes",
+                outbound.attachment_max_bytes,
+            ),
+            ("inbound.max_message_bytes", inbound.max_message_bytes),
+            ("inbound.fetch_batch_bytes", inbound.fetch_batch_bytes),
+        ] {
+            if value == 0 {
+                problems.push(at(key, "must be at least 1".into()));
+            }
+        }
+        if outbound.attachments_in_flight_bytes < outbound.attachment_max_bytes {
+            problems.push(at(
+                "outbound.attachments_in_flight_bytes",
+                format!(
+                    "must be at least outbound.attachment_max_bytes ({}): each request with attachments reserves that much",
+                    outbound.attachment_max_bytes
+                ),
+            ));
+        }
+        if cluster.claim_ttl.0 < Duration::from_secs(3) {
+            problems.push(at(
+                "cluster.claim_ttl",
+                "must be at least 3s (claims are renewed every third of it)".into(),
+            ));
+        }
+        // AMQP names are short strings (at most 255 bytes); the service adds suffixes.
+        for (key, name) in [
+            ("rabbitmq.exchange", &rabbitmq.exchange),
+            ("queues.send", &queues.send),
+            ("queues.inbound", &queues.inbound),
+            ("queues.sync_user", &queues.sync_user),
+            ("queues.result", &queues.result),
+        ] {
+            if name.len() > 200 {
+                problems.push(at(key, "must be at most 200 bytes long".into()));
+            }
+        }
         if url::Url::parse(&attachments.public_base_url).is_err() {
             problems.push(at(
                 "attachments.public_base_url",
@@ -658,6 +818,18 @@ impl Settings {
         let base = path.parent().unwrap_or(Path::new("."));
         let tenants_dir = base.join(&tenants.dir);
         let tenant_list = load_tenants(&tenants_dir, env, &mut problems, &mut warnings);
+
+        let instance_id = match cluster.instance_id.clone() {
+            Some(id) if id.trim().is_empty() || id.len() > 200 => {
+                problems.push(at(
+                    "cluster.instance_id",
+                    "must be a non-empty name of at most 200 bytes".into(),
+                ));
+                String::new()
+            }
+            Some(id) => id,
+            None => format!("{}:{}", host_name(), http_listen.port()),
+        };
 
         if !problems.is_empty() {
             return Err(ConfigError(problems));
@@ -677,6 +849,9 @@ impl Settings {
                 .grace
                 .map(|d| d.0)
                 .unwrap_or(Duration::from_secs(30)),
+            inbound,
+            cluster,
+            instance_id,
             tenants: tenant_list,
             warnings,
         })
@@ -757,6 +932,53 @@ impl Settings {
             .providers
             .iter()
             .find(|p| p.id == provider_id)
+    }
+}
+
+/// `text` with the credentials of `url` (what stands between `://` and `@`, and its password
+/// part) replaced by `***`: a parser's error may quote the input.
+pub fn redact_credentials(text: &dyn fmt::Display, url: &str) -> String {
+    let mut out = text.to_string();
+    let after_scheme = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    if let Some((userinfo, _)) = after_scheme.rsplit_once('@') {
+        let mut secrets: Vec<&str> = vec![userinfo];
+        if let Some((_, password)) = userinfo.split_once(':') {
+            secrets.push(password);
+        }
+        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+            out = out.replace(secret, "***");
+        }
+    }
+    // A query parameter may carry a password too (`?password=…`).
+    for (i, _) in url.match_indices("password=") {
+        let value: String = url[i + 9..]
+            .chars()
+            .take_while(|c| *c != '&' && *c != ' ')
+            .collect();
+        if !value.is_empty() {
+            out = out.replace(&value, "***");
+        }
+    }
+    out
+}
+
+/// `p` relative to `base` unless it is absolute.
+pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// This machine's host name (for the default instance id).
+pub fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name.to_string()
     }
 }
 
@@ -1038,6 +1260,13 @@ fn load_tenants(
                 &key,
                 &mut p,
             );
+            if tls == TlsMode::None && password.is_some() {
+                warnings.push(ConfigProblem {
+                    file: file.clone(),
+                    key: key("tls"),
+                    message: "the mailbox password will be sent without TLS; only do this for a server on a trusted network".into(),
+                });
+            }
             let ca_file = mf
                 .ca_file
                 .map(|f| if f.is_absolute() { f } else { base.join(f) });
@@ -1353,6 +1582,19 @@ fn diff_by_id<'a, T: PartialEq + 'a>(
 }
 
 impl Settings {
+    /// What a reload applies: the tenants (and the warnings about them) of `loaded`, every
+    /// other section as it is running. Those sections were used to declare the topology and
+    /// build the connections, so they change only with a restart (the diff lists them as
+    /// `restart_required`) — a retry delay, say, is never used before its queue is declared.
+    pub fn with_tenants_of(&self, loaded: Settings) -> Settings {
+        Settings {
+            tenants: loaded.tenants,
+            tenants_dir: loaded.tenants_dir,
+            warnings: loaded.warnings,
+            ..self.clone()
+        }
+    }
+
     /// How `new` differs from `self`. Secrets take part in the comparison (a changed password
     /// restarts the connection) without ever being printed.
     pub fn diff(&self, new: &Settings) -> ConfigDiff {
@@ -1387,7 +1629,7 @@ impl Settings {
             nt.iter().map(|(k, v)| (k.as_str(), v)),
         );
         let mut restart_required = Vec::new();
-        let sections: [(&str, String, String); 7] = [
+        let sections: [(&str, String, String); 10] = [
             (
                 "rabbitmq",
                 format!(
@@ -1430,6 +1672,21 @@ impl Settings {
                 "attachments",
                 format!("{:?}", self.attachments),
                 format!("{:?}", new.attachments),
+            ),
+            (
+                "inbound",
+                format!("{:?}", self.inbound),
+                format!("{:?}", new.inbound),
+            ),
+            (
+                "cluster",
+                format!("{:?}{}", self.cluster, self.instance_id),
+                format!("{:?}{}", new.cluster, new.instance_id),
+            ),
+            (
+                "shutdown",
+                format!("{:?}", self.shutdown_grace),
+                format!("{:?}", new.shutdown_grace),
             ),
         ];
         for (name, a, b) in sections {

@@ -111,6 +111,10 @@ pub enum SmtpError {
     Rejected { during: &'static str, reply: Reply },
     #[error("the server does not offer STARTTLS")]
     NoStarttls,
+    /// The message needs an extension the server does not offer (8BITMIME for a non-ASCII
+    /// message, SMTPUTF8 for a non-ASCII address): it cannot be sent there as it is.
+    #[error("{0}")]
+    Unsupported(&'static str),
     #[error("the server offers none of the AUTH mechanisms {wanted} (it offers: {offered}); check the provider's tls setting, most servers offer AUTH only over TLS")]
     NoAuthMechanism {
         wanted: &'static str,
@@ -127,6 +131,9 @@ pub struct SmtpSession {
     eight_bit_mime: bool,
     smtputf8: bool,
     broken: bool,
+    /// The final dot of a message has been written and its reply not read: if the session
+    /// fails now, the server may or may not have accepted the message.
+    awaiting_final_reply: bool,
 }
 
 /// What an EHLO reply offers.
@@ -182,6 +189,7 @@ impl SmtpSession {
             eight_bit_mime: false,
             smtputf8: false,
             broken: false,
+            awaiting_final_reply: false,
         };
         let greeting = session.read_reply().await?;
         if greeting.code != 220 {
@@ -222,6 +230,13 @@ impl SmtpSession {
         self.broken
     }
 
+    /// Whether the last transaction failed (or was abandoned) after its final dot was
+    /// written and before the server's reply to it was read: the server may have accepted
+    /// the message, so sending it again at once could deliver it twice.
+    pub fn outcome_unknown(&self) -> bool {
+        self.awaiting_final_reply
+    }
+
     /// Sends one email; returns the server's reply to its end of data.
     pub async fn send(
         &mut self,
@@ -229,25 +244,25 @@ impl SmtpSession {
         to: &[Address],
         message: &[u8],
     ) -> Result<Reply, SmtpError> {
-        // Until the transaction completes, a failure leaves the session in an unknown state.
-        self.broken = true;
         let mut params = String::new();
         if !message.is_ascii() {
             if !self.eight_bit_mime {
-                return Err(SmtpError::Protocol(
-                    "the message is not ASCII and the server does not offer 8BITMIME".into(),
+                return Err(SmtpError::Unsupported(
+                    "the message is not ASCII and the server does not offer 8BITMIME",
                 ));
             }
             params.push_str(" BODY=8BITMIME");
         }
         if from.into_iter().chain(to).any(|a| !text(a).is_ascii()) {
             if !self.smtputf8 {
-                return Err(SmtpError::Protocol(
-                    "an address is not ASCII and the server does not offer SMTPUTF8".into(),
+                return Err(SmtpError::Unsupported(
+                    "an address is not ASCII and the server does not offer SMTPUTF8",
                 ));
             }
             params.push_str(" SMTPUTF8");
         }
+        // Until the transaction completes, a failure leaves the session in an unknown state.
+        self.broken = true;
         let mail = format!("MAIL FROM:<{}>{params}\r\n", from.map(text).unwrap_or(""));
         let rcpts: Vec<String> = to.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
 
@@ -291,8 +306,9 @@ impl SmtpSession {
             }
             self.expect("DATA\r\n", "DATA", 354).await?;
         }
-        self.write(&dot_stuffed(message)).await?;
+        self.write_data(&dot_stuffed(message)).await?;
         let reply = self.read_reply().await?;
+        self.awaiting_final_reply = false;
         if !reply.is_positive() {
             return Err(SmtpError::Rejected {
                 during: "end of data",
@@ -388,6 +404,30 @@ impl SmtpSession {
     async fn command(&mut self, line: &str) -> Result<Reply, SmtpError> {
         self.write(line.as_bytes()).await?;
         self.read_reply().await
+    }
+
+    /// Writes the message and its final dot, noting when the dot has left: from then on a
+    /// failure means the outcome is unknown ([`Self::outcome_unknown`]).
+    async fn write_data(&mut self, data: &[u8]) -> Result<(), SmtpError> {
+        let stream = self.stream.get_mut();
+        // The final ".\r\n": once its dot is written the server may complete the message.
+        let dot_at = data.len().saturating_sub(3);
+        let mut written = 0;
+        while written < data.len() {
+            let n = stream.write(&data[written..]).await?;
+            if n == 0 {
+                return Err(SmtpError::Io(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the connection accepted no more data",
+                )));
+            }
+            written += n;
+            if written > dot_at {
+                self.awaiting_final_reply = true;
+            }
+        }
+        stream.flush().await?;
+        Ok(())
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SmtpError> {

@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0003_config_mirror.sql",
         include_str!("../migrations/0003_config_mirror.sql"),
     ),
+    (
+        4,
+        "0004_claims.sql",
+        include_str!("../migrations/0004_claims.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).
@@ -72,14 +77,53 @@ fn describe(e: &tokio_postgres::Error) -> String {
 }
 
 impl StorageError {
-    /// True when waiting and trying again can help (the server is down or restarting).
+    /// True when waiting and trying again can help: the server is unreachable, restarting or
+    /// shutting down, or the transaction lost a conflict. Decided by SQLSTATE, because a
+    /// restart reaches running statements as a *database* error (57P01 `admin_shutdown`,
+    /// 57P02 `crash_shutdown`), not as a closed connection.
     pub fn is_transient(&self) -> bool {
         match self {
             StorageError::Connect { .. } | StorageError::Pool(_) => true,
-            StorageError::Query(e) => e.is_closed() || e.as_db_error().is_none(),
+            StorageError::Query(e) => is_transient_pg(e),
             _ => false,
         }
     }
+
+    /// True when the data of the statement was refused (class 22 "data exception", 23
+    /// "integrity constraint violation", 54 "program limit exceeded" such as an index row too
+    /// large): the same rows fail again, the other rows of a batch need not.
+    pub fn is_data_error(&self) -> bool {
+        match self {
+            StorageError::Query(e) => e
+                .code()
+                .is_some_and(|c| matches!(&c.code()[..2], "22" | "23" | "54")),
+            _ => false,
+        }
+    }
+}
+
+/// SQLSTATEs (and failures without one) after which the same statement can succeed later.
+pub fn is_transient_pg(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let Some(code) = e.code() else {
+        // No server answer at all: an I/O error, a timeout.
+        return e.as_db_error().is_none();
+    };
+    let code = code.code();
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources (too many connections, disk full)
+        || matches!(
+            code,
+            "57P01" // admin_shutdown
+                | "57P02" // crash_shutdown
+                | "57P03" // cannot_connect_now (starting up, recovering)
+                | "57P05" // idle_session_timeout
+                | "40001" // serialization_failure
+                | "40P01" // deadlock_detected
+                | "55P03" // lock_not_available
+        )
 }
 
 impl From<deadpool_postgres::PoolError> for StorageError {
