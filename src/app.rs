@@ -39,6 +39,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         http = %settings.http_listen,
         "starting mailbridge"
     );
+    // Before any actor starts: a store the service cannot use (a short link key, a folder it
+    // cannot write) stops the start with its reason instead of failing every fetcher.
+    let attachments = AttachmentStore::open(
+        &settings.attachments.dir,
+        &settings.attachments.public_base_url,
+        settings.attachments.link_ttl.0,
+    )?;
     let metrics = MetricsActor::default().start();
     let pool = storage::pool(&settings.database)?;
     let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone())
@@ -56,11 +63,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             settings.http.admin_token_env
         );
     }
-    let attachments = AttachmentStore::open(
-        &settings.attachments.dir,
-        &settings.attachments.public_base_url,
-        settings.attachments.link_ttl.0,
-    )?;
     let state = AppState {
         metrics,
         supervisor: supervisor.clone(),
