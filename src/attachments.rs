@@ -342,9 +342,15 @@ mod tests {
         let err = AttachmentStore::open(&dir, "http://h:1", Duration::from_secs(60))
             .err()
             .expect("a 16-byte key is refused");
-        assert!(matches!(err, AttachmentError::ShortKey { len: 16, .. }), "{err}");
+        assert!(
+            matches!(err, AttachmentError::ShortKey { len: 16, .. }),
+            "{err}"
+        );
         let text = err.to_string();
-        assert!(text.contains(".link-key") && text.contains("Delete the file"), "{text}");
+        assert!(
+            text.contains(".link-key") && text.contains("Delete the file"),
+            "{text}"
+        );
         // Deleting it, as the message says, gives a fresh key of full length.
         std::fs::remove_file(dir.join(".link-key")).unwrap();
         AttachmentStore::open(&dir, "http://h:1", Duration::from_secs(60)).unwrap();
@@ -378,7 +384,10 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".incoming"))
             .collect();
         assert!(leftovers.is_empty());
-        assert!(matches!(store.read(&"0".repeat(64)), Err(AttachmentError::NotFound)));
+        assert!(matches!(
+            store.read(&"0".repeat(64)),
+            Err(AttachmentError::NotFound)
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -115,14 +115,100 @@ fn starts_with_any(subject: &str, prefixes: &[&str]) -> bool {
     prefixes.iter().any(|p| s.starts_with(p))
 }
 
-/// The dedup key of a message in a mailbox: its Message-ID when it has one, else a hash of
-/// its bytes. Stable across UIDVALIDITY changes and re-syncs.
-pub fn dedup_key(raw: &[u8]) -> String {
-    let parsed = MessageParser::default().parse_headers(raw);
-    match parsed.as_ref().and_then(|m| m.message_id()) {
-        Some(id) if !id.trim().is_empty() => format!("mid:{}", strip_brackets(id)),
-        _ => format!("sha256:{}", sha256_hex(raw)),
+/// The longest Message-ID (in bytes) kept as itself in a dedup key. A btree index entry holds
+/// at most about 2,700 bytes; longer ids are keyed by their hash instead.
+pub const MAX_ID_IN_KEY: usize = 900;
+
+/// How many References entries (the newest) are looked up in the outbox for
+/// `reply_to_message_id`, besides In-Reply-To: a 5,000-id chain costs no more than a short one.
+pub const MAX_REPLY_CANDIDATES: usize = 50;
+
+/// The dedup key a Message-ID gives: `mid:<id>`, or `midh:<sha256 of the id>` when the id is
+/// longer than [`MAX_ID_IN_KEY`] or holds control characters (PostgreSQL refuses NUL, and
+/// such an id is hostile anyway). `None` for an empty id: the caller hashes the bytes.
+pub fn message_id_key(id: &str) -> Option<String> {
+    let id = strip_brackets(id);
+    if id.is_empty() {
+        None
+    } else if id.len() > MAX_ID_IN_KEY || id.chars().any(char::is_control) {
+        Some(format!("midh:{}", sha256_hex(id.as_bytes())))
+    } else {
+        Some(format!("mid:{id}"))
     }
+}
+
+/// The dedup key of a message in a mailbox: its Message-ID when it has one (see
+/// [`message_id_key`]), else `sha256:` and the hash of its bytes. Stable across UIDVALIDITY
+/// changes and re-syncs.
+pub fn dedup_key(raw: &[u8]) -> String {
+    MessageParser::default()
+        .parse_headers(raw)
+        .as_ref()
+        .and_then(|m| m.message_id())
+        .and_then(message_id_key)
+        .unwrap_or_else(|| format!("sha256:{}", sha256_hex(raw)))
+}
+
+/// What the headers alone say, for the steps before the full parse: the dedup key (when the
+/// Message-ID gives one), the Message-ID, and the ids to look up for `reply_to_message_id`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderFacts {
+    pub key: Option<String>,
+    pub message_id: Option<String>,
+    pub reply_candidates: Vec<String>,
+}
+
+pub fn header_facts(raw: &[u8]) -> HeaderFacts {
+    let Some(msg) = MessageParser::default().parse_headers(raw) else {
+        return HeaderFacts::default();
+    };
+    let in_reply_to = ids_of(msg.in_reply_to()).into_iter().next();
+    let references = ids_of(msg.references());
+    HeaderFacts {
+        key: msg.message_id().and_then(message_id_key),
+        message_id: msg
+            .message_id()
+            .map(strip_brackets)
+            .filter(|id| !id.is_empty()),
+        reply_candidates: reply_candidates(in_reply_to.as_deref(), &references),
+    }
+}
+
+/// The headers of a message as the published `headers` field has them (every header, repeated
+/// ones joined with `, `), from `raw` (which may be only the start of the message).
+pub fn header_map_of(raw: &[u8]) -> BTreeMap<String, String> {
+    MessageParser::default()
+        .parse_headers(raw)
+        .map(|m| header_map(&m))
+        .unwrap_or_default()
+}
+
+fn header_map(msg: &mail_parser::Message) -> BTreeMap<String, String> {
+    let mut headers = BTreeMap::new();
+    for (name, value) in msg.headers_raw() {
+        let v = value.trim().replace("\r\n", "").replace('\n', "");
+        headers
+            .entry(name.to_string())
+            .and_modify(|e: &mut String| {
+                e.push_str(", ");
+                e.push_str(v.trim());
+            })
+            .or_insert_with(|| v.trim().to_string());
+    }
+    headers
+}
+
+/// `s` as PostgreSQL can store it: without control characters (NUL above all), and cut to at
+/// most `max_bytes` on a character boundary.
+pub fn storable_text(s: &str, max_bytes: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max_bytes));
+    for c in s.chars().filter(|c| !c.is_control()) {
+        if out.len() + c.len_utf8() > max_bytes {
+            break;
+        }
+        out.push(c);
+    }
+    out
 }
 
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -194,9 +280,12 @@ pub fn parse(
         ));
     }
     let subject = msg.subject().unwrap_or("").to_string();
-    let message_id = match msg.message_id() {
-        Some(id) => strip_brackets(id),
-        None => format!("{}@mailbridge.invalid", &sha256_hex(raw)[..32]),
+    let message_id = match msg.message_id().map(strip_brackets) {
+        Some(id) if !id.is_empty() => id,
+        _ => {
+            let hash = sha256_hex(raw);
+            format!("{}@mailbridge.invalid", hash.get(..32).unwrap_or(&hash))
+        }
     };
     let in_reply_to = ids_of(msg.in_reply_to()).into_iter().next();
     let references = ids_of(msg.references());
@@ -232,17 +321,7 @@ pub fn parse(
         ),
     };
 
-    let mut headers = BTreeMap::new();
-    for (name, value) in msg.headers_raw() {
-        let v = value.trim().replace("\r\n", "").replace('\n', "");
-        headers
-            .entry(name.to_string())
-            .and_modify(|e: &mut String| {
-                e.push_str(", ");
-                e.push_str(v.trim());
-            })
-            .or_insert_with(|| v.trim().to_string());
-    }
+    let headers = header_map(&msg);
 
     let mut attachments = Vec::new();
     for (i, part) in msg.attachments().enumerate() {
@@ -325,18 +404,41 @@ pub fn parse(
     Ok((email, attachments))
 }
 
-/// The ids an email may answer, most specific first: In-Reply-To, then References from the
-/// newest to the oldest.
-pub fn answered_ids(email: &InboundEmail) -> Vec<String> {
-    let mut ids: Vec<String> = email.in_reply_to.iter().cloned().collect();
-    if let Some(r) = &email.references {
-        for id in r.split(',').rev() {
-            if !ids.iter().any(|x| x == id) {
-                ids.push(id.to_string());
-            }
+/// The ids an email may answer, most specific first: In-Reply-To, then the newest
+/// [`MAX_REPLY_CANDIDATES`] References. Ids that cannot be an outbound Message-ID (control
+/// characters, longer than [`MAX_ID_IN_KEY`]) are left out: they match nothing, and
+/// PostgreSQL would refuse a NUL in the lookup.
+pub fn reply_candidates(in_reply_to: Option<&str>, references: &[String]) -> Vec<String> {
+    let usable = |id: &&str| {
+        !id.is_empty() && id.len() <= MAX_ID_IN_KEY && !id.chars().any(char::is_control)
+    };
+    let mut ids: Vec<String> = in_reply_to
+        .filter(usable)
+        .map(str::to_string)
+        .into_iter()
+        .collect();
+    for id in references
+        .iter()
+        .rev()
+        .take(MAX_REPLY_CANDIDATES)
+        .map(String::as_str)
+        .filter(usable)
+    {
+        if !ids.iter().any(|x| x == id) {
+            ids.push(id.to_string());
         }
     }
     ids
+}
+
+/// [`reply_candidates`] of a parsed email.
+pub fn answered_ids(email: &InboundEmail) -> Vec<String> {
+    let references: Vec<String> = email
+        .references
+        .as_deref()
+        .map(|r| r.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    reply_candidates(email.in_reply_to.as_deref(), &references)
 }
 
 #[cfg(test)]
@@ -430,5 +532,61 @@ mod tests {
     fn dedup_keys_prefer_the_message_id() {
         assert_eq!(dedup_key(b"Message-ID: <a@b>\r\n\r\nx"), "mid:a@b");
         assert!(dedup_key(b"Subject: none\r\n\r\nx").starts_with("sha256:"));
+        assert!(dedup_key(b"Message-ID: <>\r\nSubject: s\r\n\r\nx").starts_with("sha256:"));
+    }
+
+    #[test]
+    fn hostile_message_ids_give_keys_postgresql_can_index() {
+        let long = format!("Message-ID: <{}@x>\r\n\r\nbody", "a".repeat(5000));
+        let k = dedup_key(long.as_bytes());
+        assert!(k.starts_with("midh:") && k.len() == 5 + 64, "{k}");
+        assert_eq!(
+            dedup_key(long.as_bytes()),
+            k,
+            "the same input gives the same key"
+        );
+        let nul = b"Message-ID: <a\0b@x>\r\n\r\nbody";
+        let k = dedup_key(nul);
+        assert!(k.starts_with("midh:") && !k.contains('\0'), "{k}");
+        // Just under the bound: the id itself.
+        let ok = format!("Message-ID: <{}>\r\n\r\nbody", "b".repeat(MAX_ID_IN_KEY));
+        assert_eq!(
+            dedup_key(ok.as_bytes()),
+            format!("mid:{}", "b".repeat(MAX_ID_IN_KEY))
+        );
+        assert_eq!(
+            header_facts(ok.as_bytes()).key.as_deref(),
+            Some(&*dedup_key(ok.as_bytes()))
+        );
+    }
+
+    #[test]
+    fn stored_text_has_no_control_characters_and_is_bounded() {
+        assert_eq!(storable_text("a\0b\r\nc", 100), "abc");
+        assert_eq!(storable_text("ééé", 5), "éé");
+        assert_eq!(storable_text(&"x".repeat(2000), 900).len(), 900);
+    }
+
+    #[test]
+    fn reply_candidates_are_capped_and_usable() {
+        let refs: Vec<String> = (0..5000).map(|i| format!("r{i}@x")).collect();
+        let ids = reply_candidates(Some("irt@x"), &refs);
+        assert_eq!(ids.len(), 1 + MAX_REPLY_CANDIDATES);
+        assert_eq!(ids[0], "irt@x");
+        assert_eq!(ids[1], "r4999@x");
+        let ids = reply_candidates(Some("bad\0id"), &["ok@x".to_string(), "x".repeat(2000)]);
+        assert_eq!(ids, ["ok@x"]);
+        let chain =
+            format!(
+            "From: a@x\r\nSubject: Re: long\r\nMessage-ID: <m@x>\r\nReferences: {}\r\n\r\nbody\r\n",
+            refs.iter().map(|r| format!("<{r}>")).collect::<Vec<_>>().join(" ")
+        );
+        let (e, _) = parse(chain.as_bytes(), &origin()).unwrap();
+        assert_eq!(e.thread_id, "r0@x");
+        assert_eq!(answered_ids(&e).len(), MAX_REPLY_CANDIDATES);
+        assert_eq!(
+            header_facts(chain.as_bytes()).reply_candidates,
+            answered_ids(&e)
+        );
     }
 }
