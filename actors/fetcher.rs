@@ -1,15 +1,27 @@
 //! A mailbox fetcher: one per configured mailbox, fetching new mail over IMAP (IDLE when the
-//! server has it and `idle = true`, else polling) or POP3, and publishing each email to the
-//! inbound queue exactly once.
+//! server has it and `idle = true`, else polling) or POP3, and putting every email in exactly
+//! one visible place: published once on the inbound queue, or on the inbound DLQ with its raw
+//! bytes stored so it can be recovered (`mailbridge dlq replay`).
 //!
 //! Exactly once: each email has a dedup key (its Message-ID, else a hash of its bytes; for
-//! POP3 its UIDL). A batch is published with publisher confirms; only then are its keys and
-//! the mailbox position (UIDVALIDITY, last UID) committed together in PostgreSQL. Keys already
-//! recorded are skipped, so a restart, a re-sync, or a UIDVALIDITY change (which resyncs the
-//! folder from the start) publishes nothing twice. Memory stays bounded: messages are fetched
-//! and published `BATCH` at a time.
+//! POP3 its UIDL). A batch is published with publisher confirms; only then are its keys, what
+//! became of each, and the mailbox position (UIDVALIDITY, last UID) committed together in
+//! PostgreSQL — retried through a database outage, so a hiccup after the confirms does not
+//! publish the batch again. Keys already recorded are skipped, so a restart, a re-sync, or a
+//! UIDVALIDITY change publishes nothing twice.
+//!
+//! One email never fails or repeats its batch: one that does not parse, is larger than
+//! `[inbound] max_message_bytes`, or is refused by the broker goes to the DLQ and the batch
+//! goes on; a broker that closes the channel over one email has the rest re-published one at
+//! a time to find it. Parsing, storing attachments and encoding run on the blocking pool, so a
+//! huge or pathological email does not stall the actors' thread.
+//!
+//! Memory is bounded by bytes: bodies are fetched in groups of at most
+//! `[inbound] fetch_batch_bytes` (and 200 messages) by the sizes the server announces, and a
+//! larger email is streamed into the attachment store a piece at a time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,19 +34,33 @@ use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{Count, ReportHealth};
 use crate::actors::outbound::DLQ_CHILD;
 use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild};
-use crate::amqp::{lane_of, short_string, Publisher};
-use crate::attachments::AttachmentStore;
+use crate::amqp::{lane_of, short_string, PublishError, Publisher};
+use crate::attachments::{AttachmentError, AttachmentStore, RawWriter, StoredRaw};
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
-use crate::inbound::{answered_ids, dedup_key, parse, InboundEmail, Origin};
-use crate::mailproto::{endpoint, imap_login, ImapSession, MailboxError, Pop3};
+use crate::inbound::{header_facts, header_map_of, message_id_key, sha256_hex, uidl_key, Origin};
+use crate::intake::{self, guarded, Cursor, Outcome, Prepared, Record};
+use crate::mailproto::{
+    endpoint, imap_error, imap_login, imap_step, ImapSession, MailboxError, Pop3, ReadLimit,
+    MAX_LINE, STEP_TIMEOUT,
+};
 use crate::outbound::rfc3339;
 use crate::settings::{InitialSync, MailProtocol, Mailbox};
 use crate::storage::StorageError;
 
-/// Messages fetched, parsed and published per round.
-const BATCH: u32 = 200;
+/// At most this many messages per fetch and per published batch.
+const BATCH: usize = 200;
+/// UIDs whose sizes are listed per `UID FETCH a:b (UID RFC822.SIZE)`.
+const LIST_WINDOW: u32 = 2000;
+/// UIDs whose Message-IDs are fetched per round when recording skipped mail.
+const KEY_WINDOW: u32 = 500;
+/// How much of a header is kept for a dead letter (and read to find a Message-ID).
+const HEADER_CAP: usize = 64 * 1024;
+/// The piece in which an email too large for memory is read and stored.
+const PIECE: usize = 1024 * 1024;
 /// Longest IDLE before it is renewed (servers drop IDLE after 30 min).
 const IDLE_MAX: Duration = Duration::from_secs(25 * 60);
+/// The longest wait between retries of a publish or a database write.
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 pub fn mailbox_child(mailbox_id: &str) -> String {
     format!("mailbox:{mailbox_id}")
@@ -44,47 +70,174 @@ pub fn mailbox_child(mailbox_id: &str) -> String {
 enum FetchError {
     #[error(transparent)]
     Mailbox(#[from] MailboxError),
-    #[error("IMAP: {0}")]
-    Imap(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error("publishing to the inbound queue failed: {0}")]
-    Publish(String),
-    #[error("attachments: {0}")]
-    Attachments(String),
+    #[error("the inbound DLQ did not take an email: {0}; it is tried again on the next sync")]
+    DeadLetter(String),
+    #[error("the attachment store failed: {0}; check [attachments] dir (space, permissions)")]
+    Store(#[from] AttachmentError),
+    #[error("a blocking task failed: {0}")]
+    Task(String),
 }
 
-impl From<tokio_postgres::Error> for FetchError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        FetchError::Storage(StorageError::Query(e))
-    }
+/// Runs `f` on the blocking pool: parsing, hashing and file writes stay off the actors'
+/// thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, FetchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FetchError::Task(e.to_string()))
 }
 
-impl From<deadpool_postgres::PoolError> for FetchError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        FetchError::Storage(e.into())
-    }
-}
-
-fn imap_err(e: async_imap::error::Error) -> FetchError {
-    FetchError::Imap(e.to_string())
-}
-
-/// One message to process: where it is in the mailbox and its bytes.
+/// One fetched email: where it is in the mailbox and its bytes.
 struct Item {
-    key: String,
     /// The UID (IMAP) or UIDL (POP3), for dead letters and logs.
     uid: String,
     raw: Vec<u8>,
     received_at: Option<i64>,
+    /// Known before the bytes (POP3: `uidl:<UIDL>`); else taken from them.
+    key: Option<String>,
+}
+
+/// An email that goes to the DLQ with its bytes already stored.
+struct DeadItem {
+    key: String,
+    uid: String,
+    message_id: Option<String>,
+    error: String,
+    stored: StoredRaw,
+    /// For an email not published whole (too large): its headers.
+    headers: Option<BTreeMap<String, String>>,
+}
+
+/// How the bytes of one email are fetched: in one group with others, or alone in pieces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Group<T> {
+    Bodies(Vec<(T, u64)>),
+    Oversized(T, u64),
+}
+
+/// Groups messages (in order) into fetches of at most `batch_bytes` and `batch_count`; a
+/// message over `max_message` is a group of its own, fetched in pieces and never held whole.
+fn plan_groups<T: Copy>(
+    sizes: &[(T, u64)],
+    max_message: u64,
+    batch_bytes: u64,
+    batch_count: usize,
+) -> Vec<Group<T>> {
+    let mut out = Vec::new();
+    let mut current: Vec<(T, u64)> = Vec::new();
+    let mut bytes = 0u64;
+    for &(id, size) in sizes {
+        if size > max_message {
+            if !current.is_empty() {
+                out.push(Group::Bodies(std::mem::take(&mut current)));
+                bytes = 0;
+            }
+            out.push(Group::Oversized(id, size));
+            continue;
+        }
+        if !current.is_empty()
+            && (current.len() >= batch_count || bytes.saturating_add(size) > batch_bytes)
+        {
+            out.push(Group::Bodies(std::mem::take(&mut current)));
+            bytes = 0;
+        }
+        current.push((id, size));
+        bytes = bytes.saturating_add(size);
+    }
+    if !current.is_empty() {
+        out.push(Group::Bodies(current));
+    }
+    out
+}
+
+/// An IMAP sequence set for sorted UIDs, runs written `a:b`.
+fn uid_set(uids: &[u32]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < uids.len() {
+        let start = uids[i];
+        let mut end = start;
+        while i + 1 < uids.len() && uids[i + 1] == end.wrapping_add(1) {
+            i += 1;
+            end = uids[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        i += 1;
+    }
+    out
+}
+
+/// What one round of publishing did with each email (by index).
+#[derive(Debug, Default, PartialEq)]
+struct Round {
+    published: Vec<usize>,
+    /// The broker refused these and will refuse them again.
+    refused: Vec<(usize, PublishError)>,
+    /// Not published for a reason that can pass (channel or connection lost).
+    failed: Vec<(usize, PublishError)>,
+}
+
+/// Publishes `todo` concurrently, each confirmed. A nack or a return refuses one email. A
+/// broker that closes the channel over one email (406) fails every publish then in flight with
+/// the same error, so those — and any that failed with the channel — are published again one
+/// at a time, which tells the culprit from the rest.
+async fn publish_round<F, Fut>(todo: &[usize], publish: F) -> Round
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), PublishError>>,
+{
+    let results = futures_util::future::join_all(todo.iter().map(|&i| publish(i))).await;
+    let mut round = Round::default();
+    let mut suspects = Vec::new();
+    let mut channel_closed_by_one = false;
+    for (&i, r) in todo.iter().zip(results) {
+        match r {
+            Ok(()) => round.published.push(i),
+            Err(e @ PublishError::Refused { .. }) => {
+                channel_closed_by_one = true;
+                suspects.push((i, e));
+            }
+            Err(e) if e.is_refusal() => round.refused.push((i, e)),
+            Err(e) => suspects.push((i, e)),
+        }
+    }
+    if !channel_closed_by_one || todo.len() == 1 {
+        for (i, e) in suspects {
+            if e.is_refusal() {
+                round.refused.push((i, e));
+            } else {
+                round.failed.push((i, e));
+            }
+        }
+        return round;
+    }
+    suspects.sort_by_key(|(i, _)| *i);
+    for (i, _) in suspects {
+        match publish(i).await {
+            Ok(()) => round.published.push(i),
+            Err(e) if e.is_refusal() => round.refused.push((i, e)),
+            Err(e) => round.failed.push((i, e)),
+        }
+    }
+    round
 }
 
 /// Everything the fetch loop needs; owned by the loop.
 struct Fetch {
-    mailbox: Mailbox,
+    mailbox: Arc<Mailbox>,
     child: ChildContext,
     publisher: Arc<Publisher>,
-    store: AttachmentStore,
+    store: Arc<AttachmentStore>,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
     last_sync: Option<String>,
@@ -102,18 +255,23 @@ impl Fetch {
         ]
     }
 
+    fn source(&self) -> &'static str {
+        match self.mailbox.protocol {
+            MailProtocol::Imap => "imap",
+            MailProtocol::Pop3 => "pop3",
+        }
+    }
+
+    fn max_message(&self) -> u64 {
+        self.child.settings.inbound.max_message_bytes
+    }
+
     fn report(&self, health: ComponentHealth) {
         self.child.metrics.do_send(ReportHealth {
             id: ComponentId::Mailbox(self.mailbox.id.clone()),
             health: health
                 .with("tenant", self.mailbox.tenant_id.clone())
-                .with(
-                    "protocol",
-                    match self.mailbox.protocol {
-                        MailProtocol::Imap => "imap",
-                        MailProtocol::Pop3 => "pop3",
-                    },
-                )
+                .with("protocol", self.source())
                 .with("endpoint", endpoint(&self.mailbox))
                 .with(
                     "last_sync",
@@ -135,6 +293,19 @@ impl Fetch {
         }
     }
 
+    /// Waits before a retry: `d`, cut short by a stop (after which retries come quicker).
+    async fn retry_pause(&self, d: Duration) {
+        if self.stopped() {
+            tokio::time::sleep(d.min(Duration::from_millis(500))).await;
+            return;
+        }
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {}
+            _ = stop.changed() => {}
+        }
+    }
+
     fn report_ok(&self, idling: bool) {
         self.report(
             ComponentHealth::ok()
@@ -152,71 +323,137 @@ impl Fetch {
                 MailProtocol::Imap => self.imap().await,
                 MailProtocol::Pop3 => self.pop3().await,
             };
-            match result {
-                Ok(()) => {}
-                Err(e) => {
-                    if started.elapsed() > Duration::from_secs(60) {
-                        attempt = 0;
-                    }
-                    let delay = backoff(attempt, Duration::from_secs(60));
-                    attempt += 1;
-                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, retry_in = ?delay, "mailbox sync failed");
-                    self.child
-                        .metrics
-                        .do_send(Count::one("mailbridge_inbound_errors_total", self.labels()));
-                    self.report(
-                        ComponentHealth::down(e.to_string())
-                            .with("connected", false)
-                            .with("idling", false),
-                    );
-                    self.pause(delay).await;
+            if let Err(e) = result {
+                if self.stopped() {
+                    tracing::info!(mailbox = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
+                    break;
                 }
+                if started.elapsed() > Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                let delay = backoff(attempt, Duration::from_secs(60));
+                attempt += 1;
+                if let FetchError::Mailbox(MailboxError::Login { .. }) = e {
+                    // The username is for the log only, never for /health.
+                    tracing::warn!(mailbox = %self.mailbox.id, user = %self.mailbox.username, error = %e, retry_in = ?delay, "mailbox login failed");
+                } else {
+                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, retry_in = ?delay, "mailbox sync failed");
+                }
+                self.child
+                    .metrics
+                    .do_send(Count::one("mailbridge_inbound_errors_total", self.labels()));
+                self.report(
+                    ComponentHealth::down(e.to_string())
+                        .with("connected", false)
+                        .with("idling", false),
+                );
+                self.pause(delay).await;
             }
         }
+    }
+
+    /// Runs a database step, retrying transient failures (backoff up to 30 s) for as long as
+    /// the fetcher runs, and for up to 10 s more once it is asked to stop: what it records
+    /// was already published, and losing it would publish it again.
+    async fn db<T, F, Fut>(&self, what: &str, f: F) -> Result<T, FetchError>
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<T, StorageError>>,
+    {
+        let mut attempt = 0u32;
+        let mut stopped_at: Option<Instant> = None;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_transient() => {
+                    if self.stopped() {
+                        let since = *stopped_at.get_or_insert_with(Instant::now);
+                        if since.elapsed() > Duration::from_secs(10) {
+                            return Err(e.into());
+                        }
+                    }
+                    let delay = backoff(attempt, RETRY_MAX);
+                    attempt += 1;
+                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, retry_in = ?delay, "{what}: database unavailable, retrying");
+                    self.retry_pause(delay).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    async fn known(&self, keys: &[String]) -> Result<HashMap<String, String>, FetchError> {
+        let pool = &self.child.pool;
+        let id = &self.mailbox.id;
+        self.db("looking up known emails", || intake::known(pool, id, keys))
+            .await
+    }
+
+    async fn record(&self, rows: &[Record], cursor: Option<Cursor>) -> Result<(), FetchError> {
+        if rows.is_empty() && cursor.is_none() {
+            return Ok(());
+        }
+        let pool = &self.child.pool;
+        let id = &self.mailbox.id;
+        self.db("recording the batch", || {
+            intake::record(pool, id, rows, cursor)
+        })
+        .await
+    }
+
+    async fn cursor(&self) -> Result<Option<Cursor>, FetchError> {
+        let pool = &self.child.pool;
+        let id = &self.mailbox.id;
+        self.db("reading the mailbox position", || intake::cursor(pool, id))
+            .await
     }
 
     // ----------------------------------------------------------------------------------------
     // IMAP
 
     async fn imap(&mut self) -> Result<(), FetchError> {
-        let mut session = imap_login(&self.mailbox).await?;
-        let can_idle = session
-            .capabilities()
-            .await
-            .map_err(imap_err)?
+        let ep = endpoint(&self.mailbox);
+        let (mut session, limit) = imap_login(&self.mailbox).await?;
+        let can_idle = imap_step(&ep, "CAPABILITY", session.capabilities())
+            .await?
             .has_str("IDLE");
         loop {
-            let selected = session
-                .select(&self.mailbox.folder)
-                .await
-                .map_err(imap_err)?;
+            let selected = imap_step(&ep, "SELECT", session.select(&self.mailbox.folder)).await?;
             self.imap_sync(&mut session, &selected).await?;
             self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
             if self.stopped() {
-                let _ = session.logout().await;
+                let _ = imap_step(&ep, "LOGOUT", session.logout()).await;
                 return Ok(());
             }
             if self.mailbox.idle && can_idle {
                 self.report_ok(true);
-                session = self.idle(session).await?;
+                session = self.idle(session, &limit).await?;
             } else {
                 self.report_ok(false);
                 self.pause(self.mailbox.poll_interval).await;
             }
             if self.stopped() {
-                let _ = session.logout().await;
+                let _ = imap_step(&ep, "LOGOUT", session.logout()).await;
                 return Ok(());
             }
         }
     }
 
     /// IDLE until the server reports something, a sync is requested, or we are stopped.
-    async fn idle(&mut self, session: ImapSession) -> Result<ImapSession, FetchError> {
+    async fn idle(
+        &mut self,
+        session: ImapSession,
+        limit: &ReadLimit,
+    ) -> Result<ImapSession, FetchError> {
+        let ep = endpoint(&self.mailbox);
+        let wait = self.mailbox.poll_interval.min(IDLE_MAX);
         let mut handle = session.idle();
-        handle.init().await.map_err(imap_err)?;
+        imap_step(&ep, "IDLE", handle.init()).await?;
+        // Silence is expected while idling: the stream may wait the whole IDLE, and a little
+        // more for the server's answer to DONE.
+        limit.set(wait + STEP_TIMEOUT);
         {
-            let (fut, stop_source) =
-                handle.wait_with_timeout(self.mailbox.poll_interval.min(IDLE_MAX));
+            let (fut, stop_source) = handle.wait_with_timeout(wait);
             let mut stop_source = Some(stop_source);
             tokio::pin!(fut);
             let mut stop = self.stop.clone();
@@ -225,33 +462,10 @@ impl Fetch {
                 _ = self.wake.notified() => { stop_source.take(); (&mut fut).await }
                 _ = stop.changed() => { stop_source.take(); (&mut fut).await }
             };
-            outcome.map_err(imap_err)?;
+            outcome.map_err(|e| imap_error(&ep, "IDLE", e))?;
         }
-        handle.done().await.map_err(imap_err)
-    }
-
-    async fn cursor(&self) -> Result<Option<(u32, u32)>, FetchError> {
-        let client = self.child.pool.get().await?;
-        let row = client
-            .query_opt(
-                "SELECT uidvalidity, last_uid FROM mailbox_state WHERE mailbox_id = $1",
-                &[&self.mailbox.id],
-            )
-            .await?;
-        Ok(row.map(|r| (r.get::<_, i64>(0) as u32, r.get::<_, i64>(1) as u32)))
-    }
-
-    async fn save_cursor(&self, uidvalidity: u32, last_uid: u32) -> Result<(), FetchError> {
-        let client = self.child.pool.get().await?;
-        client
-            .execute(
-                "INSERT INTO mailbox_state (mailbox_id, uidvalidity, last_uid) VALUES ($1, $2, $3)
-                 ON CONFLICT (mailbox_id) DO UPDATE
-                 SET uidvalidity = EXCLUDED.uidvalidity, last_uid = EXCLUDED.last_uid, updated_at = now()",
-                &[&self.mailbox.id, &(uidvalidity as i64), &(last_uid as i64)],
-            )
-            .await?;
-        Ok(())
+        limit.set(STEP_TIMEOUT);
+        Ok(imap_step(&ep, "DONE", handle.done()).await?)
     }
 
     async fn imap_sync(
@@ -259,21 +473,18 @@ impl Fetch {
         session: &mut ImapSession,
         selected: &async_imap::types::Mailbox,
     ) -> Result<(), FetchError> {
+        let ep = endpoint(&self.mailbox);
         let uidvalidity = selected.uid_validity.unwrap_or(0);
         let top = match selected.uid_next {
             Some(n) => n.saturating_sub(1),
-            None => {
-                // Servers without UIDNEXT: ask for the highest UID.
-                session
-                    .uid_search("ALL")
-                    .await
-                    .map_err(imap_err)?
-                    .into_iter()
-                    .max()
-                    .unwrap_or(0)
-            }
+            // Servers without UIDNEXT: ask for the highest UID.
+            None => imap_step(&ep, "SEARCH", session.uid_search("ALL"))
+                .await?
+                .into_iter()
+                .max()
+                .unwrap_or(0),
         };
-        let mut last = match self.cursor().await? {
+        let start = match self.cursor().await? {
             Some((v, last)) if v == uidvalidity => last,
             Some((v, _)) => {
                 tracing::warn!(mailbox = %self.mailbox.id, old = v, new = uidvalidity,
@@ -283,7 +494,13 @@ impl Fetch {
             None => match self.mailbox.initial_sync {
                 InitialSync::All => 0,
                 InitialSync::New => {
-                    self.save_cursor(uidvalidity, top).await?;
+                    // What is there now is seen, and recorded so: neither a later poll nor a
+                    // UIDVALIDITY change publishes it.
+                    self.imap_skip(session, top, &BTreeSet::new()).await?;
+                    if self.stopped() {
+                        return Ok(());
+                    }
+                    self.record(&[], Some((uidvalidity, top))).await?;
                     top
                 }
                 InitialSync::Since(age) => {
@@ -291,66 +508,369 @@ impl Fetch {
                     let query = format!(
                         "SINCE {}-{}-{}",
                         since.day(),
-                        &format!("{:?}", since.month())[..3],
+                        month_abbrev(since.month()),
                         since.year()
                     );
-                    let mut uids: Vec<u32> = session
-                        .uid_search(&query)
-                        .await
-                        .map_err(imap_err)?
-                        .into_iter()
-                        .filter(|u| *u <= top)
-                        .collect();
-                    uids.sort_unstable();
-                    for chunk in uids.chunks(BATCH as usize) {
-                        let set = chunk
-                            .iter()
-                            .map(u32::to_string)
-                            .collect::<Vec<_>>()
-                            .join(",");
-                        let items = self.imap_fetch(session, &set).await?;
-                        self.process(items, Some((uidvalidity, 0))).await?;
+                    let recent: BTreeSet<u32> =
+                        imap_step(&ep, "SEARCH", session.uid_search(&query))
+                            .await?
+                            .into_iter()
+                            .filter(|u| *u <= top)
+                            .collect();
+                    self.imap_skip(session, top, &recent).await?;
+                    let uids: Vec<u32> = recent.into_iter().collect();
+                    for chunk in uids.chunks(LIST_WINDOW as usize) {
+                        if self.stopped() {
+                            return Ok(());
+                        }
+                        let wanted: HashSet<u32> = chunk.iter().copied().collect();
+                        let sizes = self
+                            .imap_sizes(session, &uid_set(chunk), |u| wanted.contains(&u))
+                            .await?;
+                        self.imap_groups(session, uidvalidity, &sizes, None).await?;
                     }
-                    self.save_cursor(uidvalidity, top).await?;
+                    if self.stopped() {
+                        return Ok(());
+                    }
+                    self.record(&[], Some((uidvalidity, top))).await?;
                     top
                 }
             },
         };
-        while last < top && !self.stopped() {
-            let upper = top.min(last.saturating_add(BATCH));
-            let items = self
-                .imap_fetch(session, &format!("{}:{}", last + 1, upper))
+        let mut next = start.saturating_add(1);
+        while next <= top && start < top && !self.stopped() {
+            let upper = top.min(next.saturating_add(LIST_WINDOW - 1));
+            let sizes = self
+                .imap_sizes(session, &format!("{next}:{upper}"), |u| {
+                    (next..=upper).contains(&u)
+                })
                 .await?;
-            self.process(items, Some((uidvalidity, upper))).await?;
-            last = upper;
+            self.imap_groups(session, uidvalidity, &sizes, Some(upper))
+                .await?;
+            if upper == u32::MAX {
+                break;
+            }
+            next = upper + 1;
         }
         Ok(())
     }
 
-    async fn imap_fetch(
+    /// The sizes (RFC822.SIZE) of the messages of `set` (those `wanted`), by UID. A message
+    /// the server gives no size for counts as 0: it is fetched with the others, and its
+    /// actual size is checked once it is read.
+    async fn imap_sizes(
         &self,
         session: &mut ImapSession,
         set: &str,
-    ) -> Result<Vec<Item>, FetchError> {
-        let mut stream = session
-            .uid_fetch(set, "(UID INTERNALDATE BODY.PEEK[])")
-            .await
-            .map_err(imap_err)?;
-        let mut items = Vec::new();
+        wanted: impl Fn(u32) -> bool,
+    ) -> Result<Vec<(u32, u64)>, FetchError> {
+        let ep = endpoint(&self.mailbox);
+        let mut stream =
+            imap_step(&ep, "FETCH", session.uid_fetch(set, "(UID RFC822.SIZE)")).await?;
+        let mut sizes = BTreeMap::new();
         while let Some(f) = stream.next().await {
-            let f = f.map_err(imap_err)?;
+            let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
+            // Unsolicited FETCH responses (flag changes of other messages) are not ours.
+            if let Some(uid) = f.uid.filter(|u| wanted(*u)) {
+                sizes.insert(uid, f.size.map(u64::from).unwrap_or(0));
+            }
+        }
+        Ok(sizes.into_iter().collect())
+    }
+
+    /// Fetches and processes the messages of one size listing, group by group. With
+    /// `window_end`, the position advances with each group (to `window_end` after the last).
+    async fn imap_groups(
+        &self,
+        session: &mut ImapSession,
+        uidvalidity: u32,
+        sizes: &[(u32, u64)],
+        window_end: Option<u32>,
+    ) -> Result<(), FetchError> {
+        let inbound = &self.child.settings.inbound;
+        let groups = plan_groups(
+            sizes,
+            inbound.max_message_bytes,
+            inbound.fetch_batch_bytes,
+            BATCH,
+        );
+        if groups.is_empty() {
+            if let Some(end) = window_end {
+                self.record(&[], Some((uidvalidity, end))).await?;
+            }
+            return Ok(());
+        }
+        let count = groups.len();
+        for (i, group) in groups.into_iter().enumerate() {
+            if self.stopped() {
+                return Ok(());
+            }
+            let last_uid = match &group {
+                Group::Bodies(list) => list.last().map(|(u, _)| *u).unwrap_or(0),
+                Group::Oversized(u, _) => *u,
+            };
+            let cursor =
+                window_end.map(|end| (uidvalidity, if i + 1 == count { end } else { last_uid }));
+            match group {
+                Group::Bodies(list) => {
+                    let uids: Vec<u32> = list.iter().map(|(u, _)| *u).collect();
+                    let items = self.imap_bodies(session, &uids).await?;
+                    self.process(items, Vec::new(), cursor).await?;
+                }
+                Group::Oversized(uid, size) => {
+                    self.imap_oversized(session, uid, size, cursor).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn imap_bodies(
+        &self,
+        session: &mut ImapSession,
+        uids: &[u32],
+    ) -> Result<Vec<Item>, FetchError> {
+        let ep = endpoint(&self.mailbox);
+        let wanted: HashSet<u32> = uids.iter().copied().collect();
+        let mut stream = imap_step(
+            &ep,
+            "FETCH",
+            session.uid_fetch(uid_set(uids), "(UID INTERNALDATE BODY.PEEK[])"),
+        )
+        .await?;
+        let mut items = Vec::with_capacity(uids.len());
+        while let Some(f) = stream.next().await {
+            let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
+            // Unsolicited FETCH responses (flag changes of other messages) are not ours.
             let (Some(uid), Some(body)) = (f.uid, f.body()) else {
                 continue;
             };
+            if !wanted.contains(&uid) {
+                continue;
+            }
             items.push(Item {
-                key: dedup_key(body),
                 uid: uid.to_string(),
                 raw: body.to_vec(),
                 received_at: f.internal_date().map(|d| d.timestamp()),
+                key: None,
             });
         }
+        // Messages listed but not returned were expunged meanwhile: nothing to publish.
         items.sort_by_key(|i| i.uid.parse::<u32>().unwrap_or(0));
         Ok(items)
+    }
+
+    /// The first [`HEADER_CAP`] bytes of a message's header.
+    async fn imap_header(
+        &self,
+        session: &mut ImapSession,
+        uid: u32,
+    ) -> Result<Option<Vec<u8>>, FetchError> {
+        let ep = endpoint(&self.mailbox);
+        let mut stream = imap_step(
+            &ep,
+            "FETCH",
+            session.uid_fetch(
+                uid.to_string(),
+                format!("(UID BODY.PEEK[HEADER]<0.{HEADER_CAP}>)"),
+            ),
+        )
+        .await?;
+        let mut header = None;
+        while let Some(f) = stream.next().await {
+            let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
+            if f.uid == Some(uid) {
+                if let Some(h) = f.header() {
+                    header = Some(h.to_vec());
+                }
+            }
+        }
+        Ok(header)
+    }
+
+    /// Streams a message in [`PIECE`]s (`BODY.PEEK[]<offset.length>`) to `sink`; false when
+    /// the message is gone.
+    async fn imap_pieces(
+        &self,
+        session: &mut ImapSession,
+        uid: u32,
+        size: u64,
+        sink: &mut RawSink,
+    ) -> Result<bool, FetchError> {
+        let ep = endpoint(&self.mailbox);
+        let mut offset = 0u64;
+        loop {
+            let mut stream = imap_step(
+                &ep,
+                "FETCH",
+                session.uid_fetch(
+                    uid.to_string(),
+                    format!("(UID BODY.PEEK[]<{offset}.{PIECE}>)"),
+                ),
+            )
+            .await?;
+            let mut piece: Option<Vec<u8>> = None;
+            while let Some(f) = stream.next().await {
+                let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
+                if f.uid == Some(uid) {
+                    if let Some(b) = f.body() {
+                        piece = Some(b.to_vec());
+                    }
+                }
+            }
+            drop(stream);
+            let Some(piece) = piece else {
+                return Ok(offset > 0);
+            };
+            sink.push(&piece).await?;
+            offset += piece.len() as u64;
+            // A short piece is the end; a server that keeps sending past the size it
+            // announced is cut off there.
+            if piece.len() < PIECE || offset > size.saturating_add(PIECE as u64) {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// A message over `max_message_bytes`: never parsed or published, nor held whole. Its
+    /// header and size go to the DLQ, its bytes to the attachment store, its key is recorded.
+    async fn imap_oversized(
+        &self,
+        session: &mut ImapSession,
+        uid: u32,
+        size: u64,
+        cursor: Option<Cursor>,
+    ) -> Result<(), FetchError> {
+        let header = self.imap_header(session, uid).await?.unwrap_or_default();
+        let (facts, headers) =
+            blocking(move || guarded(|| (header_facts(&header), header_map_of(&header))))
+                .await?
+                .unwrap_or_default();
+        if let Some(key) = &facts.key {
+            if !self.known(std::slice::from_ref(key)).await?.is_empty() {
+                return self.record(&[], cursor).await;
+            }
+        }
+        let mut sink = RawSink::store(&self.store)?;
+        if !self.imap_pieces(session, uid, size, &mut sink).await? {
+            return self.record(&[], cursor).await;
+        }
+        let stored = sink.finish().await?;
+        let key = match facts.key {
+            Some(k) => k,
+            None => {
+                let k = format!("sha256:{}", stored.id);
+                if !self.known(std::slice::from_ref(&k)).await?.is_empty() {
+                    return self.record(&[], cursor).await;
+                }
+                k
+            }
+        };
+        let dead = DeadItem {
+            key,
+            uid: uid.to_string(),
+            message_id: facts.message_id,
+            error: too_large(stored.size, self.max_message()),
+            stored,
+            headers: Some(headers),
+        };
+        self.process(Vec::new(), vec![dead], cursor).await?;
+        Ok(())
+    }
+
+    /// Records the keys of the messages up to `top` that `initial_sync` leaves out (all but
+    /// `keep`) as `skipped-initial`, without moving the position (the caller does that once
+    /// all are recorded). Keys come from the Message-ID header; a message without one is read
+    /// whole (in pieces when large) to hash it exactly as its dedup key does.
+    async fn imap_skip(
+        &self,
+        session: &mut ImapSession,
+        top: u32,
+        keep: &BTreeSet<u32>,
+    ) -> Result<(), FetchError> {
+        let ep = endpoint(&self.mailbox);
+        let mut next = 1u32;
+        while next <= top && !self.stopped() {
+            let upper = top.min(next.saturating_add(KEY_WINDOW - 1));
+            let mut stream = imap_step(
+                &ep,
+                "FETCH",
+                session.uid_fetch(
+                    format!("{next}:{upper}"),
+                    "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
+                ),
+            )
+            .await?;
+            let mut found: Vec<(u32, u64, Vec<u8>)> = Vec::new();
+            while let Some(f) = stream.next().await {
+                let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
+                let Some(uid) = f
+                    .uid
+                    .filter(|u| (next..=upper).contains(u) && !keep.contains(u))
+                else {
+                    continue;
+                };
+                // HEADER.FIELDS comes back as a header section.
+                let fields = f.header().map(<[u8]>::to_vec).unwrap_or_default();
+                found.push((uid, f.size.map(u64::from).unwrap_or(0), fields));
+            }
+            drop(stream);
+            let keyed: Vec<(u32, u64, Option<String>)> = blocking(move || {
+                found
+                    .into_iter()
+                    .map(|(uid, size, fields)| {
+                        let key = guarded(|| {
+                            mail_parser::MessageParser::default()
+                                .parse_headers(&fields)
+                                .and_then(|m| m.message_id().and_then(message_id_key))
+                        })
+                        .ok()
+                        .flatten();
+                        (uid, size, key)
+                    })
+                    .collect()
+            })
+            .await?;
+            let mut rows = Vec::with_capacity(keyed.len());
+            for (uid, size, key) in keyed {
+                let key = match key {
+                    Some(k) => Some(k),
+                    None => self.imap_hash_key(session, uid, size).await?,
+                };
+                if let Some(k) = key {
+                    rows.push(Record::new(k, Outcome::SkippedInitial));
+                }
+            }
+            self.record(&rows, None).await?;
+            if upper == u32::MAX {
+                break;
+            }
+            next = upper + 1;
+        }
+        Ok(())
+    }
+
+    /// The `sha256:` dedup key of a message without a Message-ID, from its bytes; None when
+    /// it is gone.
+    async fn imap_hash_key(
+        &self,
+        session: &mut ImapSession,
+        uid: u32,
+        size: u64,
+    ) -> Result<Option<String>, FetchError> {
+        if size <= self.max_message() {
+            let items = self.imap_bodies(session, &[uid]).await?;
+            let Some(item) = items.into_iter().next() else {
+                return Ok(None);
+            };
+            let key = blocking(move || format!("sha256:{}", sha256_hex(&item.raw))).await?;
+            return Ok(Some(key));
+        }
+        let mut sink = RawSink::hash();
+        if !self.imap_pieces(session, uid, size, &mut sink).await? {
+            return Ok(None);
+        }
+        Ok(Some(format!("sha256:{}", sink.finish().await?.id)))
     }
 
     // ----------------------------------------------------------------------------------------
@@ -371,251 +891,391 @@ impl Fetch {
     async fn pop3_sync(&mut self) -> Result<(), FetchError> {
         let mut pop = Pop3::login(&self.mailbox).await?;
         let listing = pop.uidl().await?;
+        let sizes: HashMap<u32, u64> = pop.list().await?.into_iter().collect();
         let first_contact = self.cursor().await?.is_none();
-        if first_contact && self.mailbox.initial_sync == InitialSync::New {
-            // What is there now counts as seen; only later mail is published.
-            let keys: Vec<String> = listing.iter().map(|(_, u)| format!("uidl:{u}")).collect();
-            self.record(&keys, &[], "skipped-initial", None).await?;
-            self.save_cursor(0, 0).await?;
-            pop.quit().await?;
-            return Ok(());
-        }
-        let keys: Vec<String> = listing.iter().map(|(_, u)| format!("uidl:{u}")).collect();
+        let key_of = uidl_key;
+        let keys: Vec<String> = listing.iter().map(|(_, u)| key_of(u)).collect();
         let known = self.known(&keys).await?;
-        let new: Vec<&(u32, String)> = listing
-            .iter()
-            .filter(|(_, u)| !known.contains(&format!("uidl:{u}")))
-            .collect();
-        let since = match self.mailbox.initial_sync {
-            InitialSync::Since(age) if first_contact => {
-                Some((time::OffsetDateTime::now_utc() - age).unix_timestamp())
-            }
-            _ => None,
-        };
-        for chunk in new.chunks(50) {
-            if self.stopped() {
-                break;
-            }
-            let mut items = Vec::new();
-            for (n, uidl) in chunk {
-                let raw = pop.retr(*n).await?;
-                items.push(Item {
-                    key: format!("uidl:{uidl}"),
-                    uid: uidl.clone(),
-                    raw,
-                    received_at: None,
-                });
-            }
-            if let Some(since) = since {
-                items.retain(|i| {
-                    mail_parser::MessageParser::default()
-                        .parse_headers(&i.raw)
-                        .and_then(|m| m.date().map(|d| d.to_timestamp()))
-                        .is_none_or(|t| t >= since)
-                });
-            }
-            self.process(items, None).await?;
-            if self.mailbox.delete_after_fetch {
-                for (n, _) in chunk {
+        if self.mailbox.delete_after_fetch {
+            // Published (or dead-lettered) before, but the session that did it ended before
+            // its deletions took effect.
+            for (n, uidl) in &listing {
+                if known
+                    .get(&key_of(uidl))
+                    .is_some_and(|o| o != Outcome::SkippedInitial.as_str())
+                {
                     pop.dele(*n).await?;
                 }
             }
         }
+        let mut new: Vec<(u32, String)> = listing
+            .into_iter()
+            .filter(|(_, u)| !known.contains_key(&key_of(u)))
+            .collect();
         if first_contact {
-            self.save_cursor(0, 0).await?;
+            match self.mailbox.initial_sync {
+                InitialSync::All => {}
+                InitialSync::New => {
+                    // What is there now counts as seen; only later mail is published.
+                    let rows: Vec<Record> = new
+                        .iter()
+                        .map(|(_, u)| Record::new(key_of(u), Outcome::SkippedInitial))
+                        .collect();
+                    self.record(&rows, Some((0, 0))).await?;
+                    pop.quit().await?;
+                    return Ok(());
+                }
+                InitialSync::Since(age) => {
+                    let since = (time::OffsetDateTime::now_utc() - age).unix_timestamp();
+                    let mut recent = Vec::with_capacity(new.len());
+                    let mut skipped = Vec::new();
+                    for (n, uidl) in new {
+                        if self.stopped() {
+                            self.record(&skipped, None).await?;
+                            return Ok(());
+                        }
+                        let header = pop.top_header(n, HEADER_CAP).await?;
+                        let date = guarded(|| {
+                            mail_parser::MessageParser::default()
+                                .parse_headers(&header)
+                                .and_then(|m| m.date().map(|d| d.to_timestamp()))
+                        })
+                        .ok()
+                        .flatten();
+                        // Without a Date there is nothing to go by: published.
+                        if date.is_some_and(|t| t < since) {
+                            skipped.push(Record::new(key_of(&uidl), Outcome::SkippedInitial));
+                        } else {
+                            recent.push((n, uidl));
+                        }
+                    }
+                    self.record(&skipped, None).await?;
+                    new = recent;
+                }
+            }
+        }
+        // Batches end at 200 messages or `fetch_batch_bytes` — counted by the bytes that
+        // arrived, not by the sizes the server announced.
+        let batch_bytes = self.child.settings.inbound.fetch_batch_bytes;
+        let mut batch = Pop3Batch::default();
+        for (n, uidl) in &new {
+            if self.stopped() {
+                break;
+            }
+            let size = sizes.get(n).copied().unwrap_or(0);
+            if !batch.members.is_empty() && batch.held.saturating_add(size) > batch_bytes {
+                self.pop3_flush(&mut pop, std::mem::take(&mut batch))
+                    .await?;
+            }
+            match self.pop3_retrieve(&mut pop, *n, size).await? {
+                Retrieved::Whole(raw) => {
+                    batch.held += raw.len() as u64;
+                    batch.items.push(Item {
+                        uid: uidl.clone(),
+                        raw,
+                        received_at: None,
+                        key: Some(key_of(uidl)),
+                    });
+                }
+                Retrieved::Stored {
+                    stored,
+                    head,
+                    error,
+                } => {
+                    let (facts, headers) =
+                        blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
+                            .await?
+                            .unwrap_or_default();
+                    batch.dead.push(DeadItem {
+                        key: key_of(uidl),
+                        uid: uidl.clone(),
+                        message_id: facts.message_id,
+                        error,
+                        stored,
+                        headers: Some(headers),
+                    });
+                }
+            }
+            batch.members.push((*n, key_of(uidl)));
+            if batch.members.len() >= BATCH || batch.held >= batch_bytes {
+                self.pop3_flush(&mut pop, std::mem::take(&mut batch))
+                    .await?;
+            }
+        }
+        if !batch.members.is_empty() {
+            self.pop3_flush(&mut pop, batch).await?;
+        }
+        if first_contact && !self.stopped() {
+            self.record(&[], Some((0, 0))).await?;
         }
         pop.quit().await?;
         Ok(())
     }
 
-    // ----------------------------------------------------------------------------------------
-    // Publishing
-
-    async fn known(&self, keys: &[String]) -> Result<HashSet<String>, FetchError> {
-        if keys.is_empty() {
-            return Ok(HashSet::new());
-        }
-        let client = self.child.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT dedup_key FROM inbound_published WHERE mailbox_id = $1 AND dedup_key = ANY($2)",
-                &[&self.mailbox.id, &keys],
-            )
-            .await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    /// Records keys (and, for IMAP, the new position) in one transaction.
-    async fn record(
-        &self,
-        keys: &[String],
-        message_ids: &[Option<String>],
-        outcome: &str,
-        cursor: Option<(u32, u32)>,
-    ) -> Result<(), FetchError> {
-        let mut client = self.child.pool.get().await?;
-        let tx = client.transaction().await?;
-        if !keys.is_empty() {
-            let ids: Vec<Option<String>> = (0..keys.len())
-                .map(|i| message_ids.get(i).cloned().flatten())
-                .collect();
-            tx.execute(
-                "INSERT INTO inbound_published (mailbox_id, dedup_key, message_id, outcome)
-                 SELECT $1, k, m, $4 FROM UNNEST($2::text[], $3::text[]) AS x(k, m)
-                 ON CONFLICT DO NOTHING",
-                &[&self.mailbox.id, &keys, &ids, &outcome],
-            )
-            .await?;
-        }
-        if let Some((v, last)) = cursor {
-            if last > 0 {
-                tx.execute(
-                    "INSERT INTO mailbox_state (mailbox_id, uidvalidity, last_uid) VALUES ($1, $2, $3)
-                     ON CONFLICT (mailbox_id) DO UPDATE
-                     SET uidvalidity = EXCLUDED.uidvalidity,
-                         last_uid = GREATEST(CASE WHEN mailbox_state.uidvalidity = EXCLUDED.uidvalidity
-                                                  THEN mailbox_state.last_uid ELSE 0 END,
-                                             EXCLUDED.last_uid),
-                         updated_at = now()",
-                    &[&self.mailbox.id, &(v as i64), &(last as i64)],
-                )
-                .await?;
+    /// Processes one POP3 batch and, with `delete_after_fetch`, deletes what it published or
+    /// dead-lettered (the deletions take effect at QUIT).
+    async fn pop3_flush(&self, pop: &mut Pop3, batch: Pop3Batch) -> Result<(), FetchError> {
+        let handled = self.process(batch.items, batch.dead, None).await?;
+        if self.mailbox.delete_after_fetch {
+            for (n, key) in &batch.members {
+                if handled.contains(key) {
+                    pop.dele(*n).await?;
+                }
             }
         }
-        tx.commit().await?;
         Ok(())
     }
 
-    async fn dead_letter(
+    /// `RETR n`, into memory when it is within `max_message_bytes` (and no line is longer
+    /// than [`MAX_LINE`]); otherwise streamed into the attachment store, keeping only the
+    /// start of its header.
+    async fn pop3_retrieve(
         &self,
-        uid: &str,
-        message_id: Option<String>,
-        reason: String,
-    ) -> Result<(), FetchError> {
-        tracing::warn!(mailbox = %self.mailbox.id, uid, %reason, "inbound email dead-lettered");
-        let entry = DeadLetterEntry {
-            message_id,
-            tenant_id: Some(self.mailbox.tenant_id.clone()),
-            error: reason,
-            error_class: "permanent".into(),
-            failed_at: rfc3339(time::OffsetDateTime::now_utc()),
-            mailbox_id: Some(self.mailbox.id.clone()),
-            uid: Some(uid.to_string()),
-            ..DeadLetterEntry::default()
+        pop: &mut Pop3,
+        n: u32,
+        size: u64,
+    ) -> Result<Retrieved, FetchError> {
+        let limit = self.max_message();
+        let mut body = pop.retr(n).await?;
+        // Grown by what arrives, not sized by what the server announced.
+        let mut raw = Vec::with_capacity(usize::try_from(size.min(PIECE as u64)).unwrap_or(0));
+        let long_line = if size > limit {
+            false
+        } else {
+            loop {
+                let more = body.read_into(&mut raw, PIECE).await?;
+                if raw.len() as u64 > limit {
+                    break false;
+                }
+                if body.longest_line() > MAX_LINE {
+                    break true;
+                }
+                if !more {
+                    return Ok(Retrieved::Whole(raw));
+                }
+            }
         };
-        let dlq = self
-            .child
-            .supervisor
-            .send(FindChild::<DeadLetterActor>::named(DLQ_CHILD))
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| FetchError::Publish("the DLQ actor is not running".into()))?;
-        dlq.send(DeadLetter {
-            queue: self.child.settings.queues.inbound_dlq(),
-            entry,
-            body: None,
-            keep_whole: 0,
+        // Spill: what was read so far, then the rest piece by piece.
+        let mut sink = RawSink::store(&self.store)?;
+        let head = raw[..raw.len().min(HEADER_CAP)].to_vec();
+        let mut head = if head.is_empty() { None } else { Some(head) };
+        sink.push(&raw).await?;
+        raw.clear();
+        raw.shrink_to(PIECE);
+        loop {
+            let more = body.read_into(&mut raw, PIECE).await?;
+            if head.is_none() {
+                head = Some(raw[..raw.len().min(HEADER_CAP)].to_vec());
+            }
+            sink.push(&raw).await?;
+            raw.clear();
+            if !more {
+                break;
+            }
+        }
+        let stored = sink.finish().await?;
+        let error = if long_line {
+            format!(
+                "the email has a line longer than {MAX_LINE} bytes; it was not published. Its bytes are stored (raw_id); replay it to publish it anyway"
+            )
+        } else {
+            too_large(stored.size, limit)
+        };
+        Ok(Retrieved::Stored {
+            stored,
+            head: head.unwrap_or_default(),
+            error,
         })
-        .await
-        .map_err(|e| FetchError::Publish(e.to_string()))?
-        .map_err(|e| FetchError::Publish(e.to_string()))
     }
 
-    /// Parses, stores attachments, publishes (confirmed), then records: one batch.
+    // ----------------------------------------------------------------------------------------
+    // One batch: prepare, publish, dead-letter, record
+
+    /// Processes one batch; returns the keys now recorded for it (published, dead-lettered or
+    /// known before). When the fetcher is stopped before every email is published, what was
+    /// published is recorded and the position is left where it was.
     async fn process(
         &self,
         items: Vec<Item>,
-        cursor: Option<(u32, u32)>,
-    ) -> Result<(), FetchError> {
-        let fetched = items.len() as u64;
-        let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
-        let known = self.known(&keys).await?;
-        let mut seen = HashSet::new();
-        let m = &self.mailbox;
-        let source = match m.protocol {
-            MailProtocol::Imap => "imap",
-            MailProtocol::Pop3 => "pop3",
-        };
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut emails: Vec<(String, InboundEmail)> = Vec::new();
-        let mut dead: Vec<(String, Option<String>)> = Vec::new();
-        for item in items {
-            if known.contains(&item.key) || !seen.insert(item.key.clone()) {
-                continue;
-            }
-            let origin = Origin {
-                tenant_id: &m.tenant_id,
-                provider_id: &m.provider_id,
-                mailbox_id: &m.id,
-                user_id: &m.user_id,
-                source,
-                received_at: item.received_at,
-            };
-            match parse(&item.raw, &origin) {
-                Ok((mut email, raws)) => {
-                    for (slot, raw) in email.attachments.iter_mut().zip(&raws) {
-                        let id = self
-                            .store
-                            .store(&raw.bytes)
-                            .map_err(|e| FetchError::Attachments(e.to_string()))?;
-                        slot.url = self.store.link(&id, &raw.filename, &raw.mime_type, now);
-                    }
-                    emails.push((item.key, email));
-                }
-                Err(e) => {
-                    self.dead_letter(&item.uid, None, e.to_string()).await?;
-                    dead.push((item.key, None));
-                }
-            }
-        }
-        self.match_replies(&mut emails).await?;
+        mut dead: Vec<DeadItem>,
+        cursor: Option<Cursor>,
+    ) -> Result<HashSet<String>, FetchError> {
+        let fetched = (items.len() + dead.len()) as u64;
+        let mailbox = self.mailbox.clone();
+        let store = self.store.clone();
+        let limit = self.max_message();
 
-        // Published concurrently on this mailbox's lane (in order), each confirmed.
-        let lane = lane_of(&m.id);
-        let queue = self.child.settings.queues.inbound.clone();
-        let mut bodies = Vec::with_capacity(emails.len());
-        for (_, email) in &emails {
-            let body = serde_json::to_vec(email).map_err(|e| FetchError::Publish(e.to_string()))?;
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(short_string(&email.message_id));
-            bodies.push((body, props));
-        }
-        let confirms = futures_util::future::join_all(bodies.into_iter().map(|(body, props)| {
-            let publisher = self.publisher.clone();
-            let queue = queue.clone();
-            async move { publisher.publish(lane, &queue, &body, props).await }
-        }))
-        .await;
-        let mut published_keys = Vec::new();
-        let mut published_ids = Vec::new();
-        for ((key, email), confirm) in emails.into_iter().zip(confirms) {
-            match confirm {
-                Ok(()) => {
-                    published_keys.push(key);
-                    published_ids.push(Some(email.message_id));
+        // 1. Keys and reply candidates, from the headers (off the actors' thread).
+        let keyed: Vec<(Item, crate::inbound::HeaderFacts)> =
+            blocking(move || {
+                items
+                    .into_iter()
+                    .map(|mut item| {
+                        let facts = guarded(|| header_facts(&item.raw)).unwrap_or_default();
+                        if item.key.is_none() {
+                            item.key =
+                                Some(facts.key.clone().unwrap_or_else(|| {
+                                    format!("sha256:{}", sha256_hex(&item.raw))
+                                }));
+                        }
+                        (item, facts)
+                    })
+                    .collect()
+            })
+            .await?;
+        let mut keys: Vec<String> = keyed.iter().filter_map(|(i, _)| i.key.clone()).collect();
+        keys.extend(dead.iter().map(|d| d.key.clone()));
+        let known = self.known(&keys).await?;
+        let mut handled: HashSet<String> = known.keys().cloned().collect();
+        let mut seen = HashSet::new();
+        let fresh: Vec<(Item, crate::inbound::HeaderFacts)> = keyed
+            .into_iter()
+            .filter(|(i, _)| {
+                let k = i.key.clone().unwrap_or_default();
+                !known.contains_key(&k) && seen.insert(k)
+            })
+            .collect();
+        dead.retain(|d| !known.contains_key(&d.key) && seen.insert(d.key.clone()));
+        let candidates: Vec<String> = fresh
+            .iter()
+            .flat_map(|(_, f)| f.reply_candidates.iter().cloned())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let pool = &self.child.pool;
+        let tenant = &self.mailbox.tenant_id;
+        let replies = self
+            .db("matching replies", || {
+                intake::reply_matches(pool, tenant, &candidates)
+            })
+            .await?;
+
+        // 2. Parse, store attachments, encode; a message that is not an email (or too
+        // large after all: the server said less) is stored raw for the DLQ.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let source = self.source();
+        let prepared: Vec<(Item, Result<Prepared, DeadItem>)> = blocking(move || {
+            let mut out = Vec::with_capacity(fresh.len());
+            for (item, facts) in fresh {
+                let key = item.key.clone().unwrap_or_default();
+                let dead = |error: String, headers| -> Result<DeadItem, AttachmentError> {
+                    Ok(DeadItem {
+                        key: key.clone(),
+                        uid: item.uid.clone(),
+                        message_id: facts.message_id.clone(),
+                        error,
+                        stored: store.store_durably(&item.raw)?,
+                        headers,
+                    })
+                };
+                if item.raw.len() as u64 > limit {
+                    let head = &item.raw[..item.raw.len().min(HEADER_CAP)];
+                    let headers = guarded(|| header_map_of(head)).unwrap_or_default();
+                    let d = dead(too_large(item.raw.len() as u64, limit), Some(headers))?;
+                    out.push((item, Err(d)));
+                    continue;
                 }
-                Err(e) if e.is_refusal() => {
-                    self.dead_letter(
-                        "",
-                        Some(email.message_id.clone()),
-                        format!("the broker refused to take the email: {e}"),
-                    )
-                    .await?;
-                    dead.push((key, Some(email.message_id)));
+                let origin = Origin {
+                    tenant_id: &mailbox.tenant_id,
+                    provider_id: &mailbox.provider_id,
+                    mailbox_id: &mailbox.id,
+                    user_id: &mailbox.user_id,
+                    source,
+                    received_at: item.received_at,
+                };
+                match intake::prepare(&item.raw, &origin, &store, &replies, now) {
+                    Ok(p) => out.push((item, Ok(p))),
+                    Err(e) if e.is_the_emails() => {
+                        let d = dead(e.to_string(), None)?;
+                        out.push((item, Err(d)));
+                    }
+                    Err(intake::PrepareError::Store(e)) => return Err(e),
+                    Err(e) => {
+                        return Err(AttachmentError::Io {
+                            path: String::new(),
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    }
                 }
-                Err(e) => return Err(FetchError::Publish(e.to_string())),
+            }
+            Ok(out)
+        })
+        .await??;
+        let mut ready: Vec<(Item, Prepared)> = Vec::new();
+        for (item, p) in prepared {
+            match p {
+                Ok(p) => ready.push((item, p)),
+                Err(d) => dead.push(d),
             }
         }
-        let published = published_keys.len() as u64;
-        self.record(&published_keys, &published_ids, "published", cursor)
-            .await?;
-        if !dead.is_empty() {
-            let (k, ids): (Vec<String>, Vec<Option<String>>) = dead.into_iter().unzip();
-            self.record(&k, &ids, "dead-lettered", None).await?;
+
+        // 3. Publish (confirmed); refused emails join the dead ones.
+        let mut rows: Vec<Record> = Vec::new();
+        let outcome = self.publish_all(&ready).await;
+        for &i in &outcome.published {
+            if let Some((item, p)) = ready.get(i) {
+                rows.push(Record {
+                    message_id: Some(p.message_id.clone()),
+                    ..Record::new(item.key.clone().unwrap_or_default(), Outcome::Published)
+                });
+            }
         }
+        let published = rows.len() as u64;
+        if !outcome.refused.is_empty() {
+            let mut refused: Vec<(Item, String, String)> = Vec::new();
+            let mut by_index: HashMap<usize, PublishError> = outcome.refused.into_iter().collect();
+            for (i, (item, p)) in ready.into_iter().enumerate() {
+                if let Some(e) = by_index.remove(&i) {
+                    refused.push((
+                        item,
+                        p.message_id,
+                        format!("the broker refused to take the email: {e}"),
+                    ));
+                }
+            }
+            let store = self.store.clone();
+            let stored = blocking(move || {
+                refused
+                    .into_iter()
+                    .map(|(item, id, error)| {
+                        Ok(DeadItem {
+                            key: item.key.unwrap_or_default(),
+                            stored: store.store_durably(&item.raw)?,
+                            uid: item.uid,
+                            message_id: Some(id),
+                            error,
+                            headers: None,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, AttachmentError>>()
+            })
+            .await?;
+            match stored {
+                Ok(d) => dead.extend(d),
+                Err(e) => {
+                    self.record(&rows, None).await?;
+                    return Err(e.into());
+                }
+            }
+        }
+
+        // 4. Dead letters (confirmed), then everything recorded together.
+        let all_done = outcome.unpublished == 0;
+        if let Err(e) = self.dead_letter(&dead).await {
+            self.record(&rows, None).await?;
+            return Err(e);
+        }
+        for d in &dead {
+            rows.push(Record {
+                message_id: d.message_id.clone(),
+                raw_id: Some(d.stored.id.clone()),
+                error: Some(d.error.clone()),
+                ..Record::new(d.key.clone(), Outcome::DeadLettered)
+            });
+        }
+        self.record(&rows, cursor.filter(|_| all_done)).await?;
+        handled.extend(rows.into_iter().map(|r| r.key));
+
         let metrics = &self.child.metrics;
         metrics.do_send(Count {
             name: "mailbridge_inbound_fetched_total",
@@ -628,35 +1288,245 @@ impl Fetch {
                 labels: self.labels(),
                 by: published,
             });
-            tracing::info!(mailbox = %m.id, published, "published inbound email");
+            tracing::info!(mailbox = %self.mailbox.id, published, "published inbound email");
+        }
+        // Not all published means the fetcher was stopped while retrying: the rest stays
+        // unrecorded (and the position where it was) for the next run.
+        Ok(handled)
+    }
+
+    /// Publishes every prepared email, each confirmed, on this mailbox's lane. Refusals are
+    /// final for their email; failures of the channel or connection are retried (backoff up
+    /// to 30 s) until they pass or the fetcher is stopped.
+    async fn publish_all(&self, ready: &[(Item, Prepared)]) -> Published {
+        let lane = lane_of(&self.mailbox.id);
+        let queue = &self.child.settings.queues.inbound;
+        let publish = |i: usize| {
+            let publisher = self.publisher.clone();
+            let p = ready.get(i).map(|(_, p)| p);
+            async move {
+                let Some(p) = p else {
+                    return Ok(());
+                };
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(short_string(&p.message_id));
+                publisher.publish(lane, queue, &p.body, props).await
+            }
+        };
+        let mut out = Published::default();
+        let mut todo: Vec<usize> = (0..ready.len()).collect();
+        let mut attempt = 0u32;
+        while !todo.is_empty() {
+            let round = publish_round(&todo, publish).await;
+            out.published.extend(round.published);
+            out.refused.extend(round.refused);
+            todo = round.failed.iter().map(|(i, _)| *i).collect();
+            if let Some((_, e)) = round.failed.first() {
+                if self.stopped() {
+                    break;
+                }
+                let delay = backoff(attempt, RETRY_MAX);
+                attempt += 1;
+                tracing::warn!(mailbox = %self.mailbox.id, error = %e, unpublished = todo.len(), retry_in = ?delay,
+                    "publishing inbound email failed; retrying");
+                self.retry_pause(delay).await;
+            }
+        }
+        out.unpublished = todo.len();
+        out
+    }
+
+    /// Puts every dead item on the inbound DLQ, each confirmed by the broker.
+    async fn dead_letter(&self, dead: &[DeadItem]) -> Result<(), FetchError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let dlq = self
+            .child
+            .supervisor
+            .send(FindChild::<DeadLetterActor>::named(DLQ_CHILD))
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| FetchError::DeadLetter("the DLQ actor is not running".into()))?;
+        let now = time::OffsetDateTime::now_utc();
+        let queue = self.child.settings.queues.inbound_dlq();
+        let sends = dead.iter().map(|d| {
+            tracing::warn!(mailbox = %self.mailbox.id, uid = %d.uid, key = %d.key, error = %d.error, raw_id = %d.stored.id, "inbound email dead-lettered");
+            let entry = DeadLetterEntry {
+                message_id: d.message_id.clone(),
+                tenant_id: Some(self.mailbox.tenant_id.clone()),
+                error: d.error.clone(),
+                error_class: "permanent".into(),
+                failed_at: rfc3339(now),
+                mailbox_id: Some(self.mailbox.id.clone()),
+                uid: Some(d.uid.clone()),
+                dedup_key: Some(d.key.clone()),
+                raw_id: Some(d.stored.id.clone()),
+                raw_url: Some(self.store.link(
+                    &d.stored.id,
+                    &format!("{}-{}.eml", self.mailbox.id, d.uid),
+                    "message/rfc822",
+                    now.unix_timestamp(),
+                )),
+                size: Some(d.stored.size),
+                headers: d.headers.clone(),
+                ..DeadLetterEntry::default()
+            };
+            dlq.send(DeadLetter {
+                queue: queue.clone(),
+                entry,
+                body: None,
+                keep_whole: 0,
+            })
+        });
+        for r in futures_util::future::join_all(sends).await {
+            r.map_err(|e| FetchError::DeadLetter(e.to_string()))?
+                .map_err(|e| FetchError::DeadLetter(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`Fetch::publish_all`] did, by index into the batch.
+#[derive(Debug, Default)]
+struct Published {
+    published: Vec<usize>,
+    refused: Vec<(usize, PublishError)>,
+    /// Neither published nor refused: the fetcher was stopped while retrying.
+    unpublished: usize,
+}
+
+/// POP3 messages read and not yet processed: (message number, key) of each, and the bytes held.
+#[derive(Default)]
+struct Pop3Batch {
+    items: Vec<Item>,
+    dead: Vec<DeadItem>,
+    members: Vec<(u32, String)>,
+    held: u64,
+}
+
+/// A POP3 message as read: whole in memory, or stored (too large, or a line too long).
+enum Retrieved {
+    Whole(Vec<u8>),
+    Stored {
+        stored: StoredRaw,
+        head: Vec<u8>,
+        error: String,
+    },
+}
+
+fn too_large(size: u64, limit: u64) -> String {
+    format!(
+        "the email is {size} bytes, more than [inbound] max_message_bytes ({limit}); it was not published. Its bytes are stored (raw_id); raise the limit and replay it to publish it"
+    )
+}
+
+fn month_abbrev(m: time::Month) -> &'static str {
+    use time::Month::*;
+    match m {
+        January => "Jan",
+        February => "Feb",
+        March => "Mar",
+        April => "Apr",
+        May => "May",
+        June => "Jun",
+        July => "Jul",
+        August => "Aug",
+        September => "Sep",
+        October => "Oct",
+        November => "Nov",
+        December => "Dec",
+    }
+}
+
+/// Where the pieces of an email too large for memory go: the attachment store (hashed as
+/// written), or only a hash. Pieces are gathered to [`PIECE`] and written on the blocking
+/// pool.
+struct RawSink {
+    target: SinkTarget,
+    buf: Vec<u8>,
+}
+
+enum SinkTarget {
+    Store(Option<RawWriter>),
+    Hash(aws_lc_rs::digest::Context, u64),
+}
+
+impl RawSink {
+    fn store(store: &AttachmentStore) -> Result<Self, FetchError> {
+        Ok(Self {
+            target: SinkTarget::Store(Some(store.writer()?)),
+            buf: Vec::new(),
+        })
+    }
+
+    fn hash() -> Self {
+        Self {
+            target: SinkTarget::Hash(
+                aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+                0,
+            ),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn push(&mut self, bytes: &[u8]) -> Result<(), FetchError> {
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= PIECE {
+            self.flush().await?;
         }
         Ok(())
     }
 
-    /// Fills `reply_to_message_id` from the outbox: the request whose email this one answers.
-    async fn match_replies(&self, emails: &mut [(String, InboundEmail)]) -> Result<(), FetchError> {
-        let candidates: Vec<String> = emails
-            .iter()
-            .flat_map(|(_, e)| answered_ids(e))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        if candidates.is_empty() {
+    async fn flush(&mut self) -> Result<(), FetchError> {
+        if self.buf.is_empty() {
             return Ok(());
         }
-        let client = self.child.pool.get().await?;
-        let rows = client
-            .query(
-                "SELECT rfc_message_id, message_id FROM outbox
-                 WHERE tenant_id = $1 AND rfc_message_id = ANY($2)",
-                &[&self.mailbox.tenant_id, &candidates],
-            )
-            .await?;
-        let sent: HashMap<String, String> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-        for (_, e) in emails.iter_mut() {
-            e.reply_to_message_id = answered_ids(e).iter().find_map(|id| sent.get(id).cloned());
+        match &mut self.target {
+            SinkTarget::Store(slot) => {
+                let Some(mut writer) = slot.take() else {
+                    return Err(FetchError::Task("the raw writer is gone".into()));
+                };
+                let data = std::mem::take(&mut self.buf);
+                let (writer, mut data) = blocking(move || {
+                    let r = writer.write(&data);
+                    r.map(|()| (writer, data))
+                })
+                .await??;
+                data.clear();
+                *slot = Some(writer);
+                self.buf = data;
+            }
+            SinkTarget::Hash(ctx, size) => {
+                ctx.update(&self.buf);
+                *size += self.buf.len() as u64;
+                self.buf.clear();
+            }
         }
         Ok(())
+    }
+
+    async fn finish(mut self) -> Result<StoredRaw, FetchError> {
+        self.flush().await?;
+        match self.target {
+            SinkTarget::Store(slot) => {
+                let writer =
+                    slot.ok_or_else(|| FetchError::Task("the raw writer is gone".into()))?;
+                Ok(blocking(move || writer.finish()).await??)
+            }
+            SinkTarget::Hash(ctx, size) => Ok(StoredRaw {
+                id: ctx
+                    .finish()
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+                size,
+            }),
+        }
     }
 }
 
@@ -699,10 +1569,10 @@ impl Actor for MailboxFetcher {
         ctx.wait(setup.into_actor(self).map(|res, act, ctx| match res {
             Ok((publisher, store)) => {
                 let fetch = Fetch {
-                    mailbox: act.mailbox.clone(),
+                    mailbox: Arc::new(act.mailbox.clone()),
                     child: act.child.clone(),
                     publisher: publisher.clone(),
-                    store,
+                    store: Arc::new(store),
                     wake: act.wake.clone(),
                     stop: act.stop.subscribe(),
                     last_sync: None,
@@ -745,5 +1615,114 @@ impl Handler<Drain> for MailboxFetcher {
         Box::pin(async move {
             let _ = rx.await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn groups_are_bounded_by_bytes_and_count_and_large_ones_stand_alone() {
+        let sizes: Vec<(u32, u64)> = vec![(1, 10), (2, 10), (3, 500), (4, 10), (5, 10), (6, 10)];
+        assert_eq!(
+            plan_groups(&sizes, 100, 25, 200),
+            vec![
+                Group::Bodies(vec![(1, 10), (2, 10)]),
+                Group::Oversized(3, 500),
+                Group::Bodies(vec![(4, 10), (5, 10)]),
+                Group::Bodies(vec![(6, 10)]),
+            ]
+        );
+        // A message larger than a batch but within the limit is a batch of its own.
+        assert_eq!(
+            plan_groups(&[(1u32, 5), (2, 60), (3, 5)], 100, 25, 200),
+            vec![
+                Group::Bodies(vec![(1, 5)]),
+                Group::Bodies(vec![(2, 60)]),
+                Group::Bodies(vec![(3, 5)]),
+            ]
+        );
+        let many: Vec<(u32, u64)> = (1..=450).map(|u| (u, 1)).collect();
+        let groups = plan_groups(&many, 100, 1 << 30, 200);
+        assert_eq!(groups.len(), 3);
+        assert!(plan_groups::<u32>(&[], 1, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn uid_sets_compress_runs() {
+        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
+        assert_eq!(uid_set(&[4]), "4");
+        assert_eq!(
+            uid_set(&[u32::MAX - 1, u32::MAX]),
+            format!("{}:{}", u32::MAX - 1, u32::MAX)
+        );
+    }
+
+    fn refused() -> PublishError {
+        PublishError::Refused {
+            queue: "q".into(),
+            reason: "PRECONDITION_FAILED - message size exceeds the limit".into(),
+        }
+    }
+
+    /// A broker that closes the channel when `culprit` reaches it: every publish still
+    /// unconfirmed on that channel then fails with the same 406, and the next publish opens
+    /// a new channel.
+    #[tokio::test]
+    async fn a_channel_closed_over_one_email_costs_only_that_email() {
+        let culprit = 3usize;
+        let channel = Cell::new(0u32);
+        let closed = Cell::new(None::<u32>);
+        let publish = |i: usize| {
+            if closed.get() == Some(channel.get()) {
+                channel.set(channel.get() + 1);
+            }
+            let on = channel.get();
+            let closed = &closed;
+            async move {
+                tokio::task::yield_now().await;
+                if closed.get() == Some(on) {
+                    Err(refused())
+                } else if i == culprit {
+                    closed.set(Some(on));
+                    Err(refused())
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        let todo: Vec<usize> = (0..6).collect();
+        let round = publish_round(&todo, publish).await;
+        assert_eq!(
+            round.refused.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            [culprit]
+        );
+        let mut published = round.published.clone();
+        published.sort_unstable();
+        assert_eq!(published, [0, 1, 2, 4, 5]);
+        assert!(round.failed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn nacks_are_final_and_channel_failures_are_for_later() {
+        let round = publish_round(&[0, 1, 2], |i| async move {
+            match i {
+                0 => Ok(()),
+                1 => Err(PublishError::Nacked { queue: "q".into() }),
+                _ => Err(PublishError::Channel("connection reset".into())),
+            }
+        })
+        .await;
+        assert_eq!(round.published, [0]);
+        assert_eq!(round.refused.len(), 1);
+        assert_eq!(
+            round.failed.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            [2]
+        );
+        // Alone, a 406 is that email's.
+        let round = publish_round(&[7], |_| async { Err(refused()) }).await;
+        assert_eq!(round.refused.len(), 1);
     }
 }

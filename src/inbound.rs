@@ -137,6 +137,17 @@ pub fn message_id_key(id: &str) -> Option<String> {
     }
 }
 
+/// The dedup key of a POP3 message: `uidl:<UIDL>`, or `uidlh:<sha256 of the UIDL>` for one
+/// PostgreSQL could not index or hold (RFC 1939 allows 70 printable characters; a server may
+/// send anything).
+pub fn uidl_key(uidl: &str) -> String {
+    if uidl.len() > MAX_ID_IN_KEY || uidl.chars().any(char::is_control) {
+        format!("uidlh:{}", sha256_hex(uidl.as_bytes()))
+    } else {
+        format!("uidl:{uidl}")
+    }
+}
+
 /// The dedup key of a message in a mailbox: its Message-ID when it has one (see
 /// [`message_id_key`]), else `sha256:` and the hash of its bytes. Stable across UIDVALIDITY
 /// changes and re-syncs.
@@ -558,6 +569,13 @@ mod tests {
             header_facts(ok.as_bytes()).key.as_deref(),
             Some(&*dedup_key(ok.as_bytes()))
         );
+    }
+
+    #[test]
+    fn uidl_keys_are_storable() {
+        assert_eq!(uidl_key("000000016b0c05e3"), "uidl:000000016b0c05e3");
+        assert!(uidl_key("a\0b").starts_with("uidlh:"));
+        assert!(uidl_key(&"u".repeat(1000)).starts_with("uidlh:"));
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub mod domain;
 pub mod fetch;
 pub mod http;
 pub mod inbound;
+pub mod intake;
 pub mod mailproto;
 pub mod metrics;
 pub mod mime;

@@ -1,9 +1,14 @@
 //! Inbound against a real Dovecot (IMAP and POP3), RabbitMQ and PostgreSQL: IDLE latency,
 //! replies and threads matched to the outbox, attachments behind signed links, POP3, restarts
-//! and UIDVALIDITY changes without duplicates, email.sync.user, and a 10,000-message mailbox.
+//! and UIDVALIDITY changes without duplicates, email.sync.user, a 10,000-message mailbox, and
+//! the damage: hostile emails, a broker that refuses, `initial_sync` over polls and resyncs.
+//!
+//! "Nothing twice" is counted on the queue (message ids or subjects of what was published),
+//! never by rows of `inbound_published`, whose primary key would hide a duplicate publish.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::{Dovecot, Service, TestEnv};
@@ -15,6 +20,103 @@ fn message(id: &str, subject: &str, extra_headers: &str, body: &str) -> Vec<u8> 
         "From: John Doe <john@example.com>\r\nTo: crm@acme.example\r\nSubject: {subject}\r\nMessage-ID: <{id}>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\n{extra_headers}Content-Type: text/plain; charset=utf-8\r\n\r\n{body}\r\n"
     )
     .into_bytes()
+}
+
+/// Consumes `queue`: waits up to `timeout` for `n` messages, then takes whatever else arrives
+/// until `settle` passes without a message (so an extra copy is caught, not left behind).
+/// The AMQP `message_id` property is added to each as `_amqp_message_id`.
+async fn consume(
+    env: &TestEnv,
+    queue: &str,
+    n: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<serde_json::Value> {
+    use futures_util::StreamExt;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(1000, Default::default()).await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "test-consumer".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    loop {
+        let wait = if out.len() >= n {
+            settle
+        } else {
+            deadline.saturating_duration_since(Instant::now())
+        };
+        match tokio::time::timeout(wait, consumer.next()).await {
+            Ok(Some(Ok(d))) => {
+                let mut v: serde_json::Value =
+                    serde_json::from_slice(&d.data).unwrap_or_else(|_| {
+                        serde_json::Value::String(String::from_utf8_lossy(&d.data).into())
+                    });
+                if let (Some(obj), Some(id)) = (v.as_object_mut(), d.properties.message_id()) {
+                    obj.insert("_amqp_message_id".into(), id.to_string().into());
+                }
+                out.push(v);
+            }
+            _ => break,
+        }
+    }
+    let _ = conn.close(200, "OK".into()).await;
+    out
+}
+
+/// How many of `msgs` have each value of `field`.
+fn counts(msgs: &[serde_json::Value], field: &str) -> BTreeMap<String, usize> {
+    let mut c = BTreeMap::new();
+    for m in msgs {
+        let v = m[field].as_str().unwrap_or("(none)").to_string();
+        *c.entry(v).or_insert(0) += 1;
+    }
+    c
+}
+
+/// The bytes the service stored under `id` in this test's attachment folder.
+fn stored(env: &TestEnv, id: &str) -> Vec<u8> {
+    std::fs::read(env.dir.join("attachments").join(&id[..2]).join(id))
+        .unwrap_or_else(|e| panic!("stored raw email {id}: {e}"))
+}
+
+/// Waits until the mailbox has finished a sync.
+async fn wait_synced(svc: &Service, mailbox: &str) {
+    let start = Instant::now();
+    loop {
+        let (_, h) = svc.get_json("/health").await;
+        if h["components"]["mailboxes"][mailbox]["last_sync"].is_string() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{h}\n{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn db_count(env: &TestEnv, sql: &str) -> i64 {
+    env.db().await.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+fn sync_request(tenant: &str, provider: &str, user: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "tenant_id": tenant, "provider_id": provider, "user_id": user,
+        "sync_type": "inbound", "timestamp": "2025-09-19T10:30:00Z"
+    }))
+    .unwrap()
 }
 
 /// Waits for `n` messages on email.inbound, then a moment more to catch extras.
@@ -547,17 +649,19 @@ async fn ten_thousand_messages_with_bounded_memory() {
             .join("\n")
     );
     assert!(peak_kb < 150 * 1024, "peak RSS {peak_kb} kB");
-    // Nothing twice: one published key per message.
-    let db = env.db().await;
-    let n: i64 = db
-        .query_one(
-            "SELECT count(*) FROM inbound_published WHERE mailbox_id = 'mb-frank'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n as usize, N);
+    // Nothing twice, counted on the queue: N messages, N distinct ids, each bulk-i once.
+    let got = consume(
+        &env,
+        "email.inbound",
+        N,
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(got.len(), N);
+    let ids = counts(&got, "message_id");
+    assert_eq!(ids.len(), N);
+    assert!((0..N).all(|i| ids.get(&format!("bulk-{i}@example.com")) == Some(&1)));
 }
 
 #[tokio::test]
@@ -671,4 +775,739 @@ initial_sync = "all"
         assert!(start.elapsed() < Duration::from_secs(15), "{h}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A hostile email named `hostile-<name>` (its subject), with `headers` and `body`.
+fn hostile(name: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+    let mut m = format!(
+        "From: Mallory <m@example.com>\r\nTo: crm@acme.example\r\nSubject: hostile-{name}\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\n{headers}\r\n"
+    )
+    .into_bytes();
+    m.extend_from_slice(body);
+    m.extend_from_slice(b"\r\n");
+    m
+}
+
+/// `n` characters of [0-9a-z] that do not compress (PostgreSQL compresses a long index entry
+/// before it refuses it, so a repeated letter would fit).
+fn noise(n: usize, seed: u64) -> String {
+    let mut x = seed;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from_digit(((x >> 33) % 36) as u32, 36).unwrap_or('x')
+        })
+        .collect()
+}
+
+/// Emails a stranger can send, each with whether it is published (else dead-lettered).
+fn hostile_corpus() -> Vec<(&'static str, Vec<u8>, bool)> {
+    let many_headers: String = (0..10_000)
+        .map(|i| format!("X-Filler-{i}: value {i}\r\n"))
+        .collect();
+    let references: String = (0..5_000)
+        .map(|i| format!(" <ref-{i}@example.com>"))
+        .collect();
+    let mut nested = String::from("Message-ID: <nested@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b0\"\r\n");
+    let mut nested_body = String::new();
+    for i in 1..200 {
+        nested_body.push_str(&format!(
+            "--b{}\r\nContent-Type: multipart/mixed; boundary=\"b{i}\"\r\n\r\n",
+            i - 1
+        ));
+    }
+    nested_body.push_str("--b199\r\nContent-Type: text/plain\r\n\r\ndeep inside\r\n");
+    for i in (0..200).rev() {
+        nested_body.push_str(&format!("--b{i}--\r\n"));
+    }
+    nested.push_str("X-Depth: 200\r\n");
+    let big_body: String = (0..24_000)
+        .map(|i| format!("{i:08} the quick brown fox jumps over the lazy dog\r\n"))
+        .collect();
+    vec![
+        (
+            "id-300",
+            hostile(
+                "id-300",
+                &format!("Message-ID: <{}@example.com>\r\n", "a".repeat(290)),
+                b"an id too long for an AMQP short string",
+            ),
+            true,
+        ),
+        (
+            "id-5000",
+            hostile(
+                "id-5000",
+                &format!("Message-ID: <{}@example.com>\r\n", noise(5000, 7)),
+                b"an id too long for a btree index entry",
+            ),
+            true,
+        ),
+        (
+            "no-ids",
+            hostile("no-ids", "", b"no Message-ID, In-Reply-To or References"),
+            true,
+        ),
+        (
+            "long-reply-ids",
+            hostile(
+                "long-reply-ids",
+                &format!(
+                    "Message-ID: <lri@example.com>\r\nIn-Reply-To: <{}@x>\r\nReferences: <{}@y>\r\n",
+                    noise(5000, 8),
+                    noise(3000, 9)
+                ),
+                b"x",
+            ),
+            true,
+        ),
+        (
+            "10000-headers",
+            hostile(
+                "10000-headers",
+                &format!("Message-ID: <many@example.com>\r\n{many_headers}"),
+                b"x",
+            ),
+            true,
+        ),
+        (
+            "broken-mime",
+            hostile(
+                "broken-mime",
+                "Message-ID: <mime@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"OUTER\"\r\n",
+                b"--OUTER\r\nContent-Type: multipart/alternative; boundary=\"INNER\"\r\n\r\n--INNER\r\nContent-Type: text/plain\r\n\r\nnever closed\r\n--NOT-A-BOUNDARY\r\nContent-Type: application/pdf; name=\"a.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!",
+            ),
+            true,
+        ),
+        (
+            "unknown-charset",
+            hostile(
+                "unknown-charset",
+                "Message-ID: <cs@example.com>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=x-no-such-charset\r\nContent-Transfer-Encoding: 8bit\r\n",
+                b"caf\xe9 \xff\xfe bytes of no known charset",
+            ),
+            true,
+        ),
+        (
+            // Dovecot serves NUL as 0x80 over IMAP; the POP3 test sends real NULs.
+            "nul-bytes",
+            hostile(
+                "nul-bytes",
+                "Message-ID: <nul\0id@example.com>\r\nX-Nul: a\0b\r\n",
+                b"body\0with\0nuls",
+            ),
+            true,
+        ),
+        (
+            "references-5000",
+            hostile(
+                "references-5000",
+                &format!("Message-ID: <refs@example.com>\r\nIn-Reply-To: <ref-4999@example.com>\r\nReferences:{references}\r\n"),
+                b"a very long thread",
+            ),
+            true,
+        ),
+        (
+            "nested-200",
+            hostile("nested-200", &nested, nested_body.as_bytes()),
+            true,
+        ),
+        (
+            "oversized",
+            hostile(
+                "oversized",
+                "Message-ID: <oversized@example.com>\r\n",
+                big_body.as_bytes(),
+            ),
+            false,
+        ),
+        (
+            "not-an-email",
+            b"this is not an email at all\r\njust two lines\r\n".to_vec(),
+            false,
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn hostile_emails_each_end_in_one_visible_place() {
+    let env = TestEnv::new("hostile");
+    // Low limits, so the oversized email (1.3 MB) is over and batches split by bytes.
+    env.write_config("[inbound]\nmax_message_bytes = 1000000\nfetch_batch_bytes = 300000\n");
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("ivan", PW)]);
+    let corpus = hostile_corpus();
+    let mut files = Vec::new();
+    for (i, (_, raw, _)) in corpus.iter().enumerate() {
+        files.push(message(
+            &format!("normal-{i}@example.com"),
+            &format!("normal-{i}"),
+            "",
+            "fine",
+        ));
+        files.push(raw.clone());
+    }
+    files.push(message(
+        "normal-last@example.com",
+        "normal-last",
+        "",
+        "fine",
+    ));
+    dovecot.deliver_files("ivan", files.into_iter());
+    env.mailbox_tenant(
+        "acme",
+        "imap",
+        dovecot.imap_port,
+        "ivan",
+        PW,
+        "initial_sync = \"all\"\nidle = true",
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    let published: Vec<&str> = corpus.iter().filter(|c| c.2).map(|c| c.0).collect();
+    let expected = published.len() + corpus.len() + 1;
+    let got = consume(
+        &env,
+        "email.inbound",
+        expected,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    let subjects = counts(&got, "subject");
+    for i in 0..corpus.len() {
+        assert_eq!(
+            subjects.get(&format!("normal-{i}")),
+            Some(&1),
+            "{subjects:?}\n{}",
+            svc.log_text()
+        );
+    }
+    assert_eq!(subjects.get("normal-last"), Some(&1));
+    for name in &published {
+        assert_eq!(
+            subjects.get(&format!("hostile-{name}")),
+            Some(&1),
+            "{subjects:?}"
+        );
+    }
+    assert_eq!(got.len(), expected, "{subjects:?}");
+    assert!(counts(&got, "message_id").values().all(|n| *n == 1));
+
+    let by = |name: &str| {
+        got.iter()
+            .find(|m| m["subject"] == format!("hostile-{name}"))
+            .unwrap()
+            .clone()
+    };
+    // The JSON keeps a long id whole; the AMQP property (a short string) carries its hash.
+    let m = by("id-300");
+    let id300 = format!("{}@example.com", "a".repeat(290));
+    assert_eq!(m["message_id"], id300);
+    let amqp_id = m["_amqp_message_id"].as_str().unwrap();
+    assert!(
+        amqp_id.starts_with("sha256:") && amqp_id.len() == 71,
+        "{amqp_id}"
+    );
+    assert_eq!(
+        by("id-5000")["message_id"].as_str().unwrap().len(),
+        5000 + 12
+    );
+    let m = by("no-ids");
+    assert!(m["message_id"]
+        .as_str()
+        .unwrap()
+        .ends_with("@mailbridge.invalid"));
+    assert!(m["in_reply_to"].is_null() && m["references"].is_null());
+    assert!(by("10000-headers")["headers"].as_object().unwrap().len() >= 10_000);
+    let m = by("references-5000");
+    assert_eq!(m["references"].as_str().unwrap().split(',').count(), 5000);
+    assert_eq!(m["thread_id"], "ref-0@example.com");
+    assert!(by("nested-200")["body_content"]
+        .as_str()
+        .unwrap()
+        .contains("deep inside"));
+
+    // The two that cannot be published are on the DLQ with their stored bytes, which are
+    // the original's.
+    let dead = consume(
+        &env,
+        "email.inbound.dlq",
+        2,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let original = |name: &str| corpus.iter().find(|c| c.0 == name).unwrap().1.clone();
+    let big = dead
+        .iter()
+        .find(|d| d["dedup_key"] == "mid:oversized@example.com")
+        .expect("the oversized email is dead-lettered");
+    let raw = original("oversized");
+    assert_eq!(big["size"], raw.len() as u64);
+    assert_eq!(big["headers"]["Subject"], "hostile-oversized");
+    assert!(big["error"].as_str().unwrap().contains("max_message_bytes"));
+    assert_eq!(stored(&env, big["raw_id"].as_str().unwrap()), raw);
+    let link = reqwest::get(big["raw_url"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(link.status().as_u16(), 200);
+    assert_eq!(link.bytes().await.unwrap().as_ref(), &raw[..]);
+    let junk = dead
+        .iter()
+        .find(|d| d["error"].as_str().unwrap().contains("cannot be parsed"))
+        .expect("the non-email is dead-lettered");
+    assert_eq!(
+        stored(&env, junk["raw_id"].as_str().unwrap()),
+        original("not-an-email")
+    );
+    for d in &dead {
+        assert_eq!(d["mailbox_id"], "mb-ivan");
+        assert_eq!(d["tenant_id"], "acme");
+        assert!(d["uid"].is_string() && d["dedup_key"].is_string());
+    }
+    assert_eq!(
+        db_count(
+            &env,
+            "SELECT count(*) FROM inbound_published WHERE outcome = 'dead-lettered' AND raw_id IS NOT NULL"
+        )
+        .await,
+        2
+    );
+    assert_eq!(
+        db_count(
+            &env,
+            "SELECT count(*) FROM inbound_published WHERE dedup_key LIKE 'midh:%'"
+        )
+        .await,
+        1,
+        "the 5,000-byte id is keyed by its hash"
+    );
+
+    // Nothing is wedged: new mail still flows, and a sync publishes nothing again.
+    dovecot.append(
+        "ivan",
+        PW,
+        "INBOX",
+        &message("after@example.com", "after", "", "x"),
+    );
+    env.publish(
+        "email.sync.user",
+        &sync_request("acme", "acme-provider", "user-ivan"),
+    )
+    .await;
+    let more = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        counts(&more, "message_id").get("after@example.com"),
+        Some(&1)
+    );
+    assert_eq!(more.len(), 1, "{:?}", counts(&more, "subject"));
+    assert_eq!(env.depth("email.inbound.dlq").await, 0);
+}
+
+/// An RFC 2822 date `days` ago.
+fn days_ago(days: i64) -> String {
+    (time::OffsetDateTime::now_utc() - time::Duration::days(days))
+        .format(&time::format_description::well_known::Rfc2822)
+        .unwrap()
+}
+
+fn dated(id: &str, date: &str) -> Vec<u8> {
+    format!(
+        "From: john@example.com\r\nTo: crm@acme.example\r\nSubject: {id}\r\nMessage-ID: <{id}>\r\nDate: {date}\r\n\r\nx\r\n"
+    )
+    .into_bytes()
+}
+
+#[tokio::test]
+async fn pop3_initial_window_holds_on_every_poll() {
+    let env = TestEnv::new("pop3window");
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("kate", PW)]);
+    dovecot.deliver_files(
+        "kate",
+        vec![
+            dated("old-1@example.com", "Mon, 1 Jan 2018 10:00:00 +0000"),
+            dated("recent@example.com", &days_ago(1)),
+            dated("old-2@example.com", "Tue, 5 Mar 2019 10:00:00 +0000"),
+        ]
+        .into_iter(),
+    );
+    env.mailbox_tenant(
+        "acme",
+        "pop3",
+        dovecot.pop3_port,
+        "kate",
+        PW,
+        "initial_sync = \"30d\"\npoll_interval = \"1s\"",
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    // Several polls (one a second): the old mail is never published.
+    let got = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(4),
+    )
+    .await;
+    assert_eq!(
+        counts(&got, "message_id").into_iter().collect::<Vec<_>>(),
+        [("recent@example.com".to_string(), 1)],
+        "{}",
+        svc.log_text()
+    );
+    assert_eq!(
+        db_count(
+            &env,
+            "SELECT count(*) FROM inbound_published WHERE outcome = 'skipped-initial'"
+        )
+        .await,
+        2
+    );
+    // Mail that arrives later is new, whatever its Date says.
+    dovecot.append(
+        "kate",
+        PW,
+        "INBOX",
+        &dated("late-old@example.com", "Wed, 1 Jan 2020 10:00:00 +0000"),
+    );
+    let got = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(
+        counts(&got, "message_id").into_iter().collect::<Vec<_>>(),
+        [("late-old@example.com".to_string(), 1)]
+    );
+}
+
+#[tokio::test]
+async fn imap_new_holds_across_a_uidvalidity_change() {
+    let env = TestEnv::new("newresync");
+    // Low, so one message already there is "large": its key is hashed from pieces.
+    env.write_config("[inbound]\nmax_message_bytes = 100000\n");
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("lena", PW)]);
+    dovecot.imap("lena", PW, "m.create('Work')");
+    let large: String = (0..3000)
+        .map(|i| format!("{i:06} padding padding padding padding\r\n"))
+        .collect();
+    let old = vec![
+        message("old-a@example.com", "old", "", "x"),
+        // No Message-ID: keyed by the hash of its bytes.
+        b"From: john@example.com\r\nSubject: no id\r\n\r\nwithout a Message-ID\r\n".to_vec(),
+        format!("From: john@example.com\r\nSubject: no id, large\r\n\r\n{large}").into_bytes(),
+    ];
+    for m in &old {
+        dovecot.append("lena", PW, "Work", m);
+    }
+    env.mailbox_tenant(
+        "acme",
+        "imap",
+        dovecot.imap_port,
+        "lena",
+        PW,
+        "folder = \"Work\"\ninitial_sync = \"new\"\nidle = false\npoll_interval = \"1h\"",
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    wait_synced(&svc, "mb-lena").await;
+    assert_eq!(
+        db_count(
+            &env,
+            "SELECT count(*) FROM inbound_published WHERE outcome = 'skipped-initial'"
+        )
+        .await,
+        3,
+        "{}",
+        svc.log_text()
+    );
+
+    // A new UIDVALIDITY: the same three, and one new.
+    dovecot.imap("lena", PW, "m.delete('Work')\nm.create('Work')");
+    for m in &old {
+        dovecot.append("lena", PW, "Work", m);
+    }
+    dovecot.append(
+        "lena",
+        PW,
+        "Work",
+        &message("fresh@example.com", "fresh", "", "x"),
+    );
+    env.publish(
+        "email.sync.user",
+        &sync_request("acme", "acme-provider", "user-lena"),
+    )
+    .await;
+    let got = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        counts(&got, "message_id").into_iter().collect::<Vec<_>>(),
+        [("fresh@example.com".to_string(), 1)],
+        "{}",
+        svc.log_text()
+    );
+    assert!(svc.log_text().contains("UIDVALIDITY changed"));
+    assert_eq!(env.depth("email.inbound.dlq").await, 0);
+}
+
+#[tokio::test]
+async fn pop3_over_stls_with_delete_after_fetch_publishes_once_and_empties_the_mailbox() {
+    let env = TestEnv::new("pop3stls");
+    env.write_config("[inbound]\nmax_message_bytes = 100000\n");
+    let (ca, cert, key) = common::make_certs(&env.dir.join("certs"));
+    let dovecot = Dovecot::start_tls(
+        &env.dir.join("dovecot"),
+        &[("liam", PW)],
+        Some((&cert, &key)),
+    );
+    let big: String = (0..3000)
+        .map(|i| format!("{i:06} padding padding padding padding\r\n"))
+        .collect();
+    let oversized = format!(
+        "From: john@example.com\r\nSubject: big\r\nMessage-ID: <big@example.com>\r\n\r\n{big}"
+    )
+    .into_bytes();
+    // POP3 passes NUL bytes through: they reach the parser and the database for real.
+    let nul = b"From: john@example.com\r\nSubject: nul\r\nMessage-ID: <nul\0id@example.com>\r\nX-Nul: a\0b\r\n\r\nbody\0\r\n".to_vec();
+    dovecot.deliver_files(
+        "liam",
+        vec![
+            message("pop-a@example.com", "a", "", "x"),
+            nul,
+            oversized.clone(),
+            message("pop-b@example.com", "b", "", "x"),
+        ]
+        .into_iter(),
+    );
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent"
+
+[[mailboxes]]
+id = "mb-liam"
+user_id = "user-liam"
+provider_id = "acme-provider"
+protocol = "pop3"
+host = "localhost"
+port = {port}
+tls = "starttls"
+ca_file = "{ca}"
+username = "liam"
+password = "{PW}"
+initial_sync = "all"
+poll_interval = "1s"
+delete_after_fetch = true
+"#,
+            port = dovecot.pop3_port,
+            ca = ca.display(),
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let left = || {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import poplib\np = poplib.POP3('127.0.0.1', {})\np.user('liam'); p.pass_({PW:?})\nprint(len(p.uidl()[1]))\np.quit()",
+                dovecot.pop3_port
+            ))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let got = consume(
+        &env,
+        "email.inbound",
+        3,
+        Duration::from_secs(15),
+        Duration::from_secs(3),
+    )
+    .await;
+    let ids = counts(&got, "message_id");
+    assert_eq!(got.len(), 3, "{ids:?}\n{}", svc.log_text());
+    assert_eq!(ids.get("pop-a@example.com"), Some(&1));
+    assert_eq!(ids.get("pop-b@example.com"), Some(&1));
+    assert_eq!(ids.get("nul\0id@example.com"), Some(&1), "{ids:?}");
+    let dead = consume(
+        &env,
+        "email.inbound.dlq",
+        1,
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0]["dedup_key"],
+        format!("uidl:{}", dead[0]["uid"].as_str().unwrap())
+    );
+    assert_eq!(dead[0]["headers"]["Subject"], "big");
+    assert_eq!(stored(&env, dead[0]["raw_id"].as_str().unwrap()), oversized);
+    // Published and dead-lettered mail is gone from the server (NULs stripped from what
+    // PostgreSQL keeps).
+    let start = Instant::now();
+    while left() != "0" {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", left());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        db_count(
+            &env,
+            "SELECT count(*) FROM inbound_published WHERE message_id = 'nulid@example.com'"
+        )
+        .await,
+        1
+    );
+    dovecot.append(
+        "liam",
+        PW,
+        "INBOX",
+        &message("pop-c@example.com", "c", "", "x"),
+    );
+    let got = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        counts(&got, "message_id").into_iter().collect::<Vec<_>>(),
+        [("pop-c@example.com".to_string(), 1)]
+    );
+    let start = Instant::now();
+    while left() != "0" {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_sync_request_reaches_only_its_own_tenants_mailboxes() {
+    let env = TestEnv::new("synctenant");
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("mona", PW), ("nick", PW)]);
+    for (tenant, user) in [("acme", "mona"), ("beta", "nick")] {
+        env.write_tenant(
+            &format!("{tenant}.toml"),
+            &format!(
+                r#"
+id = "{tenant}"
+[[providers]]
+id = "{tenant}-provider"
+kind = "file"
+dir = "sent-{tenant}"
+
+[[mailboxes]]
+id = "mb-{user}"
+user_id = "user-shared"
+provider_id = "{tenant}-provider"
+protocol = "imap"
+host = "127.0.0.1"
+port = {port}
+tls = "none"
+username = "{user}"
+password = "{PW}"
+idle = false
+poll_interval = "1h"
+"#,
+                port = dovecot.imap_port
+            ),
+        );
+    }
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    wait_synced(&svc, "mb-mona").await;
+    wait_synced(&svc, "mb-nick").await;
+    dovecot.append(
+        "mona",
+        PW,
+        "INBOX",
+        &message("for-acme@example.com", "a", "", "x"),
+    );
+    dovecot.append(
+        "nick",
+        PW,
+        "INBOX",
+        &message("for-beta@example.com", "b", "", "x"),
+    );
+
+    // Beta's tenant with acme's provider: no mailbox has both.
+    env.publish(
+        "email.sync.user",
+        &sync_request("beta", "acme-provider", "user-shared"),
+    )
+    .await;
+    let none = consume(
+        &env,
+        "email.inbound",
+        0,
+        Duration::ZERO,
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert!(none.is_empty(), "{none:?}");
+    env.publish(
+        "email.sync.user",
+        &sync_request("acme", "acme-provider", "user-shared"),
+    )
+    .await;
+    let got = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_millis(1500),
+    )
+    .await;
+    assert_eq!(
+        counts(&got, "message_id").into_iter().collect::<Vec<_>>(),
+        [("for-acme@example.com".to_string(), 1)]
+    );
+    assert_eq!(got[0]["tenant_id"], "acme");
+    env.publish(
+        "email.sync.user",
+        &sync_request("beta", "beta-provider", "user-shared"),
+    )
+    .await;
+    let got = consume(
+        &env,
+        "email.inbound",
+        1,
+        Duration::from_secs(10),
+        Duration::from_millis(1000),
+    )
+    .await;
+    assert_eq!(
+        counts(&got, "message_id").into_iter().collect::<Vec<_>>(),
+        [("for-beta@example.com".to_string(), 1)]
+    );
+    assert_eq!(got[0]["tenant_id"], "beta");
 }

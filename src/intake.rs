@@ -1,0 +1,284 @@
+//! The inbound intake, shared by the mailbox fetchers and `dlq replay`: turning a received
+//! email into the message to publish (parse, store its attachments, encode — plain blocking
+//! code, run on tokio's blocking pool by its callers), and what PostgreSQL remembers about a
+//! mailbox (the keys already handled and how, its position, the outbox lookup behind
+//! `reply_to_message_id`).
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use deadpool_postgres::Pool;
+
+use crate::attachments::{AttachmentError, AttachmentStore};
+use crate::inbound::{answered_ids, parse, storable_text, Origin, ParseError};
+use crate::storage::StorageError;
+
+/// How much of a Message-ID is kept in `inbound_published.message_id`.
+const STORED_ID_BYTES: usize = 900;
+/// How much of an error is kept in `inbound_published.error`.
+const STORED_ERROR_BYTES: usize = 2000;
+
+/// An email ready to publish: its Message-ID (for the AMQP property) and the JSON body.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub message_id: String,
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// mail-parser panicked on it: a bug there, but the email's doing, so it is dead-lettered.
+    #[error("the email parser failed on it ({0})")]
+    ParserPanicked(String),
+    #[error("storing its attachments failed: {0}")]
+    Store(#[from] AttachmentError),
+    #[error("encoding the message failed: {0}")]
+    Encode(String),
+}
+
+impl PrepareError {
+    /// The email itself is at fault (it goes to the DLQ); otherwise the service is (a full
+    /// disk), and the same email can be prepared later.
+    pub fn is_the_emails(&self) -> bool {
+        matches!(
+            self,
+            PrepareError::Parse(_) | PrepareError::ParserPanicked(_) | PrepareError::Encode(_)
+        )
+    }
+}
+
+/// Runs `f`, turning a panic into an error: parsing hostile input must not take down the
+/// batch (or the actor) it belongs to.
+pub fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
+/// Parses `raw`, stores its attachments and encodes the `email.inbound` message, with
+/// `reply_to_message_id` taken from `replies` (outbound Message-ID → request `message_id`).
+/// Blocking: call it from the blocking pool.
+pub fn prepare(
+    raw: &[u8],
+    origin: &Origin,
+    store: &AttachmentStore,
+    replies: &HashMap<String, String>,
+    now: i64,
+) -> Result<Prepared, PrepareError> {
+    let (mut email, attachments) =
+        guarded(|| parse(raw, origin)).map_err(PrepareError::ParserPanicked)??;
+    for (slot, a) in email.attachments.iter_mut().zip(&attachments) {
+        let id = store.store(&a.bytes)?;
+        slot.url = store.link(&id, &a.filename, &a.mime_type, now);
+    }
+    drop(attachments);
+    email.reply_to_message_id = answered_ids(&email)
+        .iter()
+        .find_map(|id| replies.get(id).cloned());
+    let body = serde_json::to_vec(&email).map_err(|e| PrepareError::Encode(e.to_string()))?;
+    Ok(Prepared {
+        message_id: email.message_id,
+        body,
+    })
+}
+
+/// What happened to an email of a mailbox, as `inbound_published.outcome` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Published,
+    /// Sent to the inbound DLQ (its raw bytes stored; see `raw_id`).
+    DeadLettered,
+    /// Left out by `initial_sync` (there before the mailbox was added, or older than the
+    /// window): seen, never published.
+    SkippedInitial,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Published => "published",
+            Outcome::DeadLettered => "dead-lettered",
+            Outcome::SkippedInitial => "skipped-initial",
+        }
+    }
+}
+
+/// One row of `inbound_published`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub key: String,
+    pub message_id: Option<String>,
+    pub outcome: Outcome,
+    pub raw_id: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Record {
+    pub fn new(key: String, outcome: Outcome) -> Self {
+        Self {
+            key,
+            message_id: None,
+            outcome,
+            raw_id: None,
+            error: None,
+        }
+    }
+}
+
+/// A mailbox position: (UIDVALIDITY, last UID handled). POP3 mailboxes write (0, 0) once, to
+/// say that their first contact (and its `initial_sync`) is done.
+pub type Cursor = (u32, u32);
+
+pub async fn cursor(pool: &Pool, mailbox_id: &str) -> Result<Option<Cursor>, StorageError> {
+    let client = pool.get().await?;
+    let row = client
+        .query_opt(
+            "SELECT uidvalidity, last_uid FROM mailbox_state WHERE mailbox_id = $1",
+            &[&mailbox_id],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let n = |v: i64| u32::try_from(v).unwrap_or(0);
+        (n(r.get(0)), n(r.get(1)))
+    }))
+}
+
+/// The keys of `keys` this mailbox already has, with their outcome.
+pub async fn known(
+    pool: &Pool,
+    mailbox_id: &str,
+    keys: &[String],
+) -> Result<HashMap<String, String>, StorageError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT dedup_key, outcome FROM inbound_published
+             WHERE mailbox_id = $1 AND dedup_key = ANY($2)",
+            &[&mailbox_id, &keys],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Records `rows` (a key already there keeps its first outcome) and, when given, the new
+/// position, in one transaction.
+pub async fn record(
+    pool: &Pool,
+    mailbox_id: &str,
+    rows: &[Record],
+    cursor: Option<Cursor>,
+) -> Result<(), StorageError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    if !rows.is_empty() {
+        let keys: Vec<&str> = rows.iter().map(|r| r.key.as_str()).collect();
+        let ids: Vec<Option<String>> = rows
+            .iter()
+            .map(|r| {
+                r.message_id
+                    .as_deref()
+                    .map(|m| storable_text(m, STORED_ID_BYTES))
+            })
+            .collect();
+        let outcomes: Vec<&str> = rows.iter().map(|r| r.outcome.as_str()).collect();
+        let raw_ids: Vec<Option<&str>> = rows.iter().map(|r| r.raw_id.as_deref()).collect();
+        let errors: Vec<Option<String>> = rows
+            .iter()
+            .map(|r| {
+                r.error
+                    .as_deref()
+                    .map(|e| storable_text(e, STORED_ERROR_BYTES))
+            })
+            .collect();
+        tx.execute(
+            "INSERT INTO inbound_published (mailbox_id, dedup_key, message_id, outcome, raw_id, error)
+             SELECT $1, k, m, o, r, e
+             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS x(k, m, o, r, e)
+             ON CONFLICT DO NOTHING",
+            &[&mailbox_id, &keys, &ids, &outcomes, &raw_ids, &errors],
+        )
+        .await?;
+    }
+    if let Some((validity, last)) = cursor {
+        // The position only moves forward within one UIDVALIDITY.
+        tx.execute(
+            "INSERT INTO mailbox_state (mailbox_id, uidvalidity, last_uid) VALUES ($1, $2, $3)
+             ON CONFLICT (mailbox_id) DO UPDATE
+             SET uidvalidity = EXCLUDED.uidvalidity,
+                 last_uid = GREATEST(CASE WHEN mailbox_state.uidvalidity = EXCLUDED.uidvalidity
+                                          THEN mailbox_state.last_uid ELSE 0 END,
+                                     EXCLUDED.last_uid),
+                 updated_at = now()",
+            &[&mailbox_id, &i64::from(validity), &i64::from(last)],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Outbound Message-ID → request `message_id`, for the candidates this tenant sent.
+pub async fn reply_matches(
+    pool: &Pool,
+    tenant_id: &str,
+    candidates: &[String],
+) -> Result<HashMap<String, String>, StorageError> {
+    if candidates.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT rfc_message_id, message_id FROM outbox
+             WHERE tenant_id = $1 AND rfc_message_id = ANY($2)",
+            &[&tenant_id, &candidates],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Marks a (replayed) dead-lettered email published.
+pub async fn mark_published(
+    pool: &Pool,
+    mailbox_id: &str,
+    key: &str,
+    message_id: &str,
+) -> Result<(), StorageError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "INSERT INTO inbound_published (mailbox_id, dedup_key, message_id, outcome)
+             VALUES ($1, $2, $3, 'published')
+             ON CONFLICT (mailbox_id, dedup_key) DO UPDATE
+             SET outcome = 'published', message_id = EXCLUDED.message_id, error = NULL,
+                 published_at = now()",
+            &[
+                &mailbox_id,
+                &key,
+                &storable_text(message_id, STORED_ID_BYTES),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parser_panic_is_an_error_of_that_email() {
+        let r: Result<u32, String> = guarded(|| panic!("boom {}", 1));
+        assert_eq!(r, Err("boom 1".to_string()));
+        assert!(PrepareError::ParserPanicked("x".into()).is_the_emails());
+        assert!(!PrepareError::Store(AttachmentError::NotFound).is_the_emails());
+    }
+}
