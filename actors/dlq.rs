@@ -1,10 +1,11 @@
 //! The DLQ actor: publishes dead letters (publisher-confirmed) and serves the DLQ operations
-//! of the HTTP API (`GET /api/dlq`, `POST /api/dlq/replay`).
+//! of the HTTP API (`GET /api/dlq`, `POST /api/dlq/replay`). It follows reloads, so an inbound
+//! replay sees the mailboxes configured now.
 
 use actix::prelude::*;
 
 use crate::actors::metrics::{metric_tenant, Count};
-use crate::actors::supervisor::{ChildContext, Drain};
+use crate::actors::supervisor::{ChildContext, Drain, SettingsChanged};
 use crate::amqp::{lane_of, PublishError};
 use crate::dlq::{self, ReplayReport, Selection};
 use crate::domain::DeadLetterEntry;
@@ -118,6 +119,13 @@ impl Handler<ReplayDeadLetters> for DeadLetterActor {
             .await
             .map_err(|e| e.to_string())
         })
+    }
+}
+
+impl Handler<SettingsChanged> for DeadLetterActor {
+    type Result = ();
+    fn handle(&mut self, msg: SettingsChanged, _: &mut Context<Self>) {
+        self.child.settings = msg.0;
     }
 }
 

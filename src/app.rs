@@ -139,9 +139,13 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     specs.push(ChildSpec::new(RETRY_CHILD, true, |c: ChildContext| {
         Box::new(RetryScheduler::new(c).start())
     }));
-    specs.push(ChildSpec::new(DLQ_CHILD, true, |c: ChildContext| {
-        Box::new(DeadLetterActor::new(c).start())
-    }));
+    // It replays inbound dead letters for the mailboxes configured now: it follows reloads.
+    specs.push(
+        ChildSpec::new(DLQ_CHILD, true, |c: ChildContext| {
+            Box::new(DeadLetterActor::new(c).start())
+        })
+        .settings_updates::<DeadLetterActor>(),
+    );
     specs.push(
         ChildSpec::new("outbound", true, |c: ChildContext| {
             Box::new(OutboundConsumer::new(c).start())

@@ -234,6 +234,7 @@ async fn dlq_replay(
     match actor.send(ReplayDeadLetters { queue, selection }).await {
         Ok(Ok(report)) => HttpResponse::Ok().json(serde_json::json!({
             "success": true, "replayed": report.replayed, "kept": report.kept,
+            "already_published": report.already_published, "not_replayed": report.not_replayed,
         })),
         Ok(Err(e)) => {
             HttpResponse::BadRequest().json(serde_json::json!({"success": false, "error": e}))

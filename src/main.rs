@@ -45,14 +45,17 @@ enum DlqAction {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    /// Send dead-lettered requests back to the send queue with a fresh retry schedule.
+    /// Replay dead letters: outbound requests go back to the send queue with a fresh retry
+    /// schedule; inbound emails (--queue email.inbound.dlq) are published from their stored
+    /// bytes.
     Replay {
         #[arg(long)]
         queue: Option<String>,
         /// Replay every entry.
         #[arg(long, conflicts_with = "message_id")]
         all: bool,
-        /// Replay the entries with this message_id (repeatable).
+        /// Replay the entries with this message_id (repeatable; for inbound entries the
+        /// dedup_key works too).
         #[arg(long = "message-id")]
         message_id: Vec<String>,
         /// Only entries of this tenant.
@@ -170,6 +173,15 @@ async fn run_dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
                 report.replayed.join(", "),
                 report.kept
             );
+            if !report.already_published.is_empty() {
+                println!(
+                    "already published (removed from {queue}): {}",
+                    report.already_published.join(", ")
+                );
+            }
+            for n in &report.not_replayed {
+                println!("not replayed: {}: {}", n.message_id, n.reason);
+            }
         }
     }
     let _ = conn.close(200, "OK".into()).await;

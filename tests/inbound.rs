@@ -90,6 +90,23 @@ fn stored(env: &TestEnv, id: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("stored raw email {id}: {e}"))
 }
 
+/// Waits until `queue` holds `n` messages.
+async fn wait_depth(env: &TestEnv, svc: &Service, queue: &str, n: u32, timeout: Duration) {
+    let start = Instant::now();
+    loop {
+        let d = env.depth(queue).await;
+        if d == n {
+            return;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{queue} holds {d}, not {n}\n{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until the mailbox has finished a sync.
 async fn wait_synced(svc: &Service, mailbox: &str) {
     let start = Instant::now();
@@ -1113,6 +1130,165 @@ async fn hostile_emails_each_end_in_one_visible_place() {
     );
     assert_eq!(more.len(), 1, "{:?}", counts(&more, "subject"));
     assert_eq!(env.depth("email.inbound.dlq").await, 0);
+}
+
+#[tokio::test]
+async fn a_broker_refusal_goes_to_the_dlq_and_replay_publishes_it_exactly_once() {
+    let env = TestEnv::new("refusal");
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("judy", PW)]);
+    dovecot.deliver_files(
+        "judy",
+        (0..5).map(|i| message(&format!("ref-{i}@example.com"), "refused?", "", "x")),
+    );
+    env.mailbox_tenant(
+        "acme",
+        "imap",
+        dovecot.imap_port,
+        "judy",
+        PW,
+        "initial_sync = \"all\"\nidle = false\npoll_interval = \"1h\"",
+    );
+    // The broker takes two; the rest of the batch is nacked (reject-publish).
+    common::rabbitmqctl(&[
+        "set_policy",
+        "-p",
+        &env.vhost,
+        "cap-inbound",
+        "^email\\.inbound$",
+        r#"{"max-length":2,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let svc = Service::start_with(&env, &[("MAILBRIDGE_ADMIN_TOKEN", "replay-token")]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    wait_depth(&env, &svc, "email.inbound.dlq", 3, Duration::from_secs(20)).await;
+    assert_eq!(env.depth("email.inbound").await, 2);
+
+    common::rabbitmqctl(&["clear_policy", "-p", &env.vhost, "cap-inbound"]);
+    let first = consume(
+        &env,
+        "email.inbound",
+        2,
+        Duration::from_secs(5),
+        Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(first.len(), 2);
+    let client = reqwest::Client::new();
+    let listed: serde_json::Value = client
+        .get(format!("{}/api/dlq?queue=email.inbound.dlq", svc.base_url))
+        .bearer_auth("replay-token")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = listed["entries"].as_array().unwrap().clone();
+    assert_eq!(entries.len(), 3, "{listed}");
+    for e in &entries {
+        assert!(e["error"].as_str().unwrap().contains("refused"), "{e}");
+        assert!(e["raw_id"].is_string() && e["raw_url"].is_string());
+        assert_eq!(
+            e["dedup_key"],
+            format!("mid:{}", e["message_id"].as_str().unwrap())
+        );
+    }
+    let refused_ids: Vec<String> = entries
+        .iter()
+        .map(|e| e["message_id"].as_str().unwrap().to_string())
+        .collect();
+
+    // A dead letter of a mailbox no longer configured stays, with the reason.
+    let stray = serde_json::json!({
+        "message_id": "gone@example.com", "tenant_id": "acme", "mailbox_id": "mb-gone",
+        "uid": "7", "dedup_key": "mid:gone@example.com", "raw_id": entries[0]["raw_id"],
+        "error": "x", "error_class": "permanent", "retry_count": 0,
+        "failed_at": "2025-09-19T11:00:00Z"
+    });
+    env.publish("email.inbound.dlq", &serde_json::to_vec(&stray).unwrap())
+        .await;
+
+    // One by the CLI, the others by HTTP.
+    let out = env.command(&[
+        "dlq",
+        "replay",
+        "--queue",
+        "email.inbound.dlq",
+        "--message-id",
+        &refused_ids[0],
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("replayed 1: {}", refused_ids[0])),
+        "{stdout}"
+    );
+    let answer: serde_json::Value = client
+        .post(format!("{}/api/dlq/replay", svc.base_url))
+        .bearer_auth("replay-token")
+        .json(&serde_json::json!({"queue": "email.inbound.dlq", "all": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["replayed"].as_array().unwrap().len(), 2, "{answer}");
+    assert_eq!(answer["kept"], 1);
+    assert_eq!(answer["not_replayed"][0]["message_id"], "gone@example.com");
+    assert!(answer["not_replayed"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no longer configured"));
+
+    // Every email published exactly once; the stray entry is all that is left.
+    let replayed = consume(
+        &env,
+        "email.inbound",
+        3,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+    )
+    .await;
+    let mut all = first.clone();
+    all.extend(replayed.iter().cloned());
+    let ids = counts(&all, "message_id");
+    assert_eq!(all.len(), 5, "{ids:?}");
+    assert!((0..5).all(|i| ids.get(&format!("ref-{i}@example.com")) == Some(&1)));
+    assert!(replayed
+        .iter()
+        .all(|m| m["mailbox_id"] == "mb-judy" && m["source"] == "imap"));
+    assert_eq!(env.depth("email.inbound.dlq").await, 1);
+    assert_eq!(
+        db_count(
+            &env,
+            "SELECT count(*) FROM inbound_published WHERE outcome = 'published'"
+        )
+        .await,
+        5
+    );
+    // Replaying again publishes nothing; neither does a sync.
+    let out = env.command(&["dlq", "replay", "--queue", "email.inbound.dlq", "--all"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("replayed 0"));
+    env.publish(
+        "email.sync.user",
+        &sync_request("acme", "acme-provider", "user-judy"),
+    )
+    .await;
+    assert!(consume(
+        &env,
+        "email.inbound",
+        0,
+        Duration::ZERO,
+        Duration::from_millis(1500)
+    )
+    .await
+    .is_empty());
 }
 
 /// An RFC 2822 date `days` ago.
