@@ -24,7 +24,7 @@ use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth};
 use crate::amqp::Publisher;
@@ -45,14 +45,8 @@ const CHILD_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Errors at the AMQP boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
-    #[error("cannot connect to RabbitMQ at {endpoint}: {source}; check that RabbitMQ is running and [rabbitmq] settings (or RABBITMQ_*) are right")]
-    Connect {
-        endpoint: String,
-        #[source]
-        source: lapin::Error,
-    },
-    #[error("[rabbitmq] url is not usable: {0}")]
-    Url(String),
+    #[error(transparent)]
+    Connect(#[from] crate::amqp::ConnectError),
     #[error("cannot declare {what}: {source}; if it exists with other arguments, delete it or rename it in [queues]")]
     Topology {
         what: String,
@@ -584,18 +578,9 @@ impl Supervisor {
         }
         self.connecting = true;
         let settings = self.settings.clone();
-        let endpoint = settings.amqp_display();
         ctx.spawn(
             async move {
-                let uri = settings.amqp_uri().map_err(AmqpError::Url)?;
-                let props =
-                    ConnectionProperties::default().with_connection_name("mailbridge".into());
-                let conn = Connection::connect_uri(uri, props)
-                    .await
-                    .map_err(|source| AmqpError::Connect {
-                        endpoint: endpoint.clone(),
-                        source,
-                    })?;
+                let conn = crate::amqp::connect(&settings, "mailbridge").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &settings).await?;
                 let _ = ch.close(200, "OK".into()).await;
