@@ -331,6 +331,7 @@ pub struct SmtpServer {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    args: Vec<String>,
 }
 
 /// One message as the SMTP server received it.
@@ -355,8 +356,18 @@ impl ReceivedMail {
 
 impl SmtpServer {
     pub fn start(dir: &Path, args: &[&str]) -> Self {
-        use std::io::BufRead;
         let port = free_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        SmtpServer {
+            child: Self::spawn(port, dir, &args),
+            port,
+            dir: dir.to_path_buf(),
+            args,
+        }
+    }
+
+    fn spawn(port: u16, dir: &Path, args: &[String]) -> Child {
+        use std::io::BufRead;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
         let mut child = Command::new("python3")
             .arg(script)
@@ -375,10 +386,30 @@ impl SmtpServer {
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "READY", "the SMTP server did not start");
-        SmtpServer {
-            child,
-            port,
-            dir: dir.to_path_buf(),
+        child
+    }
+
+    /// Kills the server: connections to its port are refused until `restart`.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again (stopping it first if it runs): same port, folder and options.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self.dir, &self.args);
+    }
+
+    /// Makes the server drop connections (None: stop dropping): `drop-mid-data [N]` or
+    /// `drop-after-dot [N]`, see `tests/support/smtp_server.py`.
+    pub fn set_fault(&self, fault: Option<&str>) {
+        let f = self.dir.join("fault");
+        match fault {
+            Some(l) => std::fs::write(f, format!("{l}\n")).expect("write the SMTP fault file"),
+            None => {
+                let _ = std::fs::remove_file(f);
+            }
         }
     }
 
