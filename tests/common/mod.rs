@@ -795,6 +795,19 @@ service stats {{
 "#
         );
         std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        let child = Self::launch(dir, &[imap_port, pop3_port]);
+        Dovecot {
+            child,
+            dir: dir.to_path_buf(),
+            imap_port,
+            pop3_port,
+            imaps_port,
+            pop3s_port,
+        }
+    }
+
+    /// Runs `dovecot -F` on the folder's config; returns once all `ports` accept.
+    fn launch(dir: &Path, ports: &[u16]) -> Child {
         let child = Command::new("dovecot")
             .arg("-c")
             .arg(dir.join("dovecot.conf"))
@@ -806,8 +819,9 @@ service stats {{
                 "dovecot is installed (scripts/test.sh installs dovecot-imapd and dovecot-pop3d)",
             );
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", imap_port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", pop3_port)).is_err()
+        while ports
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             assert!(
                 start.elapsed() < Duration::from_secs(15),
@@ -815,14 +829,40 @@ service stats {{
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Dovecot {
-            child,
-            dir: dir.to_path_buf(),
-            imap_port,
-            pop3_port,
-            imaps_port,
-            pop3s_port,
+        child
+    }
+
+    /// Stops Dovecot (SIGTERM, SIGKILL after 5 s): connections are cut, the ports refuse.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
         }
+        signal(self.child.id(), "TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts Dovecot again (stopping it first if it runs): same config, ports and maildirs;
+    /// returns once every port accepts.
+    pub fn restart(&mut self) {
+        self.stop();
+        let ports: Vec<u16> = [
+            self.imap_port,
+            self.pop3_port,
+            self.imaps_port,
+            self.pop3s_port,
+        ]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect();
+        self.child = Self::launch(&self.dir, &ports);
     }
 
     /// Runs IMAP commands as `user` with python's imaplib (a client independent of ours).
@@ -879,16 +919,7 @@ service stats {{
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        signal(self.child.id(), "TERM");
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
