@@ -9,7 +9,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod broker_faults;
 pub mod pg_cluster;
+pub mod rabbit_node;
 pub mod sys;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
