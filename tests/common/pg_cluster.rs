@@ -241,7 +241,17 @@ impl PgCluster {
             .args(["-w", "-t", "30", "-s", "start"])
             .output()
             .expect("run pg_ctl start");
-        out.status.success()
+        if !out.status.success() {
+            return false;
+        }
+        // Immediate shutdown (SIGQUIT to the postmaster) if the test process dies undropped.
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()));
+        if let Some(pid) = pid {
+            sys::kill_when_we_die(pid, "QUIT");
+        }
+        true
     }
 
     /// The server URL without a database name, for tokio-postgres or the service's

@@ -188,10 +188,11 @@ impl RabbitNode {
             .stdout(out)
             .stderr(err);
         sys::run_as(&mut cmd, self.owner.as_ref());
-        self.child = Some(
-            cmd.spawn()
-                .map_err(|e| format!("spawn rabbitmq-server: {e}"))?,
-        );
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn rabbitmq-server: {e}"))?;
+        sys::kill_when_we_die(child.id(), "KILL");
+        self.child = Some(child);
         loop {
             if let Some(status) = self
                 .child

@@ -122,3 +122,15 @@ pub fn send_signal(pid: u32, sig: &str) -> bool {
         .map(|s| s.success())
         .unwrap_or(false)
 }
+
+/// Sends `sig` to `target` if this test process dies first (killed by a timeout or Ctrl-C,
+/// when no `Drop` runs), so a private server does not outlive its test. A detached shell
+/// loop checks once a second and ends by itself when `target` ends.
+pub fn kill_when_we_die(target: u32, sig: &str) {
+    let me = std::process::id();
+    let watch = format!(
+        "(while kill -0 {me} 2>/dev/null; do kill -0 {target} 2>/dev/null || exit 0; sleep 1; done; \
+         kill -{sig} {target}) </dev/null >/dev/null 2>&1 &"
+    );
+    let _ = Command::new("sh").arg("-c").arg(watch).status();
+}
