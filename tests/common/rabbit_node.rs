@@ -14,9 +14,10 @@
 //! `$HOME/.erlang.cookie`. No cookie file is written, and nothing is exported into this
 //! process's environment, so `rabbitmqctl` without `-n` still talks to the system node.
 //!
-//! **Start time** (measured on the 2-core test machine, beside other tests): `start` 4.5–8 s
-//! (including ~0.3 s for the certificates), `start_again` 4–7 s, most of it RabbitMQ's own
-//! boot; up to ~18 s while cargo compiles beside it. `stop` ~1 s, `kill` ~20 ms.
+//! **Start time** (measured on the 2-core machine): `start` 4.6–5.8 s when little else runs,
+//! 7–16 s beside other tests and builds (load 4–5), including ~0.3 s for the certificates;
+//! `start_again` 3.5–8 s; most of it is RabbitMQ's own boot. `stop` ~1.1 s, `kill` ~20 ms.
+//! Boot gives up after 90 s.
 //!
 //! **Clusters.** Nodes are started independently; joining three into a cluster later needs
 //! only what is public here: `name`, the ports, `dir` and [`RabbitNode::ctl`]
