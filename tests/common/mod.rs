@@ -9,6 +9,12 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod broker_faults;
+pub mod http_server;
+pub mod pg_cluster;
+pub mod rabbit_node;
+pub mod sys;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
@@ -331,6 +337,7 @@ pub struct SmtpServer {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    args: Vec<String>,
 }
 
 /// One message as the SMTP server received it.
@@ -355,8 +362,18 @@ impl ReceivedMail {
 
 impl SmtpServer {
     pub fn start(dir: &Path, args: &[&str]) -> Self {
-        use std::io::BufRead;
         let port = free_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        SmtpServer {
+            child: Self::spawn(port, dir, &args),
+            port,
+            dir: dir.to_path_buf(),
+            args,
+        }
+    }
+
+    fn spawn(port: u16, dir: &Path, args: &[String]) -> Child {
+        use std::io::BufRead;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
         let mut child = Command::new("python3")
             .arg(script)
@@ -375,10 +392,30 @@ impl SmtpServer {
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "READY", "the SMTP server did not start");
-        SmtpServer {
-            child,
-            port,
-            dir: dir.to_path_buf(),
+        child
+    }
+
+    /// Kills the server: connections to its port are refused until `restart`.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again (stopping it first if it runs): same port, folder and options.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self.dir, &self.args);
+    }
+
+    /// Makes the server drop connections (None: stop dropping): `drop-mid-data [N]` or
+    /// `drop-after-dot [N]`, see `tests/support/smtp_server.py`.
+    pub fn set_fault(&self, fault: Option<&str>) {
+        let f = self.dir.join("fault");
+        match fault {
+            Some(l) => std::fs::write(f, format!("{l}\n")).expect("write the SMTP fault file"),
+            None => {
+                let _ = std::fs::remove_file(f);
+            }
         }
     }
 
@@ -764,6 +801,19 @@ service stats {{
 "#
         );
         std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        let child = Self::launch(dir, &[imap_port, pop3_port]);
+        Dovecot {
+            child,
+            dir: dir.to_path_buf(),
+            imap_port,
+            pop3_port,
+            imaps_port,
+            pop3s_port,
+        }
+    }
+
+    /// Runs `dovecot -F` on the folder's config; returns once all `ports` accept.
+    fn launch(dir: &Path, ports: &[u16]) -> Child {
         let child = Command::new("dovecot")
             .arg("-c")
             .arg(dir.join("dovecot.conf"))
@@ -775,8 +825,9 @@ service stats {{
                 "dovecot is installed (scripts/test.sh installs dovecot-imapd and dovecot-pop3d)",
             );
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", imap_port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", pop3_port)).is_err()
+        while ports
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             assert!(
                 start.elapsed() < Duration::from_secs(15),
@@ -784,14 +835,40 @@ service stats {{
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Dovecot {
-            child,
-            dir: dir.to_path_buf(),
-            imap_port,
-            pop3_port,
-            imaps_port,
-            pop3s_port,
+        child
+    }
+
+    /// Stops Dovecot (SIGTERM, SIGKILL after 5 s): connections are cut, the ports refuse.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
         }
+        signal(self.child.id(), "TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts Dovecot again (stopping it first if it runs): same config, ports and maildirs;
+    /// returns once every port accepts.
+    pub fn restart(&mut self) {
+        self.stop();
+        let ports: Vec<u16> = [
+            self.imap_port,
+            self.pop3_port,
+            self.imaps_port,
+            self.pop3s_port,
+        ]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect();
+        self.child = Self::launch(&self.dir, &ports);
     }
 
     /// Runs IMAP commands as `user` with python's imaplib (a client independent of ours).
@@ -848,16 +925,7 @@ service stats {{
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        signal(self.child.id(), "TERM");
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
