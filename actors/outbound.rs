@@ -251,6 +251,12 @@ impl Pipeline {
             Err(disposition) => return disposition,
         };
         let (mut guard, deliveries) = guard;
+        // Debug builds only: the test suite's way to make processing panic (the panic path
+        // below is otherwise unreachable on purpose).
+        #[cfg(debug_assertions)]
+        if std::env::var("MAILBRIDGE_FAULT_PANIC_ON").is_ok_and(|id| id == guard.key.message_id) {
+            panic!("fault injected for message_id {}", guard.key.message_id);
+        }
         if deliveries > MAX_DELIVERIES {
             let f = Failure::new(
                 format!(
@@ -651,6 +657,24 @@ impl Pipeline {
         self.outbox_later(OutboxOp::DeadLettered(key.clone())).await;
         let result = SendResult::failed(&ids, failure.error, failure.class, d.retry, max_retries);
         self.announce(&key, &result).await
+    }
+
+    /// A request whose processing panicked: it would panic again, so it is failed for good
+    /// now — recorded `failed` in its row when it has one (its claim was released as the
+    /// panic unwound), dead-lettered, with a terminal result.
+    async fn fail_after_panic(&self, d: &Incoming, what: &str) -> Disposition {
+        let ids = RequestIds::peek(&d.body);
+        let failure = Failure::new(
+            format!("the service failed unexpectedly while processing this request ({what}); dead-lettered so that it cannot loop"),
+            FailureClass::Permanent,
+        );
+        let Some(row) = new_row(&ids, None) else {
+            return self.dead_letter(d, &ids, failure).await;
+        };
+        match self.claim(d, row, &ids).await {
+            Ok((mut guard, _)) => self.on_failure(d, &ids, &mut guard, failure).await,
+            Err(disposition) => disposition,
+        }
     }
 
     /// A request without a row (no usable ids, or refused by the outbox): dead letter and
@@ -1073,12 +1097,7 @@ impl StreamHandler<Result<Delivery, String>> for OutboundConsumer {
                         // its guard as the panic unwound.
                         let what = panic_message(panic.as_ref());
                         tracing::error!("processing a request panicked: {what}");
-                        let ids = RequestIds::peek(&incoming.body);
-                        let failure = Failure::new(
-                            format!("the service failed unexpectedly while processing this request ({what}); dead-lettered so that it cannot loop"),
-                            FailureClass::Permanent,
-                        );
-                        AssertUnwindSafe(pipeline.dead_letter(&incoming, &ids, failure))
+                        AssertUnwindSafe(pipeline.fail_after_panic(&incoming, &what))
                             .catch_unwind()
                             .await
                             .unwrap_or(Disposition::Requeue)
