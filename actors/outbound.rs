@@ -445,7 +445,6 @@ impl Pipeline {
                 }
             }
         }
-        guard.settled = true;
         let settings = self.settings();
         self.metrics.do_send(Count::one(
             "mailbridge_emails_sent_total",
@@ -466,17 +465,32 @@ impl Pipeline {
                 sent_at: rfc3339(accepted.sent_at),
             },
         );
-        self.announce(&key, &result).await
+        self.announce(&key, &result, Some(guard)).await
     }
 
-    /// Publishes a result and, once confirmed, remembers that it was published.
-    async fn announce(&self, key: &OutboxKey, result: &SendResult) -> Disposition {
+    /// Publishes a result and, once confirmed, remembers that it was published — which ends
+    /// the claim of `guard` (the request is finished). Without the result, the delivery is
+    /// requeued and the guard releases the claim, so a redelivery publishes the result.
+    async fn announce(
+        &self,
+        key: &OutboxKey,
+        result: &SendResult,
+        guard: Option<&mut ClaimGuard>,
+    ) -> Disposition {
         if !self.publish_result(result).await {
             return Disposition::Requeue;
         }
-        // Not awaited on the ack path: if this is lost, a redelivery could only repeat a result.
-        self.outbox_later(OutboxOp::ResultPublished(key.clone()))
-            .await;
+        // Not awaited on the ack path: if this is lost, a redelivery could only repeat a
+        // result (and the claim expires).
+        let token = guard.map(|g| {
+            g.settled = true;
+            g.token
+        });
+        self.outbox_later(OutboxOp::ResultPublished {
+            key: key.clone(),
+            token,
+        })
+        .await;
         Disposition::Ack
     }
 
@@ -502,7 +516,7 @@ impl Pipeline {
                 sent_at: row.sent_at.map(rfc3339).unwrap_or_default(),
             },
         );
-        self.announce(key, &result).await
+        self.announce(key, &result, None).await
     }
 
     /// A copy of a request that failed: not tried again (a dead letter is replayed to try
@@ -540,7 +554,7 @@ impl Pipeline {
         }
         let max_retries = self.settings().retry.max_retries;
         let result = SendResult::failed(&ids, error, class, retry, max_retries);
-        self.announce(key, &result).await
+        self.announce(key, &result, None).await
     }
 
     /// Every failure of a claimed request ends here: a transient one with retries left is
@@ -637,7 +651,8 @@ impl Pipeline {
                 guard.settled = true;
                 return Disposition::Ack;
             }
-            Ok(_) => guard.settled = true,
+            // The claim stays until the result is out (a copy waits rather than repeat it).
+            Ok(_) => {}
             Err(OutboxError::Unavailable(_)) => return Disposition::Requeue,
             Err(OutboxError::Refused(e)) => {
                 tracing::error!(error = %e, "the outbox refused a failure record");
@@ -656,7 +671,7 @@ impl Pipeline {
         }
         self.outbox_later(OutboxOp::DeadLettered(key.clone())).await;
         let result = SendResult::failed(&ids, failure.error, failure.class, d.retry, max_retries);
-        self.announce(&key, &result).await
+        self.announce(&key, &result, Some(guard)).await
     }
 
     /// A request whose processing panicked: it would panic again, so it is failed for good

@@ -381,17 +381,23 @@ fn mailbox(field: &str, s: &str) -> Result<Mailbox, RequestError> {
     })
 }
 
-/// The start of a value for an error message (a refused value may be megabytes long).
+/// The start of a value for an error message (a refused value may be megabytes long), with
+/// control characters escaped (`\u{0}`) so they reach no log line or header raw.
 fn preview(s: &str) -> String {
     const MAX: usize = 80;
-    if s.len() <= MAX {
-        return s.to_string();
+    let mut out = String::with_capacity(s.len().min(MAX) + 8);
+    for (i, c) in s.char_indices() {
+        if i >= MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
     }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    out
 }
 
 /// A request that passed validation, with its addresses parsed.

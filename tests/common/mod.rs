@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod broker_faults;
 pub mod http_server;
+pub mod ledger;
 pub mod pg_cluster;
 pub mod rabbit_node;
 pub mod sys;

@@ -1,0 +1,234 @@
+//! Outbound promises under hostile input and faults, each shown by doing the damage for real
+//! against the real RabbitMQ, PostgreSQL and SMTP server: every request ends in exactly one
+//! visible place (delivered once, or the DLQ with one terminal result), nothing is sent twice,
+//! and bad input or a slow peer never stops or stalls the rest.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::ledger::{
+    deliveries, drain, outbox_statuses, publish_all, results_by_id, tracked_request,
+    wait_delivered, wait_queue_drained,
+};
+use common::{Service, SmtpServer, TestEnv};
+
+const TENANT: &str = "tenant-x";
+const PROVIDER: &str = "provider-x";
+
+fn body(v: &serde_json::Value) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap()
+}
+
+async fn start(env: &TestEnv, smtp: &SmtpServer, extra: &str) -> Service {
+    env.smtp_tenant(TENANT, PROVIDER, smtp.port, extra);
+    let svc = Service::start(env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    svc
+}
+
+/// Asserts that each of `ids` arrived exactly once and nothing else arrived.
+fn assert_delivered_once(smtp: &SmtpServer, ids: &[String], log: &str) {
+    let got = deliveries(smtp);
+    let twice: Vec<_> = got.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    let missing: Vec<_> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "never delivered ({}): {:?}\n{log}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(got.len(), ids.len(), "unexpected deliveries: {got:?}");
+}
+
+#[tokio::test]
+async fn nul_bytes_and_control_characters_fail_only_their_own_requests() {
+    let env = TestEnv::new("nul");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let svc = start(&env, &smtp, "").await;
+
+    let normal: Vec<String> = (0..200).map(|i| format!("ok-{i}")).collect();
+    // Each bad request has one field PostgreSQL or a header cannot carry.
+    let mut bad: Vec<(String, serde_json::Value)> = Vec::new();
+    let mut add = |id: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut r = tracked_request(TENANT, PROVIDER, id);
+        edit(&mut r);
+        bad.push((id.to_string(), r));
+    };
+    add("bad-user", &|r| r["user_id"] = "u\u{0}x".into());
+    add("bad-campaign", &|r| r["campaign_id"] = "c\u{0}".into());
+    add("bad-template", &|r| r["template_id"] = "\u{0}t".into());
+    add("bad-header-name", &|r| {
+        r["headers"]["X-\u{0}A"] = "v".into()
+    });
+    add("bad-header-value", &|r| {
+        r["headers"]["X-B"] = "v\u{0}".into()
+    });
+    add("bad-subject", &|r| r["subject"] = "hi\u{0}there".into());
+    add("bad-subject-esc", &|r| r["subject"] = "bell\u{7}".into());
+    add("bad-from", &|r| r["from"] = "a\u{0}@company.com".into());
+    add("bad-to", &|r| {
+        r["to"] = serde_json::json!(["x\u{0}y@example.com"])
+    });
+    add("bad-filename", &|r| {
+        r["attachments"] = serde_json::json!([{"filename": "a\u{0}.pdf",
+            "url": "http://127.0.0.1:1/a.pdf", "mime_type": "application/pdf"}])
+    });
+    add("bad-provider", &|r| r["provider_id"] = "p\u{0}".into());
+    // Ids that cannot key a row at all.
+    add("bad-tenant", &|r| r["tenant_id"] = "t\u{0}".into());
+    add("ignored", &|r| r["message_id"] = "m\u{0}x".into());
+    let bad_count = bad.len();
+
+    let mut bodies = Vec::new();
+    for (i, id) in normal.iter().enumerate() {
+        bodies.push(body(&tracked_request(TENANT, PROVIDER, id)));
+        // Interleaved, so the bad ones share the outbox's batches with good ones.
+        if i % 15 == 7 {
+            if let Some((_, r)) = bad.get(i / 15) {
+                bodies.push(body(r));
+            }
+        }
+    }
+    for (_, r) in bad.iter().skip(bodies.len() - normal.len()) {
+        bodies.push(body(r));
+    }
+    assert_eq!(bodies.len(), normal.len() + bad_count);
+    publish_all(&env, &bodies).await;
+
+    assert_eq!(
+        wait_delivered(&smtp, normal.len(), Duration::from_secs(60)).await,
+        normal.len()
+    );
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(30)).await);
+    assert_delivered_once(&smtp, &normal, &svc.log_text());
+
+    let dead = drain(&env, "email.send.dlq", Duration::from_secs(3)).await;
+    assert_eq!(dead.len(), bad_count, "{dead:#?}");
+    for d in &dead {
+        assert_eq!(d["error_class"], "invalid", "{d}");
+        let error = d["error"].as_str().unwrap();
+        assert!(
+            error.contains("control character")
+                || error.contains("line break")
+                || error.contains("not a valid header name"),
+            "{error}"
+        );
+        assert!(
+            !error.contains('\u{0}'),
+            "no raw NUL in an error: {error:?}"
+        );
+        assert!(d["request"].is_object(), "the request is kept: {d}");
+    }
+    let results = drain(&env, "email.send.result", Duration::from_secs(3)).await;
+    let by_id = results_by_id(&results);
+    for id in &normal {
+        assert_eq!(by_id.get(&(id.clone(), "sent".into())), Some(&1), "{id}");
+    }
+    let failed: usize = by_id
+        .iter()
+        .filter(|((_, s), _)| s == "failed")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(failed, bad_count, "one terminal result each: {by_id:?}");
+    assert_eq!(results.len(), normal.len() + bad_count);
+
+    let db = env.db().await;
+    let statuses = outbox_statuses(&db).await;
+    assert_eq!(statuses.get("sent"), Some(&200), "{statuses:?}");
+    // Rows for the bad requests whose ids can key one; none is left in between.
+    assert_eq!(
+        statuses.get("failed"),
+        Some(&((bad_count - 2) as i64)),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.len(), 2, "{statuses:?}");
+    let log = svc.log_text();
+    assert!(!log.contains("outbox batch failed"), "{log}");
+}
+
+#[tokio::test]
+async fn the_same_request_published_again_is_sent_once_with_one_terminal_result() {
+    let env = TestEnv::new("dupes");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    // Slow enough that copies published together overlap in processing.
+    std::fs::write(smtp.dir.join("delay"), "0.5").unwrap();
+    let svc = start(&env, &smtp, "").await;
+
+    // 1. Five copies of each of 20 requests at once (a CRM's retries, lost confirms).
+    let ids: Vec<String> = (0..20).map(|i| format!("twice-{i}")).collect();
+    let mut bodies = Vec::new();
+    for _ in 0..5 {
+        for id in &ids {
+            bodies.push(body(&tracked_request(TENANT, PROVIDER, id)));
+        }
+    }
+    publish_all(&env, &bodies).await;
+    assert_eq!(
+        wait_delivered(&smtp, ids.len(), Duration::from_secs(60)).await,
+        ids.len()
+    );
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(60)).await);
+    assert_delivered_once(&smtp, &ids, &svc.log_text());
+
+    // 2. A copy of an email sent long ago: still not sent again.
+    publish_all(&env, &[body(&tracked_request(TENANT, PROVIDER, "twice-3"))]).await;
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(30)).await);
+
+    // 3. A copy published while the first copy's retry is parked: the parked retry goes on,
+    //    the copy stands down.
+    std::fs::remove_file(smtp.dir.join("delay")).unwrap();
+    smtp.set_reply(Some("451 4.3.0 Try again later"));
+    publish_all(&env, &[body(&tracked_request(TENANT, PROVIDER, "parked"))]).await;
+    let retrying = env
+        .take("email.send.result", 21, Duration::from_secs(20))
+        .await;
+    assert!(
+        retrying
+            .iter()
+            .any(|r| r["message_id"] == "parked" && r["status"] == "retrying"),
+        "{retrying:?}"
+    );
+    publish_all(&env, &[body(&tracked_request(TENANT, PROVIDER, "parked"))]).await;
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(10)).await);
+    smtp.set_reply(None);
+    // The parked retry (1 s) delivers it.
+    let start = Instant::now();
+    while !deliveries(&smtp).contains_key("parked") && start.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(20)).await);
+    let mut all = ids.clone();
+    all.push("parked".into());
+    assert_delivered_once(&smtp, &all, &svc.log_text());
+
+    let mut results = retrying;
+    results.extend(drain(&env, "email.send.result", Duration::from_secs(3)).await);
+    let by_id = results_by_id(&results);
+    for id in &all {
+        assert_eq!(
+            by_id.get(&(id.clone(), "sent".into())),
+            Some(&1),
+            "exactly one sent result for {id}: {by_id:?}"
+        );
+        assert_eq!(by_id.get(&(id.clone(), "failed".into())), None);
+    }
+    assert!(drain(&env, "email.send.dlq", Duration::from_millis(500))
+        .await
+        .is_empty());
+    let db = env.db().await;
+    let statuses = outbox_statuses(&db).await;
+    assert_eq!(statuses, BTreeMap::from([("sent".into(), 21)]));
+    let claimed: i64 = db
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE claim_token IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(claimed, 0, "no claim is left behind");
+    assert!(svc.log_text().contains("already sent; not sending again"));
+}
