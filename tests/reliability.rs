@@ -232,3 +232,211 @@ async fn the_same_request_published_again_is_sent_once_with_one_terminal_result(
     assert_eq!(claimed, 0, "no claim is left behind");
     assert!(svc.log_text().contains("already sent; not sending again"));
 }
+
+/// Publishes raw bodies (not necessarily JSON) to `email.send`.
+async fn publish_raw(env: &TestEnv, bodies: &[Vec<u8>]) {
+    publish_all(env, bodies).await;
+}
+
+#[tokio::test]
+async fn hostile_requests_end_in_the_dlq_and_never_stall_the_others() {
+    let env = TestEnv::new("hostile");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let svc = start(&env, &smtp, "").await;
+
+    let mut hostile: Vec<(&str, Vec<u8>)> = Vec::new();
+    let with = |id: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut r = tracked_request(TENANT, PROVIDER, id);
+        edit(&mut r);
+        body(&r)
+    };
+    hostile.push((
+        "huge-subject",
+        with("huge-subject", &|r| {
+            r["subject"] = "s".repeat(10 << 20).into()
+        }),
+    ));
+    hostile.push((
+        "many-recipients",
+        with("many-recipients", &|r| {
+            r["to"] = (0..10_000)
+                .map(|i| format!("user{i}@example.com"))
+                .collect::<Vec<_>>()
+                .into()
+        }),
+    ));
+    hostile.push((
+        "huge-body",
+        with("huge-body", &|r| {
+            r["body_content"] = "<p>x</p>".repeat(20 << 17).into()
+        }),
+    ));
+    let mut deep = "[".repeat(100_000);
+    deep.push_str(&"]".repeat(100_000));
+    hostile.push((
+        "deep",
+        format!(
+            r#"{{"tenant_id":"{TENANT}","provider_id":"{PROVIDER}","message_id":"deep","x":{deep}}}"#
+        )
+        .into_bytes(),
+    ));
+    hostile.push((
+        "wrong-types",
+        with("wrong-types", &|r| {
+            r["to"] = serde_json::json!("not-a-list@example.com");
+            r["attachments"] = serde_json::json!({"a": 1});
+        }),
+    ));
+    hostile.push((
+        "duplicate-keys",
+        format!(
+            r#"{{"tenant_id":"{TENANT}","provider_id":"{PROVIDER}","message_id":"duplicate-keys","from":"a@company.com","to":["b@example.com"],"to":["c@example.com"],"body_format":"TEXT","body_content":"x"}}"#
+        )
+        .into_bytes(),
+    ));
+    let mut invalid_utf8 = body(&tracked_request(TENANT, PROVIDER, "bad-utf8"));
+    let at = invalid_utf8.windows(4).position(|w| w == b"Test").unwrap();
+    invalid_utf8[at] = 0xff;
+    hostile.push(("bad-utf8", invalid_utf8));
+    hostile.push(("not-json", b"\x00\x01\x02 definitely not json".to_vec()));
+    let hostile_count = hostile.len();
+    // A long subject that is legitimate: sent, folded into short lines.
+    let long_subject = format!("{} and then some words", "w".repeat(3000));
+    let folded = with("long-subject", &|r| {
+        r["subject"] = long_subject.clone().into()
+    });
+
+    let started = Instant::now();
+    publish_raw(
+        &env,
+        &hostile.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(),
+    )
+    .await;
+    let normal: Vec<String> = (0..50).map(|i| format!("after-{i}")).collect();
+    let mut bodies: Vec<Vec<u8>> = normal
+        .iter()
+        .map(|id| body(&tracked_request(TENANT, PROVIDER, id)))
+        .collect();
+    bodies.push(folded);
+    publish_all(&env, &bodies).await;
+
+    let delivered = wait_delivered(&smtp, 51, Duration::from_secs(30)).await;
+    let took = started.elapsed();
+    println!("51 normal requests delivered {took:?} after the hostile ones were published");
+    assert_eq!(delivered, 51, "{}", svc.log_text());
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(60)).await);
+    let mut ids = normal.clone();
+    ids.push("long-subject".into());
+    assert_delivered_once(&smtp, &ids, &svc.log_text());
+
+    // Every line that reached the server is within RFC 5322's 998 octets, and the long
+    // subject reads back whole.
+    for m in smtp.messages() {
+        let raw = m.raw.clone();
+        for line in raw.split(|b| *b == b'\n') {
+            assert!(line.len() <= 999, "a line of {} octets", line.len());
+        }
+        let parsed = m.parsed();
+        if parsed.header_raw("X-Test-Id").map(str::trim) == Some("long-subject") {
+            assert_eq!(parsed.subject(), Some(long_subject.as_str()));
+        }
+    }
+
+    let dead = drain(&env, "email.send.dlq", Duration::from_secs(5)).await;
+    assert_eq!(
+        dead.len(),
+        hostile_count,
+        "{:?}",
+        dead.iter().map(|d| &d["error"]).collect::<Vec<_>>()
+    );
+    for d in &dead {
+        assert_eq!(d["error_class"], "invalid", "{}", d["error"]);
+    }
+    let errors: Vec<String> = dead
+        .iter()
+        .map(|d| d["error"].as_str().unwrap_or("").to_string())
+        .collect();
+    for needle in [
+        "max_subject_bytes",
+        "max_recipients",
+        "max_request_bytes",
+        "nested deeper than",
+        "duplicate field",
+        "not JSON",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.contains(needle)),
+            "no error mentions {needle}: {errors:#?}"
+        );
+    }
+    // The oversized request is kept as its start, with its size.
+    let big = dead
+        .iter()
+        .find(|d| d["raw_body_bytes"].is_u64())
+        .expect("the oversized request");
+    assert!(big["raw_body_bytes"].as_u64().unwrap() > 16 << 20);
+
+    // The broker never dropped the service (its heartbeats were answered throughout).
+    let (_, metrics) = svc.get("/metrics").await.unwrap();
+    let losses: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mailbridge_amqp_connection_losses_total "))
+        .collect();
+    assert!(losses.iter().all(|l| l.ends_with(" 0")), "{losses:?}");
+    assert!(!svc.log_text().contains("lost the RabbitMQ connection"));
+}
+
+#[tokio::test]
+async fn one_slow_attachment_host_does_not_stall_the_others() {
+    let env = TestEnv::new("slowatt");
+    env.write_config("[outbound]\nattachment_allow_private = true\n");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let http = common::http_server::HttpServer::start(&env.dir.join("files"));
+    http.put_file("report.pdf", b"%PDF-1.4 slow but sure\n");
+    let svc = start(&env, &smtp, "").await;
+
+    let mut slow = tracked_request(TENANT, PROVIDER, "slow");
+    slow["attachments"] = serde_json::json!([{"filename": "report.pdf",
+        "url": http.url("/slow/20/report.pdf"), "mime_type": "application/pdf"}]);
+    let normal: Vec<String> = (0..600).map(|i| format!("quick-{i}")).collect();
+    let mut bodies = vec![body(&slow)];
+    bodies.extend(
+        normal
+            .iter()
+            .map(|id| body(&tracked_request(TENANT, PROVIDER, id))),
+    );
+    let started = Instant::now();
+    publish_all(&env, &bodies).await;
+
+    // All 600 are delivered while the slow one still waits for its attachment: it holds one
+    // slot of the prefetch window (256), not the window.
+    assert_eq!(
+        wait_delivered(&smtp, 600, Duration::from_secs(18)).await,
+        600,
+        "{}",
+        svc.log_text()
+    );
+    let quick = started.elapsed();
+    println!("600 delivered in {quick:?} beside a 20 s attachment download");
+    assert!(!deliveries(&smtp).contains_key("slow"));
+    assert!(quick < Duration::from_secs(18));
+
+    assert_eq!(
+        wait_delivered(&smtp, 601, Duration::from_secs(30)).await,
+        601
+    );
+    println!("the slow one after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_secs(20));
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(10)).await);
+    let mut all = normal.clone();
+    all.push("slow".into());
+    assert_delivered_once(&smtp, &all, &svc.log_text());
+    let slow_mail = smtp
+        .messages()
+        .into_iter()
+        .find(|m| m.text().contains("X-Test-Id: slow"))
+        .unwrap();
+    let parsed = slow_mail.parsed();
+    let att = parsed.attachments().next().expect("the attachment");
+    assert_eq!(att.contents(), b"%PDF-1.4 slow but sure\n");
+}
