@@ -440,3 +440,159 @@ async fn one_slow_attachment_host_does_not_stall_the_others() {
     let att = parsed.attachments().next().expect("the attachment");
     assert_eq!(att.contents(), b"%PDF-1.4 slow but sure\n");
 }
+
+#[tokio::test]
+async fn retry_delays_changed_at_run_time_wait_for_a_restart_and_lose_no_retry() {
+    let env = TestEnv::new("redelay");
+    env.write_config("[retry]\nmax_retries = 3\ndelays = [\"1s\"]\n");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    smtp.set_reply(Some("451 4.3.0 Try again later"));
+    let svc = Service::start_with(&env, &[("MAILBRIDGE_ADMIN_TOKEN", "tok")]);
+    env.smtp_tenant(TENANT, PROVIDER, smtp.port, "");
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    // The delays change while the service runs: their queues were never declared.
+    env.write_config("[retry]\nmax_retries = 3\ndelays = [\"7s\", \"11s\"]\n");
+    let reload = reqwest::Client::new()
+        .post(format!("{}/api/config/reload", svc.base_url))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reload.status(), 200);
+    let outcome: serde_json::Value = reload.json().await.unwrap();
+    assert_eq!(
+        outcome["outcome"]["diff"]["restart_required"],
+        serde_json::json!(["[retry]"]),
+        "{outcome}"
+    );
+
+    publish_all(&env, &[body(&tracked_request(TENANT, PROVIDER, "retried"))]).await;
+    let first = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0]["status"], "retrying", "{}", first[0]);
+    smtp.set_reply(None);
+    // Retried after the running schedule's 1 s, not lost in an undeclared queue.
+    assert_eq!(wait_delivered(&smtp, 1, Duration::from_secs(5)).await, 1);
+    let attempts = smtp.attempts();
+    let gap = attempts[1].0 - attempts[0].0;
+    assert!((0.9..4.0).contains(&gap), "retried after {gap:.1} s: {attempts:?}");
+    let results = drain(&env, "email.send.result", Duration::from_secs(2)).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["status"], "sent");
+    let db = env.db().await;
+    assert_eq!(
+        outbox_statuses(&db).await,
+        BTreeMap::from([("sent".into(), 1)])
+    );
+    assert!(svc.log_text().contains("applies at the next start"));
+}
+
+#[tokio::test]
+async fn an_smtp_connection_lost_mid_data_or_after_the_dot_is_retried_by_the_schedule_once() {
+    let env = TestEnv::new("smtpdrop");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let svc = start(&env, &smtp, "").await;
+
+    // After the final dot: the outcome is unknown. Never resent at once on a fresh
+    // session; the retry schedule sends it again (1 s later), and the outbox says so.
+    smtp.set_fault(Some("drop-after-dot 1"));
+    let started = Instant::now();
+    publish_all(&env, &[body(&tracked_request(TENANT, PROVIDER, "after-dot"))]).await;
+    assert_eq!(wait_delivered(&smtp, 1, Duration::from_secs(15)).await, 1);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(1), "resent at once: {took:?}");
+    // Mid-DATA: the server cannot have taken it; retried all the same, delivered once.
+    smtp.set_fault(Some("drop-mid-data 1"));
+    publish_all(&env, &[body(&tracked_request(TENANT, PROVIDER, "mid-data"))]).await;
+    assert_eq!(wait_delivered(&smtp, 2, Duration::from_secs(15)).await, 2);
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(10)).await);
+    assert_delivered_once(
+        &smtp,
+        &["after-dot".to_string(), "mid-data".to_string()],
+        &svc.log_text(),
+    );
+    let drops = smtp
+        .attempts()
+        .iter()
+        .filter(|(_, r)| r.starts_with("DROP"))
+        .count();
+    assert_eq!(drops, 2, "{:?}", smtp.attempts());
+
+    let db = env.db().await;
+    let row = db
+        .query_one(
+            "SELECT status, attempts, uncertain FROM outbox WHERE message_id = 'after-dot'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "sent");
+    assert_eq!(row.get::<_, i32>(1), 2);
+    assert!(row.get::<_, bool>(2), "the unknown outcome is recorded");
+    let results = drain(&env, "email.send.result", Duration::from_secs(2)).await;
+    let by_id = results_by_id(&results);
+    assert_eq!(by_id.get(&("after-dot".into(), "retrying".into())), Some(&1));
+    assert_eq!(by_id.get(&("after-dot".into(), "sent".into())), Some(&1));
+    assert_eq!(by_id.get(&("mid-data".into(), "sent".into())), Some(&1));
+}
+
+#[tokio::test]
+async fn an_smtp_server_down_for_30_seconds_loses_and_repeats_nothing() {
+    let env = TestEnv::new("smtpdown");
+    // Enough retries to outlast the outage: 1 + 5 + 15 + 15 + 15 s.
+    env.write_config("[retry]\nmax_retries = 5\n");
+    let mut smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let svc = start(&env, &smtp, "").await;
+
+    let before: Vec<String> = (0..20).map(|i| format!("before-{i}")).collect();
+    publish_all(
+        &env,
+        &before
+            .iter()
+            .map(|id| body(&tracked_request(TENANT, PROVIDER, id)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    assert_eq!(wait_delivered(&smtp, 20, Duration::from_secs(20)).await, 20);
+
+    smtp.stop();
+    let down_at = Instant::now();
+    let during: Vec<String> = (0..40).map(|i| format!("during-{i}")).collect();
+    publish_all(
+        &env,
+        &during
+            .iter()
+            .map(|id| body(&tracked_request(TENANT, PROVIDER, id)))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(down_at.elapsed())).await;
+    let (_, health) = svc.get_json("/health").await;
+    assert_eq!(
+        health["components"]["providers"][PROVIDER]["status"], "down",
+        "{health}"
+    );
+    smtp.restart();
+
+    let mut all = before.clone();
+    all.extend(during.iter().cloned());
+    assert_eq!(
+        wait_delivered(&smtp, all.len(), Duration::from_secs(40)).await,
+        all.len(),
+        "{}",
+        svc.log_text()
+    );
+    assert!(wait_queue_drained(&env, "email.send", Duration::from_secs(20)).await);
+    assert_delivered_once(&smtp, &all, &svc.log_text());
+    let db = env.db().await;
+    assert_eq!(
+        outbox_statuses(&db).await,
+        BTreeMap::from([("sent".into(), all.len() as i64)])
+    );
+    assert!(drain(&env, "email.send.dlq", Duration::from_millis(500))
+        .await
+        .is_empty());
+}
