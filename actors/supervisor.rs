@@ -619,8 +619,15 @@ impl Supervisor {
         ctx.spawn(
             async move {
                 while let Some(event) = events.next().await {
-                    if let lapin::Event::Error(e) = event {
-                        return e.to_string();
+                    match event {
+                        // A channel closed by the broker (a soft error): the connection lives
+                        // on, and the channel's owner reopens it (a consumer by being
+                        // restarted, the publisher on its next publish).
+                        lapin::Event::Error(e) if e.is_amqp_soft_error() => {
+                            tracing::warn!(error = %e, "the broker closed a channel");
+                        }
+                        lapin::Event::Error(e) => return e.to_string(),
+                        _ => {}
                     }
                 }
                 "the connection was closed".to_string()

@@ -63,6 +63,8 @@ pub struct TestEnv {
     own_vhost: bool,
     pub db_name: String,
     pub http_port: u16,
+    /// The PostgreSQL server (URL without a database) this env's database lives on.
+    pub pg_server: String,
 }
 
 impl TestEnv {
@@ -90,9 +92,18 @@ impl TestEnv {
             own_vhost,
             db_name: format!("mb_test_{name}").to_lowercase(),
             http_port: free_port(),
+            pg_server: pg_server_url(),
         };
         env.write_config("");
         env
+    }
+
+    /// This env's database on another PostgreSQL server (a private `PgCluster` a test may
+    /// restart); call `write_config` again afterwards for extra settings.
+    pub fn with_pg_server(mut self, server_url: &str) -> Self {
+        self.pg_server = server_url.to_string();
+        self.write_config("");
+        self
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -100,7 +111,7 @@ impl TestEnv {
     }
 
     pub fn db_url(&self) -> String {
-        format!("{}/{}", pg_server_url(), self.db_name)
+        format!("{}/{}", self.pg_server, self.db_name)
     }
 
     pub fn amqp_url(&self) -> String {
@@ -189,7 +200,7 @@ impl Drop for TestEnv {
                 .status();
         }
         let _ = Command::new("psql")
-            .arg(format!("{}/postgres", pg_server_url()))
+            .arg(format!("{}/postgres", self.pg_server))
             .arg("-qc")
             .arg(format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
