@@ -107,7 +107,10 @@ async fn a_second_copy_waits_for_the_first_and_finds_it_finished() {
         .unwrap();
     assert!(matches!(sent, Ok(OpOutcome::Done)), "{sent:?}");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!second.is_finished(), "answered before the result was published");
+    assert!(
+        !second.is_finished(),
+        "answered before the result was published"
+    );
     // ... and finds the request finished once its result is published.
     w.send(Apply(OutboxOp::ResultPublished {
         key,
@@ -145,7 +148,9 @@ async fn a_second_copy_waits_for_the_first_and_finds_it_finished() {
 async fn a_claim_of_another_instance_is_reported_until_it_expires() {
     let env = TestEnv::new("expiry");
     let settings = Arc::new(Settings::load(&env.config_path()).expect("config"));
-    mailbridge::storage::migrate(&settings.database).await.unwrap();
+    mailbridge::storage::migrate(&settings.database)
+        .await
+        .unwrap();
     let pool = mailbridge::storage::pool(&settings.database).unwrap();
     let a = OutboxWriter::new(pool.clone(), "instance-a".into(), Duration::from_secs(3)).start();
     let b = OutboxWriter::new(pool, "instance-b".into(), Duration::from_secs(3)).start();

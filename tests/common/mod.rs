@@ -127,13 +127,21 @@ impl TestEnv {
 
     /// Writes the main config for this env, with `extra` TOML appended.
     pub fn write_config(&self, extra: &str) {
+        let rabbitmq = format!(
+            "host = \"127.0.0.1\"\nvhost = \"{}\"\nreconnect_max_delay = \"2s\"\nheartbeat = \"5s\"\n",
+            self.vhost
+        );
+        self.write_config_with(&rabbitmq, &self.db_url(), extra);
+    }
+
+    /// Writes the main config with `rabbitmq` as the body of its `[rabbitmq]` table and
+    /// `database_url` as `[database] url` (for a broker or database other than the shared
+    /// ones: a TLS listener, a private cluster).
+    pub fn write_config_with(&self, rabbitmq: &str, database_url: &str, extra: &str) {
         let text = format!(
             r#"
 [rabbitmq]
-host = "127.0.0.1"
-vhost = "{vhost}"
-reconnect_max_delay = "2s"
-heartbeat = "5s"
+{rabbitmq}
 
 [database]
 url = "{db}"
@@ -151,8 +159,7 @@ public_base_url = "http://127.0.0.1:{port}"
 {extra}
 "#,
             attachments = self.dir.join("attachments").display(),
-            vhost = self.vhost,
-            db = self.db_url(),
+            db = database_url,
             port = self.http_port,
         );
         std::fs::write(self.config_path(), text).unwrap();
