@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{rabbitmqctl, Service, TestEnv};
+use common::{rabbitmqctl, Service, SmtpServer, TestEnv};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
@@ -148,6 +148,8 @@ async fn queue_status_reports_the_true_depth() {
 #[tokio::test]
 async fn health_turns_503_when_the_broker_closes_the_connections_and_recovers_alone() {
     let env = TestEnv::new("reconnect");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("t", "p", smtp.port, "");
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(30)).await;
     let (_, before) = svc.get_json("/health").await;
@@ -155,30 +157,85 @@ async fn health_turns_503_when_the_broker_closes_the_connections_and_recovers_al
     assert_eq!(before["components"]["rabbitmq"]["status"], "ok");
     assert_eq!(before["components"]["database"]["status"], "ok");
 
+    // The outage is made to last: without permissions on the vhost, every reconnect is
+    // refused until they are given back.
+    rabbitmqctl(&["clear_permissions", "-p", &env.vhost, "guest"]);
     rabbitmqctl(&[
         "close_all_connections",
         "--vhost",
         &env.vhost,
         "closed by the mailbridge test suite",
     ]);
-    svc.wait_health(503, Duration::from_secs(5)).await;
-    let (code, during) = svc.get_json("/health").await;
-    if code == 503 {
+    let took = svc.wait_health(503, Duration::from_secs(10)).await;
+    println!("/health turned 503 {took:?} after the connections were closed");
+    // It stays 503 while the broker refuses: several reconnect attempts (200 ms doubling
+    // to 2 s) fail in these 3 s, and each answer shows the broker down with its error.
+    let outage = std::time::Instant::now();
+    let mut seen = 0;
+    while outage.elapsed() < Duration::from_secs(3) {
+        let (code, during) = svc.get_json("/health").await;
+        assert_eq!(code, 503, "{during}");
+        assert_eq!(during["status"], "degraded", "{during}");
         assert_eq!(
             during["components"]["rabbitmq"]["status"], "down",
             "{during}"
         );
-        assert!(
-            during["components"]["rabbitmq"]["last_error"].is_string(),
-            "{during}"
-        );
+        let err = during["components"]["rabbitmq"]["last_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no last_error: {during}"));
+        assert!(!err.is_empty() && !err.contains("guest:guest"), "{err}");
+        assert_eq!(during["components"]["database"]["status"], "ok");
+        let (code, status) = svc.get_json("/api/rabbitmq/status").await;
+        assert_eq!(code, 503, "{status}");
+        assert_eq!(status["success"], false, "{status}");
+        assert_eq!(status["connection_status"], "disconnected", "{status}");
+        assert!(status["error"].is_string(), "{status}");
+        seen += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert!(seen >= 5, "{seen} answers seen during the outage");
+    let (_, during) = svc.get_json("/health").await;
+    println!(
+        "during the outage: {}",
+        during["components"]["rabbitmq"]["last_error"]
+    );
 
-    let took = svc.wait_health(200, Duration::from_secs(10)).await;
-    println!("health back to 200 {took:?} after it turned 503");
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &env.vhost,
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    let took = svc.wait_health(200, Duration::from_secs(15)).await;
+    println!("health back to 200 {took:?} after the permissions were restored");
     let (code, status) = svc.get_json("/api/rabbitmq/status").await;
     assert_eq!(code, 200, "{status}");
     assert_eq!(status["connection_status"], "connected");
+    assert_eq!(
+        status["queues"]["email.send"]["status"], "running",
+        "{status}"
+    );
+
+    // Mail flows again on the new connection: sent, recorded and announced.
+    let req = common::guide_request("t", "p", "after-reconnect", None);
+    env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+        .await;
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
+    assert!(mails[0]
+        .parsed()
+        .message_id()
+        .unwrap()
+        .starts_with("after-reconnect."));
+    let results = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(results.len(), 1, "{}", svc.log_text());
+    assert_eq!(results[0]["status"], "sent", "{}", results[0]);
+    assert_eq!(results[0]["message_id"], "after-reconnect");
 
     let (_, metrics) = svc.get("/metrics").await.unwrap();
     assert!(

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod broker_faults;
+pub mod checks;
 pub mod http_server;
 pub mod pg_cluster;
 pub mod rabbit_node;
