@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::checks as check;
 use common::{rabbitmqctl, Service, SmtpServer, TestEnv};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -458,12 +459,132 @@ async fn sigterm_stops_cleanly_and_closes_the_amqp_connection() {
     assert_eq!(listed, "", "the broker still lists the connection");
 }
 
+/// Replaces a tenant file so that the service's file watcher cannot notice: same length,
+/// same modification time (written beside it, then renamed over it). Only an explicit
+/// reload (SIGHUP) can pick the change up.
+fn replace_unnoticed(path: &std::path::Path, text: &str) {
+    let old = std::fs::metadata(path).unwrap();
+    assert_eq!(old.len() as usize, text.len(), "the same length");
+    let tmp = path.with_extension("swap");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(old.modified().unwrap())
+        .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `text` padded with a trailing comment to exactly `len` bytes.
+fn padded(text: &str, len: usize) -> String {
+    let pad = len
+        .checked_sub(text.len() + 3)
+        .unwrap_or_else(|| panic!("{} bytes do not fit in {len}", text.len()));
+    format!("{text}#{}\n\n", "-".repeat(pad))
+}
+
 #[tokio::test]
-async fn sighup_does_not_kill_the_service() {
+async fn sighup_applies_a_tenant_file_change_and_a_refused_one_changes_nothing() {
     let env = TestEnv::new("sighup");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let provider = |id: &str| {
+        format!(
+            "[[providers]]\nid = \"{id}\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+            smtp.port
+        )
+    };
+    let v1 = format!("id = \"t\"\n{}", provider("old"));
+    let v2 = format!("id = \"t\"\n{}{}", provider("old"), provider("new"));
+    // Refused: a port that is not a number.
+    let v3 = format!(
+        "id = \"t\"\n{}{}",
+        provider("old"),
+        provider("new").replace(&format!("port = {}", smtp.port), "port = \"x\"")
+    );
+    let len = v2.len() + 40;
+    let file = env.dir.join("tenants.d/t.toml");
+    std::fs::write(&file, padded(&v1, len)).unwrap();
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(30)).await;
+    let has_sender = |h: &serde_json::Value, id: &str| {
+        h["components"]["actors"][format!("sender:{id}")]["status"] == "ok"
+    };
+    let (_, h) = svc.get_json("/health").await;
+    assert!(has_sender(&h, "old") && !has_sender(&h, "new"), "{h}");
+
+    // The file changes behind the watcher's back: nothing happens by itself (the watcher
+    // polls every second and applies a change once the files are still for a second).
+    replace_unnoticed(&file, &padded(&v2, len));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, h) = svc.get_json("/health").await;
+    assert!(!has_sender(&h, "new"), "applied without SIGHUP: {h}");
+    assert!(!svc.log_text().contains("configuration reloaded"));
+
+    // SIGHUP applies it: the new provider runs and sends.
     common::signal(svc.pid(), "HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    svc.wait_health(200, Duration::from_secs(2)).await;
+    check::wait_health_json(&svc, Duration::from_secs(10), "sender:new", |h| {
+        has_sender(h, "new")
+    })
+    .await;
+    let log = svc.log_text();
+    let reload = log
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap();
+    assert!(
+        reload.contains("source=SIGHUP")
+            && reload.contains("providers_added")
+            && reload.contains("new"),
+        "{reload}"
+    );
+    for (p, id) in [("new", "via-new"), ("old", "via-old")] {
+        let req = common::guide_request("t", p, id, None);
+        env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+            .await;
+    }
+    let results = env
+        .take("email.send.result", 2, Duration::from_secs(15))
+        .await;
+    assert_eq!(results.len(), 2, "{}", svc.log_text());
+    assert!(results.iter().all(|r| r["status"] == "sent"), "{results:?}");
+    assert_eq!(smtp.wait_for(2, Duration::from_secs(5)).await.len(), 2);
+
+    // A refused file: SIGHUP logs the problem, /health shows it, and the configuration in
+    // force (both providers) keeps working.
+    replace_unnoticed(&file, &padded(&v3, len));
+    common::signal(svc.pid(), "HUP");
+    let h = check::wait_health_json(&svc, Duration::from_secs(10), "config down", |h| {
+        h["components"]["config"]["status"] == "down"
+    })
+    .await;
+    assert!(
+        h["components"]["config"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("providers[1].port"),
+        "{h}"
+    );
+    assert!(
+        svc.log_text()
+            .lines()
+            .any(|l| l.contains("configuration refused") && l.contains("source=SIGHUP")),
+        "{}",
+        svc.log_text()
+    );
+    assert!(has_sender(&h, "old") && has_sender(&h, "new"), "{h}");
+    for (p, id) in [("new", "new-after-refusal"), ("old", "old-after-refusal")] {
+        let req = common::guide_request("t", p, id, None);
+        env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+            .await;
+    }
+    let results = env
+        .take("email.send.result", 2, Duration::from_secs(15))
+        .await;
+    assert_eq!(results.len(), 2, "{}", svc.log_text());
+    assert!(results.iter().all(|r| r["status"] == "sent"), "{results:?}");
+    let ids = check::message_ids(&smtp);
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let (code, _) = svc.get("/health").await.unwrap();
+    assert_eq!(code, 200, "a refused reload leaves the service ready");
 }
