@@ -567,3 +567,280 @@ async fn attachment_urls_reaching_internal_addresses_by_redirect_or_by_name_are_
     assert!(results.iter().all(|r| r["status"] == "sent"), "{results:?}");
     assert_eq!(internal.requests().len(), allowed.len());
 }
+
+// ---------------------------------------------------------------------------------------
+// send_timeout and a server that never answers
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_transaction_longer_than_send_timeout_is_retried_and_then_delivered_once() {
+    let env = TestEnv::new("sendtimeout");
+    env.write_config(
+        "[outbound]\nsend_timeout = \"2s\"\n[retry]\nmax_retries = 3\ndelays = [\"2s\"]\n",
+    );
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    // DATA is answered after 4 s: twice the bound.
+    std::fs::write(smtp.dir.join("delay"), "4").unwrap();
+    env.smtp_tenant("t", "p", smtp.port, "");
+    let svc = start(&env, &[]).await;
+
+    let published = Instant::now();
+    env.publish("email.send", &body("t", "p", "slow-1")).await;
+    let first = env
+        .take("email.send.result", 1, Duration::from_secs(15))
+        .await;
+    let took = published.elapsed();
+    assert_eq!(first.len(), 1, "{}", svc.log_text());
+    let r = &first[0];
+    println!("retrying result {took:?} after the publish: {r}");
+    assert_eq!(r["status"], "retrying", "{r}");
+    assert_eq!(r["error_class"], "transient", "{r}");
+    assert_eq!(r["retry_count"], 1);
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("within 2s"),
+        "the error names the bound: {err}"
+    );
+    assert!(
+        took < Duration::from_millis(3800),
+        "the attempt was not cut at 2 s but waited for the server's answer: {took:?}"
+    );
+    std::fs::remove_file(smtp.dir.join("delay")).unwrap();
+
+    let results = env
+        .take("email.send.result", 1, Duration::from_secs(15))
+        .await;
+    assert_eq!(results.len(), 1, "{}", svc.log_text());
+    assert_eq!(results[0]["status"], "sent", "{}", results[0]);
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(10)).await;
+    // Past the moment the server would have answered the cut attempt (4 s after it began).
+    let server_would_answer = published + Duration::from_secs(5);
+    if let Some(wait) = server_would_answer.checked_duration_since(Instant::now()) {
+        tokio::time::sleep(wait).await;
+    }
+    let ids = checks::message_ids(&smtp);
+    assert_eq!(ids.len(), 1, "delivered once: {ids:?}");
+    assert!(ids[0].starts_with("slow-1."));
+    let attempts = smtp.attempts();
+    assert_eq!(
+        attempts.len(),
+        1,
+        "the cut attempt stored nothing: {attempts:?}"
+    );
+    assert!(attempts[0].1.starts_with("250"));
+    let db = env.db().await;
+    assert_eq!(
+        checks::outbox_rows(&db).await["slow-1"],
+        ("sent".to_string(), 2)
+    );
+    assert!(checks::take_all(&env, "email.send.dlq").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_server_that_never_answers_fails_within_the_connect_bound_while_other_mail_flows() {
+    let env = TestEnv::new("blackhole");
+    env.write_config("[retry]\nmax_retries = 0\n");
+    let hole = SmtpServer::start(&env.dir.join("hole"), &["--blackhole"]);
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("silent", "p-silent", hole.port, "");
+    env.smtp_tenant("busy", "p-busy", smtp.port, "");
+    let svc = start(&env, &[]).await;
+
+    let published = Instant::now();
+    env.publish("email.send", &body("silent", "p-silent", "into-the-hole"))
+        .await;
+    let db = env.db().await;
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE message_id = 'into-the-hole' AND status = 'sending'",
+            1,
+            Duration::from_secs(10)
+        )
+        .await,
+        1
+    );
+    // While that one hangs, the other tenant's mail goes through.
+    let bodies: Vec<Vec<u8>> = (0..30)
+        .map(|i| body("busy", "p-busy", &format!("busy-{i}")))
+        .collect();
+    publish_all(&env, &bodies).await;
+    let mails = smtp.wait_for(30, Duration::from_secs(20)).await;
+    let flowed = published.elapsed();
+    assert_eq!(mails.len(), 30, "{}", svc.log_text());
+    let results = env
+        .take("email.send.result", 30, Duration::from_secs(10))
+        .await;
+    assert_eq!(results.len(), 30);
+    assert!(results
+        .iter()
+        .all(|r| r["status"] == "sent" && r["tenant_id"] == "busy"));
+    assert!(
+        flowed < Duration::from_secs(25),
+        "the other tenant waited for the silent server: {flowed:?}"
+    );
+    let hole_row: String = db
+        .query_one(
+            "SELECT status FROM outbox WHERE message_id = 'into-the-hole'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hole_row, "sending", "still waiting for the silent server");
+
+    // The silent server's request ends within the connect bound (30 s).
+    let end = env
+        .take("email.send.result", 1, Duration::from_secs(40))
+        .await;
+    let failed_after = published.elapsed();
+    assert_eq!(end.len(), 1, "{}", svc.log_text());
+    let r = &end[0];
+    println!("the silent server's request failed {failed_after:?} after its publish: {r}");
+    assert_eq!(r["message_id"], "into-the-hole");
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["error_class"], "transient", "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(
+        err.contains("within 30s") && err.contains("connecting"),
+        "{err}"
+    );
+    assert!(
+        failed_after >= Duration::from_secs(29) && failed_after <= Duration::from_secs(36),
+        "{failed_after:?}"
+    );
+    let dead = checks::take_all(&env, "email.send.dlq").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["message_id"], "into-the-hole");
+    assert_eq!(dead[0]["error_class"], "transient");
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(10)).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// dlq replay --all / --tenant / --message-id
+// ---------------------------------------------------------------------------------------
+
+fn dlq_cli(env: &TestEnv, args: &[&str]) -> String {
+    let out = env.command(args);
+    assert!(
+        out.status.success(),
+        "mailbridge {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn dlq_listed(env: &TestEnv) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = dlq_cli(env, &["dlq", "list"])
+        .lines()
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                e["tenant_id"].as_str().unwrap().to_string(),
+                e["message_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn dlq_replay_by_tenant_by_message_id_and_all_sends_each_dead_letter_once() {
+    let env = TestEnv::new("replaytenant");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    smtp.set_reply(Some("550 5.7.1 Relaying denied"));
+    env.smtp_tenant("tenant-a", "p-a", smtp.port, "");
+    env.smtp_tenant("tenant-b", "p-b", smtp.port, "");
+    let svc = start(&env, &[]).await;
+    let mut bodies = Vec::new();
+    for id in ["a-1", "a-2"] {
+        bodies.push(body("tenant-a", "p-a", id));
+    }
+    for id in ["b-1", "b-2", "b-3"] {
+        bodies.push(body("tenant-b", "p-b", id));
+    }
+    publish_all(&env, &bodies).await;
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(20)).await;
+    let pair = |t: &str, m: &str| (t.to_string(), m.to_string());
+    assert_eq!(
+        dlq_listed(&env),
+        [
+            pair("tenant-a", "a-1"),
+            pair("tenant-a", "a-2"),
+            pair("tenant-b", "b-1"),
+            pair("tenant-b", "b-2"),
+            pair("tenant-b", "b-3"),
+        ],
+        "{}",
+        svc.log_text()
+    );
+    smtp.set_reply(None);
+
+    // One tenant's only.
+    let out = dlq_cli(&env, &["dlq", "replay", "--all", "--tenant", "tenant-a"]);
+    assert!(out.contains("replayed 2: "), "{out}");
+    assert!(out.contains("; 3 left on email.send.dlq"), "{out}");
+    assert_eq!(smtp.wait_for(2, Duration::from_secs(15)).await.len(), 2);
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    assert_eq!(
+        dlq_listed(&env),
+        [
+            pair("tenant-b", "b-1"),
+            pair("tenant-b", "b-2"),
+            pair("tenant-b", "b-3")
+        ]
+    );
+
+    // A message id of another tenant with --tenant: nothing is replayed.
+    let out = dlq_cli(
+        &env,
+        &[
+            "dlq",
+            "replay",
+            "--message-id",
+            "b-1",
+            "--tenant",
+            "tenant-a",
+        ],
+    );
+    assert!(out.starts_with("replayed 0: ;"), "{out}");
+    // By message id.
+    let out = dlq_cli(&env, &["dlq", "replay", "--message-id", "b-2"]);
+    assert!(out.contains("replayed 1: b-2"), "{out}");
+    assert_eq!(smtp.wait_for(3, Duration::from_secs(15)).await.len(), 3);
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    assert_eq!(
+        dlq_listed(&env),
+        [pair("tenant-b", "b-1"), pair("tenant-b", "b-3")]
+    );
+    // The rest.
+    let out = dlq_cli(&env, &["dlq", "replay", "--all"]);
+    assert!(out.contains("replayed 2: "), "{out}");
+    assert!(out.contains("; 0 left"), "{out}");
+    assert_eq!(smtp.wait_for(5, Duration::from_secs(15)).await.len(), 5);
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    assert!(dlq_listed(&env).is_empty());
+
+    let delivered = tally(
+        checks::message_ids(&smtp)
+            .iter()
+            .map(|m| checks::request_id_of(m)),
+    );
+    let want: BTreeMap<String, usize> = ["a-1", "a-2", "b-1", "b-2", "b-3"]
+        .iter()
+        .map(|id| (id.to_string(), 1))
+        .collect();
+    assert_eq!(delivered, want, "each delivered exactly once");
+    let db = env.db().await;
+    let rows = checks::outbox_rows(&db).await;
+    assert!(
+        rows.values().all(|(s, a)| s == "sent" && *a == 1),
+        "{rows:?}"
+    );
+    let results = checks::take_all(&env, "email.send.result").await;
+    let by_id = statuses(&results);
+    for id in want.keys() {
+        assert_eq!(by_id[id], ["failed", "sent"], "{id}");
+    }
+}
