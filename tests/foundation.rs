@@ -459,23 +459,6 @@ async fn sigterm_stops_cleanly_and_closes_the_amqp_connection() {
     assert_eq!(listed, "", "the broker still lists the connection");
 }
 
-/// Replaces a tenant file so that the service's file watcher cannot notice: same length,
-/// same modification time (written beside it, then renamed over it). Only an explicit
-/// reload (SIGHUP) can pick the change up.
-fn replace_unnoticed(path: &std::path::Path, text: &str) {
-    let old = std::fs::metadata(path).unwrap();
-    assert_eq!(old.len() as usize, text.len(), "the same length");
-    let tmp = path.with_extension("swap");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&tmp)
-        .unwrap()
-        .set_modified(old.modified().unwrap())
-        .unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// `text` padded with a trailing comment to exactly `len` bytes.
 fn padded(text: &str, len: usize) -> String {
     let pad = len
@@ -515,7 +498,7 @@ async fn sighup_applies_a_tenant_file_change_and_a_refused_one_changes_nothing()
 
     // The file changes behind the watcher's back: nothing happens by itself (the watcher
     // polls every second and applies a change once the files are still for a second).
-    replace_unnoticed(&file, &padded(&v2, len));
+    check::replace_unnoticed(&file, &padded(&v2, len));
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, h) = svc.get_json("/health").await;
     assert!(!has_sender(&h, "new"), "applied without SIGHUP: {h}");
@@ -552,7 +535,7 @@ async fn sighup_applies_a_tenant_file_change_and_a_refused_one_changes_nothing()
 
     // A refused file: SIGHUP logs the problem, /health shows it, and the configuration in
     // force (both providers) keeps working.
-    replace_unnoticed(&file, &padded(&v3, len));
+    check::replace_unnoticed(&file, &padded(&v3, len));
     common::signal(svc.pid(), "HUP");
     let h = check::wait_health_json(&svc, Duration::from_secs(10), "config down", |h| {
         h["components"]["config"]["status"] == "down"

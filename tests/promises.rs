@@ -844,3 +844,470 @@ async fn dlq_replay_by_tenant_by_message_id_and_all_sends_each_dead_letter_once(
         assert_eq!(by_id[id], ["failed", "sent"], "{id}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// A changed password restarts its sender; the others keep their sessions
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_changed_password_restarts_its_sender_and_the_others_keep_their_sessions() {
+    let env = TestEnv::new("chpassword");
+    let mut changing = SmtpServer::start(
+        &env.dir.join("smtp-changing"),
+        &["--auth", "crm:pw-one-111"],
+    );
+    let steady = SmtpServer::start(
+        &env.dir.join("smtp-steady"),
+        &["--auth", "crm:pw-steady-222"],
+    );
+    let (changing_port, steady_port) = (changing.port, steady.port);
+    let tenant = |pw: &str| {
+        format!(
+            "id = \"t\"\n\
+             [[providers]]\nid = \"changing\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"crm\"\npassword = \"{pw}\"\n\
+             [[providers]]\nid = \"steady\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"crm\"\npassword = \"pw-steady-222\"\n",
+            changing_port, steady_port
+        )
+    };
+    env.write_tenant("t.toml", &tenant("pw-one-111"));
+    let svc = start(&env, &[("MAILBRIDGE_ADMIN_TOKEN", TOKEN)]).await;
+    publish_all(
+        &env,
+        &[body("t", "changing", "c-1"), body("t", "steady", "s-1")],
+    )
+    .await;
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    assert_eq!(changing.messages().len(), 1, "{}", svc.log_text());
+    assert_eq!(steady.messages().len(), 1);
+    let steady_sessions = checks::client_ports_to(steady.port);
+    assert_eq!(steady_sessions.len(), 1, "one session kept open to steady");
+
+    // The server now wants another password; until the reload the service has the old one.
+    changing.stop();
+    let _changed =
+        checks::SmtpOnPort::start(changing.port, &changing.dir, &["--auth", "crm:pw-two-333"]);
+    env.publish("email.send", &body("t", "changing", "c-2-before-reload"))
+        .await;
+    let r = env
+        .take("email.send.result", 3, Duration::from_secs(15))
+        .await;
+    let before = r
+        .iter()
+        .find(|r| r["message_id"] == "c-2-before-reload")
+        .unwrap_or_else(|| panic!("{r:?}\n{}", svc.log_text()));
+    assert_eq!(before["status"], "failed", "{before}");
+    assert!(
+        before["error"].as_str().unwrap().contains("535"),
+        "{before}"
+    );
+
+    // The tenant file gets the new password (only an explicit reload can see this write).
+    checks::replace_unnoticed(&env.dir.join("tenants.d/t.toml"), &tenant("pw-two-333"));
+    let (code, answer) = checks::admin(
+        &svc,
+        "/api/config/reload",
+        Some(TOKEN),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+    let diff = &answer["outcome"]["diff"];
+    assert_eq!(
+        diff["providers_changed"],
+        serde_json::json!(["changing"]),
+        "{answer}"
+    );
+    for key in [
+        "tenants_added",
+        "tenants_removed",
+        "providers_added",
+        "providers_removed",
+        "mailboxes_added",
+        "mailboxes_removed",
+        "mailboxes_changed",
+        "restart_required",
+    ] {
+        assert_eq!(diff[key], serde_json::json!([]), "{key}: {answer}");
+    }
+
+    publish_all(
+        &env,
+        &[body("t", "changing", "c-3"), body("t", "steady", "s-2")],
+    )
+    .await;
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    let got: Vec<String> = checks::message_ids(&changing)
+        .iter()
+        .map(|m| checks::request_id_of(m))
+        .collect();
+    assert_eq!(got, ["c-1", "c-3"], "{}", svc.log_text());
+    assert!(changing.messages().iter().all(|m| m.authenticated));
+    let got: Vec<String> = checks::message_ids(&steady)
+        .iter()
+        .map(|m| checks::request_id_of(m))
+        .collect();
+    assert_eq!(got, ["s-1", "s-2"]);
+    assert_eq!(
+        checks::client_ports_to(steady.port),
+        steady_sessions,
+        "steady's session was closed and reopened by the reload"
+    );
+    let results = checks::take_all(&env, "email.send.result").await;
+    let by_id = statuses(&results);
+    assert_eq!(by_id["c-3"], ["sent"]);
+    assert_eq!(by_id["s-2"], ["sent"]);
+    let log = svc.log_text();
+    for pw in ["pw-one-111", "pw-two-333", "pw-steady-222"] {
+        assert!(!log.contains(pw), "{pw} in the log");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The configuration mirror holds no secrets
+// ---------------------------------------------------------------------------------------
+
+/// Every row of `table` as text (all columns), sorted.
+async fn table_text(db: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    let mut rows: Vec<String> = db
+        .query(&format!("SELECT t::text FROM {table} t"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    rows.sort();
+    rows
+}
+
+async fn assert_no_secret_in_mirror(db: &tokio_postgres::Client, secrets: &[&str]) {
+    for table in ["tenants", "providers", "mailboxes"] {
+        for row in table_text(db, table).await {
+            for s in secrets {
+                assert!(!row.contains(s), "{table} holds {s}: {row}");
+            }
+        }
+    }
+}
+
+type ProviderRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    i32,
+);
+
+async fn mirrored_providers(db: &tokio_postgres::Client) -> Vec<ProviderRow> {
+    db.query(
+        "SELECT id, tenant_id, name, kind, host, port, tls, username, max_connections
+         FROM providers ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
+            r.get(7),
+            r.get(8),
+        )
+    })
+    .collect()
+}
+
+type MailboxRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    String,
+    i32,
+    String,
+    String,
+    String,
+    bool,
+    i64,
+);
+
+async fn mirrored_mailboxes(db: &tokio_postgres::Client) -> Vec<MailboxRow> {
+    db.query(
+        "SELECT id, tenant_id, provider_id, user_id, protocol, host, port, tls, username,
+                folder, idle, poll_interval_secs FROM mailboxes ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| {
+        (
+            r.get(0),
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            r.get(5),
+            r.get(6),
+            r.get(7),
+            r.get(8),
+            r.get(9),
+            r.get(10),
+            r.get(11),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test]
+async fn the_mirror_matches_the_configuration_and_holds_no_secret_after_start_and_reload() {
+    let env = TestEnv::new("mirror");
+    let dead = common::free_port();
+    let secret_file = env.dir.join("smtp-password.txt");
+    std::fs::write(&secret_file, "file-secret-CCC3\n").unwrap();
+    let tenant_a = |inline: &str, with_pop: bool| {
+        let pop = if with_pop {
+            format!(
+                "[[mailboxes]]\nid = \"mb-pop\"\nuser_id = \"u-2\"\nprovider_id = \"p-env\"\nprotocol = \"pop3\"\nhost = \"127.0.0.1\"\nport = {dead}\ntls = \"none\"\nusername = \"pop-user\"\npassword_env = \"MB_MIRROR_POP\"\npoll_interval = \"60s\"\n"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "id = \"t-a\"\nname = \"Tenant A\"\n\
+             [[providers]]\nid = \"p-inline\"\nname = \"Inline\"\nkind = \"smtp\"\nhost = \"smtp.a.example\"\nport = 587\ntls = \"starttls\"\nusername = \"a-user\"\npassword = \"{inline}\"\nmax_connections = 3\n\
+             [[providers]]\nid = \"p-env\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {dead}\ntls = \"none\"\nusername = \"env-user\"\npassword_env = \"MB_MIRROR_PW\"\n\
+             [[providers]]\nid = \"p-file\"\nkind = \"smtp\"\nhost = \"smtp.f.example\"\nport = 465\ntls = \"tls\"\nusername = \"file-user\"\npassword_file = \"{}\"\n\
+             [[providers]]\nid = \"p-oauth\"\nkind = \"smtp\"\nhost = \"smtp.o.example\"\nport = 587\ntls = \"starttls\"\nusername = \"oauth-user\"\noauth2_token_env = \"MB_MIRROR_TOKEN\"\n\
+             [[providers]]\nid = \"p-files\"\nkind = \"file\"\ndir = \"out\"\n\
+             [[mailboxes]]\nid = \"mb-imap\"\nuser_id = \"u-1\"\nprovider_id = \"p-inline\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {dead}\ntls = \"none\"\nusername = \"imap-user\"\npassword = \"mailbox-secret-EEE5\"\nfolder = \"CRM\"\nidle = false\npoll_interval = \"45s\"\n{pop}",
+            secret_file.display()
+        )
+    };
+    env.write_tenant("a.toml", &tenant_a("inline-secret-AAA1", true));
+    let vars = [
+        ("MAILBRIDGE_ADMIN_TOKEN", TOKEN),
+        ("MB_MIRROR_PW", "env-secret-BBB2"),
+        ("MB_MIRROR_TOKEN", "oauth-secret-DDD4"),
+        ("MB_MIRROR_POP", "mailbox-env-FFF6"),
+    ];
+    let svc = start(&env, &vars).await;
+    let db = env.db().await;
+    // Written at start beside the first health check, in one transaction.
+    let start_wait = Instant::now();
+    while db
+        .query("SELECT 1 FROM tenants", &[])
+        .await
+        .map(|r| r.is_empty())
+        .unwrap_or(true)
+    {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut secrets = vec![
+        "inline-secret-AAA1",
+        "env-secret-BBB2",
+        "file-secret-CCC3",
+        "oauth-secret-DDD4",
+        "mailbox-secret-EEE5",
+        "mailbox-env-FFF6",
+        TOKEN,
+    ];
+    assert_no_secret_in_mirror(&db, &secrets).await;
+
+    let tenants: Vec<(String, String, String)> = db
+        .query("SELECT id, name, file FROM tenants ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(tenants.len(), 1);
+    assert_eq!(
+        (tenants[0].0.as_str(), tenants[0].1.as_str()),
+        ("t-a", "Tenant A")
+    );
+    assert!(tenants[0].2.ends_with("tenants.d/a.toml"), "{tenants:?}");
+    let s = |x: &str| x.to_string();
+    let smtp = |id: &str, name: &str, host: &str, port: i32, tls: &str, user: &str, max: i32| {
+        (
+            s(id),
+            s("t-a"),
+            s(name),
+            s("smtp"),
+            Some(s(host)),
+            Some(port),
+            Some(s(tls)),
+            Some(s(user)),
+            max,
+        )
+    };
+    let providers = mirrored_providers(&db).await;
+    let mut want = vec![
+        smtp(
+            "p-env",
+            "p-env",
+            "127.0.0.1",
+            dead as i32,
+            "none",
+            "env-user",
+            4,
+        ),
+        smtp(
+            "p-file",
+            "p-file",
+            "smtp.f.example",
+            465,
+            "tls",
+            "file-user",
+            4,
+        ),
+        (
+            s("p-files"),
+            s("t-a"),
+            s("p-files"),
+            s("file"),
+            None,
+            None,
+            None,
+            None,
+            4,
+        ),
+        smtp(
+            "p-inline",
+            "Inline",
+            "smtp.a.example",
+            587,
+            "starttls",
+            "a-user",
+            3,
+        ),
+        smtp(
+            "p-oauth",
+            "p-oauth",
+            "smtp.o.example",
+            587,
+            "starttls",
+            "oauth-user",
+            4,
+        ),
+    ];
+    assert_eq!(providers, want);
+    let imap_row: MailboxRow = (
+        s("mb-imap"),
+        s("t-a"),
+        s("p-inline"),
+        s("u-1"),
+        s("imap"),
+        s("127.0.0.1"),
+        dead as i32,
+        s("none"),
+        s("imap-user"),
+        s("CRM"),
+        false,
+        45,
+    );
+    let pop_row: MailboxRow = (
+        s("mb-pop"),
+        s("t-a"),
+        s("p-env"),
+        s("u-2"),
+        s("pop3"),
+        s("127.0.0.1"),
+        dead as i32,
+        s("none"),
+        s("pop-user"),
+        s("INBOX"),
+        true,
+        60,
+    );
+    assert_eq!(mirrored_mailboxes(&db).await, [imap_row.clone(), pop_row]);
+
+    // Reload: new secrets for two providers, a new tenant with its own, a mailbox removed.
+    std::fs::write(&secret_file, "file-secret-GGG7\n").unwrap();
+    env.write_tenant("a.toml", &tenant_a("inline-secret-HHH8", false));
+    env.write_tenant(
+        "b.toml",
+        "id = \"t-b\"\n[[providers]]\nid = \"p-b\"\nkind = \"smtp\"\nhost = \"smtp.b.example\"\nport = 25\ntls = \"none\"\nusername = \"b-user\"\npassword = \"tenant-b-secret-III9\"\n",
+    );
+    let (code, answer) = checks::admin(
+        &svc,
+        "/api/config/reload",
+        Some(TOKEN),
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(answer["outcome"]["applied"], true, "{answer}");
+    // The mirror is rewritten right after the reload.
+    let start_wait = Instant::now();
+    while table_text(&db, "tenants").await.len() != 2 {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What changed, whichever reload applied it first: this one, or the file watcher's
+    // (which may beat it on a slow machine, leaving it an empty diff).
+    let diff = checks::merged_diff(&checks::reload_diffs(&svc.log_text()));
+    let list = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let want_diff: BTreeMap<String, Vec<String>> = [
+        ("tenants_added", list(&["t-b"])),
+        ("tenants_removed", list(&[])),
+        ("providers_added", list(&["p-b"])),
+        ("providers_removed", list(&[])),
+        ("providers_changed", list(&["p-file", "p-inline"])),
+        ("mailboxes_added", list(&[])),
+        ("mailboxes_removed", list(&["mb-pop"])),
+        ("mailboxes_changed", list(&[])),
+        ("restart_required", list(&[])),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(diff, want_diff);
+    secrets.extend([
+        "file-secret-GGG7",
+        "inline-secret-HHH8",
+        "tenant-b-secret-III9",
+    ]);
+    assert_no_secret_in_mirror(&db, &secrets).await;
+    want.insert(
+        0,
+        (
+            s("p-b"),
+            s("t-b"),
+            s("p-b"),
+            s("smtp"),
+            Some(s("smtp.b.example")),
+            Some(25),
+            Some(s("none")),
+            Some(s("b-user")),
+            4,
+        ),
+    );
+    assert_eq!(mirrored_providers(&db).await, want);
+    assert_eq!(mirrored_mailboxes(&db).await, [imap_row]);
+    let (_, health) = svc.get("/health").await.unwrap();
+    let log = svc.log_text();
+    for secret in &secrets {
+        assert!(!health.contains(secret), "{secret} in /health");
+        assert!(!log.contains(secret), "{secret} in the log");
+    }
+}

@@ -361,3 +361,51 @@ pub async fn outbox_rows(db: &tokio_postgres::Client) -> BTreeMap<String, (Strin
         .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect()
 }
+
+/// Replaces a config file so that the service's file watcher cannot notice (it compares
+/// names, lengths and modification times): same length, same modification time, written
+/// beside it and renamed over it. Only an explicit reload (SIGHUP, HTTP) picks it up.
+pub fn replace_unnoticed(path: &Path, text: &str) {
+    let old = std::fs::metadata(path).unwrap();
+    assert_eq!(old.len() as usize, text.len(), "the same length");
+    let tmp = path.with_extension("swap");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_modified(old.modified().unwrap())
+        .unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The reloads the service logged: `(source, diff)` of each "configuration reloaded" line.
+pub fn reload_diffs(log: &str) -> Vec<(String, serde_json::Value)> {
+    log.lines()
+        .filter(|l| l.contains("configuration reloaded"))
+        .filter_map(|l| {
+            let source = l.split("source=").nth(1)?.split_whitespace().next()?;
+            let diff = serde_json::from_str(l.split(" diff=").nth(1)?).ok()?;
+            Some((source.to_string(), diff))
+        })
+        .collect()
+}
+
+/// The union of several reload diffs, key by key (sorted, without repeats).
+pub fn merged_diff(diffs: &[(String, serde_json::Value)]) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (_, d) in diffs {
+        for (k, v) in d.as_object().into_iter().flatten() {
+            let e = m.entry(k.clone()).or_default();
+            e.extend(
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|x| x.as_str().map(str::to_string)),
+            );
+            e.sort();
+            e.dedup();
+        }
+    }
+    m
+}
