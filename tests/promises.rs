@@ -1311,3 +1311,214 @@ async fn the_mirror_matches_the_configuration_and_holds_no_secret_after_start_an
         assert!(!log.contains(secret), "{secret} in the log");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// SIGTERM drains in-flight work under load
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_under_load_drains_in_flight_work_and_a_restart_delivers_the_rest_once() {
+    // 300 taken up at once, the rest queued behind them.
+    const N: usize = 500;
+    let env = TestEnv::new("drain");
+    // 300 deliveries in flight at once, 20 s of grace (the test config has 5 s).
+    let config = std::fs::read_to_string(env.config_path()).unwrap();
+    assert!(config.contains("grace = \"5s\"") && config.contains("[rabbitmq]\n"));
+    std::fs::write(
+        env.config_path(),
+        config
+            .replace("grace = \"5s\"", "grace = \"20s\"")
+            .replace("[rabbitmq]\n", "[rabbitmq]\nprefetch = 300\n"),
+    )
+    .unwrap();
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    // Every DATA is answered after 0.3 s: 16 sessions send about 50 emails a second.
+    std::fs::write(smtp.dir.join("delay"), "0.3").unwrap();
+    env.write_tenant(
+        "t.toml",
+        &format!(
+            "id = \"t\"\n[[providers]]\nid = \"p\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmax_connections = 16\n",
+            smtp.port
+        ),
+    );
+    declare_send_queue(&env).await;
+    let bodies: Vec<Vec<u8>> = (0..N)
+        .map(|i| body("t", "p", &format!("load-{i}")))
+        .collect();
+    publish_all(&env, &bodies).await;
+
+    let mut svc = start(&env, &[]).await;
+    let stored = || {
+        std::fs::read_dir(&smtp.dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "eml")
+            })
+            .count()
+    };
+    let waiting = Instant::now();
+    while stored() < 20 {
+        assert!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = env.db().await;
+    let in_flight: i64 = db
+        .query_one("SELECT count(*) FROM outbox WHERE status = 'sending'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let (_, unacked) = checks::queue_counts(&env.vhost, "email.send").unwrap();
+    println!(
+        "at SIGTERM: {} delivered, {in_flight} rows sending, {unacked} deliveries unacked",
+        smtp.messages().len()
+    );
+    assert!(unacked >= 200, "work in flight at SIGTERM: {unacked}");
+
+    let stopping = Instant::now();
+    let status = svc.terminate(Duration::from_secs(30));
+    let took = stopping.elapsed();
+    println!("exited {status:?} {took:?} after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        svc.log_text()
+    );
+    assert!(took <= Duration::from_secs(22), "grace is 20 s: {took:?}");
+    let log = svc.log_text();
+    assert!(
+        log.contains("shutting down: draining in-flight work"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("did not finish within the grace period"),
+        "{log}"
+    );
+
+    // Drained: every request the service had taken up reached its outcome; the others are
+    // back on the queue, none unacknowledged, none lost.
+    let rows = checks::outbox_rows(&db).await;
+    let sent = rows.values().filter(|(s, _)| s == "sent").count();
+    assert_eq!(
+        sent,
+        rows.len(),
+        "rows left unfinished by the drain: {:?}",
+        rows.iter()
+            .filter(|(_, (s, _))| s != "sent")
+            .collect::<Vec<_>>()
+    );
+    let delivered = tally(
+        checks::message_ids(&smtp)
+            .iter()
+            .map(|m| checks::request_id_of(m)),
+    );
+    assert_eq!(delivered.len(), sent, "emails at the server vs rows sent");
+    assert!(delivered.values().all(|n| *n == 1), "{delivered:?}");
+    assert!(delivered.keys().all(|id| rows[id].0 == "sent"));
+    let counts = checks::queue_counts(&env.vhost, "email.send").unwrap();
+    println!("after the drain: {sent} sent, queue (ready, unacked) = {counts:?}");
+    assert_eq!(counts, ((N - sent) as u64, 0));
+    assert!(sent > 30 && sent < N, "{sent}");
+
+    // Started again: the rest, each once.
+    let svc = start(&env, &[]).await;
+    let all = wait_count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE status = 'sent'",
+        N as i64,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(all, N as i64, "{}", svc.log_text());
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    let delivered = tally(
+        checks::message_ids(&smtp)
+            .iter()
+            .map(|m| checks::request_id_of(m)),
+    );
+    assert_eq!(delivered.len(), N);
+    assert!(delivered.values().all(|n| *n == 1), "{delivered:?}");
+    let rows = checks::outbox_rows(&db).await;
+    assert!(
+        rows.values().all(|(s, a)| s == "sent" && *a == 1),
+        "{rows:?}"
+    );
+    let results = checks::take_all(&env, "email.send.result").await;
+    let by_id = statuses(&results);
+    assert_eq!(by_id.len(), N);
+    assert!(by_id.values().all(|s| s == &["sent"]), "{by_id:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The service starts before PostgreSQL
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_service_started_before_postgresql_becomes_ready_by_itself_and_sends() {
+    let env = TestEnv::new("pglate");
+    let pg = PgCluster::start(&env.dir.join("pg"), None);
+    pg.stop_fast();
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("t", "p", smtp.port, "");
+    let url = pg.url("mailbridge_late");
+    let svc = Service::start_with(&env, &[("DATABASE_URL", url.as_str())]);
+
+    let h = checks::wait_health_json(&svc, Duration::from_secs(20), "database down", |h| {
+        h["components"]["database"]["status"] == "down"
+            && h["components"]["rabbitmq"]["status"] == "ok"
+    })
+    .await;
+    let err = h["components"]["database"]["last_error"].as_str().unwrap();
+    assert!(!err.is_empty(), "{h}");
+    let (code, _) = svc.get("/health").await.unwrap();
+    assert_eq!(code, 503);
+    // A request published meanwhile waits on the queue.
+    env.publish("email.send", &body("t", "p", "waited-for-the-database"))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (code, h) = svc.get_json("/health").await;
+    assert_eq!(code, 503, "still no database: {h}");
+    assert!(smtp.messages().is_empty());
+
+    pg.start_again();
+    let took = svc.wait_health(200, Duration::from_secs(30)).await;
+    println!("ready {took:?} after PostgreSQL started (database down before: {err})");
+    let (_, h) = svc.get_json("/health").await;
+    assert_eq!(h["status"], "ok", "{h}");
+    assert_eq!(h["components"]["database"]["status"], "ok");
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
+    assert!(mails[0]
+        .parsed()
+        .message_id()
+        .unwrap()
+        .starts_with("waited-for-the-database."));
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("the service created its database in the cluster");
+    tokio::spawn(conn);
+    assert_eq!(
+        wait_count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE message_id = 'waited-for-the-database' AND status = 'sent'",
+            1,
+            Duration::from_secs(10)
+        )
+        .await,
+        1
+    );
+    let results = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "sent");
+    drop(db);
+    drop(svc);
+}
