@@ -752,7 +752,7 @@ async fn dlq_replay_by_tenant_by_message_id_and_all_sends_each_dead_letter_once(
     smtp.set_reply(Some("550 5.7.1 Relaying denied"));
     env.smtp_tenant("tenant-a", "p-a", smtp.port, "");
     env.smtp_tenant("tenant-b", "p-b", smtp.port, "");
-    let svc = start(&env, &[]).await;
+    let svc = start(&env, &[("MAILBRIDGE_ADMIN_TOKEN", TOKEN)]).await;
     let mut bodies = Vec::new();
     for id in ["a-1", "a-2"] {
         bodies.push(body("tenant-a", "p-a", id));
@@ -805,6 +805,18 @@ async fn dlq_replay_by_tenant_by_message_id_and_all_sends_each_dead_letter_once(
         ],
     );
     assert!(out.starts_with("replayed 0: ;"), "{out}");
+    // The same over HTTP: a tenant that has none of them, then an id of another tenant.
+    for selection in [
+        serde_json::json!({"all": true, "tenant_id": "tenant-c"}),
+        serde_json::json!({"message_ids": ["b-1", "b-3"], "tenant_id": "tenant-a"}),
+    ] {
+        let (code, answer) =
+            checks::admin(&svc, "/api/dlq/replay", Some(TOKEN), Some(selection)).await;
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(answer["replayed"], serde_json::json!([]), "{answer}");
+        assert_eq!(answer["kept"], 3, "{answer}");
+    }
+    assert_eq!(dlq_listed(&env).len(), 3);
     // By message id.
     let out = dlq_cli(&env, &["dlq", "replay", "--message-id", "b-2"]);
     assert!(out.contains("replayed 1: b-2"), "{out}");
@@ -1305,11 +1317,29 @@ async fn the_mirror_matches_the_configuration_and_holds_no_secret_after_start_an
     assert_eq!(mirrored_providers(&db).await, want);
     assert_eq!(mirrored_mailboxes(&db).await, [imap_row]);
     let (_, health) = svc.get("/health").await.unwrap();
+    let mut svc = svc;
     let log = svc.log_text();
     for secret in &secrets {
         assert!(!health.contains(secret), "{secret} in /health");
         assert!(!log.contains(secret), "{secret} in the log");
     }
+
+    // Rewritten at start: a tenant removed while the service was stopped leaves the mirror.
+    assert!(svc.terminate(Duration::from_secs(10)).success());
+    std::fs::remove_file(env.dir.join("tenants.d/b.toml")).unwrap();
+    let svc = start(&env, &vars).await;
+    let start_wait = Instant::now();
+    while table_text(&db, "tenants").await.len() != 1 {
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(10),
+            "{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    want.remove(0);
+    assert_eq!(mirrored_providers(&db).await, want);
+    assert_no_secret_in_mirror(&db, &secrets).await;
 }
 
 // ---------------------------------------------------------------------------------------
