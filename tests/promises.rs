@@ -1346,33 +1346,40 @@ async fn the_mirror_matches_the_configuration_and_holds_no_secret_after_start_an
 // SIGTERM drains in-flight work under load
 // ---------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn sigterm_under_load_drains_in_flight_work_and_a_restart_delivers_the_rest_once() {
-    // 300 taken up at once, the rest queued behind them.
-    const N: usize = 500;
-    let env = TestEnv::new("drain");
-    // 300 deliveries in flight at once, 20 s of grace (the test config has 5 s).
+/// `n` requests queued, 300 taken up at once (prefetch), an SMTP server answering each DATA
+/// after `delay` seconds over `connections` sessions; SIGTERM once 20 are delivered. The
+/// service must exit 0 within `grace_secs` (+1.5 s to close), leave no email accepted by the
+/// server without its row `sent` and no delivery unacknowledged; started again, it must
+/// deliver every request exactly once (by Message-ID at the server).
+async fn sigterm_under_load(
+    tag: &str,
+    n: usize,
+    connections: u32,
+    delay: &str,
+    grace_secs: u64,
+    drains_within_grace: bool,
+) {
+    let env = TestEnv::new(tag);
     let config = std::fs::read_to_string(env.config_path()).unwrap();
     assert!(config.contains("grace = \"5s\"") && config.contains("[rabbitmq]\n"));
     std::fs::write(
         env.config_path(),
         config
-            .replace("grace = \"5s\"", "grace = \"20s\"")
+            .replace("grace = \"5s\"", &format!("grace = \"{grace_secs}s\""))
             .replace("[rabbitmq]\n", "[rabbitmq]\nprefetch = 300\n"),
     )
     .unwrap();
     let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
-    // Every DATA is answered after 0.3 s: 16 sessions send about 50 emails a second.
-    std::fs::write(smtp.dir.join("delay"), "0.3").unwrap();
+    std::fs::write(smtp.dir.join("delay"), delay).unwrap();
     env.write_tenant(
         "t.toml",
         &format!(
-            "id = \"t\"\n[[providers]]\nid = \"p\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmax_connections = 16\n",
+            "id = \"t\"\n[[providers]]\nid = \"p\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmax_connections = {connections}\n",
             smtp.port
         ),
     );
     declare_send_queue(&env).await;
-    let bodies: Vec<Vec<u8>> = (0..N)
+    let bodies: Vec<Vec<u8>> = (0..n)
         .map(|i| body("t", "p", &format!("load-{i}")))
         .collect();
     publish_all(&env, &bodies).await;
@@ -1399,91 +1406,133 @@ async fn sigterm_under_load_drains_in_flight_work_and_a_restart_delivers_the_res
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let db = env.db().await;
-    let in_flight: i64 = db
-        .query_one("SELECT count(*) FROM outbox WHERE status = 'sending'", &[])
-        .await
-        .unwrap()
-        .get(0);
     let (_, unacked) = checks::queue_counts(&env.vhost, "email.send").unwrap();
     println!(
-        "at SIGTERM: {} delivered, {in_flight} rows sending, {unacked} deliveries unacked",
-        smtp.messages().len()
+        "at SIGTERM: {} delivered, {unacked} deliveries unacked",
+        stored()
     );
     assert!(unacked >= 200, "work in flight at SIGTERM: {unacked}");
 
     let stopping = Instant::now();
-    let status = svc.terminate(Duration::from_secs(30));
+    let status = svc.terminate(Duration::from_secs(grace_secs + 15));
     let took = stopping.elapsed();
-    println!("exited {status:?} {took:?} after SIGTERM");
+    println!("exited {status:?} {took:?} after SIGTERM (grace {grace_secs} s)");
     assert!(
         status.success(),
         "exit status {status:?}\n{}",
         svc.log_text()
     );
-    assert!(took <= Duration::from_secs(22), "grace is 20 s: {took:?}");
+    assert!(
+        took <= Duration::from_millis(grace_secs * 1000 + 1500),
+        "grace is {grace_secs} s: {took:?}"
+    );
     let log = svc.log_text();
     assert!(
         log.contains("shutting down: draining in-flight work"),
         "{log}"
     );
-    assert!(
-        !log.contains("did not finish within the grace period"),
-        "{log}"
+    assert_eq!(
+        !log.contains("in-flight work did not finish within the grace period"),
+        drains_within_grace,
+        "the drain was expected to {} within the grace",
+        if drains_within_grace {
+            "finish"
+        } else {
+            "not finish"
+        }
     );
 
-    // Drained: every request the service had taken up reached its outcome; the others are
-    // back on the queue, none unacknowledged, none lost.
+    // What the server accepted before the exit is recorded `sent`; the rest is back on the
+    // queue, nothing unacknowledged.
+    let db = env.db().await;
     let rows = checks::outbox_rows(&db).await;
     let sent = rows.values().filter(|(s, _)| s == "sent").count();
-    assert_eq!(
-        sent,
-        rows.len(),
-        "rows left unfinished by the drain: {:?}",
-        rows.iter()
-            .filter(|(_, (s, _))| s != "sent")
-            .collect::<Vec<_>>()
-    );
-    let delivered = tally(
+    let at_exit = tally(
         checks::message_ids(&smtp)
             .iter()
             .map(|m| checks::request_id_of(m)),
     );
-    assert_eq!(delivered.len(), sent, "emails at the server vs rows sent");
-    assert!(delivered.values().all(|n| *n == 1), "{delivered:?}");
-    assert!(delivered.keys().all(|id| rows[id].0 == "sent"));
+    let unrecorded: Vec<&String> = at_exit
+        .keys()
+        .filter(|id| rows.get(*id).is_none_or(|(s, _)| s != "sent"))
+        .collect();
+    println!(
+        "after the exit: {} emails at the server, {sent} rows sent, {} rows in all; accepted but not recorded: {unrecorded:?}",
+        at_exit.len(),
+        rows.len()
+    );
+    if drains_within_grace {
+        assert_eq!(
+            sent,
+            rows.len(),
+            "rows left unfinished by the drain: {:?}",
+            rows.iter()
+                .filter(|(_, (s, _))| s != "sent")
+                .collect::<Vec<_>>()
+        );
+    }
     let counts = checks::queue_counts(&env.vhost, "email.send").unwrap();
-    println!("after the drain: {sent} sent, queue (ready, unacked) = {counts:?}");
-    assert_eq!(counts, ((N - sent) as u64, 0));
-    assert!(sent > 30 && sent < N, "{sent}");
+    println!("queue (ready, unacked) after the exit: {counts:?}");
+    assert_eq!(counts.1, 0, "no delivery held unacknowledged");
+    if drains_within_grace {
+        assert_eq!(counts.0, (n - sent) as u64, "the rest is back on the queue");
+    } else {
+        // Every request without a `sent` row is back (and some with one, whose ack was cut).
+        assert!(counts.0 >= (n - sent) as u64, "requests lost: {counts:?}");
+    }
+    assert!(sent > 20 && sent < n, "{sent}");
 
     // Started again: the rest, each once.
     let svc = start(&env, &[]).await;
     let all = wait_count(
         &db,
         "SELECT count(*) FROM outbox WHERE status = 'sent'",
-        N as i64,
+        n as i64,
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(all, N as i64, "{}", svc.log_text());
+    assert_eq!(all, n as i64, "{}", svc.log_text());
     wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
     let delivered = tally(
         checks::message_ids(&smtp)
             .iter()
             .map(|m| checks::request_id_of(m)),
     );
-    assert_eq!(delivered.len(), N);
-    assert!(delivered.values().all(|n| *n == 1), "{delivered:?}");
-    let rows = checks::outbox_rows(&db).await;
+    let twice: Vec<(&String, &usize)> = delivered.iter().filter(|(_, c)| **c > 1).collect();
+    assert_eq!(delivered.len(), n);
     assert!(
-        rows.values().all(|(s, a)| s == "sent" && *a == 1),
-        "{rows:?}"
+        twice.is_empty() && unrecorded.is_empty(),
+        "delivered more than once: {twice:?}; accepted by the server but not recorded `sent` when the service exited: {unrecorded:?}"
     );
     let results = checks::take_all(&env, "email.send.result").await;
     let by_id = statuses(&results);
-    assert_eq!(by_id.len(), N);
-    assert!(by_id.values().all(|s| s == &["sent"]), "{by_id:?}");
+    assert_eq!(by_id.len(), n);
+    assert!(
+        by_id.values().all(|s| s.iter().all(|x| x == "sent")),
+        "{by_id:?}"
+    );
+    if drains_within_grace {
+        assert!(by_id.values().all(|s| s.len() == 1), "{by_id:?}");
+        let rows = checks::outbox_rows(&db).await;
+        assert!(
+            rows.values().all(|(s, a)| s == "sent" && *a == 1),
+            "{rows:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_under_load_drains_in_flight_work_and_a_restart_delivers_the_rest_once() {
+    // 16 sessions, 0.3 s per email: the 300 in flight take about 6 s, the grace is 20 s;
+    // what is still queued behind them waits for the restart.
+    sigterm_under_load("drain", 700, 16, "0.3", 20, true).await;
+}
+
+#[tokio::test]
+async fn sigterm_with_more_in_flight_than_the_grace_allows_exits_in_time_and_sends_nothing_twice() {
+    // 48 sessions, 0.25 s per email (about 190 a second): the 300 in flight and the refills
+    // need more than the 1 s grace, so the service exits with transactions under way.
+    sigterm_under_load("drainshort", 800, 48, "0.25", 1, false).await;
 }
 
 // ---------------------------------------------------------------------------------------
