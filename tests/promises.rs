@@ -477,6 +477,28 @@ async fn attachment_urls_reaching_internal_addresses_by_redirect_or_by_name_are_
                     Answer::Redirect(internal.url("/file/secret.pdf")),
                 ),
                 ("/to-name", Answer::Redirect(by_name.clone())),
+                // 127.0.0.1 spelled otherwise.
+                (
+                    "/to-decimal",
+                    Answer::Redirect(format!(
+                        "http://2130706433:{}/file/secret.pdf",
+                        internal.port
+                    )),
+                ),
+                (
+                    "/to-hex",
+                    Answer::Redirect(format!(
+                        "http://0x7f.0.0.1:{}/file/secret.pdf",
+                        internal.port
+                    )),
+                ),
+                (
+                    "/to-mapped",
+                    Answer::Redirect(format!(
+                        "http://[::ffff:127.0.0.1]:{}/file/secret.pdf",
+                        internal.port
+                    )),
+                ),
             ],
         )
     });
@@ -491,6 +513,12 @@ async fn attachment_urls_reaching_internal_addresses_by_redirect_or_by_name_are_
             cases.push(with("public-ok", &p.url("/doc.pdf")));
             cases.push(with("public-to-loopback", &p.url("/to-loopback")));
             cases.push(with("public-to-name", &p.url("/to-name")));
+            for spelling in ["decimal", "hex", "mapped"] {
+                cases.push(with(
+                    &format!("public-to-{spelling}"),
+                    &p.url(&format!("/to-{spelling}")),
+                ));
+            }
         }
         None => println!(
             "this machine has no address the service counts as public: only the DNS-name case runs"
@@ -507,6 +535,9 @@ async fn attachment_urls_reaching_internal_addresses_by_redirect_or_by_name_are_
             ("by-name", "resolves only to internal addresses"),
             ("public-to-loopback", "redirected to an internal address"),
             ("public-to-name", "resolves only to internal addresses"),
+            ("public-to-decimal", "redirected to an internal address"),
+            ("public-to-hex", "redirected to an internal address"),
+            ("public-to-mapped", "redirected to an internal address"),
         ]
     } else {
         &[("by-name", "resolves only to internal addresses")]
@@ -542,8 +573,11 @@ async fn attachment_urls_reaching_internal_addresses_by_redirect_or_by_name_are_
             asked,
             [
                 "GET /doc.pdf HTTP/1.1",
+                "GET /to-decimal HTTP/1.1",
+                "GET /to-hex HTTP/1.1",
                 "GET /to-loopback HTTP/1.1",
-                "GET /to-name HTTP/1.1"
+                "GET /to-mapped HTTP/1.1",
+                "GET /to-name HTTP/1.1",
             ]
         );
     } else {
