@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod broker_faults;
+pub mod checks;
 pub mod http_server;
 pub mod ledger;
 pub mod pg_cluster;
