@@ -403,6 +403,9 @@ impl Pipeline {
         drop(budget);
         let accepted = match sent {
             Ok(a) => a,
+            // Not a failure of the request: it goes back to the broker as it is (its claim
+            // released), to be sent after the restart.
+            Err(SendError::ShuttingDown) => return Disposition::Requeue,
             Err(e) => {
                 let f = Failure {
                     error: e.to_string(),
