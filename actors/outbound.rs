@@ -251,6 +251,12 @@ impl Pipeline {
             Err(disposition) => return disposition,
         };
         let (mut guard, deliveries) = guard;
+        // Debug builds only: the test suite's way to make processing panic (the panic path
+        // below is otherwise unreachable on purpose).
+        #[cfg(debug_assertions)]
+        if std::env::var("MAILBRIDGE_FAULT_PANIC_ON").is_ok_and(|id| id == guard.key.message_id) {
+            panic!("fault injected for message_id {}", guard.key.message_id);
+        }
         if deliveries > MAX_DELIVERIES {
             let f = Failure::new(
                 format!(
@@ -397,6 +403,9 @@ impl Pipeline {
         drop(budget);
         let accepted = match sent {
             Ok(a) => a,
+            // Not a failure of the request: it goes back to the broker as it is (its claim
+            // released), to be sent after the restart.
+            Err(SendError::ShuttingDown) => return Disposition::Requeue,
             Err(e) => {
                 let f = Failure {
                     error: e.to_string(),
@@ -439,7 +448,6 @@ impl Pipeline {
                 }
             }
         }
-        guard.settled = true;
         let settings = self.settings();
         self.metrics.do_send(Count::one(
             "mailbridge_emails_sent_total",
@@ -460,17 +468,32 @@ impl Pipeline {
                 sent_at: rfc3339(accepted.sent_at),
             },
         );
-        self.announce(&key, &result).await
+        self.announce(&key, &result, Some(guard)).await
     }
 
-    /// Publishes a result and, once confirmed, remembers that it was published.
-    async fn announce(&self, key: &OutboxKey, result: &SendResult) -> Disposition {
+    /// Publishes a result and, once confirmed, remembers that it was published — which ends
+    /// the claim of `guard` (the request is finished). Without the result, the delivery is
+    /// requeued and the guard releases the claim, so a redelivery publishes the result.
+    async fn announce(
+        &self,
+        key: &OutboxKey,
+        result: &SendResult,
+        guard: Option<&mut ClaimGuard>,
+    ) -> Disposition {
         if !self.publish_result(result).await {
             return Disposition::Requeue;
         }
-        // Not awaited on the ack path: if this is lost, a redelivery could only repeat a result.
-        self.outbox_later(OutboxOp::ResultPublished(key.clone()))
-            .await;
+        // Not awaited on the ack path: if this is lost, a redelivery could only repeat a
+        // result (and the claim expires).
+        let token = guard.map(|g| {
+            g.settled = true;
+            g.token
+        });
+        self.outbox_later(OutboxOp::ResultPublished {
+            key: key.clone(),
+            token,
+        })
+        .await;
         Disposition::Ack
     }
 
@@ -496,7 +519,7 @@ impl Pipeline {
                 sent_at: row.sent_at.map(rfc3339).unwrap_or_default(),
             },
         );
-        self.announce(key, &result).await
+        self.announce(key, &result, None).await
     }
 
     /// A copy of a request that failed: not tried again (a dead letter is replayed to try
@@ -534,7 +557,7 @@ impl Pipeline {
         }
         let max_retries = self.settings().retry.max_retries;
         let result = SendResult::failed(&ids, error, class, retry, max_retries);
-        self.announce(key, &result).await
+        self.announce(key, &result, None).await
     }
 
     /// Every failure of a claimed request ends here: a transient one with retries left is
@@ -631,7 +654,8 @@ impl Pipeline {
                 guard.settled = true;
                 return Disposition::Ack;
             }
-            Ok(_) => guard.settled = true,
+            // The claim stays until the result is out (a copy waits rather than repeat it).
+            Ok(_) => {}
             Err(OutboxError::Unavailable(_)) => return Disposition::Requeue,
             Err(OutboxError::Refused(e)) => {
                 tracing::error!(error = %e, "the outbox refused a failure record");
@@ -650,7 +674,25 @@ impl Pipeline {
         }
         self.outbox_later(OutboxOp::DeadLettered(key.clone())).await;
         let result = SendResult::failed(&ids, failure.error, failure.class, d.retry, max_retries);
-        self.announce(&key, &result).await
+        self.announce(&key, &result, Some(guard)).await
+    }
+
+    /// A request whose processing panicked: it would panic again, so it is failed for good
+    /// now — recorded `failed` in its row when it has one (its claim was released as the
+    /// panic unwound), dead-lettered, with a terminal result.
+    async fn fail_after_panic(&self, d: &Incoming, what: &str) -> Disposition {
+        let ids = RequestIds::peek(&d.body);
+        let failure = Failure::new(
+            format!("the service failed unexpectedly while processing this request ({what}); dead-lettered so that it cannot loop"),
+            FailureClass::Permanent,
+        );
+        let Some(row) = new_row(&ids, None) else {
+            return self.dead_letter(d, &ids, failure).await;
+        };
+        match self.claim(d, row, &ids).await {
+            Ok((mut guard, _)) => self.on_failure(d, &ids, &mut guard, failure).await,
+            Err(disposition) => disposition,
+        }
     }
 
     /// A request without a row (no usable ids, or refused by the outbox): dead letter and
@@ -1073,12 +1115,7 @@ impl StreamHandler<Result<Delivery, String>> for OutboundConsumer {
                         // its guard as the panic unwound.
                         let what = panic_message(panic.as_ref());
                         tracing::error!("processing a request panicked: {what}");
-                        let ids = RequestIds::peek(&incoming.body);
-                        let failure = Failure::new(
-                            format!("the service failed unexpectedly while processing this request ({what}); dead-lettered so that it cannot loop"),
-                            FailureClass::Permanent,
-                        );
-                        AssertUnwindSafe(pipeline.dead_letter(&incoming, &ids, failure))
+                        AssertUnwindSafe(pipeline.fail_after_panic(&incoming, &what))
                             .catch_unwind()
                             .await
                             .unwrap_or(Disposition::Requeue)

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 
 use crate::actors::supervisor::{backoff, Drain};
 use crate::outbox::{
-    self, ClaimConfig, ClaimRequest, NewRow, OpOutcome, OutboxKey, OutboxOp, RowState,
+    self, ClaimConfig, ClaimRequest, NewRow, OpOutcome, OutboxKey, OutboxOp, RowState, RowStatus,
 };
 
 const MAX_BATCH: usize = 500;
@@ -211,29 +211,33 @@ impl OutboxWriter {
                 }
             }
             (_, result) => {
-                // An outcome ends the claim once it is committed; a release ends it anyway
-                // (its holder is done, whether or not the database heard it).
-                let ends = matches!(
-                    (&op, &result),
-                    (OutboxOp::Release { .. }, _)
-                        | (OutboxOp::Sent { .. } | OutboxOp::Failed(_), Ok(_))
-                        | (OutboxOp::Failed(_), Err(OutboxError::Refused(_)))
-                );
-                if ends {
-                    self.release_held(op.key(), claim_token_of(&op));
+                // A claim ends when its request is finished (the result published) or back
+                // in the broker's hands (a retry parked), once that is committed; a release
+                // ends it anyway (its holder is done, whether or not the database heard it).
+                let ends = match (&op, &result) {
+                    (OutboxOp::Release { token, .. }, _) => Some(*token),
+                    (
+                        OutboxOp::ResultPublished {
+                            token: Some(token), ..
+                        },
+                        Ok(_),
+                    ) => Some(*token),
+                    (OutboxOp::Failed(f), Ok(_)) if f.status == RowStatus::Retrying => {
+                        Some(f.token)
+                    }
+                    _ => None,
+                };
+                if let Some(token) = ends {
+                    self.release_held(op.key(), token);
                 }
                 let _ = reply.send(result);
             }
         }
     }
 
-    /// Forgets a held claim (when `token` is given, only that one) and lets its waiters try
-    /// again.
-    fn release_held(&mut self, key: &OutboxKey, token: Option<i64>) {
-        let matches = self
-            .held
-            .get(key)
-            .is_some_and(|h| token.is_none_or(|t| t == h.token));
+    /// Forgets the held claim `token` and lets its waiters try again.
+    fn release_held(&mut self, key: &OutboxKey, token: i64) {
+        let matches = self.held.get(key).is_some_and(|h| h.token == token);
         if !matches {
             return;
         }
@@ -267,15 +271,6 @@ impl OutboxWriter {
             self.pending.push((OutboxOp::Renew { key, token }, tx));
         }
         self.flush(ctx);
-    }
-}
-
-fn claim_token_of(op: &OutboxOp) -> Option<i64> {
-    match op {
-        OutboxOp::Release { token, .. } => Some(*token),
-        OutboxOp::Failed(f) => Some(f.token),
-        // A `sent` row ends every claim on it.
-        _ => None,
     }
 }
 
@@ -372,7 +367,7 @@ impl Handler<Apply> for OutboxWriter {
         let (tx, rx) = oneshot::channel();
         if let OutboxOp::Release { key, token } = &msg.0 {
             // The holder is done now, whatever the database says.
-            self.release_held(key, Some(*token));
+            self.release_held(key, *token);
         }
         self.pending.push((msg.0, tx));
         self.flush(ctx);

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use tokio::sync::{oneshot, Semaphore};
 
 use crate::actors::metrics::{MetricsActor, Observe, ReportHealth};
-use crate::actors::supervisor::Drain;
+use crate::actors::supervisor::{Abort, Drain};
 use crate::domain::{ComponentHealth, ComponentId};
 use crate::mailproto::tls_client_config;
 use crate::outbound::{queue_id_from_reply, FailureClass, OutgoingEmail};
@@ -72,6 +72,10 @@ pub enum SendError {
     File(String),
     #[error("the sender for this provider is not running")]
     Unavailable,
+    /// The service is shutting down and the email had not been sent (its final dot not
+    /// written): the request goes back to the broker untouched.
+    #[error("not sent: the service is shutting down")]
+    ShuttingDown,
 }
 
 impl SendError {
@@ -126,6 +130,7 @@ impl SendError {
             },
             SmtpError::NoStarttls => SendError::NoStarttls { endpoint },
             SmtpError::Unsupported(what) => SendError::Unsupported { endpoint, what },
+            SmtpError::Aborted => SendError::ShuttingDown,
             SmtpError::NoAuthMechanism { .. } => SendError::Config(e.to_string()),
             SmtpError::Io(_) | SmtpError::Protocol(_) => SendError::Protocol {
                 endpoint,
@@ -184,10 +189,17 @@ pub struct SmtpPool {
     idle: Mutex<Vec<(SmtpSession, Instant)>>,
     slots: Semaphore,
     send_timeout: Duration,
+    /// True once the shutdown grace is over ([`Abort`]): nothing new starts, and
+    /// transactions not past their final dot are abandoned.
+    abort: tokio::sync::watch::Receiver<bool>,
 }
 
 impl SmtpPool {
-    fn new(provider: &Provider, send_timeout: Duration) -> Result<Self, SendError> {
+    fn new(
+        provider: &Provider,
+        send_timeout: Duration,
+        abort: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Self, SendError> {
         let ProviderTransport::Smtp {
             host,
             port,
@@ -231,6 +243,7 @@ impl SmtpPool {
             idle: Mutex::new(Vec::new()),
             slots: Semaphore::new(provider.max_connections as usize),
             send_timeout,
+            abort,
         })
     }
 
@@ -275,6 +288,9 @@ impl SmtpPool {
         // case goes through the retry schedule as `Uncertain`).
         let mut reused = self.take_idle();
         loop {
+            if *self.abort.borrow() {
+                return Err(SendError::ShuttingDown);
+            }
             let was_reused = reused.is_some();
             let mut session = match reused.take() {
                 Some(s) => s,
@@ -282,7 +298,7 @@ impl SmtpPool {
             };
             let result = tokio::time::timeout(
                 self.send_timeout,
-                session.send(envelope.from(), envelope.to(), bytes),
+                session.send(envelope.from(), envelope.to(), bytes, &self.abort),
             )
             .await;
             let failure = match result {
@@ -305,7 +321,9 @@ impl SmtpPool {
             }
             let answered = matches!(
                 failure,
-                SendError::Rejected { .. } | SendError::Unsupported { .. }
+                SendError::Rejected { .. }
+                    | SendError::Unsupported { .. }
+                    | SendError::ShuttingDown
             );
             if was_reused && !answered {
                 continue;
@@ -329,6 +347,7 @@ enum Transport {
 pub struct SenderActor {
     provider: Provider,
     transport: Arc<Transport>,
+    abort: tokio::sync::watch::Sender<bool>,
     metrics: Addr<MetricsActor>,
     last_ok: Option<bool>,
     in_flight: usize,
@@ -337,16 +356,20 @@ pub struct SenderActor {
 
 impl SenderActor {
     pub fn new(provider: Provider, send_timeout: Duration, metrics: Addr<MetricsActor>) -> Self {
+        let (abort, aborted) = tokio::sync::watch::channel(false);
         let transport = match &provider.transport {
             ProviderTransport::File { dir } => Transport::File(dir.clone()),
-            ProviderTransport::Smtp { .. } => match SmtpPool::new(&provider, send_timeout) {
-                Ok(p) => Transport::Smtp(Box::new(p)),
-                Err(e) => Transport::Broken(e),
-            },
+            ProviderTransport::Smtp { .. } => {
+                match SmtpPool::new(&provider, send_timeout, aborted) {
+                    Ok(p) => Transport::Smtp(Box::new(p)),
+                    Err(e) => Transport::Broken(e),
+                }
+            }
         };
         Self {
             provider,
             transport: Arc::new(transport),
+            abort,
             metrics,
             last_ok: None,
             in_flight: 0,
@@ -435,7 +458,7 @@ impl Handler<Deliver> for SenderActor {
                 match &result {
                     Ok(_) => act.report(true, None),
                     // A rejected email says nothing about the provider's health.
-                    Err(SendError::Rejected { .. }) => {}
+                    Err(SendError::Rejected { .. } | SendError::ShuttingDown) => {}
                     Err(e) => act.report(false, Some(e.to_string())),
                 }
                 if act.in_flight == 0 && !act.draining.is_empty() {
@@ -447,6 +470,18 @@ impl Handler<Deliver> for SenderActor {
                 result
             }),
         )
+    }
+}
+
+impl Handler<Abort> for SenderActor {
+    type Result = ();
+
+    /// The shutdown grace is over: no transaction starts any more; those not past their final
+    /// dot are abandoned (their requests go back to the broker), those past it run to their
+    /// reply, so what the server accepted is recorded before the process exits.
+    fn handle(&mut self, _: Abort, _: &mut Context<Self>) {
+        tracing::info!(provider = %self.provider.id, "abandoning the transactions not yet sent");
+        let _ = self.abort.send(true);
     }
 }
 

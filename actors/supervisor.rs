@@ -24,7 +24,7 @@ use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth};
 use crate::amqp::Publisher;
@@ -32,6 +32,9 @@ use crate::domain::{ComponentHealth, ComponentId, QueueStats, QueueStatusRespons
 use crate::settings::Settings;
 use crate::storage;
 
+/// After the shutdown grace: how long the transactions already past their final dot, and the
+/// recording of their outcome, may still take.
+const OVERDUE: Duration = Duration::from_secs(5);
 /// Channels of the shared publisher (each caller keeps to one, so its messages stay in order).
 const PUBLISH_LANES: usize = 4;
 /// How often the supervisor checks its children and the connection.
@@ -45,14 +48,8 @@ const CHILD_MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// Errors at the AMQP boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
-    #[error("cannot connect to RabbitMQ at {endpoint}: {source}; check that RabbitMQ is running and [rabbitmq] settings (or RABBITMQ_*) are right")]
-    Connect {
-        endpoint: String,
-        #[source]
-        source: lapin::Error,
-    },
-    #[error("[rabbitmq] url is not usable: {0}")]
-    Url(String),
+    #[error(transparent)]
+    Connect(#[from] crate::amqp::ConnectError),
     #[error("cannot declare {what}: {source}; if it exists with other arguments, delete it or rename it in [queues]")]
     Topology {
         what: String,
@@ -225,6 +222,13 @@ pub struct ChildContext {
 #[rtype(result = "()")]
 pub struct Drain;
 
+/// The shutdown grace is over: a child that hands work to the outside (a sender) starts
+/// nothing more and abandons what it can abandon without losing track of it (see
+/// `SenderActor`).
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Abort;
+
 /// The supervisor's view of a running child.
 pub trait ChildHandle {
     /// False once the actor has stopped, for whatever reason (a panic included).
@@ -268,10 +272,13 @@ pub struct ChildSpec {
     pub fingerprint: u64,
     /// Tells a running child about a new configuration (for children that read the tenants).
     pub on_settings: Option<SettingsHook>,
+    /// Tells a running child that the shutdown grace is over ([`Abort`]).
+    pub on_abort: Option<AbortHook>,
     pub start: StartFn,
 }
 
 type SettingsHook = Box<dyn Fn(&dyn Any, Arc<Settings>) + Send>;
+type AbortHook = Box<dyn Fn(&dyn Any) + Send>;
 
 /// A new configuration was loaded (sent to children that asked for it).
 #[derive(Message, Debug, Clone)]
@@ -290,6 +297,7 @@ impl ChildSpec {
             consumer: false,
             fingerprint: 0,
             on_settings: None,
+            on_abort: None,
             start: Box::new(start),
         }
     }
@@ -308,6 +316,19 @@ impl ChildSpec {
         self.on_settings = Some(Box::new(|any: &dyn Any, settings: Arc<Settings>| {
             if let Some(addr) = any.downcast_ref::<Addr<A>>() {
                 addr.do_send(SettingsChanged(settings));
+            }
+        }));
+        self
+    }
+
+    /// Send the child [`Abort`] when the shutdown grace is over.
+    pub fn abort_when_overdue<A>(mut self) -> Self
+    where
+        A: Actor<Context = Context<A>> + Handler<Abort>,
+    {
+        self.on_abort = Some(Box::new(|any: &dyn Any| {
+            if let Some(addr) = any.downcast_ref::<Addr<A>>() {
+                addr.do_send(Abort);
             }
         }));
         self
@@ -584,18 +605,9 @@ impl Supervisor {
         }
         self.connecting = true;
         let settings = self.settings.clone();
-        let endpoint = settings.amqp_display();
         ctx.spawn(
             async move {
-                let uri = settings.amqp_uri().map_err(AmqpError::Url)?;
-                let props =
-                    ConnectionProperties::default().with_connection_name("mailbridge".into());
-                let conn = Connection::connect_uri(uri, props)
-                    .await
-                    .map_err(|source| AmqpError::Connect {
-                        endpoint: endpoint.clone(),
-                        source,
-                    })?;
+                let conn = crate::amqp::connect(&settings, "mailbridge").await?;
                 let ch = conn.create_channel().await?;
                 declare_topology(&ch, &settings).await?;
                 let _ = ch.close(200, "OK".into()).await;
@@ -634,8 +646,15 @@ impl Supervisor {
         ctx.spawn(
             async move {
                 while let Some(event) = events.next().await {
-                    if let lapin::Event::Error(e) = event {
-                        return e.to_string();
+                    match event {
+                        // A channel closed by the broker (a soft error): the connection lives
+                        // on, and the channel's owner reopens it (a consumer by being
+                        // restarted, the publisher on its next publish).
+                        lapin::Event::Error(e) if e.is_amqp_soft_error() => {
+                            tracing::warn!(error = %e, "the broker closed a channel");
+                        }
+                        lapin::Event::Error(e) => return e.to_string(),
+                        _ => {}
                     }
                 }
                 "the connection was closed".to_string()
@@ -893,62 +912,104 @@ impl Handler<Shutdown> for Supervisor {
 
     fn handle(&mut self, msg: Shutdown, _: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
-        // Consumers first (they finish in-flight work, which needs the senders and the outbox
-        // writer), then everything else.
-        let mut drain = |consumers: bool| -> Vec<_> {
-            self.children
-                .iter_mut()
-                .filter(|c| c.spec.consumer == consumers)
-                .filter_map(|c| {
-                    c.stopping = true;
-                    c.handle.as_ref().map(|h| h.drain())
-                })
-                .collect()
-        };
-        let consumers = drain(true);
-        let others = drain(false);
-        let conn = self.connection.take();
-        let publisher = self.publisher.take();
+        for c in &mut self.children {
+            c.stopping = true;
+        }
+        // Consumers first: they finish their in-flight work, which needs the senders and the
+        // outbox writer; then everything else.
+        let consumers: Vec<_> = self
+            .children
+            .iter()
+            .filter(|c| c.spec.consumer)
+            .filter_map(|c| c.handle.as_ref().map(|h| h.drain()))
+            .collect();
+        let mut consumers = Box::pin(futures_util::future::join_all(consumers));
+        let deadline = tokio::time::Instant::now() + msg.grace;
+        let grace = msg.grace;
         Box::pin(
             async move {
-                let deadline = tokio::time::Instant::now() + msg.grace;
-                let all = async {
-                    futures_util::future::join_all(consumers).await;
-                    futures_util::future::join_all(others).await;
-                };
-                if tokio::time::timeout_at(deadline, all).await.is_err() {
-                    tracing::warn!(grace = ?msg.grace, "in-flight work did not finish within the grace period");
-                }
-                if let Some(p) = publisher {
-                    let _ = tokio::time::timeout(Duration::from_secs(5), p.close()).await;
-                }
-                if let Some(conn) = conn {
-                    // A channel still closing makes the connection close fail: try again shortly.
-                    let mut outcome = Err("not tried".to_string());
-                    for _ in 0..10 {
-                        outcome = match tokio::time::timeout(
-                            Duration::from_secs(5),
-                            conn.close(200, "shutting down".into()),
-                        )
-                        .await
-                        {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(_) => Err("the broker did not confirm the close within 5 s".into()),
-                        };
-                        if outcome.is_ok() || !conn.status().connected() {
-                            break;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    match outcome {
-                        Ok(()) => tracing::info!("closed the AMQP connection"),
-                        Err(e) => tracing::warn!(error = %e, "closing the AMQP connection failed"),
-                    }
-                }
+                let in_time = tokio::time::timeout_at(deadline, &mut consumers)
+                    .await
+                    .is_ok();
+                (in_time, consumers)
             }
-            .into_actor(self),
+            .into_actor(self)
+            .then(move |(in_time, consumers), act, _| {
+                if !in_time {
+                    tracing::warn!(?grace, "in-flight work did not finish within the grace period; abandoning what has not reached a provider");
+                    // The senders start nothing more and abandon the transactions that have
+                    // not passed their final dot (their requests go back to the broker);
+                    // those that have are answered and recorded `sent` first — else a
+                    // restart would send them again.
+                    for c in &act.children {
+                        if let (Some(hook), Some(h)) = (&c.spec.on_abort, &c.handle) {
+                            hook(h.as_any());
+                        }
+                    }
+                }
+                async move {
+                    if !in_time {
+                        // The pipelines now end quickly: give them the time to.
+                        let _ = tokio::time::timeout(OVERDUE, consumers).await;
+                    }
+                }
+                .into_actor(act)
+            })
+            .then(move |(), act, _| {
+                let others: Vec<_> = act
+                    .children
+                    .iter()
+                    .filter(|c| !c.spec.consumer)
+                    .filter_map(|c| c.handle.as_ref().map(|h| h.drain()))
+                    .collect();
+                let conn = act.connection.take();
+                let publisher = act.publisher.take();
+                let left = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .max(OVERDUE);
+                async move {
+                    if tokio::time::timeout(left, futures_util::future::join_all(others))
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!("some actors did not stop in time");
+                    }
+                    if let Some(p) = publisher {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), p.close()).await;
+                    }
+                    if let Some(conn) = conn {
+                        close_connection(&conn).await;
+                    }
+                }
+                .into_actor(act)
+            }),
         )
+    }
+}
+
+/// Closes the connection with the broker's confirmation; a channel still closing makes the
+/// close fail, so it is tried again shortly.
+async fn close_connection(conn: &Connection) {
+    let mut outcome = Err("not tried".to_string());
+    for _ in 0..10 {
+        outcome = match tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.close(200, "shutting down".into()),
+        )
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the broker did not confirm the close within 5 s".into()),
+        };
+        if outcome.is_ok() || !conn.status().connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    match outcome {
+        Ok(()) => tracing::info!("closed the AMQP connection"),
+        Err(e) => tracing::warn!(error = %e, "closing the AMQP connection failed"),
     }
 }
 

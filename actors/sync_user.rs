@@ -12,7 +12,7 @@ use lapin::Channel;
 use serde::Deserialize;
 
 use crate::actors::fetcher::{mailbox_child, MailboxFetcher, SyncNow};
-use crate::actors::metrics::Count;
+use crate::actors::metrics::{metric_tenant, Count};
 use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged};
 
 /// The guide's `email.sync.user` message.
@@ -42,10 +42,15 @@ impl SyncUserConsumer {
         }
     }
 
-    fn count(&self, outcome: &str, tenant: &str) {
+    /// Counts a request; its tenant label only when the configuration knows the tenant (a
+    /// request's made-up ids must not grow `/metrics`).
+    fn count(&self, outcome: &str, tenant: Option<&str>) {
         self.child.metrics.do_send(Count::one(
             "mailbridge_sync_requests_total",
-            vec![("outcome", outcome.into()), ("tenant", tenant.into())],
+            vec![
+                ("outcome", outcome.into()),
+                ("tenant", metric_tenant(&self.child.settings, tenant)),
+            ],
         ));
     }
 }
@@ -100,7 +105,7 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
         match &request {
             Err(e) => {
                 tracing::warn!(error = %e, "sync request refused: not the guide's format");
-                self.count("invalid", "");
+                self.count("invalid", None);
             }
             Ok(r) => {
                 targets = self
@@ -116,10 +121,10 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
                 if targets.is_empty() {
                     tracing::warn!(tenant = %r.tenant_id, provider = %r.provider_id, user = %r.user_id,
                         "sync request matches no configured mailbox (tenant, provider and user must all match)");
-                    self.count("unmatched", &r.tenant_id);
+                    self.count("unmatched", Some(&r.tenant_id));
                 } else {
                     tracing::info!(tenant = %r.tenant_id, user = %r.user_id, mailboxes = targets.len(), "sync requested");
-                    self.count("triggered", &r.tenant_id);
+                    self.count("triggered", Some(&r.tenant_id));
                 }
             }
         }

@@ -172,6 +172,52 @@ fn classify(queue: &str, e: &lapin::Error) -> PublishError {
     }
 }
 
+/// Opens a connection to the configured broker: `amqp://`, or `amqps://` with the system's
+/// roots plus `[rabbitmq] ca_file`.
+pub async fn connect(
+    settings: &crate::settings::Settings,
+    name: &str,
+) -> Result<Connection, ConnectError> {
+    let uri = settings.amqp_uri().map_err(ConnectError::Url)?;
+    let props = lapin::ConnectionProperties::default().with_connection_name(name.into());
+    let cert_chain = match &settings.rabbitmq.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| ConnectError::CaFile(format!("{}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain,
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| ConnectError::Connect {
+        endpoint: settings.amqp_display(),
+        source: e,
+    })?;
+    Connection::connect_uri_with_config(uri, props, tls, runtime)
+        .await
+        .map_err(|source| ConnectError::Connect {
+            endpoint: settings.amqp_display(),
+            source,
+        })
+}
+
+/// Why the broker could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to RabbitMQ at {endpoint}: {source}; check that RabbitMQ is running and [rabbitmq] settings (or RABBITMQ_*) are right")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("[rabbitmq] url is not usable: {0}")]
+    Url(String),
+    #[error("[rabbitmq] ca_file is not readable: {0}")]
+    CaFile(String),
+}
+
 /// A new channel in confirm mode (for a caller with a connection of its own, such as the
 /// `dlq` command).
 pub async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {

@@ -133,7 +133,8 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
                     .start(),
                 )
             })
-            .fingerprint(provider_fingerprint),
+            .fingerprint(provider_fingerprint)
+            .abort_when_overdue::<SenderActor>(),
         );
     }
     specs.push(ChildSpec::new(RETRY_CHILD, true, |c: ChildContext| {

@@ -136,12 +136,8 @@ fn main() -> ExitCode {
 }
 
 async fn run_dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     use mailbridge::dlq::{self, Selection};
-    let uri = settings.amqp_uri().map_err(anyhow::Error::msg)?;
-    let conn = lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", settings.amqp_display()))?;
+    let conn = mailbridge::amqp::connect(settings, "mailbridge dlq").await?;
     let default_queue = settings.queues.send_dlq();
     match action {
         DlqAction::List { queue, limit } => {

@@ -296,41 +296,61 @@ pub fn decode_with_ids(
         );
         return (Err(err), RequestIds::default());
     }
-    if let Ok(request) = serde_json::from_slice::<SendRequest>(body) {
-        let ids = RequestIds {
-            tenant_id: Some(request.tenant_id.clone()),
-            message_id: Some(request.message_id.clone()),
-            provider_id: Some(request.provider_id.clone()),
-        };
-        return (Ok(request), ids);
-    }
-    match serde_json::from_slice::<serde_json::Value>(body) {
-        Ok(value) => (decode_value(&value), RequestIds::of(&value)),
-        Err(e) => (
-            Err(RequestError::NotJson(e.to_string())),
-            RequestIds::default(),
-        ),
-    }
+    let first = match serde_json::from_slice::<SendRequest>(body) {
+        Ok(request) => {
+            let ids = RequestIds {
+                tenant_id: Some(request.tenant_id.clone()),
+                message_id: Some(request.message_id.clone()),
+                provider_id: Some(request.provider_id.clone()),
+            };
+            return (Ok(request), ids);
+        }
+        Err(e) => e,
+    };
+    // Refused: decoded again, tracking the path, only to name the field that is wrong, and
+    // looked at leniently for the ids the failure is reported under. (Never by parsing it
+    // into a JSON value and decoding that: a value keeps only the last of duplicate keys,
+    // and would accept what was refused.)
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let error = match serde_path_to_error::deserialize::<_, SendRequest>(&mut de) {
+        Err(e) => request_error(e),
+        // Only what follows the request (trailing characters) failed the first decoding.
+        Ok(_) => RequestError::NotJson(first.to_string()),
+    };
+    (Err(error), RequestIds::peek(body))
 }
 
-/// Decodes an already parsed request (the body is parsed once, for its ids and for this).
-fn decode_value(value: &serde_json::Value) -> Result<SendRequest, RequestError> {
-    serde_path_to_error::deserialize::<_, SendRequest>(value).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        // "missing field `to`" is reported at the parent; name the field itself.
-        let field = match inner.strip_prefix("missing field `") {
-            Some(rest) => rest.trim_end_matches('`').to_string(),
-            None if path == "." => "(request)".into(),
-            None => path,
-        };
-        let reason = if inner.starts_with("missing field") {
-            "is required".to_string()
-        } else {
-            inner
-        };
-        RequestError::field(field, reason)
-    })
+/// The refusal for a body serde could not decode: not JSON at all, or the field (its path)
+/// and what is wrong with it.
+fn request_error(e: serde_path_to_error::Error<serde_json::Error>) -> RequestError {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    let text = without_position(&inner);
+    if matches!(
+        inner.classify(),
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof
+    ) {
+        return RequestError::NotJson(inner.to_string());
+    }
+    // "missing field `to`" is reported at the parent; name the field itself.
+    let field = match text.strip_prefix("missing field `") {
+        Some(rest) => rest.trim_end_matches('`').to_string(),
+        None if path == "." => "(request)".into(),
+        None => path,
+    };
+    let reason = if text.starts_with("missing field") {
+        "is required".to_string()
+    } else {
+        text
+    };
+    RequestError::field(field, reason)
+}
+
+/// serde_json's message without its " at line L column C" (the field path says where).
+fn without_position(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    text.strip_suffix(&suffix).unwrap_or(&text).to_string()
 }
 
 /// Header names the service writes itself; a request may not set or override them.
@@ -381,17 +401,23 @@ fn mailbox(field: &str, s: &str) -> Result<Mailbox, RequestError> {
     })
 }
 
-/// The start of a value for an error message (a refused value may be megabytes long).
+/// The start of a value for an error message (a refused value may be megabytes long), with
+/// control characters escaped (`\u{0}`) so they reach no log line or header raw.
 fn preview(s: &str) -> String {
     const MAX: usize = 80;
-    if s.len() <= MAX {
-        return s.to_string();
+    let mut out = String::with_capacity(s.len().min(MAX) + 8);
+    for (i, c) in s.char_indices() {
+        if i >= MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
     }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
+    out
 }
 
 /// A request that passed validation, with its addresses parsed.

@@ -10,8 +10,9 @@
 //! `failed`), carries no live claim, and — when a retry is parked — this copy carries that
 //! retry's token. The claim (instance, token, expiry) is what makes a second copy of the same
 //! request (a CRM re-publish, a redelivery, a replayed duplicate, another instance) wait or
-//! stand down instead of sending the email twice. Every outcome ([`OutboxOp::Sent`],
-//! [`OutboxOp::Failed`], [`OutboxOp::Release`]) releases it.
+//! stand down instead of sending the email twice. The claim ends when the request is
+//! finished — its result published ([`OutboxOp::ResultPublished`]) — or handed back to the
+//! broker (a retry parked, [`OutboxOp::Failed`] with `retrying`; or [`OutboxOp::Release`]).
 
 use std::fmt;
 
@@ -134,19 +135,25 @@ pub enum OutboxOp {
         key: OutboxKey,
         token: i64,
     },
-    /// The provider accepted the email (releases the claim, whoever holds it).
+    /// The provider accepted the email. The claim stays until the result is published, so
+    /// a copy waits for that instead of publishing a second result.
     Sent {
         key: OutboxKey,
         provider_message_id: String,
         rfc_message_id: String,
         sent_at: OffsetDateTime,
     },
-    /// `failed` (terminal) or `retrying` (releases the claim).
+    /// `retrying` (releases the claim: the request is back in the broker's hands) or
+    /// `failed` (keeps it until the result is published, as `Sent` does).
     Failed(FailureRecord),
     /// The dead letter of a `failed` row is confirmed on the DLQ.
     DeadLettered(OutboxKey),
-    /// The result for this row is confirmed on the result queue.
-    ResultPublished(OutboxKey),
+    /// The result for this row is confirmed on the result queue; the claim with `token` (the
+    /// first copy's, when it published it) ends.
+    ResultPublished {
+        key: OutboxKey,
+        token: Option<i64>,
+    },
     /// A dead letter is replayed: back to `queued` with no attempts, as if new.
     Reset(OutboxKey),
 }
@@ -156,9 +163,10 @@ impl OutboxOp {
         match self {
             OutboxOp::Claim(c) => &c.row.key,
             OutboxOp::Failed(f) => &f.key,
-            OutboxOp::DeadLettered(k) | OutboxOp::ResultPublished(k) | OutboxOp::Reset(k) => k,
+            OutboxOp::DeadLettered(k) | OutboxOp::Reset(k) => k,
             OutboxOp::Renew { key, .. }
             | OutboxOp::Release { key, .. }
+            | OutboxOp::ResultPublished { key, .. }
             | OutboxOp::Sent { key, .. } => key,
         }
     }
@@ -328,30 +336,27 @@ async fn run_round(
         }
     }
 
-    // Renewals and releases: key and claim token.
-    for (renew, sql) in [(true, RENEW_SQL), (false, RELEASE_SQL)] {
+    // Renewals, releases and published results: key and claim token.
+    for (kind, sql) in [
+        (Tokened::Renew, RENEW_SQL),
+        (Tokened::Release, RELEASE_SQL),
+        (Tokened::ResultPublished, RESULT_PUBLISHED_SQL),
+    ] {
         let ix: Vec<usize> = round
             .iter()
             .copied()
-            .filter(|i| match &ops[*i] {
-                OutboxOp::Renew { .. } => renew,
-                OutboxOp::Release { .. } => !renew,
-                _ => false,
-            })
+            .filter(|i| Tokened::of(&ops[*i]).is_some_and(|(k, _)| k == kind))
             .collect();
         if ix.is_empty() {
             continue;
         }
         let (t, m) = keys(ops, &ix);
-        let tok: Vec<i64> = ix
+        let tok: Vec<Option<i64>> = ix
             .iter()
-            .map(|i| match &ops[*i] {
-                OutboxOp::Renew { token, .. } | OutboxOp::Release { token, .. } => *token,
-                _ => 0,
-            })
+            .map(|i| Tokened::of(&ops[*i]).and_then(|(_, t)| t))
             .collect();
         let stmt = client.prepare_cached(sql).await?;
-        if renew {
+        if kind == Tokened::Renew {
             client
                 .execute(&stmt, &[&t, &m, &tok, &claims.ttl_secs])
                 .await?;
@@ -362,11 +367,7 @@ async fn run_round(
 
     for (pick, sql) in [
         (
-            (|o: &OutboxOp| matches!(o, OutboxOp::ResultPublished(_))) as fn(&OutboxOp) -> bool,
-            RESULT_PUBLISHED_SQL,
-        ),
-        (
-            |o| matches!(o, OutboxOp::DeadLettered(_)),
+            (|o: &OutboxOp| matches!(o, OutboxOp::DeadLettered(_))) as fn(&OutboxOp) -> bool,
             DEAD_LETTERED_SQL,
         ),
         (|o| matches!(o, OutboxOp::Reset(_)), RESET_SQL),
@@ -381,6 +382,25 @@ async fn run_round(
             .await?;
     }
     Ok(())
+}
+
+/// The operations that carry a claim token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tokened {
+    Renew,
+    Release,
+    ResultPublished,
+}
+
+impl Tokened {
+    fn of(op: &OutboxOp) -> Option<(Self, Option<i64>)> {
+        match op {
+            OutboxOp::Renew { token, .. } => Some((Tokened::Renew, Some(*token))),
+            OutboxOp::Release { token, .. } => Some((Tokened::Release, Some(*token))),
+            OutboxOp::ResultPublished { token, .. } => Some((Tokened::ResultPublished, *token)),
+            _ => None,
+        }
+    }
 }
 
 fn keys<'a>(ops: &'a [OutboxOp], ix: &[usize]) -> (Vec<&'a str>, Vec<&'a str>) {
@@ -592,7 +612,6 @@ const STATE_SQL: &str = "SELECT o.tenant_id, o.message_id, o.status, o.provider_
 /// The provider accepted the email.
 const SENT_SQL: &str = "UPDATE outbox o SET status = 'sent', provider_message_id = u.p,
            rfc_message_id = u.r, sent_at = u.at, last_error = NULL, deliveries = 0,
-           claim_owner = NULL, claim_token = NULL, claim_expires_at = NULL,
            retry_token = NULL, next_retry_at = NULL, updated_at = now()
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[])
          AS u(t, m, p, r, at)
@@ -606,7 +625,9 @@ const FAILED_SQL: &str = "UPDATE outbox o SET status = u.s, last_error = u.e,
            next_retry_at = CASE WHEN u.rin IS NULL THEN NULL
                                 ELSE now() + u.rin * interval '1 second' END,
            uncertain = o.uncertain OR u.unc, deliveries = 0,
-           claim_owner = NULL, claim_token = NULL, claim_expires_at = NULL,
+           claim_owner = CASE WHEN u.s = 'retrying' THEN NULL ELSE o.claim_owner END,
+           claim_token = CASE WHEN u.s = 'retrying' THEN NULL ELSE o.claim_token END,
+           claim_expires_at = CASE WHEN u.s = 'retrying' THEN NULL ELSE o.claim_expires_at END,
            updated_at = now()
     FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                 $7::int[], $8::text[], $9::text[], $10::float8[], $11::bool[])
@@ -626,9 +647,14 @@ const RELEASE_SQL: &str = "UPDATE outbox o SET claim_owner = NULL, claim_token =
     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(t, m, tok)
     WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.claim_token = u.tok";
 
-/// The result is confirmed on the result queue.
-const RESULT_PUBLISHED_SQL: &str = "UPDATE outbox o SET result_published_at = now()
-    FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
+/// The result is confirmed on the result queue: the request is finished, and the claim of
+/// the copy that published it ends.
+const RESULT_PUBLISHED_SQL: &str = "UPDATE outbox o SET result_published_at = now(),
+           claim_owner = CASE WHEN o.claim_token = u.tok THEN NULL ELSE o.claim_owner END,
+           claim_expires_at = CASE WHEN o.claim_token = u.tok THEN NULL
+                                   ELSE o.claim_expires_at END,
+           claim_token = CASE WHEN o.claim_token = u.tok THEN NULL ELSE o.claim_token END
+    FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(t, m, tok)
     WHERE o.tenant_id = u.t AND o.message_id = u.m";
 
 /// The dead letter is confirmed on the DLQ.

@@ -727,14 +727,22 @@ impl Settings {
                 problems.push(at(key, "must not be empty".into()));
             }
         }
-        if let Err(e) = crate::storage::pg_config(database.url.expose()) {
-            problems.push(at(
+        match crate::storage::pg_target(database.url.expose()) {
+            Err(e) => problems.push(at(
                 "database.url",
                 format!(
                     "not a PostgreSQL connection string ({})",
                     redact_credentials(&e, database.url.expose())
                 ),
-            ));
+            )),
+            Ok(t) => {
+                if let Some(root) = t.root_cert.filter(|r| !r.is_file()) {
+                    problems.push(at(
+                        "database.url",
+                        format!("sslrootcert {} does not exist", root.display()),
+                    ));
+                }
+            }
         }
         if database.max_connections == 0 {
             problems.push(at("database.max_connections", "must be at least 1".into()));

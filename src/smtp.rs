@@ -115,6 +115,10 @@ pub enum SmtpError {
     /// message, SMTPUTF8 for a non-ASCII address): it cannot be sent there as it is.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// Abandoned before the final dot (the service is shutting down): the server cannot have
+    /// accepted it.
+    #[error("abandoned before the message was sent (the service is shutting down)")]
+    Aborted,
     #[error("the server offers none of the AUTH mechanisms {wanted} (it offers: {offered}); check the provider's tls setting, most servers offer AUTH only over TLS")]
     NoAuthMechanism {
         wanted: &'static str,
@@ -238,11 +242,15 @@ impl SmtpSession {
     }
 
     /// Sends one email; returns the server's reply to its end of data.
+    ///
+    /// While `abort` is false; once it turns true the transaction is abandoned unless its
+    /// final dot has been written (from then on it runs to its reply).
     pub async fn send(
         &mut self,
         from: Option<&Address>,
         to: &[Address],
         message: &[u8],
+        abort: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<Reply, SmtpError> {
         let mut params = String::new();
         if !message.is_ascii() {
@@ -261,8 +269,40 @@ impl SmtpSession {
             }
             params.push_str(" SMTPUTF8");
         }
+        if *abort.borrow() {
+            return Err(SmtpError::Aborted);
+        }
         // Until the transaction completes, a failure leaves the session in an unknown state.
         self.broken = true;
+        let mut abort = abort.clone();
+        tokio::select! {
+            envelope = self.envelope(from, to, &params) => envelope?,
+            _ = abort.wait_for(|a| *a) => return Err(SmtpError::Aborted),
+        }
+        if *abort.borrow() {
+            return Err(SmtpError::Aborted);
+        }
+        self.write_data(&dot_stuffed(message)).await?;
+        let reply = self.read_reply().await?;
+        self.awaiting_final_reply = false;
+        if !reply.is_positive() {
+            return Err(SmtpError::Rejected {
+                during: "end of data",
+                reply,
+            });
+        }
+        self.broken = false;
+        Ok(reply)
+    }
+
+    /// MAIL, every RCPT and DATA, up to the server's 354: pipelined in one write when the
+    /// server offers PIPELINING, else one command at a time.
+    async fn envelope(
+        &mut self,
+        from: Option<&Address>,
+        to: &[Address],
+        params: &str,
+    ) -> Result<(), SmtpError> {
         let mail = format!("MAIL FROM:<{}>{params}\r\n", from.map(text).unwrap_or(""));
         let rcpts: Vec<String> = to.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
 
@@ -306,17 +346,7 @@ impl SmtpSession {
             }
             self.expect("DATA\r\n", "DATA", 354).await?;
         }
-        self.write_data(&dot_stuffed(message)).await?;
-        let reply = self.read_reply().await?;
-        self.awaiting_final_reply = false;
-        if !reply.is_positive() {
-            return Err(SmtpError::Rejected {
-                during: "end of data",
-                reply,
-            });
-        }
-        self.broken = false;
-        Ok(reply)
+        Ok(())
     }
 
     /// EHLO, or HELO (and no extensions) for a server that does not know EHLO.

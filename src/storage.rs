@@ -44,7 +44,7 @@ const MIGRATION_LOCK: i64 = 0x6d61_696c_6272_6467;
 pub enum StorageError {
     #[error("[database] url is not usable: {0}")]
     Config(String),
-    #[error("cannot reach PostgreSQL at {endpoint}: {source}; check that PostgreSQL is running and that [database] url (or DATABASE_URL) is right")]
+    #[error("cannot reach PostgreSQL at {endpoint}: {}; check that PostgreSQL is running and that [database] url (or DATABASE_URL) is right", chain(.source))]
     Connect {
         endpoint: String,
         #[source]
@@ -66,6 +66,22 @@ pub enum StorageError {
     Pool(String),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+}
+
+/// An error with its causes ("error performing TLS handshake: invalid peer certificate:
+/// UnknownIssuer"), so the reason reaches `/health` and the log.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
 }
 
 /// tokio-postgres shows a server error as just "db error": add what the server said.
@@ -132,9 +148,267 @@ impl From<deadpool_postgres::PoolError> for StorageError {
     }
 }
 
+/// TLS to PostgreSQL, chosen as libpq's `sslmode` chooses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PgTls {
+    /// `disable`, `allow`, `prefer` or no `sslmode`: plain TCP (or the local socket).
+    Off,
+    /// `require`: encrypted; the certificate is not checked unless `sslrootcert` is given
+    /// (then as `verify-ca`), as libpq does.
+    Require,
+    /// `verify-ca`: encrypted, the certificate chain checked against the system roots and
+    /// `sslrootcert`.
+    VerifyCa,
+    /// `verify-full`: as `verify-ca`, and the certificate must name the host.
+    VerifyFull,
+}
+
+/// A database URL, understood: the connection settings, and how to protect them.
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    pub config: tokio_postgres::Config,
+    pub tls: PgTls,
+    /// `sslrootcert`: a CA (PEM) to trust beside the system roots.
+    pub root_cert: Option<std::path::PathBuf>,
+}
+
+/// Takes libpq's TLS parameters (`sslmode`, `sslrootcert`) out of a URL or key=value string:
+/// tokio-postgres knows only `disable|prefer|require` and no `sslrootcert`.
+fn split_tls_params(url: &str) -> (String, Option<String>, Option<String>) {
+    let mut mode = None;
+    let mut root = None;
+    let mut take = |k: &str, v: String| match k {
+        "sslmode" => {
+            mode = Some(v);
+            true
+        }
+        "sslrootcert" => {
+            root = Some(v);
+            true
+        }
+        _ => false,
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_string(), None, None);
+        };
+        let kept: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .filter(|(k, v)| !take(k, v.to_string()))
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let rest = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(kept)
+            .finish();
+        let url = if rest.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{rest}")
+        };
+        return (url, mode, root);
+    }
+    let kept: Vec<&str> = url
+        .split_whitespace()
+        .filter(|pair| match pair.split_once('=') {
+            Some((k, v)) => !take(k.trim(), v.trim().trim_matches('\'').to_string()),
+            None => true,
+        })
+        .collect();
+    (kept.join(" "), mode, root)
+}
+
+/// Parses a database URL: connection settings (defaulted as libpq would) and TLS.
+pub fn pg_target(url: &str) -> Result<PgTarget, StorageError> {
+    let (rest, mode, root) = split_tls_params(url);
+    let tls = match mode.as_deref() {
+        None | Some("disable" | "allow" | "prefer") => PgTls::Off,
+        Some("require") if root.is_some() => PgTls::VerifyCa,
+        Some("require") => PgTls::Require,
+        Some("verify-ca") => PgTls::VerifyCa,
+        Some("verify-full") => PgTls::VerifyFull,
+        Some(other) => {
+            return Err(StorageError::Config(format!(
+                "sslmode `{other}` is not one of disable, allow, prefer, require, verify-ca, verify-full"
+            )))
+        }
+    };
+    let mut config = pg_config(&rest)?;
+    if tls != PgTls::Off {
+        config.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
+    Ok(PgTarget {
+        config,
+        tls,
+        root_cert: root.map(std::path::PathBuf::from),
+    })
+}
+
+impl PgTarget {
+    /// The rustls settings of this target's TLS (None: no TLS).
+    fn rustls(&self) -> Result<Option<rustls::ClientConfig>, StorageError> {
+        let root = self.root_cert.as_deref();
+        let verified = || {
+            crate::mailproto::tls_client_config(root)
+                .map(|c| c.as_ref().clone())
+                .map_err(StorageError::Config)
+        };
+        Ok(match self.tls {
+            PgTls::Off => None,
+            PgTls::VerifyFull => Some(verified()?),
+            PgTls::VerifyCa => {
+                let mut c = verified()?;
+                c.dangerous()
+                    .set_certificate_verifier(std::sync::Arc::new(tls::ChainOnly::new(root)?));
+                Some(c)
+            }
+            PgTls::Require => {
+                let mut c = verified()?;
+                c.dangerous()
+                    .set_certificate_verifier(std::sync::Arc::new(tls::AcceptAny::new()));
+                Some(c)
+            }
+        })
+    }
+}
+
+/// Certificate checks for `sslmode=require` and `verify-ca` (libpq's meanings), beside the
+/// full check of `verify-full`.
+mod tls {
+    use std::sync::Arc;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::crypto::CryptoProvider;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
+
+    use super::StorageError;
+
+    fn provider() -> Arc<CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// `require` without a root certificate: encrypted, the certificate taken as it is.
+    #[derive(Debug)]
+    pub struct AcceptAny(Arc<CryptoProvider>);
+
+    impl AcceptAny {
+        pub fn new() -> Self {
+            Self(provider())
+        }
+    }
+
+    impl ServerCertVerifier for AcceptAny {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    /// `verify-ca`: the chain must lead to a trusted root (the system's or `sslrootcert`);
+    /// the name in the certificate is not checked.
+    #[derive(Debug)]
+    pub struct ChainOnly(rustls_platform_verifier::Verifier);
+
+    impl ChainOnly {
+        pub fn new(root: Option<&std::path::Path>) -> Result<Self, StorageError> {
+            let extra: Vec<CertificateDer<'static>> = match root {
+                Some(path) => CertificateDer::pem_file_iter(path)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| {
+                        StorageError::Config(format!(
+                            "sslrootcert {} is not usable: {e}",
+                            path.display()
+                        ))
+                    })?,
+                None => Vec::new(),
+            };
+            rustls_platform_verifier::Verifier::new_with_extra_roots(extra, provider())
+                .map(Self)
+                .map_err(|e| StorageError::Config(format!("certificate verifier: {e}")))
+        }
+    }
+
+    impl ServerCertVerifier for ChainOnly {
+        fn verify_server_cert(
+            &self,
+            end_entity: &CertificateDer<'_>,
+            intermediates: &[CertificateDer<'_>],
+            server_name: &ServerName<'_>,
+            ocsp: &[u8],
+            now: UnixTime,
+        ) -> Result<ServerCertVerified, Error> {
+            match self
+                .0
+                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+            {
+                Err(Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                )) => Ok(ServerCertVerified::assertion()),
+                other => other,
+            }
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls12_signature(message, cert, dss)
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, Error> {
+            self.0.verify_tls13_signature(message, cert, dss)
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.supported_verify_schemes()
+        }
+    }
+}
+
 /// Parses the URL the way libpq would default it: the user is the OS user and the host the
-/// local socket folder when the URL leaves them out.
+/// local socket folder when the URL leaves them out. (TLS parameters: [`pg_target`].)
 pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, StorageError> {
+    let (url, _, _) = split_tls_params(url);
     let mut cfg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| StorageError::Config(e.to_string()))?;
@@ -191,40 +465,58 @@ pub fn endpoint(cfg: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{}", cfg.get_dbname().unwrap_or(""))
 }
 
-async fn connect(cfg: &tokio_postgres::Config) -> Result<tokio_postgres::Client, StorageError> {
-    let (client, connection) =
-        cfg.connect(NoTls)
-            .await
-            .map_err(|source| StorageError::Connect {
-                endpoint: endpoint(cfg),
-                source,
-            })?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "database connection ended");
+async fn connect(target: &PgTarget) -> Result<tokio_postgres::Client, StorageError> {
+    let cfg = &target.config;
+    let failed = |source| StorageError::Connect {
+        endpoint: endpoint(cfg),
+        source,
+    };
+    let client = match target.rustls()? {
+        None => {
+            let (client, connection) = cfg.connect(NoTls).await.map_err(failed)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "database connection ended");
+                }
+            });
+            client
         }
-    });
+        Some(tls) => {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(tls);
+            let (client, connection) = cfg.connect(tls).await.map_err(failed)?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "database connection ended");
+                }
+            });
+            client
+        }
+    };
     Ok(client)
 }
 
 /// Creates the configured database when it does not exist yet (two instances may race: the
 /// loser's "already exists" is success).
 pub async fn create_database_if_missing(db: &DatabaseSection) -> Result<(), StorageError> {
-    let cfg = pg_config(db.url.expose())?;
-    let name = cfg.get_dbname().unwrap_or("mailbridge").to_string();
-    match connect(&cfg).await {
+    let target = pg_target(db.url.expose())?;
+    let name = target
+        .config
+        .get_dbname()
+        .unwrap_or("mailbridge")
+        .to_string();
+    match connect(&target).await {
         Ok(_) => return Ok(()),
         Err(StorageError::Connect { source, .. })
             if source.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(e) => return Err(e),
     }
-    let mut admin_cfg = cfg.clone();
-    admin_cfg.dbname("postgres");
-    let admin = match connect(&admin_cfg).await {
+    let mut admin = target.clone();
+    admin.config.dbname("postgres");
+    let admin = match connect(&admin).await {
         Ok(c) => c,
         Err(_) => {
-            admin_cfg.dbname("template1");
-            connect(&admin_cfg).await?
+            admin.config.dbname("template1");
+            connect(&admin).await?
         }
     };
     let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
@@ -245,7 +537,9 @@ pub async fn create_database_if_missing(db: &DatabaseSection) -> Result<(), Stor
 
 /// The pool every database user of the service shares.
 pub fn pool(db: &DatabaseSection) -> Result<Pool, StorageError> {
-    let mut cfg = pg_config(db.url.expose())?;
+    let target = pg_target(db.url.expose())?;
+    let tls = target.rustls()?;
+    let mut cfg = target.config;
     // The outbox statements are prepared once per connection. A generic plan, made while the
     // table is still small, would join the batch's keys by scanning the whole table for good:
     // plan every execution with its actual arrays instead.
@@ -255,14 +549,18 @@ pub fn pool(db: &DatabaseSection) -> Result<Pool, StorageError> {
         _ => custom_plans.to_string(),
     };
     cfg.options(options);
-    let mgr = Manager::from_config(
-        cfg,
-        NoTls,
-        ManagerConfig {
-            // Fast hands out dead connections after a database restart.
-            recycling_method: RecyclingMethod::Verified,
-        },
-    );
+    let manager_config = ManagerConfig {
+        // Fast hands out dead connections after a database restart.
+        recycling_method: RecyclingMethod::Verified,
+    };
+    let mgr = match tls {
+        None => Manager::from_config(cfg, NoTls, manager_config),
+        Some(tls) => Manager::from_config(
+            cfg,
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+            manager_config,
+        ),
+    };
     Pool::builder(mgr)
         .max_size(db.max_connections)
         .runtime(Runtime::Tokio1)
@@ -276,8 +574,7 @@ pub fn pool(db: &DatabaseSection) -> Result<Pool, StorageError> {
 /// Applies every migration not applied yet; returns the names applied now.
 pub async fn migrate(db: &DatabaseSection) -> Result<Vec<&'static str>, StorageError> {
     create_database_if_missing(db).await?;
-    let cfg = pg_config(db.url.expose())?;
-    let mut client = connect(&cfg).await?;
+    let mut client = connect(&pg_target(db.url.expose())?).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
         .await?;
@@ -451,6 +748,37 @@ mod tests {
             Some(tokio_postgres::config::Host::Unix(_))
         ));
         assert!(pg_config("not a url at all = =").is_err());
+    }
+
+    #[test]
+    fn tls_follows_sslmode_as_libpq() {
+        let t = pg_target("postgres://u@db.example/x?sslmode=verify-full&sslrootcert=/etc/ca.pem")
+            .unwrap();
+        assert_eq!(t.tls, PgTls::VerifyFull);
+        assert_eq!(
+            t.root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(t.config.get_dbname(), Some("x"));
+        assert_eq!(
+            t.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        let t = pg_target("postgres://u@h/x?sslmode=require&application_name=mb").unwrap();
+        assert_eq!(t.tls, PgTls::Require);
+        assert_eq!(t.config.get_application_name(), Some("mb"));
+        let t = pg_target("postgres://u@h/x?sslmode=require&sslrootcert=ca.pem").unwrap();
+        assert_eq!(
+            t.tls,
+            PgTls::VerifyCa,
+            "require with a root certificate checks it"
+        );
+        assert_eq!(pg_target("postgres://u@h/x").unwrap().tls, PgTls::Off);
+        assert_eq!(
+            pg_target("host=h dbname=x sslmode=verify-ca").unwrap().tls,
+            PgTls::VerifyCa
+        );
+        assert!(pg_target("postgres://u@h/x?sslmode=sometimes").is_err());
     }
 
     #[test]

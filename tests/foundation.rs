@@ -5,7 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{rabbitmqctl, Service, TestEnv};
+use common::checks as check;
+use common::{rabbitmqctl, Service, SmtpServer, TestEnv};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
@@ -148,6 +149,8 @@ async fn queue_status_reports_the_true_depth() {
 #[tokio::test]
 async fn health_turns_503_when_the_broker_closes_the_connections_and_recovers_alone() {
     let env = TestEnv::new("reconnect");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("t", "p", smtp.port, "");
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(30)).await;
     let (_, before) = svc.get_json("/health").await;
@@ -155,30 +158,85 @@ async fn health_turns_503_when_the_broker_closes_the_connections_and_recovers_al
     assert_eq!(before["components"]["rabbitmq"]["status"], "ok");
     assert_eq!(before["components"]["database"]["status"], "ok");
 
+    // The outage is made to last: without permissions on the vhost, every reconnect is
+    // refused until they are given back.
+    rabbitmqctl(&["clear_permissions", "-p", &env.vhost, "guest"]);
     rabbitmqctl(&[
         "close_all_connections",
         "--vhost",
         &env.vhost,
         "closed by the mailbridge test suite",
     ]);
-    svc.wait_health(503, Duration::from_secs(5)).await;
-    let (code, during) = svc.get_json("/health").await;
-    if code == 503 {
+    let took = svc.wait_health(503, Duration::from_secs(10)).await;
+    println!("/health turned 503 {took:?} after the connections were closed");
+    // It stays 503 while the broker refuses: several reconnect attempts (200 ms doubling
+    // to 2 s) fail in these 3 s, and each answer shows the broker down with its error.
+    let outage = std::time::Instant::now();
+    let mut seen = 0;
+    while outage.elapsed() < Duration::from_secs(3) {
+        let (code, during) = svc.get_json("/health").await;
+        assert_eq!(code, 503, "{during}");
+        assert_eq!(during["status"], "degraded", "{during}");
         assert_eq!(
             during["components"]["rabbitmq"]["status"], "down",
             "{during}"
         );
-        assert!(
-            during["components"]["rabbitmq"]["last_error"].is_string(),
-            "{during}"
-        );
+        let err = during["components"]["rabbitmq"]["last_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no last_error: {during}"));
+        assert!(!err.is_empty() && !err.contains("guest:guest"), "{err}");
+        assert_eq!(during["components"]["database"]["status"], "ok");
+        let (code, status) = svc.get_json("/api/rabbitmq/status").await;
+        assert_eq!(code, 503, "{status}");
+        assert_eq!(status["success"], false, "{status}");
+        assert_eq!(status["connection_status"], "disconnected", "{status}");
+        assert!(status["error"].is_string(), "{status}");
+        seen += 1;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert!(seen >= 5, "{seen} answers seen during the outage");
+    let (_, during) = svc.get_json("/health").await;
+    println!(
+        "during the outage: {}",
+        during["components"]["rabbitmq"]["last_error"]
+    );
 
-    let took = svc.wait_health(200, Duration::from_secs(10)).await;
-    println!("health back to 200 {took:?} after it turned 503");
+    rabbitmqctl(&[
+        "set_permissions",
+        "-p",
+        &env.vhost,
+        "guest",
+        ".*",
+        ".*",
+        ".*",
+    ]);
+    let took = svc.wait_health(200, Duration::from_secs(15)).await;
+    println!("health back to 200 {took:?} after the permissions were restored");
     let (code, status) = svc.get_json("/api/rabbitmq/status").await;
     assert_eq!(code, 200, "{status}");
     assert_eq!(status["connection_status"], "connected");
+    assert_eq!(
+        status["queues"]["email.send"]["status"], "running",
+        "{status}"
+    );
+
+    // Mail flows again on the new connection: sent, recorded and announced.
+    let req = common::guide_request("t", "p", "after-reconnect", None);
+    env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+        .await;
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
+    assert!(mails[0]
+        .parsed()
+        .message_id()
+        .unwrap()
+        .starts_with("after-reconnect."));
+    let results = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(results.len(), 1, "{}", svc.log_text());
+    assert_eq!(results[0]["status"], "sent", "{}", results[0]);
+    assert_eq!(results[0]["message_id"], "after-reconnect");
 
     let (_, metrics) = svc.get("/metrics").await.unwrap();
     assert!(
@@ -401,12 +459,115 @@ async fn sigterm_stops_cleanly_and_closes_the_amqp_connection() {
     assert_eq!(listed, "", "the broker still lists the connection");
 }
 
+/// `text` padded with a trailing comment to exactly `len` bytes.
+fn padded(text: &str, len: usize) -> String {
+    let pad = len
+        .checked_sub(text.len() + 3)
+        .unwrap_or_else(|| panic!("{} bytes do not fit in {len}", text.len()));
+    format!("{text}#{}\n\n", "-".repeat(pad))
+}
+
 #[tokio::test]
-async fn sighup_does_not_kill_the_service() {
+async fn sighup_applies_a_tenant_file_change_and_a_refused_one_changes_nothing() {
     let env = TestEnv::new("sighup");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    let provider = |id: &str| {
+        format!(
+            "[[providers]]\nid = \"{id}\"\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\n",
+            smtp.port
+        )
+    };
+    let v1 = format!("id = \"t\"\n{}", provider("old"));
+    let v2 = format!("id = \"t\"\n{}{}", provider("old"), provider("new"));
+    // Refused: a port that is not a number.
+    let v3 = format!(
+        "id = \"t\"\n{}{}",
+        provider("old"),
+        provider("new").replace(&format!("port = {}", smtp.port), "port = \"x\"")
+    );
+    let len = v2.len() + 40;
+    let file = env.dir.join("tenants.d/t.toml");
+    std::fs::write(&file, padded(&v1, len)).unwrap();
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(30)).await;
+    let has_sender = |h: &serde_json::Value, id: &str| {
+        h["components"]["actors"][format!("sender:{id}")]["status"] == "ok"
+    };
+    let (_, h) = svc.get_json("/health").await;
+    assert!(has_sender(&h, "old") && !has_sender(&h, "new"), "{h}");
+
+    // The file changes behind the watcher's back: nothing happens by itself (the watcher
+    // polls every second and applies a change once the files are still for a second).
+    check::replace_unnoticed(&file, &padded(&v2, len));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, h) = svc.get_json("/health").await;
+    assert!(!has_sender(&h, "new"), "applied without SIGHUP: {h}");
+    assert!(!svc.log_text().contains("configuration reloaded"));
+
+    // SIGHUP applies it: the new provider runs and sends.
     common::signal(svc.pid(), "HUP");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    svc.wait_health(200, Duration::from_secs(2)).await;
+    check::wait_health_json(&svc, Duration::from_secs(10), "sender:new", |h| {
+        has_sender(h, "new")
+    })
+    .await;
+    let log = svc.log_text();
+    let reload = log
+        .lines()
+        .find(|l| l.contains("configuration reloaded"))
+        .unwrap();
+    assert!(
+        reload.contains("source=SIGHUP")
+            && reload.contains("providers_added")
+            && reload.contains("new"),
+        "{reload}"
+    );
+    for (p, id) in [("new", "via-new"), ("old", "via-old")] {
+        let req = common::guide_request("t", p, id, None);
+        env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+            .await;
+    }
+    let results = env
+        .take("email.send.result", 2, Duration::from_secs(15))
+        .await;
+    assert_eq!(results.len(), 2, "{}", svc.log_text());
+    assert!(results.iter().all(|r| r["status"] == "sent"), "{results:?}");
+    assert_eq!(smtp.wait_for(2, Duration::from_secs(5)).await.len(), 2);
+
+    // A refused file: SIGHUP logs the problem, /health shows it, and the configuration in
+    // force (both providers) keeps working.
+    check::replace_unnoticed(&file, &padded(&v3, len));
+    common::signal(svc.pid(), "HUP");
+    let h = check::wait_health_json(&svc, Duration::from_secs(10), "config down", |h| {
+        h["components"]["config"]["status"] == "down"
+    })
+    .await;
+    assert!(
+        h["components"]["config"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("providers[1].port"),
+        "{h}"
+    );
+    assert!(
+        svc.log_text()
+            .lines()
+            .any(|l| l.contains("configuration refused") && l.contains("source=SIGHUP")),
+        "{}",
+        svc.log_text()
+    );
+    assert!(has_sender(&h, "old") && has_sender(&h, "new"), "{h}");
+    for (p, id) in [("new", "new-after-refusal"), ("old", "old-after-refusal")] {
+        let req = common::guide_request("t", p, id, None);
+        env.publish("email.send", &serde_json::to_vec(&req).unwrap())
+            .await;
+    }
+    let results = env
+        .take("email.send.result", 2, Duration::from_secs(15))
+        .await;
+    assert_eq!(results.len(), 2, "{}", svc.log_text());
+    assert!(results.iter().all(|r| r["status"] == "sent"), "{results:?}");
+    let ids = check::message_ids(&smtp);
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let (code, _) = svc.get("/health").await.unwrap();
+    assert_eq!(code, 200, "a refused reload leaves the service ready");
 }

@@ -595,7 +595,9 @@ async fn a_sync_request_brings_mail_of_an_hourly_polled_mailbox_at_once() {
         let (_, metrics) = svc.get("/metrics").await.unwrap();
         if metrics
             .contains("mailbridge_sync_requests_total{outcome=\"unmatched\",tenant=\"acme\"} 1")
-            && metrics.contains("mailbridge_sync_requests_total{outcome=\"invalid\",tenant=\"\"} 1")
+            && metrics.contains(
+                "mailbridge_sync_requests_total{outcome=\"invalid\",tenant=\"unknown\"} 1",
+            )
         {
             break;
         }

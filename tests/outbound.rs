@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::checks::{self, wait_queue_settled};
 use common::{guide_request, wait_count, FileServer, Service, SmtpServer, TestEnv};
 use mail_parser::MimeHeaders;
 
@@ -157,40 +158,43 @@ async fn a_request_whose_row_is_sent_is_not_sent_again() {
 
     let body = serde_json::to_vec(&guide_request(TENANT, PROVIDER, "once-only", None)).unwrap();
     env.publish("email.send", &body).await;
-    assert_eq!(smtp.wait_for(1, Duration::from_secs(10)).await.len(), 1);
-    let first = env
-        .take("email.send.result", 1, Duration::from_secs(10))
-        .await;
-    assert_eq!(first[0]["status"], "sent");
+    // The first copy is finished once the broker has nothing of it left, ready or unacked.
+    wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    let ids = checks::message_ids(&smtp);
+    assert_eq!(ids.len(), 1, "{}", svc.log_text());
+    assert!(ids[0].starts_with("once-only."), "{ids:?}");
 
-    // The same request again (a redelivery after a crash looks exactly like this).
+    // The same request again (a redelivery after a crash looks exactly like this). Its
+    // publish is confirmed, so it is on the queue (ready or delivered) until the service
+    // acks it: once the queue has neither, the service has finished with the copy.
     env.publish("email.send", &body).await;
-    let db = env.db().await;
-    // Wait until the service took it off the queue, then a little longer.
-    for _ in 0..100 {
-        if env.depth("email.send").await == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(env.depth("email.send").await, 0, "the redelivery was acked");
-    assert_eq!(smtp.messages().len(), 1, "sent twice:\n{}", svc.log_text());
+    let took = wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
+    println!("the redelivered copy was acked {took:?} after its publish was confirmed");
     assert!(svc.log_text().contains("already sent; not sending again"));
+    assert_eq!(
+        checks::message_ids(&smtp),
+        ids,
+        "sent twice:\n{}",
+        svc.log_text()
+    );
+    assert_eq!(smtp.attempts().len(), 1, "{:?}", smtp.attempts());
+    let db = env.db().await;
     let row = db
         .query_one(
-            "SELECT status, attempts FROM outbox WHERE message_id = 'once-only'",
+            "SELECT status, attempts, rfc_message_id FROM outbox WHERE message_id = 'once-only'",
             &[],
         )
         .await
         .unwrap();
     assert_eq!(row.get::<_, String>(0), "sent");
     assert_eq!(row.get::<_, i32>(1), 1);
-    // Its result was already published: no second terminal result.
-    assert!(env
-        .take("email.send.result", 1, Duration::from_secs(1))
-        .await
-        .is_empty());
+    assert_eq!(row.get::<_, String>(2), ids[0]);
+    // Exactly one result for both copies: results are published before the ack, so
+    // everything either copy published is on the result queue by now.
+    let results = checks::take_all(&env, "email.send.result").await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["status"], "sent");
+    assert_eq!(results[0]["message_id"], "once-only");
 }
 
 #[tokio::test]

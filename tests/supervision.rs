@@ -113,3 +113,94 @@ async fn a_panicking_child_is_restarted_and_counted() {
     assert!(!third.connected());
     assert!(rx.try_recv().is_err(), "no restart after shutdown");
 }
+
+/// The restart delays of a child that keeps crashing: 200 ms doubling (the supervisor looks
+/// every 250 ms, so each restart comes up to two ticks after its delay), and back to 200 ms
+/// for a child that lived 30 s before it crashed. The supervisor measures lifetimes with the
+/// real clock (`std::time::Instant`), so this test does too.
+#[actix_rt::test]
+async fn restart_delays_double_from_200ms_and_start_over_after_30s_of_life() {
+    let env = TestEnv::new("backoff");
+    let settings = Arc::new(Settings::load(&env.config_path()).expect("test config loads"));
+    let metrics = MetricsActor::default().start();
+    let pool = mailbridge::storage::pool(&settings.database).unwrap();
+    let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone()).start();
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Addr<Crashy>)>();
+    let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let spec = {
+        let starts = starts.clone();
+        ChildSpec::new("crashy", false, move |_ctx| {
+            let generation = starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            let addr = Crashy { generation }.start();
+            let _ = tx.send((Instant::now(), addr.clone()));
+            Box::new(addr)
+        })
+    };
+    supervisor.send(AddChild(spec)).await.unwrap();
+    let (_, mut child) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .expect("the child starts once the database is migrated")
+        .unwrap();
+
+    // Crashes the running child now; returns how long until the next instance started.
+    async fn crash_and_time(
+        child: &Addr<Crashy>,
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<(Instant, Addr<Crashy>)>,
+    ) -> (Duration, Addr<Crashy>) {
+        let crashed = Instant::now();
+        assert!(child.send(Crash(true)).await.is_err(), "the child panicked");
+        let (started, next) = tokio::time::timeout(Duration::from_secs(40), rx.recv())
+            .await
+            .expect("restarted")
+            .unwrap();
+        (started.duration_since(crashed), next)
+    }
+    // Up to one tick to notice the crash, up to one more for the tick after the delay, and
+    // some room for a busy machine.
+    let slack = Duration::from_millis(750);
+    let mut gaps = Vec::new();
+    for want_ms in [200u64, 400, 800, 1600, 3200] {
+        let (gap, next) = crash_and_time(&child, &mut rx).await;
+        child = next;
+        gaps.push(gap);
+        let want = Duration::from_millis(want_ms);
+        assert!(
+            gap >= want && gap <= want + slack,
+            "restart after {gap:?}, expected {want:?} (+ up to {slack:?}); all so far: {gaps:?}"
+        );
+    }
+    println!("restart delays of 5 crashes in a row: {gaps:?}");
+    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "{gaps:?}");
+
+    // A child that lived over 30 s starts from the beginning again: 200 ms, then 400 ms —
+    // not 6.4 s, which the sixth crash in a row would get.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let mut after = Vec::new();
+    for want_ms in [200u64, 400] {
+        let (gap, next) = crash_and_time(&child, &mut rx).await;
+        child = next;
+        after.push(gap);
+        let want = Duration::from_millis(want_ms);
+        assert!(
+            gap >= want && gap <= want + slack,
+            "restart after {gap:?}, expected {want:?} after 31 s of life; {after:?}"
+        );
+    }
+    println!("after 31 s of life: {after:?}");
+    assert_eq!(child.send(Crash(false)).await.unwrap(), 8);
+    let restarts = metrics
+        .send(GetCounter {
+            name: "mailbridge_actor_restarts_total",
+            labels: vec![("actor", "crashy".into())],
+        })
+        .await
+        .unwrap();
+    assert_eq!(restarts, 7);
+    supervisor
+        .send(Shutdown {
+            grace: Duration::from_secs(2),
+        })
+        .await
+        .unwrap();
+}

@@ -9,6 +9,14 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod broker_faults;
+pub mod checks;
+pub mod http_server;
+pub mod ledger;
+pub mod pg_cluster;
+pub mod rabbit_node;
+pub mod sys;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailbridge");
@@ -56,6 +64,8 @@ pub struct TestEnv {
     own_vhost: bool,
     pub db_name: String,
     pub http_port: u16,
+    /// The PostgreSQL server (URL without a database) this env's database lives on.
+    pub pg_server: String,
 }
 
 impl TestEnv {
@@ -83,9 +93,18 @@ impl TestEnv {
             own_vhost,
             db_name: format!("mb_test_{name}").to_lowercase(),
             http_port: free_port(),
+            pg_server: pg_server_url(),
         };
         env.write_config("");
         env
+    }
+
+    /// This env's database on another PostgreSQL server (a private `PgCluster` a test may
+    /// restart); call `write_config` again afterwards for extra settings.
+    pub fn with_pg_server(mut self, server_url: &str) -> Self {
+        self.pg_server = server_url.to_string();
+        self.write_config("");
+        self
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -93,7 +112,7 @@ impl TestEnv {
     }
 
     pub fn db_url(&self) -> String {
-        format!("{}/{}", pg_server_url(), self.db_name)
+        format!("{}/{}", self.pg_server, self.db_name)
     }
 
     pub fn amqp_url(&self) -> String {
@@ -109,13 +128,21 @@ impl TestEnv {
 
     /// Writes the main config for this env, with `extra` TOML appended.
     pub fn write_config(&self, extra: &str) {
+        let rabbitmq = format!(
+            "host = \"127.0.0.1\"\nvhost = \"{}\"\nreconnect_max_delay = \"2s\"\nheartbeat = \"5s\"\n",
+            self.vhost
+        );
+        self.write_config_with(&rabbitmq, &self.db_url(), extra);
+    }
+
+    /// Writes the main config with `rabbitmq` as the body of its `[rabbitmq]` table and
+    /// `database_url` as `[database] url` (for a broker or database other than the shared
+    /// ones: a TLS listener, a private cluster).
+    pub fn write_config_with(&self, rabbitmq: &str, database_url: &str, extra: &str) {
         let text = format!(
             r#"
 [rabbitmq]
-host = "127.0.0.1"
-vhost = "{vhost}"
-reconnect_max_delay = "2s"
-heartbeat = "5s"
+{rabbitmq}
 
 [database]
 url = "{db}"
@@ -133,8 +160,7 @@ public_base_url = "http://127.0.0.1:{port}"
 {extra}
 "#,
             attachments = self.dir.join("attachments").display(),
-            vhost = self.vhost,
-            db = self.db_url(),
+            db = database_url,
             port = self.http_port,
         );
         std::fs::write(self.config_path(), text).unwrap();
@@ -182,7 +208,7 @@ impl Drop for TestEnv {
                 .status();
         }
         let _ = Command::new("psql")
-            .arg(format!("{}/postgres", pg_server_url()))
+            .arg(format!("{}/postgres", self.pg_server))
             .arg("-qc")
             .arg(format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -331,6 +357,7 @@ pub struct SmtpServer {
     child: Child,
     pub port: u16,
     pub dir: PathBuf,
+    args: Vec<String>,
 }
 
 /// One message as the SMTP server received it.
@@ -355,8 +382,18 @@ impl ReceivedMail {
 
 impl SmtpServer {
     pub fn start(dir: &Path, args: &[&str]) -> Self {
-        use std::io::BufRead;
         let port = free_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        SmtpServer {
+            child: Self::spawn(port, dir, &args),
+            port,
+            dir: dir.to_path_buf(),
+            args,
+        }
+    }
+
+    fn spawn(port: u16, dir: &Path, args: &[String]) -> Child {
+        use std::io::BufRead;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
         let mut child = Command::new("python3")
             .arg(script)
@@ -375,10 +412,30 @@ impl SmtpServer {
             .read_line(&mut line)
             .unwrap();
         assert_eq!(line.trim(), "READY", "the SMTP server did not start");
-        SmtpServer {
-            child,
-            port,
-            dir: dir.to_path_buf(),
+        child
+    }
+
+    /// Kills the server: connections to its port are refused until `restart`.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again (stopping it first if it runs): same port, folder and options.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Self::spawn(self.port, &self.dir, &self.args);
+    }
+
+    /// Makes the server drop connections (None: stop dropping): `drop-mid-data [N]` or
+    /// `drop-after-dot [N]`, see `tests/support/smtp_server.py`.
+    pub fn set_fault(&self, fault: Option<&str>) {
+        let f = self.dir.join("fault");
+        match fault {
+            Some(l) => std::fs::write(f, format!("{l}\n")).expect("write the SMTP fault file"),
+            None => {
+                let _ = std::fs::remove_file(f);
+            }
         }
     }
 
@@ -764,6 +821,19 @@ service stats {{
 "#
         );
         std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
+        let child = Self::launch(dir, &[imap_port, pop3_port]);
+        Dovecot {
+            child,
+            dir: dir.to_path_buf(),
+            imap_port,
+            pop3_port,
+            imaps_port,
+            pop3s_port,
+        }
+    }
+
+    /// Runs `dovecot -F` on the folder's config; returns once all `ports` accept.
+    fn launch(dir: &Path, ports: &[u16]) -> Child {
         let child = Command::new("dovecot")
             .arg("-c")
             .arg(dir.join("dovecot.conf"))
@@ -775,8 +845,9 @@ service stats {{
                 "dovecot is installed (scripts/test.sh installs dovecot-imapd and dovecot-pop3d)",
             );
         let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", imap_port)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", pop3_port)).is_err()
+        while ports
+            .iter()
+            .any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err())
         {
             assert!(
                 start.elapsed() < Duration::from_secs(15),
@@ -784,14 +855,40 @@ service stats {{
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Dovecot {
-            child,
-            dir: dir.to_path_buf(),
-            imap_port,
-            pop3_port,
-            imaps_port,
-            pop3s_port,
+        child
+    }
+
+    /// Stops Dovecot (SIGTERM, SIGKILL after 5 s): connections are cut, the ports refuse.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
         }
+        signal(self.child.id(), "TERM");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts Dovecot again (stopping it first if it runs): same config, ports and maildirs;
+    /// returns once every port accepts.
+    pub fn restart(&mut self) {
+        self.stop();
+        let ports: Vec<u16> = [
+            self.imap_port,
+            self.pop3_port,
+            self.imaps_port,
+            self.pop3s_port,
+        ]
+        .into_iter()
+        .filter(|p| *p != 0)
+        .collect();
+        self.child = Self::launch(&self.dir, &ports);
     }
 
     /// Runs IMAP commands as `user` with python's imaplib (a client independent of ours).
@@ -848,16 +945,7 @@ service stats {{
 
 impl Drop for Dovecot {
     fn drop(&mut self) {
-        signal(self.child.id(), "TERM");
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(5) {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

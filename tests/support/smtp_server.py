@@ -12,10 +12,23 @@ sender whose address does with "550 5.7.1 Sender rejected".
 The server offers PIPELINING (RFC 2920) unless --no-pipelining is given; with --no-ehlo it
 answers EHLO with 502 (an old server: HELO only, no extensions).
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
+
+Connection faults: when --dir/fault exists, its first line is one of
+  drop-mid-data [N]   after DATA the server answers 354, reads the first line of the message,
+                      then closes the TCP connection without a reply (nothing is stored);
+  drop-after-dot [N]  the server reads the whole message up to and including the final "."
+                      line, then closes the connection without a reply (nothing is stored).
+N (optional) is how many transactions to drop: each drop rewrites the file with N-1 and the
+file is deleted when that reaches 0; without N every transaction is dropped while the file
+exists. A fault comes before --dir/reply; --dir/delay still passes before a drop-after-dot.
+Each drop is appended to attempts.log as "<unix time> DROP mid-data" / "DROP after-dot".
+The close is transport.abort(): a FIN when the server has read all the client sent (a client
+sees EOF), an RST when unread bytes remain in the socket (a client may see a reset instead).
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
 whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required; XOAUTH2 with PASS as the
 bearer token is accepted too, and a wrong token gets the error challenge real servers send). Prints READY when
-listening, then runs until killed.
+listening, then runs until killed. Started again on a folder with messages, it numbers new
+ones after them.
 """
 import argparse
 import asyncio
@@ -30,7 +43,11 @@ import threading
 import time
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+
+class Dropped(Exception):
+    """Raised by handle_DATA after it closed the connection: no reply must follow."""
 
 
 class Store:
@@ -40,8 +57,35 @@ class Store:
         self.pipelining = pipelining
         self.oauth = oauth
         self.lock = threading.Lock()
-        self.count = 0
         os.makedirs(directory, exist_ok=True)
+        # Go on after the messages of an earlier run in the same folder (a restart).
+        numbers = [int(n[:6]) for n in os.listdir(directory) if n[:6].isdigit()]
+        self.count = max(numbers, default=0)
+
+    def take_fault(self, kind):
+        """If --dir/fault asks for `kind`, counts one use (rewriting or deleting the file) and
+        returns True. No await inside: connections share one event loop, so this is atomic."""
+        path = os.path.join(self.dir, "fault")
+        with self.lock:
+            try:
+                with open(path) as f:
+                    words = f.readline().split()
+            except FileNotFoundError:
+                return False
+            if not words or words[0] != kind:
+                return False
+            if len(words) > 1:
+                left = int(words[1]) - 1
+                if left < 0:
+                    os.remove(path)
+                    return False
+                if left == 0:
+                    os.remove(path)
+                else:
+                    with open(path + ".tmp", "w") as f:
+                        f.write("%s %d\n" % (kind, left))
+                    os.rename(path + ".tmp", path)
+            return True
 
     def log_attempt(self, reply):
         with self.lock:
@@ -92,6 +136,11 @@ class Store:
         if os.path.exists(delay_file):
             with open(delay_file) as f:
                 await asyncio.sleep(float(f.read().strip() or "0"))
+        if self.take_fault("drop-after-dot"):
+            # The whole message and its final dot are read: close without a word.
+            server.transport.abort()
+            self.log_attempt("DROP after-dot")
+            raise Dropped()
         reply_file = os.path.join(self.dir, "reply")
         if os.path.exists(reply_file):
             with open(reply_file) as f:
@@ -116,6 +165,37 @@ class Store:
         reply = "250 2.0.0 Ok: queued as TEST%06d" % n
         self.log_attempt(reply)
         return reply
+
+
+class FaultySMTP(SMTP):
+    """aiosmtpd's SMTP, able to drop the connection in the middle of DATA (see the module
+    docstring). Pipelined input is fine: everything is read line by line from one buffer."""
+
+    async def smtp_DATA(self, arg):
+        ready = (
+            self.session.host_name
+            and not (self._auth_required and not self.session.authenticated)
+            and self.envelope.rcpt_tos
+            and not arg
+        )
+        if ready and self.event_handler.take_fault("drop-mid-data"):
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                await self._reader.readuntil(b"\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                pass
+            self.transport.abort()
+            self.event_handler.log_attempt("DROP mid-data")
+            return
+        try:
+            await super().smtp_DATA(arg)
+        except Dropped:
+            pass
+
+
+class FaultyController(Controller):
+    def factory(self):
+        return FaultySMTP(self.handler, **self.SMTP_kwargs)
 
 
 def main():
@@ -172,7 +252,7 @@ def main():
         # Implicit TLS is encrypted from the start, but aiosmtpd only counts STARTTLS.
         kwargs["auth_require_tls"] = bool(context) and not a.implicit_tls
 
-    controller = Controller(
+    controller = FaultyController(
         Store(
             a.dir,
             pipelining=not a.no_pipelining,
