@@ -996,6 +996,23 @@ async fn hostile_emails_each_end_in_one_visible_place() {
     )
     .await;
     let subjects = counts(&got, "subject");
+    let dead_now = env.depth("email.inbound.dlq").await as usize;
+    let wanted: Vec<String> = (0..corpus.len())
+        .map(|i| format!("normal-{i}"))
+        .chain(std::iter::once("normal-last".to_string()))
+        .chain(published.iter().map(|n| format!("hostile-{n}")))
+        .collect();
+    let refused = corpus.len() - published.len();
+    common::ledger::Report {
+        fault: "Hostile emails (over-long/missing ids, 10,000 headers, broken boundaries, unknown charsets, NUL bytes, 5,000 References, 200 nested parts, oversized, not an email), each between normal ones",
+        messages: wanted.len() + refused,
+        once: wanted.iter().filter(|w| subjects.get(*w) == Some(&1)).count() + dead_now.min(refused),
+        duplicated: subjects.values().map(|n| n.saturating_sub(1)).sum(),
+        lost: wanted.iter().filter(|w| !subjects.contains_key(*w)).count() + refused.saturating_sub(dead_now),
+        stuck: 0,
+        note: "parsed off the actors' thread; published once each, or dead-lettered with the raw email stored; mail keeps flowing",
+    }
+    .print();
     for i in 0..corpus.len() {
         assert_eq!(
             subjects.get(&format!("normal-{i}")),
@@ -1260,6 +1277,20 @@ async fn a_broker_refusal_goes_to_the_dlq_and_replay_publishes_it_exactly_once()
     let mut all = first.clone();
     all.extend(replayed.iter().cloned());
     let ids = counts(&all, "message_id");
+    common::ledger::Report {
+        fault: "The broker refusing 3 of 5 inbound emails (a reject-publish max-length policy), then dlq replay",
+        messages: 5,
+        once: (0..5)
+            .filter(|i| ids.get(&format!("ref-{i}@example.com")) == Some(&1))
+            .count(),
+        duplicated: ids.values().map(|n| n.saturating_sub(1)).sum(),
+        lost: (0..5)
+            .filter(|i| !ids.contains_key(&format!("ref-{i}@example.com")))
+            .count(),
+        stuck: 0,
+        note: "refused ones dead-lettered with the raw email stored; replay (CLI and HTTP) published each once after the policy was cleared",
+    }
+    .print();
     assert_eq!(all.len(), 5, "{ids:?}");
     assert!((0..5).all(|i| ids.get(&format!("ref-{i}@example.com")) == Some(&1)));
     assert!(replayed

@@ -1478,6 +1478,7 @@ async fn sigterm_under_load(
         stored()
     );
     assert!(unacked >= 200, "work in flight at SIGTERM: {unacked}");
+    let unacked_at_term = unacked;
 
     let stopping = Instant::now();
     let status = svc.terminate(Duration::from_secs(grace_secs + 15));
@@ -1557,6 +1558,36 @@ async fn sigterm_under_load(
     wait_queue_settled(&env.vhost, "email.send", Duration::from_secs(15)).await;
     let delivered = delivered_now();
     let twice: Vec<(&String, &usize)> = delivered.iter().filter(|(_, c)| **c > 1).collect();
+    let fault = format!(
+        "SIGTERM with {unacked_at_term} deliveries in flight, grace {grace_secs} s ({})",
+        if drains_within_grace {
+            "enough"
+        } else {
+            "too short"
+        }
+    );
+    let note = format!(
+        "exit 0 after {took:.1?}; {}; the rest sent after the restart",
+        if drains_within_grace {
+            "in-flight work finished"
+        } else {
+            "transactions before their final dot abandoned and requeued, those past it recorded"
+        }
+    );
+    common::ledger::Report {
+        fault: &fault,
+        messages: n,
+        once: delivered.values().filter(|c| **c == 1).count(),
+        duplicated: delivered.values().map(|c| c.saturating_sub(1)).sum(),
+        lost: n.saturating_sub(delivered.len()),
+        stuck: checks::outbox_rows(&db)
+            .await
+            .values()
+            .filter(|(s, _)| s != "sent")
+            .count(),
+        note: &note,
+    }
+    .print();
     assert_eq!(delivered.len(), n);
     assert!(
         twice.is_empty() && unrecorded.is_empty(),

@@ -134,3 +134,32 @@ pub fn results_by_id(results: &[serde_json::Value]) -> BTreeMap<(String, String)
     }
     out
 }
+
+/// One row of `docs/reliability.md`: what a fault test did and where every message ended.
+/// Printed as `RELIABILITY|…` (run the tests with `--nocapture`; `scripts/reliability.sh`
+/// collects the rows into the table).
+pub struct Report<'a> {
+    pub fault: &'a str,
+    /// Messages (requests or emails) the test sent through.
+    pub messages: usize,
+    /// Ended where they should, once (delivered/published once, or dead-lettered once with
+    /// one terminal result when the test meant them to fail).
+    pub once: usize,
+    /// Extra deliveries or publishes (a message delivered twice counts 1).
+    pub duplicated: usize,
+    /// Ended nowhere.
+    pub lost: usize,
+    /// Left unfinished (an outbox row not terminal, a delivery not acked).
+    pub stuck: usize,
+    /// What the service did, in a few words.
+    pub note: &'a str,
+}
+
+impl Report<'_> {
+    pub fn print(&self) {
+        println!(
+            "RELIABILITY|{}|{}|{}|{}|{}|{}|{}",
+            self.fault, self.messages, self.once, self.duplicated, self.lost, self.stuck, self.note
+        );
+    }
+}
