@@ -5,7 +5,8 @@
 //! Requests
 //! - P1: decoding (and validating, and peeking at the ids) never panics, whatever the bytes.
 //! - P2: a refusal names its field (`Invalid { field, .. }`, field and reason non-empty) when
-//!   the body is JSON, and is `NotJson` when it is not.
+//!   the body is JSON, and is `NotJson` when it is not; what is accepted is JSON (as
+//!   serde_json reads a value), and `decode_with_ids` and `RequestIds::peek` name its ids.
 //! - P3: an accepted request (decoded and validated) has no NUL in tenant_id, provider_id,
 //!   message_id, user_id, template_id, campaign_id, subject, header values, addresses or
 //!   attachment filenames, and no id longer than 255 bytes.
@@ -23,10 +24,14 @@
 //!
 //! Every property test stops at its first failure, shrinks it and reports the property, the
 //! minimal input and the seed; the input is also written to `target/tmp/fuzz-findings/`, to
-//! be kept in `tests/fuzz-regressions/` (one file per bug, named after what it exercises).
+//! be kept in `tests/fuzz-regressions/` (one file per bug, named after what it exercises):
+//! `requests/*.json` (a body that is JSON; the bytes of its fetched attachments, if any, in
+//! the ignored field `_fuzz_attachment_bytes`, hex), `requests/*.bin` (any other body) and
+//! `emails/*.eml`. `regressions_replay` runs every property on each of them, every run.
+//! `scripts/fuzz.sh` (cargo fuzz, the targets in `fuzz/`) saves what it finds there too.
 //!
-//! The case counts are calibrated for about a minute of the whole file in the debug build on
-//! two cores. `MAILBRIDGE_FUZZ_CASES=N` runs N cases per property test instead, when larger;
+//! The case counts are calibrated for about 40 s of the whole file in the debug build on two
+//! cores when nothing fails (a failure adds up to 5 s of shrinking). `MAILBRIDGE_FUZZ_CASES=N` runs N cases per property test instead, when larger;
 //! `MAILBRIDGE_FUZZ_SEED=S` replays a run (each failure prints its seed);
 //! `MAILBRIDGE_FUZZ_IGNORE=piece|piece` passes over the failures whose message contains a
 //! piece, to look past known bugs.
