@@ -73,12 +73,14 @@ pub struct Origin<'a> {
 pub struct ParseError(pub String);
 
 /// `<a@b>` → `a@b`.
+/// An id as published: without its angle brackets — the delimiters, and any stray one a
+/// malformed id carries inside (`<a<b@c>`), which no msg-id may contain (RFC 5322 §3.6.4).
 pub fn strip_brackets(id: &str) -> String {
     id.trim()
         .trim_start_matches('<')
         .trim_end_matches('>')
         .trim()
-        .to_string()
+        .replace(['<', '>'], "")
 }
 
 fn ids_of(v: &HeaderValue) -> Vec<String> {

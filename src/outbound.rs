@@ -289,6 +289,15 @@ pub fn decode_with_ids(
         };
         return (Err(err), RequestIds::peek(body));
     }
+    // JSON text is UTF-8 (RFC 8259): checked whole, so bytes in fields the decoder skips are
+    // not let through either.
+    if let Err(e) = std::str::from_utf8(body) {
+        let err = RequestError::NotJson(format!(
+            "it is not UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ));
+        return (Err(err), RequestIds::default());
+    }
     if json_depth_exceeds(body, MAX_JSON_DEPTH) {
         let err = RequestError::field(
             "(request)",
@@ -311,6 +320,13 @@ pub fn decode_with_ids(
     // looked at leniently for the ids the failure is reported under. (Never by parsing it
     // into a JSON value and decoding that: a value keeps only the last of duplicate keys,
     // and would accept what was refused.)
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        // Not JSON at all (wherever the first decoding stopped).
+        return (
+            Err(RequestError::NotJson(e.to_string())),
+            RequestIds::peek(body),
+        );
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let error = match serde_path_to_error::deserialize::<_, SendRequest>(&mut de) {
         Err(e) => request_error(e),
@@ -325,13 +341,9 @@ pub fn decode_with_ids(
 fn request_error(e: serde_path_to_error::Error<serde_json::Error>) -> RequestError {
     let path = e.path().to_string();
     let inner = e.into_inner();
+    // The body is JSON (checked before): a syntax error here is in a field's value (a string
+    // with a broken escape), and is reported at that field.
     let text = without_position(&inner);
-    if matches!(
-        inner.classify(),
-        serde_json::error::Category::Syntax | serde_json::error::Category::Eof
-    ) {
-        return RequestError::NotJson(inner.to_string());
-    }
     // "missing field `to`" is reported at the parent; name the field itself.
     let field = match text.strip_prefix("missing field `") {
         Some(rest) => rest.trim_end_matches('`').to_string(),
@@ -393,12 +405,25 @@ fn mailbox(field: &str, s: &str) -> Result<Mailbox, RequestError> {
     if s.len() > 900 {
         return Err(RequestError::field(field, "is longer than 900 bytes"));
     }
-    Mailbox::from_str(s.trim()).map_err(|e| {
+    let mailbox = Mailbox::from_str(s.trim()).map_err(|e| {
         RequestError::field(
             field,
             format!("`{}` is not an email address ({e})", preview(s)),
         )
-    })
+    })?;
+    // A quoted local part (`"a b"@example.com`) is legal but reaches servers and clients
+    // differently (its escapes undone, its quotes dropped): the email could go to another
+    // address than the one asked for.
+    if mailbox.email.user().contains(['"', '\\']) {
+        return Err(RequestError::field(
+            field,
+            format!(
+                "`{}` has a quoted local part, which is not supported",
+                preview(s)
+            ),
+        ));
+    }
+    Ok(mailbox)
 }
 
 /// The start of a value for an error message (a refused value may be megabytes long), with
@@ -851,11 +876,20 @@ pub struct OutgoingEmail {
 
 /// A header as it goes on the wire, folded into lines of at most 78 characters where it has
 /// spaces to fold at. lettre folds at spaces only, so a value with a word too long for a line
-/// (a 5,000-character subject without spaces, say) is written whole as RFC 2047 encoded words,
-/// which fold anywhere and decode to the same text: no line ever exceeds RFC 5322's 998 octets.
+/// (a 5,000-character subject without spaces, say) — or with spacing or `=?` a reader would
+/// not keep as it is — is written whole as RFC 2047 encoded words, which fold anywhere and decode to the same
+/// text: no line ever exceeds RFC 5322's 998 octets.
 fn header_value(name: HeaderName, value: &str) -> HeaderValue {
     const LONGEST_WORD: usize = 60;
-    if value.split(' ').all(|w| w.len() <= LONGEST_WORD) {
+    // Whitespace that folding or a reader would not keep as it is (leading, trailing,
+    // repeated, tabs), and text a reader would take for an encoded word (`=?…?=`), are kept
+    // as written by encoding them too.
+    let plain = !value.starts_with(' ')
+        && !value.ends_with(' ')
+        && !value.contains("  ")
+        && !value.contains('\t')
+        && !value.contains("=?");
+    if plain && value.split(' ').all(|w| w.len() <= LONGEST_WORD) {
         return HeaderValue::new(name, value.to_string());
     }
     let mut encoded = String::with_capacity(value.len() * 3 / 2 + 64);
@@ -870,6 +904,72 @@ fn header_value(name: HeaderName, value: &str) -> HeaderValue {
         let _ = email_encoding::headers::rfc2047::encode(value, &mut w);
     }
     HeaderValue::dangerous_new_pre_encoded(name, value.to_string(), encoded)
+}
+
+/// The address headers a request fills.
+#[derive(Debug, Clone, Copy)]
+enum AddressHeader {
+    To,
+    Cc,
+}
+
+/// `To:` or `Cc:` with every address, encoded by lettre (display names as quoted strings or
+/// encoded words) in one go — adding addresses one by one to lettre's builder re-encodes the
+/// whole header each time, quadratic in the recipients — and folded between addresses, which
+/// lettre does not do: a thousand recipients make many short lines, not one of 30,000 octets.
+fn address_header(which: AddressHeader, list: &[Mailbox]) -> HeaderValue {
+    let mailboxes = lettre::message::Mailboxes::from(list.to_vec());
+    let mut headers = lettre::message::header::Headers::new();
+    let name = match which {
+        AddressHeader::To => {
+            headers.set(lettre::message::header::To::from(mailboxes.clone()));
+            "To"
+        }
+        AddressHeader::Cc => {
+            headers.set(lettre::message::header::Cc::from(mailboxes.clone()));
+            "Cc"
+        }
+    };
+    let line = headers.to_string();
+    let encoded = line
+        .strip_prefix(name)
+        .and_then(|l| l.strip_prefix(": "))
+        .unwrap_or(&line)
+        .trim_end_matches("\r\n");
+    HeaderValue::dangerous_new_pre_encoded(
+        HeaderName::new_from_ascii_str(name),
+        mailboxes.to_string(),
+        fold(encoded, name.len() + 2),
+    )
+}
+
+/// Folds an encoded header value at its spaces (RFC 5322 §2.2.3: a CRLF before a space),
+/// keeping lines within 78 characters where the words allow; `first` is the length of what
+/// precedes the value on its first line. Existing folds are kept.
+fn fold(value: &str, first: usize) -> String {
+    const LINE: usize = 78;
+    let mut out = String::with_capacity(value.len() + value.len() / 32);
+    let mut len = first;
+    for (i, line) in value.split("\r\n").enumerate() {
+        if i > 0 {
+            out.push_str("\r\n");
+            len = 0;
+        }
+        for (j, word) in line.split(' ').enumerate() {
+            if j > 0 {
+                if len + 1 + word.len() > LINE && len > 1 {
+                    out.push_str("\r\n ");
+                    len = 1;
+                } else {
+                    out.push(' ');
+                    len += 1;
+                }
+            }
+            out.push_str(word);
+            len += word.len();
+        }
+    }
+    out
 }
 
 /// Builds the email: From, To, Cc as headers, Bcc in the envelope only, the custom headers,
@@ -887,12 +987,10 @@ pub fn build_email(
             &r.subject,
         ))
         .message_id(Some(format!("<{rfc_id}>")))
-        .date_now();
-    for m in &req.to {
-        b = b.to(m.clone());
-    }
-    for m in &req.cc {
-        b = b.cc(m.clone());
+        .date_now()
+        .raw_header(address_header(AddressHeader::To, &req.to));
+    if !req.cc.is_empty() {
+        b = b.raw_header(address_header(AddressHeader::Cc, &req.cc));
     }
     for (name, value) in &req.headers {
         b = b.raw_header(header_value(name.clone(), value));
@@ -1341,5 +1439,61 @@ mod tests {
         assert_eq!(v["retry_count"], 0);
         assert_eq!(v["max_retries"], 3);
         assert_eq!(v["tenant_id"], "t");
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::tests::GUIDE_EXAMPLE;
+    use super::*;
+
+    #[test]
+    fn a_thousand_recipients_make_folded_lines_and_every_address_arrives() {
+        let mut v: serde_json::Value = serde_json::from_str(GUIDE_EXAMPLE).unwrap();
+        let to: Vec<String> = (0..600)
+            .map(|i| format!("To {i} <to{i}@example.com>"))
+            .collect();
+        let cc: Vec<String> = (0..398).map(|i| format!("cc{i}@example.com")).collect();
+        v["to"] = serde_json::json!(to);
+        v["cc"] = serde_json::json!(cc);
+        v["bcc"] = serde_json::json!(["hidden@example.com", "B Ü <b@example.com>"]);
+        let valid = decode(&serde_json::to_vec(&v).unwrap())
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let email = build_email(&valid, vec![]).unwrap();
+        println!("built in {:?}", started.elapsed());
+        let text = String::from_utf8(email.bytes.clone()).unwrap();
+        assert!(text.lines().all(|l| l.len() <= 78 + 1), "a long line");
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&email.bytes)
+            .unwrap();
+        let addresses = |a: Option<&mail_parser::Address>| -> Vec<String> {
+            a.map(|a| {
+                a.iter()
+                    .filter_map(|m| m.address().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+        };
+        let got_to = addresses(parsed.to());
+        assert_eq!(got_to.len(), 600);
+        assert_eq!(got_to[599], "to599@example.com");
+        assert_eq!(parsed.to().unwrap().first().unwrap().name(), Some("To 0"));
+        assert_eq!(addresses(parsed.cc()).len(), 398);
+        assert!(!text.contains("hidden@example.com"));
+        assert_eq!(email.envelope.to().len(), 1000);
+    }
+
+    #[test]
+    fn quoted_local_parts_are_refused() {
+        let mut v: serde_json::Value = serde_json::from_str(GUIDE_EXAMPLE).unwrap();
+        v["to"] = serde_json::json!(["\"\\\"x\\\"\"@example.com"]);
+        let e = decode(&serde_json::to_vec(&v).unwrap())
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap_err();
+        assert!(e.to_string().contains("quoted local part"), "{e}");
     }
 }

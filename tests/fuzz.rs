@@ -56,14 +56,14 @@ use serde_json::{json, Value};
 // decoder is to take limits) is made here once.
 // ---------------------------------------------------------------------------------------------
 
-/// Decodes a request body, with the ids it names.
+/// Decodes a request body, with the ids it names (within the default limits).
 fn decode_request(body: &[u8]) -> (Result<SendRequest, RequestError>, RequestIds) {
-    outbound::decode_with_ids(body)
+    outbound::decode_with_ids(body, &outbound::Limits::default())
 }
 
-/// Validates a decoded request.
+/// Validates a decoded request (within the default limits).
 fn validate(request: SendRequest) -> Result<ValidRequest, RequestError> {
-    request.validate()
+    request.validate(&outbound::Limits::default())
 }
 
 /// Builds the email of a valid request, with its fetched attachments.
@@ -159,7 +159,10 @@ fn preview(bytes: &[u8]) -> String {
 fn check_decode(body: &[u8]) -> Result<Option<ValidRequest>, String> {
     let (decoded, ids) = guarded("P1", "decode", || decode_request(body))?;
     let peeked = guarded("P1", "RequestIds::peek", || RequestIds::peek(body))?;
-    let is_json = serde_json::from_slice::<Value>(body).is_ok();
+    // JSON as the decoder reads it: UTF-8 text of JSON syntax (the values of fields it does
+    // not know are skipped, not decoded: a lone surrogate escape in one does not matter).
+    let is_json = std::str::from_utf8(body).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
     let refusal = match decoded {
         Ok(request) => {
             let named = RequestIds {
@@ -168,9 +171,9 @@ fn check_decode(body: &[u8]) -> Result<Option<ValidRequest>, String> {
                 provider_id: Some(request.provider_id.clone()),
             };
             if !is_json {
-                let e = serde_json::from_slice::<Value>(body).unwrap_err();
                 return Err(format!(
-                    "P2: accepted, but serde_json cannot parse the body as a JSON value ({e}), so RequestIds::peek names no ids"
+                    "P2: accepted, but the body is not UTF-8 JSON: {}",
+                    preview(body)
                 ));
             }
             if ids != named {
@@ -191,6 +194,9 @@ fn check_decode(body: &[u8]) -> Result<Option<ValidRequest>, String> {
         Err(e) => e,
     };
     match &refusal {
+        // Nesting is refused before anything parses the body, JSON or not.
+        RequestError::Invalid { field, reason }
+            if field == "(request)" && reason.contains("nested deeper") => {}
         RequestError::Invalid { field, reason } => {
             if !is_json {
                 return Err(format!(
@@ -207,6 +213,14 @@ fn check_decode(body: &[u8]) -> Result<Option<ValidRequest>, String> {
             if is_json {
                 return Err(format!(
                     "P2: the body is JSON but was refused as NotJson ({reason})"
+                ));
+            }
+        }
+        // Over `max_request_bytes`: refused before it is parsed, JSON or not.
+        RequestError::TooLarge { size, limit } => {
+            if (*size as u64) <= *limit {
+                return Err(format!(
+                    "P2: refused as too large at {size} of {limit} bytes"
                 ));
             }
         }
