@@ -12,9 +12,10 @@ use lettre::message::Body;
 /// allows 76 characters per encoded line, the `=` of a soft break included).
 const LINE: usize = 75;
 
-/// The body of a text part: `7bit` when it is ASCII in short lines, else `quoted-printable`
-/// when that stays compact (mostly ASCII text); anything else is left to lettre (base64).
-/// Line endings become CRLF.
+/// The body of a text part: `7bit` when it is ASCII in short lines without NUL, else
+/// `quoted-printable` when that stays compact (mostly ASCII text), else base64 — chosen here,
+/// never left to lettre, which sends short ASCII text as `7bit` whatever control bytes it
+/// holds. Line endings become CRLF.
 pub fn text_body(text: String) -> Body {
     let bytes = text.as_bytes();
     if bytes.is_ascii() && short_lines(bytes) && !bytes.contains(&0) {
@@ -27,7 +28,11 @@ pub fn text_body(text: String) -> Body {
             ContentTransferEncoding::QuotedPrintable,
         );
     }
-    Body::new(text)
+    match Body::new_with_encoding(text, ContentTransferEncoding::Base64) {
+        Ok(body) => body,
+        // Base64 takes any bytes: not reached.
+        Err(bytes) => Body::new(bytes),
+    }
 }
 
 /// The bytes quoted-printable writes as themselves (space and tab except at the end of a
