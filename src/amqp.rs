@@ -218,19 +218,6 @@ pub enum ConnectError {
     CaFile(String),
 }
 
-/// A new channel in confirm mode (for a caller with a connection of its own, such as the
-/// `dlq` command).
-pub async fn confirm_channel(conn: &Connection) -> Result<Channel, PublishError> {
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| PublishError::Channel(e.to_string()))?;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| PublishError::Channel(e.to_string()))?;
-    Ok(ch)
-}
-
 /// The publisher lane of a caller (a mailbox, a queue): stable, so its messages stay in order.
 pub fn lane_of(key: &str) -> u64 {
     // FNV-1a: cheap and stable; not for security.

@@ -12,11 +12,14 @@
 //! email was published meanwhile is acknowledged without publishing it again; one that still
 //! cannot be published stays, and the report says why.
 
+use std::sync::Arc;
+
 use deadpool_postgres::Pool;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
+use crate::amqp::{PublishError, Publisher};
 use crate::attachments::{AttachmentError, AttachmentStore};
 use crate::domain::DeadLetterEntry;
 use crate::inbound::{dedup_key, header_facts, Origin};
@@ -34,8 +37,8 @@ pub enum DlqError {
         "the attachment store (where inbound dead letters keep their email) is not usable: {0}"
     )]
     Store(#[from] AttachmentError),
-    #[error("the broker did not confirm the replayed request")]
-    NotConfirmed,
+    #[error("the replayed request was not published: {0}")]
+    Publish(#[from] PublishError),
     #[error("database: {0}")]
     Storage(#[from] crate::storage::StorageError),
 }
@@ -144,7 +147,7 @@ async fn depth(ch: &Channel, queue: &str) -> Result<usize, DlqError> {
 
 /// Replays the selected entries of a DLQ; the rest stay where they are.
 pub async fn replay(
-    conn: &Connection,
+    conn: &Arc<Connection>,
     pool: &Pool,
     settings: &Settings,
     queue: &str,
@@ -155,7 +158,7 @@ pub async fn replay(
         return replay_inbound(conn, pool, settings, queue, selection).await;
     }
     let ch = conn.create_channel().await?;
-    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let publisher = Publisher::new(conn.clone(), 1);
     let mut report = ReplayReport::default();
     // Bounded by what is on the queue now: replayed entries never come back to it here.
     for _ in 0..depth(&ch, queue).await? {
@@ -193,26 +196,17 @@ pub async fn replay(
             )
             .await?;
         }
-        let confirm = ch
-            .basic_publish(
-                "".into(),
-                settings.queues.send.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
-            )
-            .await?
+        // Mandatory and confirmed: a send queue that is gone fails the replay, and the entry
+        // stays (the channel's close gives it back).
+        publisher
+            .publish_json(0, &settings.queues.send, &body, None)
             .await?;
-        if confirm.is_nack() {
-            return Err(DlqError::NotConfirmed);
-        }
         m.delivery.acker.ack(BasicAckOptions::default()).await?;
         report
             .replayed
             .push(entry.message_id.unwrap_or_else(|| "(no id)".into()));
     }
+    publisher.close().await;
     ch.close(200, "OK".into()).await?;
     Ok(report)
 }
@@ -225,7 +219,7 @@ enum Replayed {
 
 /// Replays the selected entries of the inbound DLQ (see the module documentation).
 async fn replay_inbound(
-    conn: &Connection,
+    conn: &Arc<Connection>,
     pool: &Pool,
     settings: &Settings,
     queue: &str,
@@ -237,7 +231,7 @@ async fn replay_inbound(
         settings.attachments.link_ttl.0,
     )?;
     let ch = conn.create_channel().await?;
-    let mut publishing: Option<Channel> = None;
+    let publisher = Publisher::new(conn.clone(), 1);
     let mut report = ReplayReport::default();
     // Bounded by what is on the queue now: entries kept are taken again only on a next run.
     for _ in 0..depth(&ch, queue).await? {
@@ -257,7 +251,7 @@ async fn replay_inbound(
             .clone()
             .or_else(|| entry.dedup_key.clone())
             .unwrap_or_else(|| "(no id)".into());
-        match replay_one(conn, &mut publishing, pool, settings, &store, &entry).await? {
+        match replay_one(&publisher, pool, settings, &store, &entry).await? {
             Ok(outcome) => {
                 m.delivery.acker.ack(BasicAckOptions::default()).await?;
                 match outcome {
@@ -275,9 +269,7 @@ async fn replay_inbound(
             }
         }
     }
-    if let Some(p) = publishing {
-        let _ = p.close(200, "OK".into()).await;
-    }
+    publisher.close().await;
     // Closing the channel returns the entries not acknowledged to the queue.
     ch.close(200, "OK".into()).await?;
     Ok(report)
@@ -286,8 +278,7 @@ async fn replay_inbound(
 /// Replays one inbound entry. The outer error stops the whole replay (the broker or the
 /// database failed); the inner one is this entry's reason to stay.
 async fn replay_one(
-    conn: &Connection,
-    publishing: &mut Option<Channel>,
+    publisher: &Publisher,
     pool: &Pool,
     settings: &Settings,
     store: &AttachmentStore,
@@ -382,53 +373,22 @@ async fn replay_one(
         Ok(Err(e)) => return Ok(Err(e.to_string())),
         Err(e) => return Ok(Err(format!("preparing it failed: {e}"))),
     };
-    let ch = match publishing.as_ref().filter(|c| c.status().connected()) {
-        Some(c) => c.clone(),
-        None => {
-            let c = conn.create_channel().await?;
-            c.confirm_select(ConfirmSelectOptions::default()).await?;
-            *publishing = Some(c.clone());
-            c
-        }
-    };
-    let published = async {
-        ch.basic_publish(
-            "".into(),
-            settings.queues.inbound.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(crate::amqp::short_string(&prepared.message_id));
+    match publisher
+        .publish(
+            crate::amqp::lane_of(mailbox_id),
+            &settings.queues.inbound,
             &prepared.body,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(crate::amqp::short_string(&prepared.message_id)),
+            props,
         )
-        .await?
         .await
-    }
-    .await;
-    match published {
-        Ok(Confirmation::Ack(None)) => {}
-        Ok(Confirmation::Ack(Some(returned))) => {
-            return Ok(Err(format!(
-                "the broker could not route it to {} ({})",
-                settings.queues.inbound, returned.reply_text
-            )))
-        }
-        Ok(Confirmation::Nack(_)) => {
-            return Ok(Err(format!(
-                "the broker refused it for {} (nack)",
-                settings.queues.inbound
-            )))
-        }
-        Ok(Confirmation::NotRequested) => return Err(DlqError::NotConfirmed),
-        // The broker closed the channel over this message (406: too large, a policy).
-        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 406) => {
-            *publishing = None;
-            return Ok(Err(format!("the broker refused it: {e}")));
-        }
+    {
+        Ok(()) => {}
+        // Refused again (unroutable, nacked, 406 too large or a policy): the entry stays.
+        Err(e) if e.is_refusal() => return Ok(Err(e.to_string())),
         Err(e) => return Err(e.into()),
     }
     // Published: from now on the entry goes, whatever the bookkeeping says. A key left

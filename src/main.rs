@@ -137,7 +137,7 @@ fn main() -> ExitCode {
 
 async fn run_dlq(settings: &Settings, action: DlqAction) -> anyhow::Result<()> {
     use mailbridge::dlq::{self, Selection};
-    let conn = mailbridge::amqp::connect(settings, "mailbridge dlq").await?;
+    let conn = std::sync::Arc::new(mailbridge::amqp::connect(settings, "mailbridge dlq").await?);
     let default_queue = settings.queues.send_dlq();
     match action {
         DlqAction::List { queue, limit } => {

@@ -510,55 +510,50 @@ impl SendRequest {
                 "contains a control character",
             ));
         }
-        if self.subject.len() > limits.max_subject_bytes {
-            return Err(RequestError::field(
-                "subject",
-                format!(
-                    "is {} bytes, more than the {} allowed ([outbound] max_subject_bytes)",
-                    self.subject.len(),
-                    limits.max_subject_bytes
-                ),
-            ));
-        }
-        if self.body_content.len() as u64 > limits.max_body_bytes {
-            return Err(RequestError::field(
-                "body_content",
-                format!(
-                    "is {} bytes, more than the {} allowed ([outbound] max_body_bytes)",
-                    self.body_content.len(),
-                    limits.max_body_bytes
-                ),
-            ));
-        }
         let recipients = self.to.len() + self.cc.len() + self.bcc.len();
-        if recipients > limits.max_recipients {
-            return Err(RequestError::field(
+        for (field, what, n, limit, key) in [
+            (
+                "subject",
+                "bytes",
+                self.subject.len(),
+                limits.max_subject_bytes,
+                "max_subject_bytes",
+            ),
+            (
+                "body_content",
+                "bytes",
+                self.body_content.len(),
+                usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+                "max_body_bytes",
+            ),
+            (
                 "to",
-                format!(
-                    "{recipients} recipients (to, cc and bcc together), more than the {} allowed ([outbound] max_recipients)",
-                    limits.max_recipients
-                ),
-            ));
-        }
-        if self.attachments.len() > limits.max_attachments {
-            return Err(RequestError::field(
+                "recipients (to, cc and bcc together)",
+                recipients,
+                limits.max_recipients,
+                "max_recipients",
+            ),
+            (
                 "attachments",
-                format!(
-                    "{} attachments, more than the {} allowed ([outbound] max_attachments)",
-                    self.attachments.len(),
-                    limits.max_attachments
-                ),
-            ));
-        }
-        if self.headers.len() > limits.max_headers {
-            return Err(RequestError::field(
+                "attachments",
+                self.attachments.len(),
+                limits.max_attachments,
+                "max_attachments",
+            ),
+            (
                 "headers",
-                format!(
-                    "{} headers, more than the {} allowed ([outbound] max_headers)",
-                    self.headers.len(),
-                    limits.max_headers
-                ),
-            ));
+                "headers",
+                self.headers.len(),
+                limits.max_headers,
+                "max_headers",
+            ),
+        ] {
+            if n > limit {
+                return Err(RequestError::field(
+                    field,
+                    format!("{n} {what}, more than the {limit} allowed ([outbound] {key})"),
+                ));
+            }
         }
         let from = mailbox("from", &self.from)?;
         if self.to.is_empty() {
