@@ -125,7 +125,7 @@ impl SendError {
                 },
                 _ => SendError::Tls {
                     endpoint,
-                    detail: error_chain(&e),
+                    detail: crate::domain::error_chain(&e),
                 },
             },
             SmtpError::NoStarttls => SendError::NoStarttls { endpoint },
@@ -134,7 +134,7 @@ impl SendError {
             SmtpError::NoAuthMechanism { .. } => SendError::Config(e.to_string()),
             SmtpError::Io(_) | SmtpError::Protocol(_) => SendError::Protocol {
                 endpoint,
-                detail: error_chain(&e),
+                detail: crate::domain::error_chain(&e),
             },
         }
     }
@@ -159,20 +159,6 @@ fn find_source<'a, T: std::error::Error + 'static>(
         current = err.source();
     }
     None
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let t = inner.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        source = inner.source();
-    }
-    s
 }
 
 /// What the provider said when it took the email.

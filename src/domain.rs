@@ -7,6 +7,22 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+/// An error with its causes, each said once ("error performing TLS handshake: invalid peer
+/// certificate: UnknownIssuer"), so the reason reaches `/health`, results and the log.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = inner.source();
+    }
+    s
+}
+
 /// One queue in the guide's "Queue Statistics" response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct QueueStats {

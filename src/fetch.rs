@@ -223,7 +223,7 @@ impl AttachmentFetcher {
             ));
         }
         let mut resp = self.client.get(url).send().await.map_err(|e| {
-            let detail = error_chain(&e);
+            let detail = crate::domain::error_chain(&e);
             if detail.contains("internal address") {
                 refused(&format!(
                     "{detail} (set [outbound] attachment_allow_private to allow)"
@@ -252,7 +252,7 @@ impl AttachmentFetcher {
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|e| FetchError::Network {
             url: url_text.to_string(),
-            detail: error_chain(&e),
+            detail: crate::domain::error_chain(&e),
         })? {
             *total += chunk.len() as u64;
             if *total > self.max_bytes {
@@ -264,20 +264,6 @@ impl AttachmentFetcher {
         }
         Ok(body)
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -461,33 +461,24 @@ impl SendRequest {
     /// PostgreSQL or written into a header is free of control characters (NUL included), so
     /// one bad request cannot fail a batch of others.
     pub fn validate(self, limits: &Limits) -> Result<ValidRequest, RequestError> {
-        for (field, value) in [
-            ("tenant_id", &self.tenant_id),
-            ("provider_id", &self.provider_id),
-            ("message_id", &self.message_id),
-        ] {
-            if value.trim().is_empty() {
+        // The ids (required) and the short optional fields: PostgreSQL text, AMQP short
+        // strings.
+        let ids = [
+            ("tenant_id", Some(&self.tenant_id), true),
+            ("provider_id", Some(&self.provider_id), true),
+            ("message_id", Some(&self.message_id), true),
+            ("user_id", self.user_id.as_ref(), false),
+            ("template_id", self.template_id.as_ref(), false),
+            ("campaign_id", self.campaign_id.as_ref(), false),
+        ];
+        for (field, value, required) in ids {
+            let Some(value) = value else { continue };
+            if required && value.trim().is_empty() {
                 return Err(RequestError::field(field, "must not be empty"));
             }
             if has_line_break(value) {
                 return Err(RequestError::field(field, "contains a line break"));
             }
-            if has_control(value) {
-                return Err(RequestError::field(field, "contains a control character"));
-            }
-            if value.len() > MAX_ID_BYTES {
-                return Err(RequestError::field(
-                    field,
-                    format!("is longer than {MAX_ID_BYTES} bytes"),
-                ));
-            }
-        }
-        for (field, value) in [
-            ("user_id", &self.user_id),
-            ("template_id", &self.template_id),
-            ("campaign_id", &self.campaign_id),
-        ] {
-            let Some(value) = value else { continue };
             if has_control(value) {
                 return Err(RequestError::field(field, "contains a control character"));
             }

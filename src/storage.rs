@@ -44,7 +44,7 @@ const MIGRATION_LOCK: i64 = 0x6d61_696c_6272_6467;
 pub enum StorageError {
     #[error("[database] url is not usable: {0}")]
     Config(String),
-    #[error("cannot reach PostgreSQL at {endpoint}: {}; check that PostgreSQL is running and that [database] url (or DATABASE_URL) is right", chain(.source))]
+    #[error("cannot reach PostgreSQL at {endpoint}: {}; check that PostgreSQL is running and that [database] url (or DATABASE_URL) is right", crate::domain::error_chain(.source))]
     Connect {
         endpoint: String,
         #[source]
@@ -66,22 +66,6 @@ pub enum StorageError {
     Pool(String),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
-}
-
-/// An error with its causes ("error performing TLS handshake: invalid peer certificate:
-/// UnknownIssuer"), so the reason reaches `/health` and the log.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let text = inner.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        source = inner.source();
-    }
-    s
 }
 
 /// tokio-postgres shows a server error as just "db error": add what the server said.

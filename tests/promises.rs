@@ -929,9 +929,7 @@ async fn a_changed_password_restarts_its_sender_and_the_others_keep_their_sessio
     assert_eq!(steady_sessions.len(), 1, "one session kept open to steady");
 
     // The server now wants another password; until the reload the service has the old one.
-    changing.stop();
-    let _changed =
-        checks::SmtpOnPort::start(changing.port, &changing.dir, &["--auth", "crm:pw-two-333"]);
+    changing.restart_with(&["--auth", "crm:pw-two-333"]);
     env.publish("email.send", &body("t", "changing", "c-2-before-reload"))
         .await;
     let r = env

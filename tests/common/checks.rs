@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -270,59 +270,6 @@ impl Drop for TinyHttp {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-    }
-}
-
-/// The test SMTP server (`tests/support/smtp_server.py`) on a *given* port — to bring a
-/// server back on a provider's port with other options (another password). Killed on drop.
-/// Its folder can be read with an [`SmtpServer`] on the same folder (`messages()` reads it).
-pub struct SmtpOnPort {
-    child: Child,
-    pub port: u16,
-    pub dir: PathBuf,
-}
-
-impl SmtpOnPort {
-    pub fn start(port: u16, dir: &Path, args: &[&str]) -> SmtpOnPort {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
-        let start = Instant::now();
-        loop {
-            let mut child = Command::new("python3")
-                .arg(script)
-                .arg("--port")
-                .arg(port.to_string())
-                .arg("--dir")
-                .arg(dir)
-                .args(args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("python3 runs the test SMTP server");
-            let mut line = String::new();
-            let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
-            if line.trim() == "READY" {
-                return SmtpOnPort {
-                    child,
-                    port,
-                    dir: dir.to_path_buf(),
-                };
-            }
-            // The port may still be held by the server just stopped: try again shortly.
-            let _ = child.kill();
-            let _ = child.wait();
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "the SMTP server did not start on port {port}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-impl Drop for SmtpOnPort {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

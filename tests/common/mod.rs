@@ -392,27 +392,45 @@ impl SmtpServer {
         }
     }
 
+    /// Starts the script on `port`; when the port is still held (by a server just stopped),
+    /// tries again for up to 10 s.
     fn spawn(port: u16, dir: &Path, args: &[String]) -> Child {
         use std::io::BufRead;
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/smtp_server.py");
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--dir")
-            .arg(dir)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 runs the test SMTP server (scripts/test.sh installs aiosmtpd)");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "READY", "the SMTP server did not start");
-        child
+        let start = Instant::now();
+        loop {
+            let mut child = Command::new("python3")
+                .arg(script)
+                .arg("--port")
+                .arg(port.to_string())
+                .arg("--dir")
+                .arg(dir)
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("python3 runs the test SMTP server (scripts/test.sh installs aiosmtpd)");
+            let stdout = child.stdout.take().expect("the server's stdout");
+            let mut line = String::new();
+            let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+            if line.trim() == "READY" {
+                return child;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the SMTP server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts the server again on its port and folder with other options (another password,
+    /// say), which later restarts keep.
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self.restart();
     }
 
     /// Kills the server: connections to its port are refused until `restart`.
