@@ -323,11 +323,10 @@ impl Pipeline {
             };
             let key = &row.key;
             match state.status {
-                RowStatus::Sent => return Err(self.duplicate_of_sent(key, &state).await),
-                RowStatus::Failed => return Err(self.duplicate_of_failed(d, key, &state).await),
+                // First: another instance (or an earlier run) works on it — sending it, or
+                // publishing the result of a copy already sent or failed: wait for that (or
+                // for the claim to expire) rather than repeat it.
                 _ if state.claim_live => {
-                    // Another instance (or an earlier run) works on it: wait for its outcome
-                    // or for its claim to expire.
                     if started.elapsed() > MAX_CLAIM_WAIT {
                         tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
                             "the request stays claimed elsewhere; giving the delivery back");
@@ -339,6 +338,8 @@ impl Pipeline {
                         "the request is being processed elsewhere; waiting for its outcome");
                     tokio::time::sleep(Duration::from_secs_f64(wait)).await;
                 }
+                RowStatus::Sent => return Err(self.duplicate_of_sent(key, &state).await),
+                RowStatus::Failed => return Err(self.duplicate_of_failed(d, key, &state).await),
                 RowStatus::Retrying => {
                     tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
                         "a duplicate of a request whose retry is parked; acknowledged without sending");
