@@ -42,7 +42,7 @@ use crate::actors::outbox::{Apply, Claim, ClaimOutcome, OutboxError, OutboxWrite
 use crate::actors::retry::{retry_count, retry_token, RetryScheduler, ScheduleRetry};
 use crate::actors::sender::{Deliver, SendError, SenderActor};
 use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged, Supervisor};
-use crate::amqp::{lane_of, Publisher};
+use crate::amqp::{lane_of, short_string, Publisher};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
 use crate::outbound::{
@@ -202,7 +202,14 @@ impl Pipeline {
         };
         let queue = self.settings().queues.result.clone();
         let lane = lane_of(result.message_id.as_deref().unwrap_or(""));
-        match self.publisher.publish_json(lane, &queue, &body, None).await {
+        // A stable AMQP message id: a result published again (its confirm was lost with a
+        // channel the broker closed, so the redelivered request published it once more) is
+        // recognisable as the same result.
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(short_string(&result.dedup_id()));
+        match self.publisher.publish(lane, &queue, &body, props).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(error = %e, "result not confirmed");

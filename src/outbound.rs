@@ -1137,6 +1137,22 @@ impl SendResult {
 }
 
 impl SendResult {
+    /// What identifies this result among all results (the AMQP `message_id` it is published
+    /// with): the SHA-256 (hex) of tenant, request, status and retry number — the same for a
+    /// result published again.
+    pub fn dedup_id(&self) -> String {
+        crate::inbound::sha256_hex(
+            format!(
+                "{}\u{1f}{}\u{1f}{}\u{1f}{}",
+                self.tenant_id.as_deref().unwrap_or(""),
+                self.message_id.as_deref().unwrap_or(""),
+                self.status,
+                self.retry_count.unwrap_or(0)
+            )
+            .as_bytes(),
+        )
+    }
+
     /// The guide's "Error Response Format" for a failure that will be retried.
     pub fn retrying(
         ids: &RequestIds,
