@@ -1,0 +1,643 @@
+//! Configuration: the main TOML file, the tenant files beside it, and the environment.
+//!
+//! Loading never stops at the first problem: every problem found is collected as a
+//! [`ConfigProblem`] naming the file and the key, so `check-config` (and a refused reload)
+//! can print them all at once. Every key has a default, so an empty main file runs against
+//! local services. The seed's environment variables override the file after it is parsed.
+//!
+//! Secrets are resolved here (`password`, `password_env`, `password_file`) into [`Secret`],
+//! whose `Debug` and `Display` never show the value.
+//!
+//! The files: `main_file` (the sections of the main file), `tenants` (the tenant files: tenants,
+//! providers, mailboxes), `env` (the environment overrides), `secrets` (how secrets are given
+//! and kept), `diff` (what a reload changes). Everything is re-exported here.
+
+mod diff;
+mod env;
+mod main_file;
+mod secrets;
+mod tenants;
+
+pub use diff::ConfigDiff;
+pub use env::{Env, ProcessEnv};
+pub use main_file::*;
+pub use secrets::Secret;
+pub use tenants::*;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The file name the environment overrides are reported under.
+pub const ENVIRONMENT: &str = "environment";
+
+/// One thing wrong with the configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found while loading; a configuration with any of them is refused whole.
+#[derive(Debug, thiserror::Error)]
+#[error("the configuration has {} problem(s):\n{}", .0.len(), render_problems(.0))]
+pub struct ConfigError(pub Vec<ConfigProblem>);
+
+fn render_problems(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A duration written as `"1s"`, `"250ms"`, `"7d"` (or a whole number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur(Duration::from_secs(s))),
+            Raw::Text(t) => parse_duration(&t)
+                .map(Dur)
+                .map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"1s"`, `"5 min"`, `"7d"`; the error says what is accepted.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!(
+            "`{text}` is not a duration ({e}); write it like \"500ms\", \"15s\", \"5m\" or \"7d\""
+        )
+    })
+}
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub path: PathBuf,
+    pub rabbitmq: RabbitMqSection,
+    pub queues: QueuesSection,
+    pub database: DatabaseSection,
+    pub http: HttpSection,
+    pub http_listen: SocketAddr,
+    pub retry: RetrySection,
+    pub outbound: OutboundSection,
+    pub attachments: AttachmentsSection,
+    pub tenants_dir: PathBuf,
+    pub shutdown_grace: Duration,
+    pub inbound: InboundSection,
+    pub cluster: ClusterSection,
+    /// `[cluster] instance_id`, or its default.
+    pub instance_id: String,
+    pub tenants: Vec<Tenant>,
+    /// Things that are allowed but worth saying (for example credentials over `tls = "none"`).
+    pub warnings: Vec<ConfigProblem>,
+}
+
+/// Where the config is when `--config` is not given.
+pub fn default_config_path() -> PathBuf {
+    std::env::var_os("MAILBRIDGE_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config/mailbridge.toml"))
+}
+
+impl Settings {
+    /// Loads the main file at `path`, applies the environment and loads every tenant file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        Self::load_with_env(path, &ProcessEnv)
+    }
+
+    pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Settings, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(vec![ConfigProblem {
+                file: file.clone(),
+                key: String::new(),
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        let mut problems = Vec::new();
+        let main: MainFile = match parse_toml(&text) {
+            Ok(m) => m,
+            Err((key, message)) => {
+                return Err(ConfigError(vec![ConfigProblem { file, key, message }]));
+            }
+        };
+        let MainFile {
+            mut rabbitmq,
+            mut queues,
+            mut database,
+            mut http,
+            retry,
+            outbound,
+            attachments,
+            tenants,
+            shutdown,
+            inbound,
+            cluster,
+        } = main;
+
+        env::apply_env(
+            env,
+            &mut rabbitmq,
+            &mut queues,
+            &mut database,
+            &mut http,
+            &mut problems,
+        );
+
+        let mut warnings = Vec::new();
+        let at = |key: &str, message: String| ConfigProblem {
+            file: file.clone(),
+            key: key.into(),
+            message,
+        };
+        if let Some(url) = &rabbitmq.url {
+            if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
+                problems.push(at(
+                    "rabbitmq.url",
+                    format!(
+                        "not an amqp:// or amqps:// URL ({})",
+                        redact_credentials(&e, url.expose())
+                    ),
+                ));
+            }
+        }
+        if let Some(ca) = &rabbitmq.ca_file {
+            let ca = resolve_path(path.parent().unwrap_or(Path::new(".")), ca);
+            if !ca.is_file() {
+                problems.push(at(
+                    "rabbitmq.ca_file",
+                    format!("{} does not exist", ca.display()),
+                ));
+            }
+            rabbitmq.ca_file = Some(ca);
+        }
+        if rabbitmq.prefetch == 0 {
+            problems.push(at(
+                "rabbitmq.prefetch",
+                "must be at least 1 (0 would mean unbounded)".into(),
+            ));
+        }
+        if rabbitmq.exchange.is_empty() {
+            problems.push(at("rabbitmq.exchange", "must not be empty".into()));
+        }
+        for (key, name) in [
+            ("queues.send", &queues.send),
+            ("queues.inbound", &queues.inbound),
+            ("queues.sync_user", &queues.sync_user),
+            ("queues.result", &queues.result),
+        ] {
+            if name.is_empty() {
+                problems.push(at(key, "must not be empty".into()));
+            }
+        }
+        match crate::storage::pg_target(database.url.expose()) {
+            Err(e) => problems.push(at(
+                "database.url",
+                format!(
+                    "not a PostgreSQL connection string ({})",
+                    redact_credentials(&e, database.url.expose())
+                ),
+            )),
+            Ok(t) => {
+                if let Some(root) = t.root_cert.filter(|r| !r.is_file()) {
+                    problems.push(at(
+                        "database.url",
+                        format!("sslrootcert {} does not exist", root.display()),
+                    ));
+                }
+            }
+        }
+        if database.max_connections == 0 {
+            problems.push(at("database.max_connections", "must be at least 1".into()));
+        }
+        let http_listen = match http.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                problems.push(at(
+                    "http.listen",
+                    format!("`{}` is not an address such as 127.0.0.1:8000", http.listen),
+                ));
+                SocketAddr::from(([127, 0, 0, 1], 8000))
+            }
+        };
+        if retry.delays.is_empty() && retry.max_retries > 0 {
+            problems.push(at(
+                "retry.delays",
+                "needs at least one delay when max_retries > 0".into(),
+            ));
+        }
+        if retry.delays.iter().any(|d| d.0.is_zero()) {
+            problems.push(at("retry.delays", "a delay must be longer than 0".into()));
+        }
+        for (key, value) in [
+            ("outbound.max_request_bytes", outbound.max_request_bytes),
+            ("outbound.max_body_bytes", outbound.max_body_bytes),
+            ("outbound.max_recipients", outbound.max_recipients as u64),
+            (
+                "outbound.max_subject_bytes",
+                outbound.max_subject_bytes as u64,
+            ),
+            (
+                "outbound.max_header_bytes",
+                outbound.max_header_bytes as u64,
+            ),
+            (
+                "outbound.attachment_max_bytes",
+                outbound.attachment_max_bytes,
+            ),
+            ("inbound.max_message_bytes", inbound.max_message_bytes),
+            ("inbound.fetch_batch_bytes", inbound.fetch_batch_bytes),
+        ] {
+            if value == 0 {
+                problems.push(at(key, "must be at least 1".into()));
+            }
+        }
+        if outbound.attachments_in_flight_bytes < outbound.attachment_max_bytes {
+            problems.push(at(
+                "outbound.attachments_in_flight_bytes",
+                format!(
+                    "must be at least outbound.attachment_max_bytes ({}): each request with attachments reserves that much",
+                    outbound.attachment_max_bytes
+                ),
+            ));
+        }
+        if cluster.claim_ttl.0 < Duration::from_secs(3) {
+            problems.push(at(
+                "cluster.claim_ttl",
+                "must be at least 3s (claims are renewed every third of it)".into(),
+            ));
+        }
+        // AMQP names are short strings (at most 255 bytes); the service adds suffixes.
+        for (key, name) in [
+            ("rabbitmq.exchange", &rabbitmq.exchange),
+            ("queues.send", &queues.send),
+            ("queues.inbound", &queues.inbound),
+            ("queues.sync_user", &queues.sync_user),
+            ("queues.result", &queues.result),
+        ] {
+            if name.len() > 200 {
+                problems.push(at(key, "must be at most 200 bytes long".into()));
+            }
+        }
+        if url::Url::parse(&attachments.public_base_url).is_err() {
+            problems.push(at(
+                "attachments.public_base_url",
+                format!("`{}` is not a URL", attachments.public_base_url),
+            ));
+        }
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let tenants_dir = base.join(&tenants.dir);
+        let tenant_list = load_tenants(&tenants_dir, env, &mut problems, &mut warnings);
+
+        let instance_id = match cluster.instance_id.clone() {
+            Some(id) if id.trim().is_empty() || id.len() > 200 => {
+                problems.push(at(
+                    "cluster.instance_id",
+                    "must be a non-empty name of at most 200 bytes".into(),
+                ));
+                String::new()
+            }
+            Some(id) => id,
+            None => format!("{}:{}", host_name(), http_listen.port()),
+        };
+
+        if !problems.is_empty() {
+            return Err(ConfigError(problems));
+        }
+        Ok(Settings {
+            path: path.to_path_buf(),
+            rabbitmq,
+            queues,
+            database,
+            http,
+            http_listen,
+            retry,
+            outbound,
+            attachments,
+            tenants_dir,
+            shutdown_grace: shutdown
+                .grace
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(30)),
+            inbound,
+            cluster,
+            instance_id,
+            tenants: tenant_list,
+            warnings,
+        })
+    }
+
+    /// The AMQP URI to connect with (contains the password: never log it, use [`Self::amqp_display`]).
+    pub fn amqp_uri(&self) -> Result<lapin::uri::AMQPUri, String> {
+        let mut uri: lapin::uri::AMQPUri = match &self.rabbitmq.url {
+            Some(url) => url.expose().parse()?,
+            None => {
+                let mut uri = lapin::uri::AMQPUri::default();
+                uri.authority.host = self.rabbitmq.host.clone();
+                uri.authority.port = self.rabbitmq.port;
+                uri.authority.userinfo.username = self.rabbitmq.username.clone();
+                uri.authority.userinfo.password = self.rabbitmq.password.expose().to_string();
+                uri.vhost = self.rabbitmq.vhost.clone();
+                uri
+            }
+        };
+        if uri.query.heartbeat.is_none() {
+            uri.query.heartbeat = Some(self.rabbitmq.heartbeat.0.as_secs().clamp(1, 600) as u16);
+        }
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(10_000);
+        }
+        Ok(uri)
+    }
+
+    /// Where the service connects, without credentials, for logs and `/health`.
+    pub fn amqp_display(&self) -> String {
+        match self.amqp_uri() {
+            Ok(u) => format!(
+                "{}://{}:{}/{}",
+                u.scheme,
+                u.authority.host,
+                u.authority.port,
+                u.vhost.replace('%', "%25").replace('/', "%2f")
+            ),
+            Err(_) => "<invalid url>".into(),
+        }
+    }
+
+    /// The delay before retry number `retry` (1 for the first retry): the configured delays in
+    /// order, the last one repeated when `max_retries` exceeds their number.
+    pub fn retry_delay(&self, retry: u32) -> Duration {
+        let delays = &self.retry.delays;
+        let i = (retry.max(1) as usize - 1).min(delays.len().saturating_sub(1));
+        delays.get(i).map(|d| d.0).unwrap_or(Duration::from_secs(1))
+    }
+
+    /// The service's own delay queue for `delay`: messages wait there for their TTL, then are
+    /// dead-lettered back to the exchange with the send queue's routing key.
+    pub fn retry_queue(&self, delay: Duration) -> String {
+        format!(
+            "mailbridge.retry.{}.{}ms",
+            self.queues.send,
+            delay.as_millis()
+        )
+    }
+
+    /// Every delay queue of the configuration, with its delay.
+    pub fn retry_queues(&self) -> Vec<(String, Duration)> {
+        let mut out: Vec<(String, Duration)> = Vec::new();
+        for d in &self.retry.delays {
+            let q = self.retry_queue(d.0);
+            if !out.iter().any(|(name, _)| *name == q) {
+                out.push((q, d.0));
+            }
+        }
+        out
+    }
+
+    /// A provider by id, only when it belongs to `tenant_id`.
+    pub fn provider(&self, tenant_id: &str, provider_id: &str) -> Option<&Provider> {
+        self.tenants
+            .iter()
+            .find(|t| t.id == tenant_id)?
+            .providers
+            .iter()
+            .find(|p| p.id == provider_id)
+    }
+}
+
+/// `text` with the credentials of `url` (what stands between `://` and `@`, and its password
+/// part) replaced by `***`: a parser's error may quote the input.
+pub fn redact_credentials(text: &dyn fmt::Display, url: &str) -> String {
+    let mut out = text.to_string();
+    let after_scheme = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    if let Some((userinfo, _)) = after_scheme.rsplit_once('@') {
+        let mut secrets: Vec<&str> = vec![userinfo];
+        if let Some((_, password)) = userinfo.split_once(':') {
+            secrets.push(password);
+        }
+        for secret in secrets.into_iter().filter(|s| !s.is_empty()) {
+            out = out.replace(secret, "***");
+        }
+    }
+    // A query parameter may carry a password too (`?password=…`).
+    for (i, _) in url.match_indices("password=") {
+        let value: String = url[i + 9..]
+            .chars()
+            .take_while(|c| *c != '&' && *c != ' ')
+            .collect();
+        if !value.is_empty() {
+            out = out.replace(&value, "***");
+        }
+    }
+    out
+}
+
+/// `p` relative to `base` unless it is absolute.
+pub fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// This machine's host name (for the default instance id).
+pub fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() {
+        "localhost".into()
+    } else {
+        name.to_string()
+    }
+}
+
+/// Parses TOML into `T`, returning the dotted key path and message on failure.
+fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, (String, String)> {
+    let de = toml::Deserializer::parse(text).map_err(|e| (String::new(), one_line(&e)))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        (key, one_line(e.inner()))
+    })
+}
+
+fn one_line(e: &dyn fmt::Display) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tempdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mb-settings-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn empty_file_gives_every_default() {
+        let d = tempdir("empty");
+        let main = write(&d, "m.toml", "");
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        assert_eq!(s.rabbitmq.host, "localhost");
+        assert_eq!(s.rabbitmq.prefetch, 256);
+        assert_eq!(s.queues.public_queues().len(), 6);
+        assert_eq!(
+            s.retry
+                .delays
+                .iter()
+                .map(|d| d.0.as_secs())
+                .collect::<Vec<_>>(),
+            vec![1, 5, 15]
+        );
+        assert_eq!(s.http_listen.port(), 8000);
+        assert_eq!(s.attachments.link_ttl.0.as_secs(), 7 * 86400);
+        assert!(s.tenants.is_empty());
+    }
+
+    #[test]
+    fn retry_delays_repeat_the_last() {
+        let d = tempdir("retry");
+        let main = write(
+            &d,
+            "m.toml",
+            "[retry]\nmax_retries = 5\ndelays = [\"1s\", \"5s\"]\n",
+        );
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        let secs: Vec<u64> = (1..=5).map(|n| s.retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 5, 5, 5, 5]);
+        assert_eq!(s.retry_queues().len(), 2);
+        assert_eq!(s.retry_queues()[0].0, "mailbridge.retry.email.send.1000ms");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let d = tempdir("env");
+        let main = write(&d, "m.toml", "[rabbitmq]\nhost = \"filehost\"\nport = 1\n");
+        let env: BTreeMap<String, String> = [
+            ("RABBITMQ_HOST", "envhost"),
+            ("RABBITMQ_PORT", "5673"),
+            ("RABBITMQ_EMAIL_SEND_QUEUE", "x.send"),
+            ("HTTP_LISTEN", "127.0.0.1:9999"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let s = Settings::load_with_env(&main, &env).unwrap();
+        assert_eq!(s.rabbitmq.host, "envhost");
+        assert_eq!(s.rabbitmq.port, 5673);
+        assert_eq!(s.queues.send, "x.send");
+        assert_eq!(s.queues.send_dlq(), "x.send.dlq");
+        assert_eq!(s.http_listen.port(), 9999);
+    }
+
+    #[test]
+    fn problems_name_file_and_key() {
+        let d = tempdir("bad");
+        let main = write(&d, "m.toml", "[rabbitmq]\nport = \"five\"\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert_eq!(err.0[0].key, "rabbitmq.port");
+        assert!(err.0[0].file.ends_with("m.toml"));
+
+        let main = write(&d, "m.toml", "[retry]\ndelays = [\"1s\", \"soon\"]\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.0[0].key, "retry.delays[1]");
+        assert!(
+            err.0[0].message.contains("not a duration"),
+            "{}",
+            err.0[0].message
+        );
+
+        let main = write(&d, "m.toml", "[rabbitmq]\nprefech = 3\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        assert!(err.0[0].message.contains("prefech"), "{}", err.0[0].message);
+    }
+
+    #[test]
+    fn tenant_problems_are_all_reported() {
+        let d = tempdir("tenants");
+        let main = write(&d, "m.toml", "");
+        write(
+            &d,
+            "tenants.d/a.toml",
+            r#"
+id = "t1"
+[[providers]]
+id = "p1"
+kind = "smtp"
+host = "localhost"
+password_env = "MB_TEST_UNSET_VAR"
+[[mailboxes]]
+id = "m1"
+user_id = "u"
+provider_id = "p-of-someone-else"
+protocol = "imap"
+host = "localhost"
+username = "u"
+"#,
+        );
+        write(&d, "tenants.d/b.toml", "id = \"t1\"\n");
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"providers[0].password_env"), "{keys:?}");
+        assert!(keys.contains(&"mailboxes[0].provider_id"), "{keys:?}");
+        assert!(keys.contains(&"id"), "{keys:?}");
+        assert!(err.0.iter().any(|p| p.file.ends_with("b.toml")));
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?} {s}").contains("hunter2"));
+        let d = tempdir("secret");
+        let main = write(&d, "m.toml", "[rabbitmq]\npassword = \"hunter2\"\n");
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!s.amqp_display().contains("hunter2"));
+    }
+}
