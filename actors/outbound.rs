@@ -40,7 +40,7 @@ use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{metric_provider, metric_tenant, Count, MetricsActor};
 use crate::actors::outbox::{Apply, Claim, ClaimOutcome, OutboxError, OutboxWriter};
 use crate::actors::retry::{retry_count, retry_token, RetryScheduler, ScheduleRetry};
-use crate::actors::sender::{Deliver, SendError, SenderActor};
+use crate::actors::sender::{Deliver, SenderActor};
 use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged, Supervisor};
 use crate::amqp::{lane_of, short_string, Publisher};
 use crate::domain::DeadLetterEntry;
@@ -50,6 +50,7 @@ use crate::outbound::{
     RequestIds, SendRequest, SendResult, ValidRequest, MAX_ID_BYTES,
 };
 use crate::outbox::{FailureRecord, NewRow, OpOutcome, OutboxKey, OutboxOp, RowState, RowStatus};
+use crate::providers::SendError;
 use crate::settings::{Provider, Settings};
 
 /// The names the supervisor knows the outbound pipeline's helpers by.

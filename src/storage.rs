@@ -615,12 +615,7 @@ pub async fn mirror_config(
     pool: &Pool,
     settings: &crate::settings::Settings,
 ) -> Result<(), StorageError> {
-    use crate::settings::{MailProtocol, ProviderTransport, TlsMode};
-    let tls = |t: TlsMode| match t {
-        TlsMode::None => "none",
-        TlsMode::Starttls => "starttls",
-        TlsMode::Tls => "tls",
-    };
+    use crate::settings::MailProtocol;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let tenant_ids: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
@@ -642,22 +637,10 @@ pub async fn mirror_config(
     tx.execute("DELETE FROM providers WHERE NOT (id = ANY($1))", &[&ids])
         .await?;
     for p in providers {
-        let (kind, host, port, mode, user) = match &p.transport {
-            ProviderTransport::Smtp {
-                host,
-                port,
-                tls: t,
-                username,
-                ..
-            } => (
-                "smtp",
-                Some(host.clone()),
-                Some(i32::from(*port)),
-                Some(tls(*t)),
-                username.clone(),
-            ),
-            ProviderTransport::File { .. } => ("file", None, None, None, None),
-        };
+        let m = p.config.mirror();
+        let kind = p.config.kind();
+        let port = m.port.map(i32::from);
+        let max_connections = i32::try_from(p.max_connections).unwrap_or(i32::MAX);
         tx.execute(
             "INSERT INTO providers (id, tenant_id, name, kind, host, port, tls, username, max_connections)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
@@ -665,7 +648,7 @@ pub async fn mirror_config(
                  kind = EXCLUDED.kind, host = EXCLUDED.host, port = EXCLUDED.port, tls = EXCLUDED.tls,
                  username = EXCLUDED.username, max_connections = EXCLUDED.max_connections,
                  updated_at = now()",
-            &[&p.id, &p.tenant_id, &p.name, &kind, &host, &port, &mode, &user, &(p.max_connections as i32)],
+            &[&p.id, &p.tenant_id, &p.name, &kind, &m.host, &port, &m.tls, &m.username, &max_connections],
         )
         .await?;
     }
@@ -696,7 +679,7 @@ pub async fn mirror_config(
                 &protocol,
                 &m.host,
                 &i32::from(m.port),
-                &tls(m.tls),
+                &m.tls.as_str(),
                 &m.username,
                 &m.folder,
                 &m.idle,

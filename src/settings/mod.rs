@@ -489,7 +489,7 @@ fn parse_toml<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, (String, St
     })
 }
 
-fn one_line(e: &dyn fmt::Display) -> String {
+pub(crate) fn one_line(e: &dyn fmt::Display) -> String {
     e.to_string()
         .lines()
         .map(str::trim)

@@ -7,7 +7,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use super::secrets::resolve_secret;
+use std::sync::Arc;
+
 use super::{parse_duration, parse_toml, ConfigProblem, Dur, Env, Secret};
+use crate::providers::{Fingerprint, ParseContext, ProviderConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -17,11 +20,14 @@ pub enum TlsMode {
     Tls,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    Smtp,
-    File,
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::None => "none",
+            TlsMode::Starttls => "starttls",
+            TlsMode::Tls => "tls",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -54,29 +60,22 @@ impl<'de> Deserialize<'de> for InitialSync {
     }
 }
 
+/// The keys every provider has, whatever its kind (the rest of its table is its kind's).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProviderFile {
+struct ProviderCommon {
     id: String,
     name: Option<String>,
-    kind: ProviderKind,
-    host: Option<String>,
-    port: Option<u16>,
-    tls: Option<TlsMode>,
-    username: Option<String>,
-    password: Option<Secret>,
-    password_env: Option<String>,
-    password_file: Option<PathBuf>,
-    oauth2_token_env: Option<String>,
-    ca_file: Option<PathBuf>,
+    kind: String,
     #[serde(default = "default_max_connections")]
     max_connections: u32,
-    dir: Option<PathBuf>,
 }
 
 fn default_max_connections() -> u32 {
     4
 }
+
+/// The keys of [`ProviderCommon`], taken out of the table before its kind reads the rest.
+const COMMON_PROVIDER_KEYS: &[&str] = &["id", "name", "kind", "max_connections"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -124,34 +123,27 @@ struct TenantFile {
     id: String,
     name: Option<String>,
     #[serde(default)]
-    providers: Vec<ProviderFile>,
+    providers: Vec<toml::Table>,
     #[serde(default)]
     mailboxes: Vec<MailboxFile>,
 }
 
-/// How a provider delivers mail.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ProviderTransport {
-    Smtp {
-        host: String,
-        port: u16,
-        tls: TlsMode,
-        username: Option<String>,
-        password: Option<Secret>,
-        oauth2_token: Option<Secret>,
-        ca_file: Option<PathBuf>,
-    },
-    /// Each email written as an `.eml` file into `dir` (development; no mail leaves the machine).
-    File { dir: PathBuf },
-}
-
-#[derive(Debug, Clone, PartialEq)]
+/// A provider: its ids and name, and its kind's configuration (`crate::providers`).
+#[derive(Debug, Clone)]
 pub struct Provider {
     pub id: String,
     pub tenant_id: String,
     pub name: String,
+    /// At most this many sends at once (SMTP sessions, HTTP requests, files being written).
     pub max_connections: u32,
-    pub transport: ProviderTransport,
+    pub config: Arc<dyn ProviderConfig>,
+}
+
+impl PartialEq for Provider {
+    /// Equal when nothing of them differs, secrets included.
+    fn eq(&self, other: &Self) -> bool {
+        self.fingerprint() == other.fingerprint()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -234,7 +226,7 @@ pub(super) fn load_tenants(
                 continue;
             }
         };
-        let mut p = |key: String, message: String| {
+        let problem = |problems: &mut Vec<ConfigProblem>, key: String, message: String| {
             problems.push(ConfigProblem {
                 file: file.clone(),
                 key,
@@ -242,114 +234,79 @@ pub(super) fn load_tenants(
             })
         };
         if raw.id.trim().is_empty() {
-            p("id".into(), "must not be empty".into());
+            problem(problems, "id".into(), "must not be empty".into());
         } else if !tenant_ids.insert(raw.id.clone()) {
-            p(
+            problem(
+                problems,
                 "id".into(),
                 format!("tenant id `{}` is already used by another file", raw.id),
             );
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let mut providers = Vec::new();
-        for (i, pf) in raw.providers.into_iter().enumerate() {
+        for (i, mut table) in raw.providers.into_iter().enumerate() {
             let key = |k: &str| format!("providers[{i}].{k}");
-            if pf.id.trim().is_empty() {
-                p(key("id"), "must not be empty".into());
-            } else if !provider_ids.insert(pf.id.clone()) {
-                p(
-                    key("id"),
-                    format!("provider id `{}` is already used", pf.id),
-                );
-            }
-            if pf.max_connections == 0 {
-                p(key("max_connections"), "must be at least 1".into());
-            }
-            let transport = match pf.kind {
-                ProviderKind::File => match pf.dir {
-                    Some(d) => ProviderTransport::File {
-                        dir: if d.is_absolute() { d } else { base.join(d) },
-                    },
-                    None => {
-                        p(key("dir"), "a provider of kind \"file\" needs `dir`".into());
-                        continue;
-                    }
-                },
-                ProviderKind::Smtp => {
-                    let host = match pf.host {
-                        Some(h) if !h.trim().is_empty() => h,
-                        _ => {
-                            p(
-                                key("host"),
-                                "a provider of kind \"smtp\" needs `host`".into(),
-                            );
-                            String::new()
-                        }
-                    };
-                    let tls = pf.tls.unwrap_or(TlsMode::Starttls);
-                    let port = pf.port.unwrap_or(match tls {
-                        TlsMode::None => 25,
-                        TlsMode::Starttls => 587,
-                        TlsMode::Tls => 465,
-                    });
-                    if port == 0 {
-                        p(key("port"), "must be between 1 and 65535".into());
-                    }
-                    let password = resolve_secret(
-                        env,
-                        base,
-                        pf.password,
-                        pf.password_env.as_deref(),
-                        pf.password_file.as_deref(),
-                        &key,
-                        &mut p,
-                    );
-                    let oauth2_token = match pf.oauth2_token_env.as_deref() {
-                        Some(name) => match env.var(name) {
-                            Some(v) => Some(Secret::new(v)),
-                            None => {
-                                p(
-                                    key("oauth2_token_env"),
-                                    format!("environment variable `{name}` is not set"),
-                                );
-                                None
-                            }
-                        },
-                        None => None,
-                    };
-                    let ca_file = pf
-                        .ca_file
-                        .map(|f| if f.is_absolute() { f } else { base.join(f) });
-                    if let Some(f) = &ca_file {
-                        if !f.is_file() {
-                            p(key("ca_file"), format!("{} does not exist", f.display()));
-                        }
-                    }
-                    if tls == TlsMode::None && (password.is_some() || oauth2_token.is_some()) {
-                        warnings.push(ConfigProblem {
-                            file: file.clone(),
-                            key: key("tls"),
-                            message: "credentials will be sent without TLS; only do this for a relay on a trusted network".into(),
-                        });
-                    }
-                    ProviderTransport::Smtp {
-                        host,
-                        port,
-                        tls,
-                        username: pf.username,
-                        password,
-                        oauth2_token,
-                        ca_file,
-                    }
+            let common: ProviderCommon = match toml::Value::Table(table.clone()).try_into() {
+                Ok(c) => c,
+                Err(e) => {
+                    problem(problems, format!("providers[{i}]"), super::one_line(&e));
+                    continue;
                 }
             };
+            if common.id.trim().is_empty() {
+                problem(problems, key("id"), "must not be empty".into());
+            } else if !provider_ids.insert(common.id.clone()) {
+                problem(
+                    problems,
+                    key("id"),
+                    format!("provider id `{}` is already used", common.id),
+                );
+            }
+            if common.max_connections == 0 {
+                problem(
+                    problems,
+                    key("max_connections"),
+                    "must be at least 1".into(),
+                );
+            }
+            let Some((_, parse)) = crate::providers::KINDS
+                .iter()
+                .find(|(k, _)| *k == common.kind)
+            else {
+                problem(
+                    problems,
+                    key("kind"),
+                    format!(
+                        "`{}` is not a provider kind; use one of {}",
+                        common.kind,
+                        crate::providers::kind_names()
+                    ),
+                );
+                continue;
+            };
+            for k in COMMON_PROVIDER_KEYS {
+                table.remove(*k);
+            }
+            let mut ctx = ParseContext {
+                env,
+                base,
+                file: &file,
+                prefix: format!("providers[{i}]"),
+                problems: &mut *problems,
+                warnings: &mut *warnings,
+            };
+            let Some(config) = parse(table, &mut ctx) else {
+                continue;
+            };
             providers.push(Provider {
-                name: pf.name.unwrap_or_else(|| pf.id.clone()),
-                id: pf.id,
+                name: common.name.unwrap_or_else(|| common.id.clone()),
+                id: common.id,
                 tenant_id: raw.id.clone(),
-                max_connections: pf.max_connections,
-                transport,
+                max_connections: common.max_connections,
+                config,
             });
         }
+        let mut p = |key: String, message: String| problem(problems, key, message);
         let mut mailboxes = Vec::new();
         for (i, mf) in raw.mailboxes.into_iter().enumerate() {
             let key = |k: &str| format!("mailboxes[{i}].{k}");
@@ -437,36 +394,40 @@ pub(super) fn load_tenants(
     tenants
 }
 
-fn fingerprint_of(debug: String, secrets: &[Option<&Secret>]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    debug.hash(&mut h);
-    for s in secrets {
-        s.map(|s| s.expose()).hash(&mut h);
-    }
-    h.finish()
-}
-
 impl Provider {
     /// Changes whenever anything of the provider changes, secrets included.
     pub fn fingerprint(&self) -> u64 {
-        match &self.transport {
-            ProviderTransport::Smtp {
-                password,
-                oauth2_token,
-                ..
-            } => fingerprint_of(
-                format!("{self:?}"),
-                &[password.as_ref(), oauth2_token.as_ref()],
-            ),
-            ProviderTransport::File { .. } => fingerprint_of(format!("{self:?}"), &[]),
-        }
+        let mut h = Fingerprint::new();
+        h.add(&self.id)
+            .add(&self.tenant_id)
+            .add(&self.name)
+            .add(&self.max_connections)
+            .add(&self.config.kind());
+        self.config.fingerprint(&mut h);
+        h.finish()
     }
 }
 
 impl Mailbox {
     /// Changes whenever anything of the mailbox changes, its password included.
     pub fn fingerprint(&self) -> u64 {
-        fingerprint_of(format!("{self:?}"), &[self.password.as_ref()])
+        let mut h = Fingerprint::new();
+        h.add(&self.id)
+            .add(&self.tenant_id)
+            .add(&self.user_id)
+            .add(&self.provider_id)
+            .add(&(self.protocol as u8))
+            .add(&self.host)
+            .add(&self.port)
+            .add(&self.tls.as_str())
+            .add(&self.username)
+            .add(&self.folder)
+            .add(&self.idle)
+            .add(&self.poll_interval)
+            .add(&format!("{:?}", self.initial_sync))
+            .add(&self.delete_after_fetch)
+            .add(&self.ca_file)
+            .secret(self.password.as_ref());
+        h.finish()
     }
 }
