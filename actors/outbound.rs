@@ -96,6 +96,11 @@ struct Failure {
     last_reply: Option<String>,
     /// The provider may have accepted it anyway (the outbox records it).
     uncertain: bool,
+    /// The provider asked to wait at least this long (`Retry-After`).
+    retry_after: Option<Duration>,
+    /// Not a failure: the provider's rate limit has no room for it yet. Parked without
+    /// counting a retry.
+    deferred: bool,
 }
 
 impl Failure {
@@ -105,6 +110,8 @@ impl Failure {
             class,
             last_reply: None,
             uncertain: false,
+            retry_after: None,
+            deferred: false,
         }
     }
 
@@ -421,6 +428,8 @@ impl Pipeline {
                     class: e.class(),
                     last_reply: e.last_reply(),
                     uncertain: e.is_uncertain(),
+                    retry_after: e.retry_after(),
+                    deferred: matches!(e, SendError::Deferred { .. }),
                 };
                 return self.on_failure(d, ids, guard, f).await;
             }
@@ -581,20 +590,32 @@ impl Pipeline {
     ) -> Disposition {
         let settings = self.settings();
         let key = guard.key.clone();
-        self.count_failure(ids, &failure);
+        if !failure.deferred {
+            self.count_failure(ids, &failure);
+        }
         let max_retries = settings.retry.max_retries;
         let ids = RequestIds {
             tenant_id: Some(key.tenant_id.clone()),
             message_id: Some(key.message_id.clone()),
             provider_id: ids.provider_id.clone(),
         };
-        tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
-            class = %failure.class, retry = d.retry, reply = failure.last_reply.as_deref().unwrap_or(""),
-            "send failed: {}", failure.error);
+        if failure.deferred {
+            tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+                retry = d.retry, "parked: {}", failure.error);
+        } else {
+            tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
+                class = %failure.class, retry = d.retry, reply = failure.last_reply.as_deref().unwrap_or(""),
+                "send failed: {}", failure.error);
+        }
 
-        if failure.class == FailureClass::Transient && d.retry < max_retries {
-            let next = d.retry + 1;
-            let delay = settings.retry_delay(next);
+        if failure.class == FailureClass::Transient && (failure.deferred || d.retry < max_retries) {
+            // A deferral is not a retry: it comes back as the same attempt.
+            let next = if failure.deferred {
+                d.retry
+            } else {
+                d.retry + 1
+            };
+            let delay = settings.retry_delay_at_least(next, failure.retry_after);
             let token = new_retry_token();
             // Parked first (confirmed), then recorded: a crash in between leaves the row to
             // the redelivered copy, and the parked one then stands down as a duplicate.
@@ -630,6 +651,10 @@ impl Pipeline {
                 // The parked retry comes back with a token the row does not have: it will
                 // stand down, and this copy, requeued, continues the request.
                 Err(_) => return Disposition::Requeue,
+            }
+            if failure.deferred {
+                // Nothing failed: no retry counted, no `retrying` result.
+                return Disposition::Ack;
             }
             self.metrics.do_send(Count::one(
                 "mailbridge_retries_total",

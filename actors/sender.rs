@@ -2,16 +2,18 @@
 //! (`crate::providers`: SMTP sessions, files, …), reporting the provider's health and the
 //! time each send took.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::actors::metrics::{MetricsActor, Observe, ReportHealth};
 use crate::actors::supervisor::{Abort, Drain};
 use crate::domain::{ComponentHealth, ComponentId};
 use crate::outbound::OutgoingEmail;
+use crate::providers::limits::{Limit, RateLimiter, Slot};
 use crate::providers::{Accepted, SendError, Transport, TransportContext};
 use crate::settings::Provider;
 
@@ -20,6 +22,10 @@ pub struct SenderActor {
     /// The provider's transport, or why it could not be set up (every send fails with it).
     transport: Result<Rc<dyn Transport>, SendError>,
     metrics: Addr<MetricsActor>,
+    /// `rate_per_second` and `rate_per_day`.
+    limiter: Rc<RefCell<RateLimiter>>,
+    /// `max_in_flight`.
+    in_flight_limit: Option<Rc<Semaphore>>,
     last_ok: Option<bool>,
     in_flight: usize,
     draining: Vec<oneshot::Sender<()>>,
@@ -34,10 +40,15 @@ impl SenderActor {
                 max_connections: provider.max_connections,
             })
             .map(Rc::from);
+        let limits = provider.limits;
         Self {
             provider,
             transport,
             metrics,
+            limiter: Rc::new(RefCell::new(RateLimiter::new(limits))),
+            in_flight_limit: limits
+                .max_in_flight
+                .map(|n| Rc::new(Semaphore::new(n as usize))),
             last_ok: None,
             in_flight: 0,
             draining: Vec::new(),
@@ -89,12 +100,35 @@ impl Handler<Deliver> for SenderActor {
         self.in_flight += 1;
         let transport = self.transport.clone();
         let metrics = self.metrics.clone();
+        // The rate limits first: a send is held up to `MAX_WAIT` for its slot, or parked.
+        let slot = self.limiter.borrow_mut().reserve(Instant::now());
+        let in_flight_limit = self.in_flight_limit.clone();
         let labels = vec![
             ("tenant", msg.tenant_id.clone()),
             ("provider", self.provider.id.clone()),
         ];
         Box::pin(
             async move {
+                let wait = match slot {
+                    Slot::After(wait) => wait,
+                    Slot::Park { wait, limit } => {
+                        return Err(SendError::Deferred {
+                            limit: match limit {
+                                Limit::PerSecond => "rate_per_second",
+                                Limit::PerDay => "rate_per_day",
+                            },
+                            wait,
+                        })
+                    }
+                };
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                // The semaphore is never closed; a send without a permit would only exceed it.
+                let _permit = match &in_flight_limit {
+                    Some(s) => s.acquire().await.ok(),
+                    None => None,
+                };
                 let started = Instant::now();
                 let result = match &transport {
                     Ok(t) => t.send(&msg.email).await,

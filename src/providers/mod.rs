@@ -23,7 +23,10 @@ use crate::outbound::{FailureClass, OutgoingEmail};
 use crate::settings::{ConfigProblem, Env, Secret};
 
 pub mod file;
+pub mod limits;
 pub mod smtp;
+
+pub use limits::RateLimits;
 
 /// What a provider said when it took an email.
 #[derive(Debug, Clone)]
@@ -86,6 +89,10 @@ pub enum SendError {
     /// No access token could be had for now (the token endpoint is unreachable or failing).
     #[error("cannot get an access token for {account}: {detail}")]
     Token { account: String, detail: String },
+    /// The provider's rate limit (`rate_per_second`, `rate_per_day`) has no room for this
+    /// send within the longest a send is held: it is parked for `wait`, not counted as a retry.
+    #[error("waiting for the provider's {limit} limit; sent in {wait:?} at the earliest")]
+    Deferred { limit: &'static str, wait: Duration },
     #[error("provider is misconfigured: {0}")]
     Config(String),
     #[error("cannot write the email file: {0}")]
@@ -120,6 +127,7 @@ impl SendError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             SendError::Http { retry_after, .. } => *retry_after,
+            SendError::Deferred { wait, .. } => Some(*wait),
             _ => None,
         }
     }
@@ -142,7 +150,9 @@ impl SendError {
     /// service stopping).
     pub fn is_about_the_email(&self) -> bool {
         match self {
-            SendError::Rejected { .. } | SendError::ShuttingDown => true,
+            SendError::Rejected { .. } | SendError::ShuttingDown | SendError::Deferred { .. } => {
+                true
+            }
             // A 4xx is about the request, but for refused credentials (401, 403) and throttling
             // (429); 5xx are about the provider.
             SendError::Http { status, .. } => {
@@ -187,6 +197,12 @@ pub trait ProviderConfig: fmt::Debug + Send + Sync {
 
     /// The client that delivers through it.
     fn transport(&self, ctx: &TransportContext) -> Result<Box<dyn Transport>, SendError>;
+
+    /// The limits that apply when the provider's table sets none (an API's documented
+    /// per-mailbox limits, say).
+    fn default_limits(&self) -> RateLimits {
+        RateLimits::default()
+    }
 }
 
 /// A provider's row in the `providers` mirror table, beyond its ids and name.
@@ -210,6 +226,11 @@ impl Fingerprint {
     pub fn add(&mut self, value: &impl Hash) -> &mut Self {
         value.hash(&mut self.0);
         self
+    }
+
+    /// The hasher itself, for values that hash themselves.
+    pub fn hasher(&mut self) -> &mut impl Hasher {
+        &mut self.0
     }
 
     /// Adds a secret's value.

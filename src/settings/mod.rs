@@ -125,6 +125,16 @@ pub fn default_config_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("config/mailbridge.toml"))
 }
 
+/// The service's own delay queues beyond the configured delays, for a provider that asks to
+/// wait longer than the schedule (`Retry-After`): its wait is rounded up to the next rung.
+pub const RETRY_LADDER: [Duration; 5] = [
+    Duration::from_secs(30),
+    Duration::from_secs(60),
+    Duration::from_secs(300),
+    Duration::from_secs(900),
+    Duration::from_secs(3600),
+];
+
 impl Settings {
     /// Loads the main file at `path`, applies the environment and loads every tenant file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
@@ -409,13 +419,32 @@ impl Settings {
         )
     }
 
-    /// Every delay queue of the configuration, with its delay.
+    /// The delay before retry number `retry` when the provider asked to wait at least
+    /// `at_least` (a `Retry-After`): the scheduled delay when it is long enough, else the
+    /// shortest delay queue that is — a configured delay or a rung of [`RETRY_LADDER`] — and
+    /// the longest rung for a wait longer than all of them (the retry then asks again).
+    pub fn retry_delay_at_least(&self, retry: u32, at_least: Option<Duration>) -> Duration {
+        let scheduled = self.retry_delay(retry);
+        let Some(min) = at_least.filter(|m| *m > scheduled) else {
+            return scheduled;
+        };
+        self.retry_queues()
+            .into_iter()
+            .map(|(_, d)| d)
+            .filter(|d| *d >= min)
+            .min()
+            .unwrap_or(RETRY_LADDER[RETRY_LADDER.len() - 1])
+    }
+
+    /// Every delay queue: the configured delays', then the rungs of [`RETRY_LADDER`], each
+    /// once with its delay. All are declared at connect; nothing is published to any other.
     pub fn retry_queues(&self) -> Vec<(String, Duration)> {
         let mut out: Vec<(String, Duration)> = Vec::new();
-        for d in &self.retry.delays {
-            let q = self.retry_queue(d.0);
+        let configured = self.retry.delays.iter().map(|d| d.0);
+        for d in configured.chain(RETRY_LADDER) {
+            let q = self.retry_queue(d);
             if !out.iter().any(|(name, _)| *name == q) {
-                out.push((q, d.0));
+                out.push((q, d));
             }
         }
         out
@@ -550,8 +579,46 @@ mod tests {
         let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
         let secs: Vec<u64> = (1..=5).map(|n| s.retry_delay(n).as_secs()).collect();
         assert_eq!(secs, [1, 5, 5, 5, 5]);
-        assert_eq!(s.retry_queues().len(), 2);
+        // The two configured delays, then the five rungs of the ladder.
+        assert_eq!(s.retry_queues().len(), 7);
         assert_eq!(s.retry_queues()[0].0, "mailbridge.retry.email.send.1000ms");
+        assert_eq!(
+            s.retry_queues()[6].0,
+            "mailbridge.retry.email.send.3600000ms"
+        );
+    }
+
+    #[test]
+    fn a_retry_after_rounds_up_to_a_declared_delay_queue() {
+        let d = tempdir("retry_after");
+        let main = write(
+            &d,
+            "m.toml",
+            "[retry]\nmax_retries = 5\ndelays = [\"1s\", \"45s\"]\n",
+        );
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        let at_least = |retry, secs| {
+            s.retry_delay_at_least(retry, Some(Duration::from_secs(secs)))
+                .as_secs()
+        };
+        // Shorter than the schedule: the schedule stands.
+        assert_eq!(at_least(2, 10), 45);
+        assert_eq!(s.retry_delay_at_least(1, None).as_secs(), 1);
+        // Longer: the shortest declared queue at least as long, configured or a rung.
+        assert_eq!(at_least(1, 2), 30);
+        assert_eq!(at_least(1, 31), 45);
+        assert_eq!(at_least(1, 46), 60);
+        assert_eq!(at_least(1, 61), 300);
+        assert_eq!(at_least(1, 3600), 3600);
+        // Past the ladder: its longest rung.
+        assert_eq!(at_least(1, 86_400), 3600);
+        let declared: Vec<Duration> = s.retry_queues().into_iter().map(|(_, d)| d).collect();
+        for secs in [0, 1, 7, 29, 30, 59, 299, 900, 901, 5000] {
+            for retry in 1..=5 {
+                let delay = s.retry_delay_at_least(retry, Some(Duration::from_secs(secs)));
+                assert!(declared.contains(&delay), "{delay:?} has no queue");
+            }
+        }
     }
 
     #[test]

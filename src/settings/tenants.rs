@@ -10,7 +10,7 @@ use super::secrets::resolve_secret;
 use std::sync::Arc;
 
 use super::{parse_duration, parse_toml, ConfigProblem, Dur, Env, Secret};
-use crate::providers::{Fingerprint, ParseContext, ProviderConfig};
+use crate::providers::{Fingerprint, ParseContext, ProviderConfig, RateLimits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -68,6 +68,9 @@ struct ProviderCommon {
     kind: String,
     #[serde(default = "default_max_connections")]
     max_connections: u32,
+    rate_per_second: Option<f64>,
+    rate_per_day: Option<u64>,
+    max_in_flight: Option<u32>,
 }
 
 fn default_max_connections() -> u32 {
@@ -75,7 +78,15 @@ fn default_max_connections() -> u32 {
 }
 
 /// The keys of [`ProviderCommon`], taken out of the table before its kind reads the rest.
-const COMMON_PROVIDER_KEYS: &[&str] = &["id", "name", "kind", "max_connections"];
+const COMMON_PROVIDER_KEYS: &[&str] = &[
+    "id",
+    "name",
+    "kind",
+    "max_connections",
+    "rate_per_second",
+    "rate_per_day",
+    "max_in_flight",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +147,8 @@ pub struct Provider {
     pub name: String,
     /// At most this many sends at once (SMTP sessions, HTTP requests, files being written).
     pub max_connections: u32,
+    /// `rate_per_second`, `rate_per_day`, `max_in_flight`, else the kind's defaults.
+    pub limits: RateLimits,
     pub config: Arc<dyn ProviderConfig>,
 }
 
@@ -269,6 +282,30 @@ pub(super) fn load_tenants(
                     "must be at least 1".into(),
                 );
             }
+            if common
+                .rate_per_second
+                .is_some_and(|r| !r.is_finite() || r <= 0.0)
+            {
+                problem(
+                    problems,
+                    key("rate_per_second"),
+                    "must be a number of sends per second above 0 (0.5 = one every 2 s); leave it out for no limit".into(),
+                );
+            }
+            if common.rate_per_day == Some(0) {
+                problem(
+                    problems,
+                    key("rate_per_day"),
+                    "must be at least 1; leave it out for no limit".into(),
+                );
+            }
+            if common.max_in_flight == Some(0) {
+                problem(
+                    problems,
+                    key("max_in_flight"),
+                    "must be at least 1; leave it out for no limit beyond max_connections".into(),
+                );
+            }
             let Some((_, parse)) = crate::providers::KINDS
                 .iter()
                 .find(|(k, _)| *k == common.kind)
@@ -303,6 +340,12 @@ pub(super) fn load_tenants(
                 id: common.id,
                 tenant_id: raw.id.clone(),
                 max_connections: common.max_connections,
+                limits: RateLimits {
+                    per_second: common.rate_per_second,
+                    per_day: common.rate_per_day,
+                    max_in_flight: common.max_in_flight,
+                }
+                .or(config.default_limits()),
                 config,
             });
         }
@@ -403,6 +446,7 @@ impl Provider {
             .add(&self.name)
             .add(&self.max_connections)
             .add(&self.config.kind());
+        self.limits.hash_into(h.hasher());
         self.config.fingerprint(&mut h);
         h.finish()
     }
