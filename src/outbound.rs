@@ -1077,13 +1077,31 @@ pub struct ProviderResponse {
 
 /// A result on `email.send.result` (contract §4): the guide's "Expected Response" or its
 /// "Error Response Format", always with `tenant_id` and `message_id`.
+/// A result's `status`.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResultStatus {
+    Sent,
+    Retrying,
+    Failed,
+}
+
+impl ResultStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResultStatus::Sent => "sent",
+            ResultStatus::Retrying => "retrying",
+            ResultStatus::Failed => "failed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct SendResult {
     pub success: bool,
     pub tenant_id: Option<String>,
     pub message_id: Option<String>,
-    /// `sent`, `retrying` or `failed`.
-    pub status: &'static str,
+    pub status: ResultStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub provider_response: Option<ProviderResponse>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1104,7 +1122,7 @@ impl SendResult {
             success: true,
             tenant_id: Some(tenant_id.into()),
             message_id: Some(message_id.into()),
-            status: "sent",
+            status: ResultStatus::Sent,
             provider_response: Some(provider),
             error: None,
             error_class: None,
@@ -1125,7 +1143,7 @@ impl SendResult {
             success: false,
             tenant_id: ids.tenant_id.clone(),
             message_id: ids.message_id.clone(),
-            status: "failed",
+            status: ResultStatus::Failed,
             provider_response: None,
             error: Some(error),
             error_class: Some(class),
@@ -1146,7 +1164,7 @@ impl SendResult {
                 "{}\u{1f}{}\u{1f}{}\u{1f}{}",
                 self.tenant_id.as_deref().unwrap_or(""),
                 self.message_id.as_deref().unwrap_or(""),
-                self.status,
+                self.status.as_str(),
                 self.retry_count.unwrap_or(0)
             )
             .as_bytes(),
@@ -1162,7 +1180,7 @@ impl SendResult {
         next_retry_at: String,
     ) -> Self {
         Self {
-            status: "retrying",
+            status: ResultStatus::Retrying,
             error_class: Some(FailureClass::Transient),
             next_retry_at: Some(next_retry_at),
             ..Self::failed(
