@@ -306,7 +306,13 @@ pub fn required_secret(
             format!("a provider of kind \"{kind}\" needs `{name}`, `{name}_env` or `{name}_file`"),
         );
     }
-    secret.filter(|s| !s.expose().is_empty())
+    match secret {
+        Some(s) if s.expose().trim().is_empty() => {
+            ctx.problem(name, format!("`{name}` is empty"));
+            None
+        }
+        other => other,
+    }
 }
 
 /// The API's own error text from an error answer's body: the message fields of the JSON
