@@ -71,6 +71,7 @@ id = "postmark"
 name = "Postmark"
 kind = "postmark"
 api_key = "{API_KEY}"
+message_stream = "outbound"
 base_url = "{base}"
 
 [[providers]]
@@ -369,6 +370,7 @@ async fn every_kind_delivers_the_guide_request_through_its_api() {
     assert_eq!(j["Subject"], "Test Email");
     assert_eq!(j["TextBody"], "Hello World");
     assert_eq!(j["HtmlBody"], "<p>Hello World</p>");
+    assert_eq!(j["MessageStream"], "outbound");
     assert!(j["Headers"]
         .as_array()
         .unwrap()

@@ -179,12 +179,12 @@ impl HttpApi {
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 Ok(None) => break,
-                // The status is what counts; a body cut short only loses detail.
-                Err(e) if !(200..300).contains(&status) => {
-                    tracing::debug!(endpoint = %self.endpoint, "error answer cut short: {e}");
+                // The status is what counts: a 2xx cut short was still accepted (it would be
+                // sent twice if it were retried), an error only loses detail.
+                Err(e) => {
+                    tracing::warn!(endpoint = %self.endpoint, status, "answer cut short: {e}");
                     break;
                 }
-                Err(e) => return Err(self.network(&e, "reading the answer")),
             }
         }
         Ok(ApiAnswer {
@@ -242,10 +242,11 @@ fn auth_header(auth: Auth, secret: &Secret) -> Result<(&'static str, HeaderValue
 
 /// Builds a request body from `email`: on the blocking pool for a large email, so that
 /// base64 and JSON of megabytes do not hold up the actors' thread.
-pub async fn build_off_thread<T: Send + 'static>(
-    email: &OutgoingEmail,
-    build: fn(&OutgoingEmail) -> T,
-) -> Result<T, SendError> {
+pub async fn build_off_thread<T, F>(email: &OutgoingEmail, build: F) -> Result<T, SendError>
+where
+    T: Send + 'static,
+    F: FnOnce(&OutgoingEmail) -> T + Send + 'static,
+{
     if email.bytes.len() < OFF_THREAD_BYTES {
         return Ok(build(email));
     }

@@ -97,17 +97,17 @@ struct PostmarkTransport {
 impl Transport for PostmarkTransport {
     fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
         Box::pin(async move {
-            let mut body = http_api::build_off_thread(email, request_body).await?;
-            if let Some(stream) = &self.message_stream {
-                body["MessageStream"] = Value::String(stream.clone());
-            }
+            let stream = self.message_stream.clone();
+            let body =
+                http_api::build_off_thread(email, move |e| request_body(e, stream.as_deref()))
+                    .await?;
             let answer = self
                 .api
                 .post(ApiRequest {
                     url: self.url.clone(),
                     content_type: "application/json".into(),
                     headers: vec![("accept", "application/json".into())],
-                    body: serde_json::to_vec(&body).unwrap_or_default(),
+                    body,
                     credential: Some((&self.credential, Auth::Header("x-postmark-server-token"))),
                 })
                 .await?;
@@ -134,7 +134,7 @@ fn list(mailboxes: &[lettre::message::Mailbox]) -> String {
 }
 
 /// The Email API JSON of `email`.
-fn request_body(email: &OutgoingEmail) -> Value {
+fn request_body(email: &OutgoingEmail, message_stream: Option<&str>) -> Vec<u8> {
     let p = &email.parts;
     let mut headers: Vec<Value> = p
         .headers
@@ -171,5 +171,8 @@ fn request_body(email: &OutgoingEmail) -> Value {
             })
             .collect();
     }
-    body
+    if let Some(stream) = message_stream {
+        body["MessageStream"] = stream.into();
+    }
+    serde_json::to_vec(&body).unwrap_or_default()
 }
