@@ -458,11 +458,31 @@ pub fn parse_retry_after(value: &str, now: OffsetDateTime) -> Option<Duration> {
     })
 }
 
+/// An HTTP-date in any of RFC 9110's three forms: IMF-fixdate (`Sun, 06 Nov 1994 08:49:37
+/// GMT`), and the obsolete RFC 850 (`Sunday, 06-Nov-94 08:49:37 GMT`) and asctime (`Sun Nov  6
+/// 08:49:37 1994`) forms recipients must still accept.
 fn parse_http_date(value: &str) -> Option<OffsetDateTime> {
-    let mut words = value.split_ascii_whitespace();
-    let _weekday = words.next()?.strip_suffix(',')?;
-    let day: u8 = words.next()?.parse().ok()?;
-    let month = match words.next()? {
+    let words: Vec<&str> = value.split_ascii_whitespace().collect();
+    let (day, month, year, hms) = match words.as_slice() {
+        [wd, day, month, year, hms, "GMT"] if wd.ends_with(',') => {
+            (day.parse().ok()?, *month, year.parse().ok()?, *hms)
+        }
+        [wd, dmy, hms, "GMT"] if wd.ends_with(',') => {
+            let mut parts = dmy.split('-');
+            let (day, month, yy) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() || yy.len() != 2 {
+                return None;
+            }
+            // 70–99 are 19xx, the rest 20xx: RFC 9110's 50-year rule for any date sent
+            // between 2020 and 2069.
+            let yy: i32 = yy.parse().ok()?;
+            let year = if yy < 70 { 2000 + yy } else { 1900 + yy };
+            (day.parse().ok()?, month, year, *hms)
+        }
+        [_wd, month, day, hms, year] => (day.parse().ok()?, *month, year.parse().ok()?, *hms),
+        _ => return None,
+    };
+    let month = match month {
         "Jan" => time::Month::January,
         "Feb" => time::Month::February,
         "Mar" => time::Month::March,
@@ -477,12 +497,11 @@ fn parse_http_date(value: &str) -> Option<OffsetDateTime> {
         "Dec" => time::Month::December,
         _ => return None,
     };
-    let year: i32 = words.next()?.parse().ok()?;
-    let mut hms = words.next()?.split(':');
-    let h: u8 = hms.next()?.parse().ok()?;
-    let m: u8 = hms.next()?.parse().ok()?;
-    let s: u8 = hms.next()?.parse().ok()?;
-    if words.next()? != "GMT" || words.next().is_some() || hms.next().is_some() {
+    let mut parts = hms.split(':');
+    let h: u8 = parts.next()?.parse().ok()?;
+    let m: u8 = parts.next()?.parse().ok()?;
+    let s: u8 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
         return None;
     }
     let date = time::Date::from_calendar_date(year, month, day).ok()?;
@@ -507,6 +526,15 @@ mod tests {
             parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
             Some(Duration::from_secs(60))
         );
+        // The obsolete forms.
+        assert_eq!(
+            parse_retry_after("Wednesday, 21-Oct-15 07:28:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_retry_after("Wed Oct 21 07:29:00 2015", now),
+            Some(Duration::from_secs(120))
+        );
         // A date in the past: retry now.
         assert_eq!(
             parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
@@ -527,6 +555,9 @@ mod tests {
             "Wed, 21 Foo 2015 07:28:00 GMT",
             "Wed 21 Oct 2015 07:28:00 GMT",
             "Wed, 21 Oct 2015 25:28:00 GMT",
+            "Wed, 21 Oct 2015 07:28:00:00 GMT",
+            "Wednesday, 21-Oct-2015 07:28:30 GMT",
+            "Wed Oct 21 07:29:00",
         ] {
             assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
         }
