@@ -512,7 +512,137 @@ fn parse_http_date(value: &str) -> Option<OffsetDateTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbound::FailureClass;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use time::macros::datetime;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that answers each connection's first request with `answer` (or never, when
+    /// `None`), and counts the requests.
+    async fn server(answer: Option<&'static str>) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    match answer {
+                        Some(a) => {
+                            let _ = s.write_all(a.as_bytes()).await;
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(30)).await,
+                    }
+                });
+            }
+        });
+        (url, count)
+    }
+
+    fn api(url: &str, timeout: Duration) -> HttpApi {
+        HttpApi::new(
+            url,
+            &TransportContext {
+                send_timeout: timeout,
+                max_connections: 2,
+            },
+        )
+        .unwrap()
+    }
+
+    fn request<'a>(url: &str, credential: &'a Credential) -> ApiRequest<'a> {
+        ApiRequest {
+            url: format!("{url}/send"),
+            content_type: "application/json".into(),
+            headers: Vec::new(),
+            body: b"{}".to_vec(),
+            credential: Some((credential, Auth::Bearer)),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_and_network_failures_become_outcomes() {
+        let key = Credential::Static(Secret::new("key-hunter2"));
+
+        let (url, _) = server(Some(
+            "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 27\r\n\r\n{\"message\":\"down for now\"}",
+        ))
+        .await;
+        let e = api(&url, Duration::from_secs(5))
+            .post(request(&url, &key))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, SendError::Http { status: 503, reply, .. } if reply == "down for now"),
+            "{e:?}"
+        );
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(5)));
+        assert_eq!(e.class(), FailureClass::Transient);
+
+        // A static key refused: told once, not retried; permanent.
+        let (url, count) = server(Some(
+            "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n",
+        ))
+        .await;
+        let e = api(&url, Duration::from_secs(5))
+            .post(request(&url, &key))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::Http { status: 401, .. }), "{e:?}");
+        assert_eq!(e.class(), FailureClass::Permanent);
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        assert!(!format!("{e:?} {e}").contains("hunter2"));
+
+        // Success with its body.
+        let (url, _) = server(Some(
+            "HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"id\":\"x1\"}",
+        ))
+        .await;
+        let a = api(&url, Duration::from_secs(5))
+            .post(request(&url, &key))
+            .await
+            .unwrap();
+        assert_eq!(a.json_str("id").as_deref(), Some("x1"));
+
+        // No answer: a timeout, transient.
+        let (url, _) = server(None).await;
+        let e = api(&url, Duration::from_millis(300))
+            .post(request(&url, &key))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::Timeout { .. }), "{e:?}");
+        assert_eq!(e.class(), FailureClass::Transient);
+
+        // Nobody listening: cannot connect, transient.
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let e = api(&url, Duration::from_secs(5))
+            .post(request(&url, &key))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SendError::Connect { .. }), "{e:?}");
+        assert_eq!(e.class(), FailureClass::Transient);
+
+        // Aborted: nothing new starts.
+        let a = api(&url, Duration::from_secs(5));
+        a.abort();
+        let e = a.post(request(&url, &key)).await.unwrap_err();
+        assert!(matches!(e, SendError::ShuttingDown), "{e:?}");
+    }
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates() {
