@@ -850,7 +850,8 @@ pub struct FetchedAttachment {
     pub bytes: Vec<u8>,
 }
 
-/// The email ready to hand to a provider.
+/// The email ready to hand to a provider: the finished MIME message for the kinds that take
+/// one, and its parts for the HTTP APIs that take fields instead (SendGrid, Postmark, Resend).
 #[derive(Debug, Clone)]
 pub struct OutgoingEmail {
     pub envelope: Envelope,
@@ -858,6 +859,29 @@ pub struct OutgoingEmail {
     pub bytes: Vec<u8>,
     /// Without angle brackets.
     pub rfc_message_id: String,
+    /// What the message was built from.
+    pub parts: EmailParts,
+}
+
+/// The parts an email was built from, as an API that takes fields wants them. The MIME
+/// message and these say the same thing: the same addresses, subject, bodies (the text
+/// alternative of an HTML body included), custom headers and attachment bytes.
+#[derive(Debug, Clone)]
+pub struct EmailParts {
+    pub tenant_id: String,
+    /// The request's `message_id` (not the RFC 5322 Message-ID).
+    pub message_id: String,
+    pub from: Mailbox,
+    pub to: Vec<Mailbox>,
+    pub cc: Vec<Mailbox>,
+    pub bcc: Vec<Mailbox>,
+    pub subject: String,
+    /// The text body: the request's, or the text alternative of its HTML.
+    pub text: String,
+    pub html: Option<String>,
+    /// The request's custom headers, by name as given.
+    pub headers: Vec<(String, String)>,
+    pub attachments: Vec<FetchedAttachment>,
 }
 
 /// A header as it goes on the wire, folded into lines of at most 78 characters where it has
@@ -991,6 +1015,27 @@ pub fn build_email(
     let envelope = Envelope::new(Some(req.from.email.clone()), recipients)
         .map_err(|e| RequestError::field("to", format!("no usable envelope: {e}")))?;
     b = b.envelope(envelope.clone());
+    let (text, html) = match r.body_format {
+        BodyFormat::Html => (html_to_text(&r.body_content), Some(r.body_content.clone())),
+        BodyFormat::Text => (r.body_content.clone(), None),
+    };
+    let parts = EmailParts {
+        tenant_id: r.tenant_id.clone(),
+        message_id: r.message_id.clone(),
+        from: req.from.clone(),
+        to: req.to.clone(),
+        cc: req.cc.clone(),
+        bcc: req.bcc.clone(),
+        subject: r.subject.clone(),
+        text,
+        html,
+        headers: req
+            .headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.clone()))
+            .collect(),
+        attachments: attachments.clone(),
+    };
 
     let message = match (r.body_format, attachments.is_empty()) {
         (BodyFormat::Text, true) => {
@@ -999,7 +1044,7 @@ pub fn build_email(
         (format, _) => {
             let body = match format {
                 BodyFormat::Html => MultiPart::alternative_plain_html(
-                    text_body(html_to_text(&r.body_content)),
+                    text_body(parts.text.clone()),
                     text_body(r.body_content.clone()),
                 ),
                 BodyFormat::Text => MultiPart::mixed()
@@ -1036,6 +1081,7 @@ pub fn build_email(
         envelope,
         bytes: message.formatted(),
         rfc_message_id: rfc_id,
+        parts,
     })
 }
 

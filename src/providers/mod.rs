@@ -23,7 +23,16 @@ use crate::outbound::{FailureClass, OutgoingEmail};
 use crate::settings::{ConfigProblem, Env, Secret};
 
 pub mod file;
+pub mod gmail_api;
+pub mod http_api;
 pub mod limits;
+pub mod mailgun;
+pub mod ms_graph;
+pub mod postmark;
+pub mod resend;
+pub mod sendgrid;
+pub mod ses;
+pub mod sigv4;
 pub mod smtp;
 
 pub use limits::RateLimits;
@@ -254,7 +263,17 @@ impl Default for Fingerprint {
 pub type Parse = fn(toml::Table, &mut ParseContext) -> Option<Arc<dyn ProviderConfig>>;
 
 /// Every sending kind, by the `kind` a tenant file names it with.
-pub const KINDS: &[(&str, Parse)] = &[("smtp", smtp::parse), ("file", file::parse)];
+pub const KINDS: &[(&str, Parse)] = &[
+    ("smtp", smtp::parse),
+    ("file", file::parse),
+    ("sendgrid", sendgrid::parse),
+    ("mailgun", mailgun::parse),
+    ("postmark", postmark::parse),
+    ("ses", ses::parse),
+    ("resend", resend::parse),
+    ("gmail_api", gmail_api::parse),
+    ("ms_graph", ms_graph::parse),
+];
 
 /// The kinds' names, for the message that names them all.
 pub fn kind_names() -> String {

@@ -698,6 +698,97 @@ username = "u"
     }
 
     #[test]
+    fn http_kind_problems_are_reported_and_keys_never_print() {
+        let d = tempdir("http-kinds");
+        let main = write(&d, "m.toml", "");
+        write(
+            &d,
+            "tenants.d/bad.toml",
+            r#"
+id = "t1"
+[[providers]]
+id = "p0"
+kind = "sendgrid"
+[[providers]]
+id = "p1"
+kind = "mailgun"
+api_key = "k"
+[[providers]]
+id = "p2"
+kind = "ses"
+region = "EU West"
+access_key_id = "AKID"
+secret_access_key = "s"
+[[providers]]
+id = "p3"
+kind = "postmark"
+apikey = "k"
+[[providers]]
+id = "p4"
+kind = "resend"
+api_key = "k"
+base_url = "ftp://example.com"
+[[providers]]
+id = "p5"
+kind = "gmail_api"
+user = "a b"
+access_token = "t"
+[[providers]]
+id = "p6"
+kind = "ms_graph"
+access_token = "t"
+access_token_env = "MB_TOKEN"
+[[providers]]
+id = "p7"
+kind = "resend"
+api_key = " "
+"#,
+        );
+        let err = Settings::load_with_env(&main, &BTreeMap::new()).unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "providers[0].api_key",
+            "providers[1].domain",
+            "providers[2].region",
+            "providers[3].apikey",
+            "providers[4].base_url",
+            "providers[5].user",
+            "providers[6].access_token",
+            "providers[7].api_key",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
+        }
+
+        std::fs::remove_file(d.join("tenants.d/bad.toml")).unwrap();
+        write(
+            &d,
+            "tenants.d/good.toml",
+            r#"
+id = "t1"
+[[providers]]
+id = "sg"
+kind = "sendgrid"
+api_key_env = "MB_KEY"
+[[providers]]
+id = "ses"
+kind = "ses"
+region = "eu-west-1"
+access_key_id = "AKIDEXAMPLE"
+secret_access_key = "aws-secret-hunter2"
+[[providers]]
+id = "graph"
+kind = "ms_graph"
+access_token = "graph-token-hunter2"
+"#,
+        );
+        let env = BTreeMap::from([("MB_KEY".to_string(), "sg-key-hunter2".to_string())]);
+        let s = Settings::load_with_env(&main, &env).unwrap();
+        let shown = format!("{s:?}");
+        assert!(shown.contains("graph.microsoft.com"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
     fn secrets_never_print() {
         let s = Secret::new("hunter2");
         assert!(!format!("{s:?} {s}").contains("hunter2"));

@@ -1,0 +1,145 @@
+//! `kind = "ms_graph"`: Microsoft Graph's `sendMail` with a MIME message (`POST
+//! /v1.0/users/{user}/sendMail`, or `/v1.0/me/sendMail` for `user = "me"`): the body is the
+//! message (with a Bcc header for the blind recipients) in base64, `Content-Type:
+//! text/plain`. Graph answers 202 without an id: the result's `provider_message_id` is the
+//! email's Message-ID.
+//!
+//! The bearer token comes from a [`Credential`], made in [`credential`] alone: today a static
+//! `access_token`; an `[providers.oauth2]` table is wired in there.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use base64::Engine;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::http_api::{self, ApiRequest, Auth, HttpApi, BASE64};
+use super::{
+    Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError, SendFuture, Transport,
+    TransportContext,
+};
+use crate::credentials::Credential;
+use crate::outbound::OutgoingEmail;
+use crate::settings::Secret;
+
+const DEFAULT_BASE_URL: &str = "https://graph.microsoft.com";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fields {
+    access_token: Option<Secret>,
+    access_token_env: Option<String>,
+    access_token_file: Option<PathBuf>,
+    base_url: Option<String>,
+    user: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GraphProvider {
+    pub base_url: String,
+    /// The mailbox sent from: `me` (the token's account), an address or a user id.
+    pub user: String,
+    pub access_token: Secret,
+}
+
+pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn ProviderConfig>> {
+    let f: Fields = ctx.fields(table)?;
+    let base_url = http_api::base_url(ctx, f.base_url, DEFAULT_BASE_URL);
+    let user = super::gmail_api::api_user(ctx, f.user)?;
+    let access_token = http_api::required_secret(
+        ctx,
+        "ms_graph",
+        "access_token",
+        f.access_token,
+        f.access_token_env,
+        f.access_token_file,
+    )?;
+    Some(Arc::new(GraphProvider {
+        base_url,
+        user,
+        access_token,
+    }))
+}
+
+/// Where the bearer token comes from: the one place an OAuth2 account is wired in.
+fn credential(p: &GraphProvider) -> Credential {
+    Credential::Static(p.access_token.clone())
+}
+
+impl ProviderConfig for GraphProvider {
+    fn kind(&self) -> &'static str {
+        "ms_graph"
+    }
+
+    /// Exchange Online's documented sending limits: 30 messages a minute and 10,000
+    /// recipients a day per mailbox (counted here as messages).
+    fn default_limits(&self) -> super::RateLimits {
+        super::RateLimits {
+            per_second: Some(0.5),
+            per_day: Some(10_000),
+            max_in_flight: None,
+        }
+    }
+
+    fn fingerprint(&self, h: &mut Fingerprint) {
+        h.add(&self.base_url)
+            .add(&self.user)
+            .secret(Some(&self.access_token));
+    }
+
+    fn mirror(&self) -> Mirror {
+        Mirror {
+            host: http_api::host_of(&self.base_url),
+            username: Some(self.user.clone()),
+            ..Mirror::default()
+        }
+    }
+
+    fn transport(&self, ctx: &TransportContext) -> Result<Box<dyn Transport>, SendError> {
+        let url = if self.user == "me" {
+            format!("{}/v1.0/me/sendMail", self.base_url)
+        } else {
+            format!("{}/v1.0/users/{}/sendMail", self.base_url, self.user)
+        };
+        Ok(Box::new(GraphTransport {
+            api: HttpApi::new(&self.base_url, ctx)?,
+            url,
+            credential: credential(self),
+        }))
+    }
+}
+
+struct GraphTransport {
+    api: HttpApi,
+    url: String,
+    credential: Credential,
+}
+
+impl Transport for GraphTransport {
+    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+        Box::pin(async move {
+            let body = http_api::build_off_thread(email, |e| {
+                BASE64.encode(http_api::mime_with_bcc(e)).into_bytes()
+            })
+            .await?;
+            self.api
+                .post(ApiRequest {
+                    url: self.url.clone(),
+                    content_type: "text/plain".into(),
+                    headers: Vec::new(),
+                    body,
+                    credential: Some((&self.credential, Auth::Bearer)),
+                })
+                .await?;
+            Ok(Accepted {
+                provider_message_id: email.rfc_message_id.clone(),
+                sent_at: OffsetDateTime::now_utc(),
+            })
+        })
+    }
+
+    fn abort(&self) {
+        self.api.abort();
+    }
+}
