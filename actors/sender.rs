@@ -3,6 +3,7 @@
 //! time each send took.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -11,6 +12,7 @@ use tokio::sync::oneshot;
 use crate::actors::metrics::{MetricsActor, Observe, ReportHealth};
 use crate::actors::supervisor::{Abort, Drain};
 use crate::domain::{ComponentHealth, ComponentId};
+use crate::oauth2::Accounts;
 use crate::outbound::OutgoingEmail;
 use crate::providers::{Accepted, SendError, Transport, TransportContext};
 use crate::settings::Provider;
@@ -26,12 +28,19 @@ pub struct SenderActor {
 }
 
 impl SenderActor {
-    pub fn new(provider: Provider, send_timeout: Duration, metrics: Addr<MetricsActor>) -> Self {
+    pub fn new(
+        provider: Provider,
+        send_timeout: Duration,
+        metrics: Addr<MetricsActor>,
+        accounts: Arc<Accounts>,
+    ) -> Self {
         let transport = provider
             .config
             .transport(&TransportContext {
                 send_timeout,
                 max_connections: provider.max_connections,
+                provider_id: provider.id.clone(),
+                accounts,
             })
             .map(Rc::from);
         Self {
