@@ -1,0 +1,386 @@
+//! OAuth2 accounts against a token stand-in (`common::token_server`), the real PostgreSQL,
+//! the test SMTP server (XOAUTH2 checked by introspection) and a real Dovecot with an oauth2
+//! passdb: the token life cycle (renewal ahead of expiry, single flight, renewal after a
+//! refusal, rotation kept encrypted across registries, invalid_grant remembered), then end to
+//! end through the binary.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::token_server::TokenServer;
+use common::{guide_request, Dovecot, Service, SmtpServer, TestEnv};
+use mailbridge::credentials::CredentialError;
+use mailbridge::oauth2::{Accounts, OAuth2Config, OAuth2Kind};
+use mailbridge::settings::{Secret, Settings};
+
+const CLIENT: &str = "client-1";
+const CLIENT_SECRET: &str = "client-secret-1";
+const REFRESH: &str = "1//configured-refresh-token";
+const USER: &str = "crm@acme.example";
+
+fn config(server: &TokenServer, refresh_token: &str) -> OAuth2Config {
+    OAuth2Config {
+        kind: OAuth2Kind::Custom,
+        client_id: CLIENT.into(),
+        client_secret: Some(Secret::new(CLIENT_SECRET)),
+        refresh_token: Secret::new(refresh_token),
+        token_url: url::Url::parse(&server.token_url()).unwrap(),
+        scope: None,
+    }
+}
+
+/// A registry as a service process has it: this env's database (migrated) and a key file.
+async fn registry(env: &TestEnv) -> (Arc<Accounts>, deadpool_postgres::Pool) {
+    let settings = Settings::load(&env.config_path()).expect("config");
+    mailbridge::storage::create_database_if_missing(&settings.database)
+        .await
+        .expect("database");
+    mailbridge::storage::migrate(&settings.database)
+        .await
+        .expect("migrated");
+    let pool = mailbridge::storage::pool(&settings.database).unwrap();
+    let accounts = Arc::new(Accounts::new(
+        Some(pool.clone()),
+        env.dir.join("var").join(mailbridge::oauth2::KEY_FILE),
+    ));
+    (accounts, pool)
+}
+
+#[tokio::test]
+async fn tokens_are_renewed_ahead_of_expiry_once_for_many_callers_and_after_a_refusal() {
+    let env = TestEnv::new("oauth-life");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
+    let (accounts, _pool) = registry(&env).await;
+    let account = accounts.account("provider:p1", &config(&server, REFRESH));
+
+    // Single flight: 20 callers at once while the endpoint is slow make one request.
+    server.set_delay(Duration::from_millis(300));
+    let calls = (0..20).map(|_| {
+        let a = account.clone();
+        async move { a.token().await }
+    });
+    let tokens = futures_util::future::join_all(calls).await;
+    let first = tokens[0].as_ref().expect("a token").clone();
+    assert!(tokens.iter().all(|t| t.as_ref().ok() == Some(&first)));
+    assert_eq!(server.token_requests(), 1);
+    server.set_delay(Duration::ZERO);
+
+    // Cached while it has more than 60 s left.
+    assert_eq!(account.token().await.unwrap(), first);
+    assert_eq!(server.token_requests(), 1);
+
+    // A refusal renews it once.
+    account.refused(&first);
+    let second = account.token().await.unwrap();
+    assert_ne!(second, first);
+    assert!(server.is_active(second.expose()));
+    assert_eq!(server.token_requests(), 2);
+    assert_eq!(account.token().await.unwrap(), second);
+    assert_eq!(server.token_requests(), 2);
+
+    // Ahead of expiry: a token living 62 s is renewed once less than 60 s are left, before it
+    // expires.
+    server.set_expires_in(62);
+    account.refused(&second);
+    let short = account.token().await.unwrap();
+    assert_eq!(server.token_requests(), 3);
+    assert_eq!(account.token().await.unwrap(), short, "still 62 s left");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let renewed = account.token().await.unwrap();
+    assert_ne!(renewed, short);
+    assert!(server.is_active(short.expose()), "renewed before it expired");
+    assert_eq!(server.token_requests(), 4);
+
+    // The same configuration gets the same account (its cache); another configuration a
+    // fresh one.
+    let again = accounts.account("provider:p1", &config(&server, REFRESH));
+    assert!(Arc::ptr_eq(&again, &account));
+    server.add_refresh_token("1//other", USER);
+    let other = accounts.account("provider:p1", &config(&server, "1//other"));
+    assert!(!Arc::ptr_eq(&other, &account));
+
+    // Nothing secret in Debug.
+    let shown = format!("{account:?} {:?}", config(&server, REFRESH));
+    for secret in [REFRESH, CLIENT_SECRET, renewed.expose()] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+}
+
+#[tokio::test]
+async fn rotated_refresh_tokens_are_stored_encrypted_and_used_by_a_new_process() {
+    let env = TestEnv::new("oauth-rotate");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
+    server.set_rotate(true);
+    let (accounts, pool) = registry(&env).await;
+    let account = accounts.account("provider:p1", &config(&server, REFRESH));
+    account.token().await.expect("a token");
+    // The configured refresh token was used, and replaced by the rotated one.
+    assert_eq!(server.presented(), [REFRESH]);
+    let rotated = server.valid_refresh_tokens();
+    assert_eq!(rotated.len(), 1);
+    assert_ne!(rotated[0], REFRESH);
+
+    let db = pool.get().await.unwrap();
+    let row = db
+        .query_one(
+            "SELECT sealed, configured_mac FROM oauth2_tokens WHERE account = 'provider:p1'",
+            &[],
+        )
+        .await
+        .expect("the rotated token is stored");
+    let sealed: Vec<u8> = row.get(0);
+    let mac: Vec<u8> = row.get(1);
+    for stored in [&sealed, &mac] {
+        for clear in [rotated[0].as_bytes(), REFRESH.as_bytes()] {
+            assert!(
+                !stored.windows(clear.len()).any(|w| w == clear),
+                "a refresh token is stored in clear"
+            );
+        }
+    }
+
+    // A new process (another registry, same database and key file) uses the stored token:
+    // the configured one no longer works at the endpoint.
+    let (accounts2, _) = registry(&env).await;
+    let account2 = accounts2.account("provider:p1", &config(&server, REFRESH));
+    account2.token().await.expect("a token from the stored refresh token");
+    assert_eq!(server.presented().last(), Some(&rotated[0]));
+
+    // A refresh token changed in the configuration supersedes the stored one.
+    server.add_refresh_token("1//reauthorized", USER);
+    let (accounts3, _) = registry(&env).await;
+    let account3 = accounts3.account("provider:p1", &config(&server, "1//reauthorized"));
+    account3.token().await.expect("a token from the new configured token");
+    assert_eq!(
+        server.presented().last().map(String::as_str),
+        Some("1//reauthorized")
+    );
+}
+
+#[tokio::test]
+async fn invalid_grant_is_permanent_and_asked_once_while_outages_are_transient() {
+    let env = TestEnv::new("oauth-revoked");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
+    let (accounts, _pool) = registry(&env).await;
+    let account = accounts.account("mailbox:m1", &config(&server, REFRESH));
+
+    server.set_failing(true);
+    match account.token().await {
+        Err(CredentialError::Unavailable { detail, .. }) => {
+            assert!(detail.contains("503"), "{detail}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    server.set_failing(false);
+    account.token().await.expect("works once the endpoint is back");
+    assert_eq!(server.token_requests(), 2);
+
+    server.revoke_all();
+    let token = account.token().await.unwrap();
+    account.refused(&token);
+    let started = Instant::now();
+    for _ in 0..5 {
+        let e = account.token().await.expect_err("revoked");
+        assert!(matches!(e, CredentialError::Reauthorize { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("re-authorize"), "{text}");
+        assert!(!text.contains(REFRESH) && !text.contains(CLIENT_SECRET));
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(server.token_requests(), 3, "invalid_grant is asked once");
+}
+
+fn oauth2_table(server: &TokenServer, table: &str, refresh_env: &str) -> String {
+    format!(
+        r#"
+[{table}.oauth2]
+kind = "custom"
+client_id = "{CLIENT}"
+client_secret = "{CLIENT_SECRET}"
+refresh_token_env = "{refresh_env}"
+token_url = "{}"
+"#,
+        server.token_url()
+    )
+}
+
+const TENANT: &str = "01996243-2d8c-726d-a5c2-81b7005ce9a2";
+const PROVIDER: &str = "0198a819-e5d3-703a-a39a-1b77e3ece687";
+
+#[tokio::test]
+async fn smtp_xoauth2_sends_renews_a_refused_token_and_dead_letters_a_revoked_account() {
+    let env = TestEnv::new("oauth-smtp");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
+    let mut smtp = SmtpServer::start(
+        &env.dir.join("smtp"),
+        &[
+            "--auth",
+            &format!("{USER}:not-a-token"),
+            "--oauth-introspect",
+            &server.introspection_url(),
+        ],
+    );
+    env.smtp_tenant(
+        TENANT,
+        PROVIDER,
+        smtp.port,
+        &format!(
+            "username = \"{USER}\"\n{}",
+            oauth2_table(&server, "providers", "MB_TEST_REFRESH")
+        ),
+    );
+    let svc = Service::start_with(&env, &[("MB_TEST_REFRESH", REFRESH)]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+
+    let send = |id: &str| {
+        serde_json::to_vec(&guide_request(TENANT, PROVIDER, id, None)).unwrap()
+    };
+    env.publish("email.send", &send("oauth-1")).await;
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
+    assert_eq!(server.token_requests(), 1);
+
+    // The server stops accepting the cached token (expired early): renewed once, delivered.
+    server.expire_access_tokens();
+    // A new session authenticates (the idle one may be reused otherwise).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    smtp.restart();
+    env.publish("email.send", &send("oauth-2")).await;
+    let mails = smtp.wait_for(2, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 2, "{}", svc.log_text());
+    assert_eq!(server.token_requests(), 2);
+    let results = env.take("email.send.result", 2, Duration::from_secs(10)).await;
+    assert!(
+        results.iter().all(|r| r["status"] == "sent"),
+        "{results:?}"
+    );
+
+    // Revoked: the next refusal finds invalid_grant; the email is dead-lettered, permanent.
+    server.revoke_all();
+    smtp.restart();
+    env.publish("email.send", &send("oauth-3")).await;
+    let dead = env.take("email.send.dlq", 1, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 1, "{}", svc.log_text());
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("re-authorize"), "{}", dead[0]);
+    let results = env.take("email.send.result", 1, Duration::from_secs(10)).await;
+    assert_eq!(results[0]["error_class"], "permanent", "{results:?}");
+    // A second email does not ask the token endpoint again.
+    let asked = server.token_requests();
+    env.publish("email.send", &send("oauth-4")).await;
+    let dead = env.take("email.send.dlq", 1, Duration::from_secs(20)).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(server.token_requests(), asked);
+    let (_, health) = svc.get_json("/health").await;
+    let provider = &health["components"]["providers"][PROVIDER];
+    assert_eq!(provider["status"], "down", "{health}");
+    assert!(
+        provider["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("re-authorize"),
+        "{health}"
+    );
+    let log = svc.log_text();
+    assert!(!log.contains(REFRESH) && !log.contains(CLIENT_SECRET) && !log.contains("at-1-"));
+    assert!(!health.to_string().contains(REFRESH));
+}
+
+const PW: &str = "dovecot-password";
+
+#[tokio::test]
+async fn an_imap_mailbox_with_xoauth2_syncs_and_a_revoked_one_is_down_without_polling() {
+    let env = TestEnv::new("oauth-imap");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, "alice");
+    let mut dovecot = Dovecot::start_oauth2(
+        &env.dir.join("dovecot"),
+        &[("alice", PW)],
+        &server.introspection_url(),
+    );
+    // A mailbox tenant without a password: the oauth2 table instead.
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent-acme"
+
+[[mailboxes]]
+id = "mb-alice"
+user_id = "user-alice"
+provider_id = "acme-provider"
+protocol = "imap"
+host = "127.0.0.1"
+port = {}
+tls = "none"
+username = "alice"
+idle = false
+poll_interval = "1s"
+initial_sync = "all"
+{}
+"#,
+            dovecot.imap_port,
+            oauth2_table(&server, "mailboxes", "MB_TEST_REFRESH")
+        ),
+    );
+    dovecot.append(
+        "alice",
+        PW,
+        "INBOX",
+        b"From: John <john@example.com>\r\nTo: crm@acme.example\r\nSubject: hi\r\nMessage-ID: <oauth-imap-1@example.com>\r\n\r\nhello\r\n",
+    );
+    let svc = Service::start_with(&env, &[("MB_TEST_REFRESH", REFRESH)]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let got = env.take("email.inbound", 1, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 1, "{}", svc.log_text());
+    assert_eq!(got[0]["message_id"], "oauth-imap-1@example.com");
+    assert_eq!(server.token_requests(), 1);
+    assert!(server.introspections() >= 1, "Dovecot checked the token");
+
+    // Expired at the server: Dovecot refuses it, the fetcher renews once and goes on.
+    server.expire_access_tokens();
+    dovecot.restart();
+    dovecot.append(
+        "alice",
+        PW,
+        "INBOX",
+        b"From: John <john@example.com>\r\nTo: crm@acme.example\r\nSubject: again\r\nMessage-ID: <oauth-imap-2@example.com>\r\n\r\nagain\r\n",
+    );
+    let got = env.take("email.inbound", 1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "{}", svc.log_text());
+    assert_eq!(got[0]["message_id"], "oauth-imap-2@example.com");
+    assert_eq!(server.token_requests(), 2);
+
+    // Revoked: down in /health with "re-authorize", and no more token requests.
+    server.revoke_all();
+    dovecot.restart();
+    let start = Instant::now();
+    loop {
+        let (_, h) = svc.get_json("/health").await;
+        let mb = &h["components"]["mailboxes"]["mb-alice"];
+        if mb["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("re-authorize"))
+        {
+            assert_eq!(mb["status"], "down", "{h}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{h}\n{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let asked = server.token_requests();
+    let introspected = server.introspections();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(server.token_requests(), asked, "no refresh loop");
+    assert_eq!(server.introspections(), introspected, "no polling");
+    assert!(!svc.log_text().contains(REFRESH));
+}
