@@ -90,7 +90,10 @@ async fn tokens_are_renewed_ahead_of_expiry_once_for_many_callers_and_after_a_re
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let renewed = account.token().await.unwrap();
     assert_ne!(renewed, short);
-    assert!(server.is_active(short.expose()), "renewed before it expired");
+    assert!(
+        server.is_active(short.expose()),
+        "renewed before it expired"
+    );
     assert_eq!(server.token_requests(), 4);
 
     // The same configuration gets the same account (its cache); another configuration a
@@ -145,14 +148,20 @@ async fn rotated_refresh_tokens_are_stored_encrypted_and_used_by_a_new_process()
     // the configured one no longer works at the endpoint.
     let (accounts2, _) = registry(&env).await;
     let account2 = accounts2.account("provider:p1", &config(&server, REFRESH));
-    account2.token().await.expect("a token from the stored refresh token");
+    account2
+        .token()
+        .await
+        .expect("a token from the stored refresh token");
     assert_eq!(server.presented().last(), Some(&rotated[0]));
 
     // A refresh token changed in the configuration supersedes the stored one.
     server.add_refresh_token("1//reauthorized", USER);
     let (accounts3, _) = registry(&env).await;
     let account3 = accounts3.account("provider:p1", &config(&server, "1//reauthorized"));
-    account3.token().await.expect("a token from the new configured token");
+    account3
+        .token()
+        .await
+        .expect("a token from the new configured token");
     assert_eq!(
         server.presented().last().map(String::as_str),
         Some("1//reauthorized")
@@ -174,7 +183,10 @@ async fn invalid_grant_is_permanent_and_asked_once_while_outages_are_transient()
         other => panic!("expected Unavailable, got {other:?}"),
     }
     server.set_failing(false);
-    account.token().await.expect("works once the endpoint is back");
+    account
+        .token()
+        .await
+        .expect("works once the endpoint is back");
     assert_eq!(server.token_requests(), 2);
 
     server.revoke_all();
@@ -234,9 +246,7 @@ async fn smtp_xoauth2_sends_renews_a_refused_token_and_dead_letters_a_revoked_ac
     let svc = Service::start_with(&env, &[("MB_TEST_REFRESH", REFRESH)]);
     svc.wait_health(200, Duration::from_secs(30)).await;
 
-    let send = |id: &str| {
-        serde_json::to_vec(&guide_request(TENANT, PROVIDER, id, None)).unwrap()
-    };
+    let send = |id: &str| serde_json::to_vec(&guide_request(TENANT, PROVIDER, id, None)).unwrap();
     env.publish("email.send", &send("oauth-1")).await;
     let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
     assert_eq!(mails.len(), 1, "{}", svc.log_text());
@@ -251,11 +261,10 @@ async fn smtp_xoauth2_sends_renews_a_refused_token_and_dead_letters_a_revoked_ac
     let mails = smtp.wait_for(2, Duration::from_secs(15)).await;
     assert_eq!(mails.len(), 2, "{}", svc.log_text());
     assert_eq!(server.token_requests(), 2);
-    let results = env.take("email.send.result", 2, Duration::from_secs(10)).await;
-    assert!(
-        results.iter().all(|r| r["status"] == "sent"),
-        "{results:?}"
-    );
+    let results = env
+        .take("email.send.result", 2, Duration::from_secs(10))
+        .await;
+    assert!(results.iter().all(|r| r["status"] == "sent"), "{results:?}");
 
     // Revoked: the next refusal finds invalid_grant; the email is dead-lettered, permanent.
     server.revoke_all();
@@ -265,7 +274,9 @@ async fn smtp_xoauth2_sends_renews_a_refused_token_and_dead_letters_a_revoked_ac
     assert_eq!(dead.len(), 1, "{}", svc.log_text());
     let error = dead[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("re-authorize"), "{}", dead[0]);
-    let results = env.take("email.send.result", 1, Duration::from_secs(10)).await;
+    let results = env
+        .take("email.send.result", 1, Duration::from_secs(10))
+        .await;
     assert_eq!(results[0]["error_class"], "permanent", "{results:?}");
     // A second email does not ask the token endpoint again.
     let asked = server.token_requests();
@@ -290,11 +301,28 @@ async fn smtp_xoauth2_sends_renews_a_refused_token_and_dead_letters_a_revoked_ac
 
 const PW: &str = "dovecot-password";
 
+/// Cuts `user`'s IMAP sessions (a restarted Dovecot leaves them running): the fetcher logs
+/// in again.
+fn kick(dovecot: &Dovecot, user: &str) {
+    let out = std::process::Command::new("doveadm")
+        .arg("-c")
+        .arg(dovecot.dir.join("dovecot.conf"))
+        .args(["kick", user])
+        .output()
+        .expect("doveadm runs");
+    assert!(
+        out.status.success() || String::from_utf8_lossy(&out.stdout).contains("kicked"),
+        "doveadm kick: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test]
 async fn an_imap_mailbox_with_xoauth2_syncs_and_a_revoked_one_is_down_without_polling() {
     let env = TestEnv::new("oauth-imap");
     let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, "alice");
-    let mut dovecot = Dovecot::start_oauth2(
+    let dovecot = Dovecot::start_oauth2(
         &env.dir.join("dovecot"),
         &[("alice", PW)],
         &server.introspection_url(),
@@ -344,7 +372,7 @@ initial_sync = "all"
 
     // Expired at the server: Dovecot refuses it, the fetcher renews once and goes on.
     server.expire_access_tokens();
-    dovecot.restart();
+    kick(&dovecot, "alice");
     dovecot.append(
         "alice",
         PW,
@@ -354,11 +382,17 @@ initial_sync = "all"
     let got = env.take("email.inbound", 1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "{}", svc.log_text());
     assert_eq!(got[0]["message_id"], "oauth-imap-2@example.com");
-    assert_eq!(server.token_requests(), 2);
+    assert_eq!(
+        server.token_requests(),
+        2,
+        "{}\n{}",
+        svc.log_text(),
+        std::fs::read_to_string(dovecot.dir.join("dovecot.log")).unwrap_or_default()
+    );
 
     // Revoked: down in /health with "re-authorize", and no more token requests.
     server.revoke_all();
-    dovecot.restart();
+    kick(&dovecot, "alice");
     let start = Instant::now();
     loop {
         let (_, h) = svc.get_json("/health").await;

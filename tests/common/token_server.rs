@@ -200,8 +200,9 @@ fn serve(stream: TcpStream, state: &Arc<Mutex<State>>) {
         ("POST", "/introspect") | ("GET", "/introspect") => {
             let mut token = form.get("token").cloned();
             if let Some(q) = target.split_once('?').map(|(_, q)| q) {
-                let query: HashMap<String, String> =
-                    url::form_urlencoded::parse(q.as_bytes()).into_owned().collect();
+                let query: HashMap<String, String> = url::form_urlencoded::parse(q.as_bytes())
+                    .into_owned()
+                    .collect();
                 token = token.or_else(|| query.get("token").cloned());
             }
             if let Some(bearer) = authorization
@@ -245,10 +246,7 @@ fn token(state: &Arc<Mutex<State>>, form: &HashMap<String, String>) -> (u16, ser
     }
     let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     if get("grant_type") != "refresh_token" {
-        return (
-            400,
-            serde_json::json!({"error": "unsupported_grant_type"}),
-        );
+        return (400, serde_json::json!({"error": "unsupported_grant_type"}));
     }
     if get("client_id") != s.client_id || get("client_secret") != s.client_secret {
         return (401, serde_json::json!({"error": "invalid_client"}));
@@ -266,7 +264,10 @@ fn token(state: &Arc<Mutex<State>>, form: &HashMap<String, String>) -> (u16, ser
     let expires_in = s.expires_in;
     s.access_tokens.insert(
         access.clone(),
-        (user.clone(), Instant::now() + Duration::from_secs(expires_in)),
+        (
+            user.clone(),
+            Instant::now() + Duration::from_secs(expires_in),
+        ),
     );
     let mut answer = serde_json::json!({
         "access_token": access,
