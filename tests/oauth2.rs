@@ -418,3 +418,157 @@ initial_sync = "all"
     assert_eq!(server.introspections(), introspected, "no polling");
     assert!(!svc.log_text().contains(REFRESH));
 }
+
+/// Loads a config folder with one tenant file and the given environment.
+fn load_tenant(
+    tag: &str,
+    tenant: &str,
+    vars: &[(&str, &str)],
+) -> Result<Settings, mailbridge::settings::ConfigError> {
+    let dir =
+        std::env::temp_dir().join(format!("mbtest-oauth-config-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("tenants.d/secrets")).unwrap();
+    std::fs::write(dir.join("mailbridge.toml"), "").unwrap();
+    std::fs::write(dir.join("tenants.d/acme.toml"), tenant).unwrap();
+    std::fs::write(
+        dir.join("tenants.d/secrets/m365-client-secret"),
+        "m365-secret\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tenants.d/secrets/m365-refresh-token"),
+        "m365-refresh\n",
+    )
+    .unwrap();
+    let env: std::collections::BTreeMap<String, String> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Settings::load_with_env(&dir.join("mailbridge.toml"), &env)
+}
+
+#[test]
+fn the_readme_example_loads_with_the_defaults_of_each_kind() {
+    let readme = include_str!("../README.md");
+    let section = readme
+        .split("## OAuth2 accounts")
+        .nth(1)
+        .expect("the README has an OAuth2 accounts section");
+    let example = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("a toml example");
+    let settings = load_tenant(
+        "readme",
+        example,
+        &[
+            ("ACME_GOOGLE_CLIENT_SECRET", "google-secret"),
+            ("ACME_GOOGLE_REFRESH_TOKEN", "google-refresh"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let tenant = &settings.tenants[0];
+    let mailbox = &tenant.mailboxes[0];
+    let google = mailbox.oauth2.as_ref().expect("the mailbox's account");
+    assert_eq!(google.kind, OAuth2Kind::Google);
+    assert_eq!(
+        google.token_url.as_str(),
+        "https://oauth2.googleapis.com/token"
+    );
+    assert_eq!(google.refresh_token.expose(), "google-refresh");
+    assert!(mailbox.password.is_none());
+    let shown = format!("{:?}", tenant.providers);
+    assert!(
+        shown.contains("Microsoft") || shown.contains("microsoft"),
+        "{shown}"
+    );
+    assert!(shown.contains("login.microsoftonline.com"), "{shown}");
+    for secret in [
+        "google-secret",
+        "google-refresh",
+        "m365-secret",
+        "m365-refresh",
+    ] {
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(!format!("{mailbox:?}").contains(secret));
+    }
+    // A changed refresh token changes the fingerprint (the account restarts).
+    let other = load_tenant(
+        "readme2",
+        example,
+        &[
+            ("ACME_GOOGLE_CLIENT_SECRET", "google-secret"),
+            ("ACME_GOOGLE_REFRESH_TOKEN", "google-refresh-2"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(
+        other.tenants[0].mailboxes[0].fingerprint(),
+        mailbox.fingerprint()
+    );
+    assert_ne!(
+        other.tenants[0].providers[0].fingerprint(),
+        tenant.providers[0].fingerprint()
+    );
+    assert_eq!(
+        other.tenants[0].providers[1].fingerprint(),
+        tenant.providers[1].fingerprint()
+    );
+}
+
+#[test]
+fn oauth2_tables_are_validated_with_their_keys() {
+    let tenant = r#"
+id = "acme"
+[[providers]]
+id = "p1"
+kind = "smtp"
+host = "smtp.example.com"
+password = "pw"
+[providers.oauth2]
+kind = "custom"
+client_id = "c"
+refresh_token = "r"
+
+[[providers]]
+id = "p2"
+kind = "smtp"
+host = "smtp.example.com"
+username = "a@example.com"
+[providers.oauth2]
+kind = "google"
+client_id = "c"
+refresh_tokn = "typo"
+
+[[mailboxes]]
+id = "m1"
+user_id = "u"
+provider_id = "p1"
+protocol = "pop3"
+host = "pop.example.com"
+username = "a@example.com"
+[mailboxes.oauth2]
+kind = "microsoft"
+client_id = "c"
+refresh_token_env = "UNSET_REFRESH"
+"#;
+    let problems = load_tenant("bad", tenant, &[]).expect_err("refused").0;
+    let keys: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{} {}", p.key, p.message))
+        .collect();
+    let has = |key: &str, words: &str| {
+        assert!(
+            keys.iter().any(|k| k.starts_with(key) && k.contains(words)),
+            "no problem `{key}` … `{words}` in {keys:#?}"
+        )
+    };
+    has("providers[0].oauth2.token_url", "custom");
+    has("providers[0].oauth2 ", "not both");
+    has("providers[0].username", "oauth2");
+    has("providers[1].oauth2.refresh_tokn", "unknown field");
+    has("mailboxes[0].oauth2 ", "IMAP");
+    has("mailboxes[0].oauth2.refresh_token_env", "UNSET_REFRESH");
+}
