@@ -169,6 +169,37 @@ async fn rotated_refresh_tokens_are_stored_encrypted_and_used_by_a_new_process()
 }
 
 #[tokio::test]
+async fn two_instances_refresh_one_at_a_time_and_share_the_rotated_token() {
+    let env = TestEnv::new("oauth-instances");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
+    // Strict rotation: a refresh token works once, so two instances refreshing with the same
+    // one at once would make the second fail with invalid_grant.
+    server.set_rotate(true);
+    server.set_delay(Duration::from_millis(300));
+    let (a, _) = registry(&env).await;
+    let (b, _) = registry(&env).await;
+    let in_a = a.account("provider:p1", &config(&server, REFRESH));
+    let in_b = b.account("provider:p1", &config(&server, REFRESH));
+    let calls = (0..10).map(|i| {
+        let acc = if i % 2 == 0 {
+            in_a.clone()
+        } else {
+            in_b.clone()
+        };
+        async move { acc.token().await }
+    });
+    let tokens = futures_util::future::join_all(calls).await;
+    for t in &tokens {
+        assert!(t.is_ok(), "{t:?}");
+    }
+    // One refresh per instance, the second with the token the first rotated.
+    assert_eq!(server.token_requests(), 2);
+    let presented = server.presented();
+    assert_eq!(presented[0], REFRESH);
+    assert_ne!(presented[1], REFRESH);
+}
+
+#[tokio::test]
 async fn invalid_grant_is_permanent_and_asked_once_while_outages_are_transient() {
     let env = TestEnv::new("oauth-revoked");
     let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
@@ -297,6 +328,69 @@ async fn smtp_xoauth2_sends_renews_a_refused_token_and_dead_letters_a_revoked_ac
     let log = svc.log_text();
     assert!(!log.contains(REFRESH) && !log.contains(CLIENT_SECRET) && !log.contains("at-1-"));
     assert!(!health.to_string().contains(REFRESH));
+}
+
+#[tokio::test]
+async fn a_rotated_refresh_token_outlives_the_service_process() {
+    let env = TestEnv::new("oauth-restart");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, USER);
+    server.set_rotate(true);
+    let smtp = SmtpServer::start(
+        &env.dir.join("smtp"),
+        &[
+            "--auth",
+            &format!("{USER}:not-a-token"),
+            "--oauth-introspect",
+            &server.introspection_url(),
+        ],
+    );
+    env.smtp_tenant(
+        TENANT,
+        PROVIDER,
+        smtp.port,
+        &format!(
+            "username = \"{USER}\"\n{}",
+            oauth2_table(&server, "providers", "MB_TEST_REFRESH")
+        ),
+    );
+    let send = |id: &str| serde_json::to_vec(&guide_request(TENANT, PROVIDER, id, None)).unwrap();
+    let mut svc = Service::start_with(&env, &[("MB_TEST_REFRESH", REFRESH)]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    env.publish("email.send", &send("rotate-1")).await;
+    assert_eq!(
+        smtp.wait_for(1, Duration::from_secs(15)).await.len(),
+        1,
+        "{}",
+        svc.log_text()
+    );
+    assert_eq!(server.presented(), [REFRESH]);
+    let rotated = server.valid_refresh_tokens();
+    assert_eq!(rotated.len(), 1);
+    svc.terminate(Duration::from_secs(30));
+
+    // The configured refresh token no longer works at the endpoint: the new process must use
+    // the one the first stored (encrypted).
+    let db = env.db().await;
+    let sealed: Vec<u8> = db
+        .query_one("SELECT sealed FROM oauth2_tokens", &[])
+        .await
+        .expect("a stored token")
+        .get(0);
+    assert!(!sealed
+        .windows(rotated[0].len())
+        .any(|w| w == rotated[0].as_bytes()));
+    let svc = Service::start_with(&env, &[("MB_TEST_REFRESH", REFRESH)]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    env.publish("email.send", &send("rotate-2")).await;
+    assert_eq!(
+        smtp.wait_for(2, Duration::from_secs(15)).await.len(),
+        2,
+        "{}",
+        svc.log_text()
+    );
+    assert_eq!(server.presented().len(), 2);
+    assert_eq!(server.presented()[1], rotated[0]);
+    assert!(!svc.log_text().contains(&rotated[0]));
 }
 
 const PW: &str = "dovecot-password";
