@@ -38,8 +38,13 @@ use crate::credentials::CredentialError;
 use crate::providers::{Fingerprint, ParseContext};
 use crate::settings::Secret;
 
-/// An access token is renewed when it has less than this left.
+/// An access token is renewed when it has less than this left (or less than half its
+/// lifetime, for tokens that live less than two minutes).
 pub const RENEW_AHEAD: Duration = Duration::from_secs(60);
+/// The longest lifetime believed (an endpoint's `expires_in` is outside data).
+const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The largest token endpoint answer read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// When the token endpoint does not say how long a token lives.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// Bound on one token request.
@@ -361,6 +366,7 @@ fn read_or_make_key(path: &Path) -> Result<Vec<u8>, String> {
 
 #[derive(Default)]
 struct State {
+    /// The access token, when to renew it.
     access: Option<(Secret, Instant)>,
     /// The refresh token in use when it is not the configured one (rotated).
     rotated: Option<Secret>,
@@ -416,14 +422,14 @@ impl OAuth2Account {
         if let Some(e) = &state.revoked {
             return Err(e.clone());
         }
-        if let Some((token, expires)) = &state.access {
+        if let Some((token, renew_at)) = &state.access {
             let refused = self
                 .refused
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
                 .is_some_and(|r| r == token);
-            if !refused && expires.saturating_duration_since(Instant::now()) > RENEW_AHEAD {
+            if !refused && Instant::now() < *renew_at {
                 return Ok(token.clone());
             }
         }
@@ -536,8 +542,9 @@ impl OAuth2Account {
         if let Some(tx) = tx {
             tx.commit().await.map_err(db)?;
         }
-        let expires = Instant::now() + answer.lifetime;
-        state.access = Some((answer.access.clone(), expires));
+        let now = Instant::now();
+        let renew_at = now.checked_add(renew_after(answer.lifetime)).unwrap_or(now);
+        state.access = Some((answer.access.clone(), renew_at));
         tracing::info!(account = %self.id, expires_in = ?answer.lifetime, rotated = answer.rotated.is_some(), "OAuth2 access token refreshed");
         Ok(answer.access)
     }
@@ -575,9 +582,18 @@ impl OAuth2Account {
                 self.unavailable(format!("{endpoint}: {}", crate::domain::error_chain(&e)))
             })?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.map_err(|e| {
+        let mut response = response;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
             self.unavailable(format!("{endpoint}: {}", crate::domain::error_chain(&e)))
-        })?;
+        })? {
+            if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(self.unavailable(format!(
+                    "{endpoint} answered more than {MAX_ANSWER_BYTES} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         let answer: Option<TokenAnswer> = serde_json::from_slice(&bytes).ok();
         if status == 429 || status >= 500 {
             return Err(self.unavailable(format!("{endpoint} answered HTTP {status}")));
@@ -618,7 +634,8 @@ impl OAuth2Account {
                 _ => None,
             })
             .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_LIFETIME);
+            .unwrap_or(DEFAULT_LIFETIME)
+            .min(MAX_LIFETIME);
         let rotated = answer
             .refresh_token
             .filter(|t| !t.is_empty() && t != refresh_token.expose())
@@ -629,6 +646,13 @@ impl OAuth2Account {
             rotated,
         })
     }
+}
+
+/// How long after it was issued a token of `lifetime` is renewed: with [`RENEW_AHEAD`] left,
+/// or half of it for a short-lived one (so that a token living under a minute is not renewed
+/// at every use).
+fn renew_after(lifetime: Duration) -> Duration {
+    lifetime - RENEW_AHEAD.min(lifetime / 2)
 }
 
 struct Fresh {
@@ -678,6 +702,16 @@ mod tests {
         assert_eq!(keys.open("provider:a", &sealed), Some(token));
         assert_eq!(keys.open("provider:b", &sealed), None);
         assert_eq!(keys.open("provider:a", &sealed[..5]), None);
+    }
+
+    #[test]
+    fn tokens_are_renewed_with_a_minute_left_or_at_half_life() {
+        let s = Duration::from_secs;
+        assert_eq!(renew_after(s(3600)), s(3540));
+        assert_eq!(renew_after(s(120)), s(60));
+        assert_eq!(renew_after(s(62)), s(31));
+        assert_eq!(renew_after(s(4)), s(2));
+        assert_eq!(renew_after(s(0)), s(0));
     }
 
     #[test]

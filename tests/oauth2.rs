@@ -80,14 +80,14 @@ async fn tokens_are_renewed_ahead_of_expiry_once_for_many_callers_and_after_a_re
     assert_eq!(account.token().await.unwrap(), second);
     assert_eq!(server.token_requests(), 2);
 
-    // Ahead of expiry: a token living 62 s is renewed once less than 60 s are left, before it
-    // expires.
-    server.set_expires_in(62);
+    // Ahead of expiry: a token living 4 s is renewed at half its life (one living longer
+    // than two minutes with 60 s left; see the unit test of `renew_after`), before it expires.
+    server.set_expires_in(4);
     account.refused(&second);
     let short = account.token().await.unwrap();
     assert_eq!(server.token_requests(), 3);
-    assert_eq!(account.token().await.unwrap(), short, "still 62 s left");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(account.token().await.unwrap(), short, "still 4 s left");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
     let renewed = account.token().await.unwrap();
     assert_ne!(renewed, short);
     assert!(
