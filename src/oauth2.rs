@@ -577,14 +577,16 @@ impl OAuth2Account {
             .body(body)
             .send()
             .await
-            // reqwest's errors name the URL, which carries no secret (they are in the body).
+            // The endpoint is named as shown (no user info, no query), not by reqwest's URL.
             .map_err(|e| {
+                let e = e.without_url();
                 self.unavailable(format!("{endpoint}: {}", crate::domain::error_chain(&e)))
             })?;
         let status = response.status().as_u16();
         let mut response = response;
         let mut bytes = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| {
+            let e = e.without_url();
             self.unavailable(format!("{endpoint}: {}", crate::domain::error_chain(&e)))
         })? {
             if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {

@@ -218,6 +218,23 @@ async fn invalid_grant_is_permanent_and_asked_once_while_outages_are_transient()
         .token()
         .await
         .expect("works once the endpoint is back");
+
+    // Unreachable: transient too, and the error names the endpoint without any secret.
+    let mut closed = config(&server, REFRESH);
+    let port = common::free_port();
+    closed.token_url = url::Url::parse(&format!("http://127.0.0.1:{port}/token?k=v")).unwrap();
+    match accounts.account("mailbox:m2", &closed).token().await {
+        Err(CredentialError::Unavailable { detail, .. }) => {
+            assert!(
+                detail.contains(&format!("127.0.0.1:{port}/token")),
+                "{detail}"
+            );
+            for secret in [REFRESH, CLIENT_SECRET, "k=v"] {
+                assert!(!detail.contains(secret), "{detail}");
+            }
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
     assert_eq!(server.token_requests(), 2);
 
     server.revoke_all();
