@@ -1,6 +1,6 @@
 //! Credentials as a runtime service: what a transport or a mailbox authenticates with, behind
 //! one interface that hands out a current secret. A static secret (a password, an API key)
-//! never changes; an OAuth2 account (added beside it) refreshes its access token ahead of
+//! never changes; an OAuth2 account (`crate::oauth2`) refreshes its access token ahead of
 //! expiry and after a refusal, one refresh at a time per account.
 //!
 //! A user of a credential asks [`Credential::token`] before each use and, when the server

@@ -260,7 +260,7 @@ fn token(state: &Arc<Mutex<State>>, form: &HashMap<String, String>) -> (u16, ser
         );
     };
     s.issued += 1;
-    let access = format!("at-{}-{}", s.issued, std::process::id());
+    let access = format!("at-standin-secret-{}-{}", s.issued, std::process::id());
     let expires_in = s.expires_in;
     s.access_tokens.insert(
         access.clone(),
@@ -275,7 +275,7 @@ fn token(state: &Arc<Mutex<State>>, form: &HashMap<String, String>) -> (u16, ser
         "token_type": "Bearer",
     });
     if s.rotate {
-        let rotated = format!("rt-{}-{}", s.issued, std::process::id());
+        let rotated = format!("rt-standin-secret-{}-{}", s.issued, std::process::id());
         s.refresh_tokens.remove(&presented);
         s.refresh_tokens.insert(rotated.clone(), user);
         answer["refresh_token"] = serde_json::Value::String(rotated);
