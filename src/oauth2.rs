@@ -370,6 +370,8 @@ struct State {
     access: Option<(Secret, Instant)>,
     /// The refresh token in use when it is not the configured one (rotated).
     rotated: Option<Secret>,
+    /// `rotated` is not stored yet (the database failed after the grant).
+    unsaved: bool,
     /// The grant is gone: every ask answers this until the configuration changes.
     revoked: Option<CredentialError>,
 }
@@ -501,15 +503,19 @@ impl OAuth2Account {
                 )
                 .await
                 .map_err(db)?;
-            state.rotated = None;
-            if let Some(row) = row {
-                let mac: Vec<u8> = row.try_get(0).map_err(db)?;
-                let sealed: Vec<u8> = row.try_get(1).map_err(db)?;
-                if mac == configured_mac {
-                    match keys.open(&self.id, &sealed) {
-                        Some(t) => state.rotated = Some(t),
-                        None => {
-                            tracing::warn!(account = %self.id, "the stored refresh token cannot be decrypted (another key file?); using the configured one")
+            // A rotated token not stored yet (the database failed after the grant) is newer
+            // than anything stored.
+            if !state.unsaved {
+                state.rotated = None;
+                if let Some(row) = row {
+                    let mac: Vec<u8> = row.try_get(0).map_err(db)?;
+                    let sealed: Vec<u8> = row.try_get(1).map_err(db)?;
+                    if mac == configured_mac {
+                        match keys.open(&self.id, &sealed) {
+                            Some(t) => state.rotated = Some(t),
+                            None => {
+                                tracing::warn!(account = %self.id, "the stored refresh token cannot be decrypted (another key file?); using the configured one")
+                            }
                         }
                     }
                 }
@@ -521,26 +527,29 @@ impl OAuth2Account {
             .unwrap_or_else(|| self.config.refresh_token.clone());
         let answer = self.request(&refresh_token).await?;
         if let Some(rotated) = &answer.rotated {
-            if let Some(tx) = &tx {
-                let sealed = keys
-                    .seal(&self.id, rotated)
-                    .map_err(|e| self.unavailable(e))?;
-                tx.execute(
-                    "INSERT INTO oauth2_tokens (account, configured_mac, sealed, updated_at)
-                     VALUES ($1, $2, $3, now())
-                     ON CONFLICT (account) DO UPDATE
-                        SET configured_mac = EXCLUDED.configured_mac,
-                            sealed = EXCLUDED.sealed,
-                            updated_at = now()",
-                    &[&self.id, &configured_mac, &sealed],
-                )
-                .await
-                .map_err(db)?;
-            }
+            // In memory first: the endpoint may already refuse the one just used.
             state.rotated = Some(rotated.clone());
+            state.unsaved = true;
         }
         if let Some(tx) = tx {
-            tx.commit().await.map_err(db)?;
+            let saved = match (&state.rotated, state.unsaved) {
+                (Some(token), true) => store(&tx, &keys, &self.id, &configured_mac, token).await,
+                _ => Ok(()),
+            };
+            let committed = match saved {
+                Ok(()) => tx
+                    .commit()
+                    .await
+                    .map_err(|e| crate::domain::error_chain(&e)),
+                Err(e) => Err(e),
+            };
+            match committed {
+                Ok(()) => state.unsaved = false,
+                // The access token is good: use it, and store the refresh token next time.
+                Err(e) => {
+                    tracing::warn!(account = %self.id, error = %e, "the rotated refresh token could not be stored; it is kept in memory and stored at the next refresh")
+                }
+            }
         }
         let now = Instant::now();
         let renew_at = now.checked_add(renew_after(answer.lifetime)).unwrap_or(now);
@@ -648,6 +657,29 @@ impl OAuth2Account {
             rotated,
         })
     }
+}
+
+/// Stores (sealed) the rotated refresh token of `account`, in the transaction holding its lock.
+async fn store(
+    tx: &deadpool_postgres::Transaction<'_>,
+    keys: &Keys,
+    account: &str,
+    configured_mac: &[u8],
+    token: &Secret,
+) -> Result<(), String> {
+    let sealed = keys.seal(account, token)?;
+    tx.execute(
+        "INSERT INTO oauth2_tokens (account, configured_mac, sealed, updated_at)
+         VALUES ($1, $2, $3, now())
+         ON CONFLICT (account) DO UPDATE
+            SET configured_mac = EXCLUDED.configured_mac,
+                sealed = EXCLUDED.sealed,
+                updated_at = now()",
+        &[&account, &configured_mac, &sealed],
+    )
+    .await
+    .map_err(|e| crate::domain::error_chain(&e))?;
+    Ok(())
 }
 
 /// How long after it was issued a token of `lifetime` is renewed: with [`RENEW_AHEAD`] left,
