@@ -391,6 +391,13 @@ pub(super) fn load_tenants(
                 }
                 None => None,
             };
+            if tls == TlsMode::None && oauth2.is_some() {
+                warnings.push(ConfigProblem {
+                    file: file.clone(),
+                    key: key("tls"),
+                    message: "the mailbox's OAuth2 access tokens will be sent without TLS; only do this for a server on a trusted network".into(),
+                });
+            }
             let ca_file = mf
                 .ca_file
                 .map(|f| if f.is_absolute() { f } else { base.join(f) });
