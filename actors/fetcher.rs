@@ -36,6 +36,7 @@ use crate::actors::outbound::DLQ_CHILD;
 use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild};
 use crate::amqp::{lane_of, short_string, PublishError, Publisher};
 use crate::attachments::{AttachmentError, AttachmentStore, RawWriter, StoredRaw};
+use crate::credentials::{Credential, CredentialError};
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
 use crate::inbound::{header_facts, header_map_of, message_id_key, sha256_hex, uidl_key, Origin};
 use crate::intake::{self, guarded, Cursor, Outcome, Prepared, Record};
@@ -328,6 +329,26 @@ impl Fetch {
                     tracing::info!(mailbox = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
                     break;
                 }
+                if let FetchError::Mailbox(MailboxError::Credential(
+                    CredentialError::Reauthorize { .. },
+                )) = e
+                {
+                    // Permanent until a user authorizes the account again, which changes the
+                    // configuration and so restarts this fetcher: no polling until then.
+                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, "mailbox stopped: its OAuth2 account must be re-authorized");
+                    self.report(
+                        ComponentHealth::down(e.to_string())
+                            .with("connected", false)
+                            .with("idling", false),
+                    );
+                    let mut stop = self.stop.clone();
+                    while !*stop.borrow() {
+                        if stop.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    break;
+                }
                 if started.elapsed() > Duration::from_secs(60) {
                     attempt = 0;
                 }
@@ -413,7 +434,14 @@ impl Fetch {
 
     async fn imap(&mut self) -> Result<(), FetchError> {
         let ep = endpoint(&self.mailbox);
-        let (mut session, limit) = imap_login(&self.mailbox).await?;
+        let credential = self.mailbox.oauth2.as_ref().map(|o| {
+            Credential::OAuth2(
+                self.child
+                    .accounts
+                    .account(&format!("mailbox:{}", self.mailbox.id), o),
+            )
+        });
+        let (mut session, limit) = imap_login(&self.mailbox, credential.as_ref()).await?;
         let can_idle = imap_step(&ep, "CAPABILITY", session.capabilities())
             .await?
             .has_str("IDLE");

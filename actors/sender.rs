@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -12,6 +13,7 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::actors::metrics::{MetricsActor, Observe, ReportHealth};
 use crate::actors::supervisor::{Abort, Drain};
 use crate::domain::{ComponentHealth, ComponentId};
+use crate::oauth2::Accounts;
 use crate::outbound::OutgoingEmail;
 use crate::providers::limits::{Limit, RateLimiter, Slot};
 use crate::providers::{Accepted, SendError, Transport, TransportContext};
@@ -32,12 +34,19 @@ pub struct SenderActor {
 }
 
 impl SenderActor {
-    pub fn new(provider: Provider, send_timeout: Duration, metrics: Addr<MetricsActor>) -> Self {
+    pub fn new(
+        provider: Provider,
+        send_timeout: Duration,
+        metrics: Addr<MetricsActor>,
+        accounts: Arc<Accounts>,
+    ) -> Self {
         let transport = provider
             .config
             .transport(&TransportContext {
                 send_timeout,
                 max_connections: provider.max_connections,
+                provider_id: provider.id.clone(),
+                accounts,
             })
             .map(Rc::from);
         let limits = provider.limits;

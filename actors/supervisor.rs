@@ -215,6 +215,8 @@ pub struct ChildContext {
     pub publisher: Option<Arc<Publisher>>,
     /// To find sibling actors ([`FindChild`]).
     pub supervisor: Addr<Supervisor>,
+    /// The running OAuth2 accounts, shared by every sender and fetcher.
+    pub accounts: Arc<crate::oauth2::Accounts>,
 }
 
 /// Asks a child to stop taking work, finish what it has in flight, and stop.
@@ -362,6 +364,7 @@ pub struct Supervisor {
     settings: Arc<Settings>,
     metrics: Addr<MetricsActor>,
     pool: Pool,
+    accounts: Arc<crate::oauth2::Accounts>,
     connection: Option<Arc<Connection>>,
     publisher: Option<Arc<Publisher>>,
     generation: u64,
@@ -378,7 +381,11 @@ type ChildFactory = Box<dyn Fn(&Settings) -> Vec<ChildSpec> + Send>;
 
 impl Supervisor {
     pub fn new(settings: Arc<Settings>, pool: Pool, metrics: Addr<MetricsActor>) -> Self {
+        // The key file sits beside the attachment link key; both stay where the service
+        // started (a reload does not move them).
+        let key_path = settings.attachments.dir.join(crate::oauth2::KEY_FILE);
         Self {
+            accounts: Arc::new(crate::oauth2::Accounts::new(Some(pool.clone()), key_path)),
             settings,
             metrics,
             pool,
@@ -724,6 +731,7 @@ impl Supervisor {
             connection: self.connection.clone(),
             publisher: self.publisher.clone(),
             supervisor: ctx.address(),
+            accounts: self.accounts.clone(),
         };
         let mut reports = Vec::new();
         let mut forget = Vec::new();

@@ -32,10 +32,10 @@ cargo test --locked --lib --bins --tests
 
 # Secrets never reach the logs: no password the tests configure appears in any service log.
 log "checking the service logs of the whole run for configured passwords"
-leaks=$(grep -rl --include='service_*.log' -e 's3cret-pass' -e 'secret-imap-pw' -e 'mailbox-pw-123' /tmp/mbtest-* 2>/dev/null || true)
+leaks=$(grep -rl --include='service_*.log' -e 's3cret-pass' -e 'secret-imap-pw' -e 'mailbox-pw-123' -e 'configured-refresh-token' -e 'client-secret-1' -e 'standin-secret' /tmp/mbtest-* 2>/dev/null || true)
 if [ -n "$leaks" ]; then
     echo "configured passwords found in: $leaks" >&2
     exit 1
 fi
 logs=$(find /tmp -maxdepth 2 -path '/tmp/mbtest-*' -name 'service_*.log' | wc -l)
-echo "no configured password in $logs service logs"
+echo "no configured password or OAuth2 token in $logs service logs"

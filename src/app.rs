@@ -129,6 +129,7 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
                         provider.clone(),
                         c.settings.outbound.send_timeout.0,
                         c.metrics,
+                        c.accounts,
                     )
                     .start(),
                 )

@@ -1,12 +1,15 @@
 //! Credentials as a runtime service: what a transport or a mailbox authenticates with, behind
 //! one interface that hands out a current secret. A static secret (a password, an API key)
-//! never changes; an OAuth2 account (added beside it) refreshes its access token ahead of
+//! never changes; an OAuth2 account (`crate::oauth2`) refreshes its access token ahead of
 //! expiry and after a refusal, one refresh at a time per account.
 //!
 //! A user of a credential asks [`Credential::token`] before each use and, when the server
 //! refuses it as expired or invalid, tells [`Credential::refused`] and asks once more: the
 //! refusal counts only if the fresh token is refused too.
 
+use std::sync::Arc;
+
+use crate::oauth2::OAuth2Account;
 use crate::providers::SendError;
 use crate::settings::Secret;
 
@@ -40,6 +43,8 @@ impl From<CredentialError> for SendError {
 pub enum Credential {
     /// A secret given in the configuration (a password, an API key, a static token).
     Static(Secret),
+    /// An OAuth2 account (`crate::oauth2`): access tokens from its refresh token.
+    OAuth2(Arc<OAuth2Account>),
 }
 
 impl Credential {
@@ -47,17 +52,24 @@ impl Credential {
     pub async fn token(&self) -> Result<Secret, CredentialError> {
         match self {
             Credential::Static(s) => Ok(s.clone()),
+            Credential::OAuth2(a) => a.token().await,
         }
     }
 
     /// The server refused `token` as invalid or expired: the next [`Credential::token`]
     /// brings a fresh one where that is possible. Whether it is is [`Credential::renews`].
-    pub fn refused(&self, _token: &Secret) {}
+    pub fn refused(&self, token: &Secret) {
+        match self {
+            Credential::Static(_) => {}
+            Credential::OAuth2(a) => a.refused(token),
+        }
+    }
 
     /// Whether asking again after a refusal can give another secret (worth one retry).
     pub fn renews(&self) -> bool {
         match self {
             Credential::Static(_) => false,
+            Credential::OAuth2(_) => true,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod intake;
 pub mod mailproto;
 pub mod metrics;
 pub mod mime;
+pub mod oauth2;
 pub mod outbound;
 pub mod outbox;
 pub mod providers;

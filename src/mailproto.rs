@@ -23,7 +23,8 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::settings::{Mailbox, TlsMode};
+use crate::credentials::{Credential, CredentialError};
+use crate::settings::{Mailbox, Secret, TlsMode};
 
 /// How long one step of a mailbox conversation may take, and how long a read may go without
 /// a byte arriving.
@@ -65,6 +66,9 @@ pub enum MailboxError {
     },
     #[error("mailbox setup: {0}")]
     Config(String),
+    /// No OAuth2 access token: permanent ([`CredentialError::Reauthorize`]) or for now.
+    #[error(transparent)]
+    Credential(#[from] CredentialError),
 }
 
 impl MailboxError {
@@ -360,7 +364,10 @@ pub fn imap_error(endpoint: &str, step: &'static str, e: async_imap::error::Erro
 
 /// An authenticated IMAP session (STARTTLS first when configured), and the read limit of its
 /// connection.
-pub async fn imap_login(m: &Mailbox) -> Result<(ImapSession, ReadLimit), MailboxError> {
+pub async fn imap_login(
+    m: &Mailbox,
+    oauth2: Option<&Credential>,
+) -> Result<(ImapSession, ReadLimit), MailboxError> {
     let ep = endpoint(m);
     let protocol = |detail: String| MailboxError::Protocol {
         endpoint: ep.clone(),
@@ -382,18 +389,61 @@ pub async fn imap_login(m: &Mailbox) -> Result<(ImapSession, ReadLimit), Mailbox
         .await?;
         client = async_imap::Client::new(upgrade(client.into_inner(), m).await?);
     }
-    let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
-    let session = tokio::time::timeout(STEP_TIMEOUT, client.login(&m.username, password))
-        .await
-        .map_err(|_| MailboxError::timeout(&ep, "LOGIN"))?
-        .map_err(|(e, _)| match e {
-            async_imap::error::Error::Io(source) => MailboxError::io(&ep, "LOGIN", source),
-            other => MailboxError::Login {
-                endpoint: ep.clone(),
-                detail: other.to_string(),
-            },
-        })?;
-    Ok((session, limit))
+    let login_error = |step: &'static str, e: async_imap::error::Error| match e {
+        async_imap::error::Error::Io(source) => MailboxError::io(&ep, step, source),
+        other => MailboxError::Login {
+            endpoint: ep.clone(),
+            detail: other.to_string(),
+        },
+    };
+    let Some(credential) = oauth2 else {
+        let password = m.password.as_ref().map(|p| p.expose()).unwrap_or("");
+        let session = tokio::time::timeout(STEP_TIMEOUT, client.login(&m.username, password))
+            .await
+            .map_err(|_| MailboxError::timeout(&ep, "LOGIN"))?
+            .map_err(|(e, _)| login_error("LOGIN", e))?;
+        return Ok((session, limit));
+    };
+    // A refused access token is renewed once, on the same connection; only a refusal of the
+    // fresh one counts.
+    let mut renewed = false;
+    loop {
+        let token = credential.token().await?;
+        let auth = XOAuth2 {
+            response: Some(crate::oauth2::xoauth2(&m.username, &token)),
+        };
+        let step = "AUTHENTICATE XOAUTH2";
+        match tokio::time::timeout(STEP_TIMEOUT, client.authenticate("XOAUTH2", auth))
+            .await
+            .map_err(|_| MailboxError::timeout(&ep, step))?
+        {
+            Ok(session) => return Ok((session, limit)),
+            Err((async_imap::error::Error::No(_), back)) if !renewed && credential.renews() => {
+                tracing::info!(endpoint = %ep, "XOAUTH2 refused; renewing the access token once");
+                credential.refused(&token);
+                renewed = true;
+                client = back;
+            }
+            Err((e, _)) => return Err(login_error(step, e)),
+        }
+    }
+}
+
+/// The SASL XOAUTH2 exchange: the initial response to the server's first (empty) challenge;
+/// an empty response to the error challenge a refusal brings (the server then says NO).
+struct XOAuth2 {
+    response: Option<Secret>,
+}
+
+impl async_imap::Authenticator for XOAuth2 {
+    type Response = Vec<u8>;
+
+    fn process(&mut self, _challenge: &[u8]) -> Vec<u8> {
+        self.response
+            .take()
+            .map(|r| r.expose().as_bytes().to_vec())
+            .unwrap_or_default()
+    }
 }
 
 /// A POP3 session.

@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0004_claims.sql",
         include_str!("../migrations/0004_claims.sql"),
     ),
+    (
+        5,
+        "0005_oauth2_tokens.sql",
+        include_str!("../migrations/0005_oauth2_tokens.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).

@@ -5,8 +5,9 @@
 //! `/upload/gmail/v1/users/{user}/messages/send?uploadType=media`. Gmail answers 200 with
 //! the message's `id` (the result's `provider_message_id`) and `threadId` (logged).
 //!
-//! The bearer token comes from a [`Credential`], made in [`credential`] alone: today a static
-//! `access_token`; an `[providers.oauth2]` table is wired in there.
+//! The bearer token comes from a [`Credential`] ([`Bearer`]): the provider's OAuth2 account
+//! (`[providers.oauth2]`: refreshed ahead of expiry, and once more after a 401/403) or a
+//! static `access_token`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use base64::Engine;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use super::http_api::{self, ApiRequest, Auth, HttpApi, BASE64URL};
+use super::http_api::{self, ApiRequest, Auth, Bearer, HttpApi, BASE64URL};
 use super::{
     Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError, SendFuture, Transport,
     TransportContext,
@@ -36,6 +37,7 @@ struct Fields {
     access_token: Option<Secret>,
     access_token_env: Option<String>,
     access_token_file: Option<PathBuf>,
+    oauth2: Option<toml::Table>,
     base_url: Option<String>,
     user: Option<String>,
 }
@@ -45,25 +47,24 @@ pub struct GmailProvider {
     pub base_url: String,
     /// The mailbox sent from: `me` (the token's account) or an address.
     pub user: String,
-    pub access_token: Secret,
+    /// A static `access_token` or an OAuth2 account.
+    pub bearer: Bearer,
 }
 
 pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn ProviderConfig>> {
     let f: Fields = ctx.fields(table)?;
     let base_url = http_api::base_url(ctx, f.base_url, DEFAULT_BASE_URL);
     let user = api_user(ctx, f.user)?;
-    let access_token = http_api::required_secret(
+    let bearer = Bearer::parse(
         ctx,
         "gmail_api",
-        "access_token",
-        f.access_token,
-        f.access_token_env,
-        f.access_token_file,
+        (f.access_token, f.access_token_env, f.access_token_file),
+        f.oauth2,
     )?;
     Some(Arc::new(GmailProvider {
         base_url,
         user,
-        access_token,
+        bearer,
     }))
 }
 
@@ -84,11 +85,6 @@ pub fn api_user(ctx: &mut ParseContext, user: Option<String>) -> Option<String> 
     Some(user)
 }
 
-/// Where the bearer token comes from: the one place an OAuth2 account is wired in.
-fn credential(p: &GmailProvider) -> Credential {
-    Credential::Static(p.access_token.clone())
-}
-
 impl ProviderConfig for GmailProvider {
     fn kind(&self) -> &'static str {
         "gmail_api"
@@ -105,9 +101,8 @@ impl ProviderConfig for GmailProvider {
     }
 
     fn fingerprint(&self, h: &mut Fingerprint) {
-        h.add(&self.base_url)
-            .add(&self.user)
-            .secret(Some(&self.access_token));
+        h.add(&self.base_url).add(&self.user);
+        self.bearer.fingerprint(h);
     }
 
     fn mirror(&self) -> Mirror {
@@ -129,7 +124,7 @@ impl ProviderConfig for GmailProvider {
                 "{}/upload/gmail/v1/users/{}/messages/send?uploadType=media",
                 self.base_url, self.user
             ),
-            credential: credential(self),
+            credential: self.bearer.credential(ctx),
         }))
     }
 }

@@ -17,7 +17,7 @@ use reqwest::header::{HeaderMap, HeaderValue};
 use time::OffsetDateTime;
 use tokio::sync::{watch, Semaphore};
 
-use super::{ParseContext, SendError, TransportContext};
+use super::{Fingerprint, ParseContext, SendError, TransportContext};
 use crate::credentials::Credential;
 use crate::outbound::OutgoingEmail;
 use crate::settings::Secret;
@@ -316,6 +316,66 @@ pub fn required_secret(
     }
 }
 
+/// Where a kind that authenticates with a bearer token (`gmail_api`, `ms_graph`) gets it: a
+/// static `access_token` (`_env`, `_file`) or an OAuth2 account (`[providers.oauth2]`),
+/// exactly one of them.
+#[derive(Debug, Clone)]
+pub enum Bearer {
+    Static(Secret),
+    OAuth2(crate::oauth2::OAuth2Config),
+}
+
+impl Bearer {
+    /// Reads `access_token*` and the `oauth2` table of a provider of `kind`.
+    pub fn parse(
+        ctx: &mut ParseContext,
+        kind: &str,
+        access_token: (Option<Secret>, Option<String>, Option<std::path::PathBuf>),
+        oauth2: Option<toml::Table>,
+    ) -> Option<Bearer> {
+        let (inline, env, file) = access_token;
+        let static_given = inline.is_some() || env.is_some() || file.is_some();
+        match oauth2 {
+            Some(_) if static_given => {
+                ctx.problem(
+                    "oauth2",
+                    "give either an `oauth2` account or `access_token` (`_env`, `_file`), not both",
+                );
+                None
+            }
+            Some(table) => crate::oauth2::OAuth2Config::parse(table, &mut ctx.nested("oauth2"))
+                .map(Bearer::OAuth2),
+            None => {
+                required_secret(ctx, kind, "access_token", inline, env, file).map(Bearer::Static)
+            }
+        }
+    }
+
+    pub fn fingerprint(&self, h: &mut Fingerprint) {
+        match self {
+            Bearer::Static(s) => {
+                h.add(&"static").secret(Some(s));
+            }
+            Bearer::OAuth2(o) => {
+                h.add(&"oauth2");
+                o.fingerprint(h);
+            }
+        }
+    }
+
+    /// The credential the transport asks for tokens: the provider's OAuth2 account
+    /// (`provider:<id>`, shared with its restarts) or the static token.
+    pub fn credential(&self, ctx: &TransportContext) -> Credential {
+        match self {
+            Bearer::Static(s) => Credential::Static(s.clone()),
+            Bearer::OAuth2(o) => Credential::OAuth2(
+                ctx.accounts
+                    .account(&format!("provider:{}", ctx.provider_id), o),
+            ),
+        }
+    }
+}
+
 /// The API's own error text from an error answer's body: the message fields of the JSON
 /// error shapes the supported APIs use (`errors[].message`, `error.message`, `ErrorCode` +
 /// `Message`, `message`), else the body's text; bounded, one line, never empty.
@@ -554,6 +614,11 @@ mod tests {
         HttpApi::new(
             url,
             &TransportContext {
+                provider_id: "test".into(),
+                accounts: std::sync::Arc::new(crate::oauth2::Accounts::new(
+                    None,
+                    std::env::temp_dir().join("mb-http-api-test-oauth2-key"),
+                )),
                 send_timeout: timeout,
                 max_connections: 2,
             },

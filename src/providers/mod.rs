@@ -186,6 +186,10 @@ pub trait Transport {
 
 /// What building a transport may use.
 pub struct TransportContext {
+    /// The provider's id: its OAuth2 account is `provider:<id>`.
+    pub provider_id: String,
+    /// The running OAuth2 accounts (`crate::oauth2`), shared by every sender and fetcher.
+    pub accounts: Arc<crate::oauth2::Accounts>,
     /// `[outbound] send_timeout`: the bound on one transaction.
     pub send_timeout: Duration,
     /// The provider's `max_connections`: at most this many sends at once.
@@ -394,6 +398,18 @@ impl ParseContext<'_> {
             };
         }
         None
+    }
+
+    /// The context of a table nested in this one (such as `oauth2`).
+    pub fn nested(&mut self, key: &str) -> ParseContext<'_> {
+        ParseContext {
+            env: self.env,
+            base: self.base,
+            file: self.file,
+            prefix: self.key(key),
+            problems: &mut *self.problems,
+            warnings: &mut *self.warnings,
+        }
     }
 
     /// `p` relative to the tenant file's folder.

@@ -4,8 +4,9 @@
 //! text/plain`. Graph answers 202 without an id: the result's `provider_message_id` is the
 //! email's Message-ID.
 //!
-//! The bearer token comes from a [`Credential`], made in [`credential`] alone: today a static
-//! `access_token`; an `[providers.oauth2]` table is wired in there.
+//! The bearer token comes from a [`Credential`] ([`Bearer`]): the provider's OAuth2 account
+//! (`[providers.oauth2]`: refreshed ahead of expiry, and once more after a 401/403) or a
+//! static `access_token`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use base64::Engine;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use super::http_api::{self, ApiRequest, Auth, HttpApi, BASE64};
+use super::http_api::{self, ApiRequest, Auth, Bearer, HttpApi, BASE64};
 use super::{
     Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError, SendFuture, Transport,
     TransportContext,
@@ -31,6 +32,7 @@ struct Fields {
     access_token: Option<Secret>,
     access_token_env: Option<String>,
     access_token_file: Option<PathBuf>,
+    oauth2: Option<toml::Table>,
     base_url: Option<String>,
     user: Option<String>,
 }
@@ -40,31 +42,25 @@ pub struct GraphProvider {
     pub base_url: String,
     /// The mailbox sent from: `me` (the token's account), an address or a user id.
     pub user: String,
-    pub access_token: Secret,
+    /// A static `access_token` or an OAuth2 account.
+    pub bearer: Bearer,
 }
 
 pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn ProviderConfig>> {
     let f: Fields = ctx.fields(table)?;
     let base_url = http_api::base_url(ctx, f.base_url, DEFAULT_BASE_URL);
     let user = super::gmail_api::api_user(ctx, f.user)?;
-    let access_token = http_api::required_secret(
+    let bearer = Bearer::parse(
         ctx,
         "ms_graph",
-        "access_token",
-        f.access_token,
-        f.access_token_env,
-        f.access_token_file,
+        (f.access_token, f.access_token_env, f.access_token_file),
+        f.oauth2,
     )?;
     Some(Arc::new(GraphProvider {
         base_url,
         user,
-        access_token,
+        bearer,
     }))
-}
-
-/// Where the bearer token comes from: the one place an OAuth2 account is wired in.
-fn credential(p: &GraphProvider) -> Credential {
-    Credential::Static(p.access_token.clone())
 }
 
 impl ProviderConfig for GraphProvider {
@@ -83,9 +79,8 @@ impl ProviderConfig for GraphProvider {
     }
 
     fn fingerprint(&self, h: &mut Fingerprint) {
-        h.add(&self.base_url)
-            .add(&self.user)
-            .secret(Some(&self.access_token));
+        h.add(&self.base_url).add(&self.user);
+        self.bearer.fingerprint(h);
     }
 
     fn mirror(&self) -> Mirror {
@@ -105,7 +100,7 @@ impl ProviderConfig for GraphProvider {
         Ok(Box::new(GraphTransport {
             api: HttpApi::new(&self.base_url, ctx)?,
             url,
-            credential: credential(self),
+            credential: self.bearer.credential(ctx),
         }))
     }
 }

@@ -16,7 +16,9 @@ use super::{
     find_source, Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError,
     SendFuture, Transport, TransportContext,
 };
+use crate::credentials::Credential;
 use crate::mailproto::tls_client_config;
+use crate::oauth2::OAuth2Config;
 use crate::outbound::{queue_id_from_reply, OutgoingEmail};
 use crate::settings::{Secret, TlsMode};
 use crate::smtp::{Credentials, SmtpConfig, SmtpError, SmtpSession};
@@ -37,6 +39,7 @@ struct Fields {
     password_env: Option<String>,
     password_file: Option<PathBuf>,
     oauth2_token_env: Option<String>,
+    oauth2: Option<toml::Table>,
     ca_file: Option<PathBuf>,
 }
 
@@ -50,6 +53,9 @@ pub struct SmtpProvider {
     pub password: Option<Secret>,
     /// An XOAUTH2 token given by the environment (`oauth2_token_env`).
     pub oauth2_token: Option<Secret>,
+    /// An OAuth2 account (`[providers.oauth2]`): XOAUTH2 with its access tokens, as
+    /// `username` (the account's address).
+    pub oauth2: Option<OAuth2Config>,
     /// An extra CA to trust for the server's certificate.
     pub ca_file: Option<PathBuf>,
 }
@@ -86,8 +92,27 @@ pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn Provi
         },
         None => None,
     };
+    let has_oauth2 = f.oauth2.is_some();
+    let oauth2 = match f.oauth2 {
+        Some(table) => OAuth2Config::parse(table, &mut ctx.nested("oauth2")),
+        None => None,
+    };
+    if has_oauth2 {
+        if password.is_some() || oauth2_token.is_some() {
+            ctx.problem(
+                "oauth2",
+                "give either an `oauth2` account or `password`/`oauth2_token_env`, not both",
+            );
+        }
+        if f.username.as_deref().is_none_or(|u| u.trim().is_empty()) {
+            ctx.problem(
+                "username",
+                "an `oauth2` account needs `username` (the account's email address)",
+            );
+        }
+    }
     let ca_file = ctx.existing_file("ca_file", f.ca_file);
-    if tls == TlsMode::None && (password.is_some() || oauth2_token.is_some()) {
+    if tls == TlsMode::None && (password.is_some() || oauth2_token.is_some() || oauth2.is_some()) {
         ctx.warning(
             "tls",
             "credentials will be sent without TLS; only do this for a relay on a trusted network",
@@ -100,6 +125,7 @@ pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn Provi
         username: f.username,
         password,
         oauth2_token,
+        oauth2,
         ca_file,
     }))
 }
@@ -117,6 +143,9 @@ impl ProviderConfig for SmtpProvider {
             .add(&self.ca_file)
             .secret(self.password.as_ref())
             .secret(self.oauth2_token.as_ref());
+        if let Some(o) = &self.oauth2 {
+            o.fingerprint(h);
+        }
     }
 
     fn mirror(&self) -> Mirror {
@@ -136,6 +165,9 @@ impl ProviderConfig for SmtpProvider {
 /// The sessions of one SMTP provider.
 pub struct SmtpPool {
     config: SmtpConfig,
+    /// An OAuth2 account's user and credential: every session authenticates with XOAUTH2
+    /// with its current access token.
+    oauth2: Option<(String, Credential)>,
     endpoint: String,
     idle: Mutex<Vec<(SmtpSession, Instant)>>,
     slots: Semaphore,
@@ -165,7 +197,18 @@ impl SmtpPool {
             }),
             _ => None,
         };
+        let oauth2 = match (&p.oauth2, &p.username) {
+            (Some(o), Some(user)) => Some((
+                user.clone(),
+                Credential::OAuth2(
+                    ctx.accounts
+                        .account(&format!("provider:{}", ctx.provider_id), o),
+                ),
+            )),
+            _ => None,
+        };
         Ok(Self {
+            oauth2,
             endpoint: format!("{}:{}", p.host, p.port),
             config: SmtpConfig {
                 host: p.host.clone(),
@@ -183,7 +226,34 @@ impl SmtpPool {
     }
 
     async fn open(&self) -> Result<SmtpSession, SendError> {
-        tokio::time::timeout(CONNECT_TIMEOUT, SmtpSession::connect(&self.config))
+        let Some((user, credential)) = &self.oauth2 else {
+            return self.connect(&self.config).await;
+        };
+        // A refused access token (expired early, revoked) is renewed once; only a refusal of
+        // the fresh one counts.
+        let mut renewed = false;
+        loop {
+            let token = credential.token().await?;
+            let mut config = self.config.clone();
+            config.auth = Some(Credentials::OAuth2 {
+                user: user.clone(),
+                token: token.expose().to_string(),
+            });
+            match self.connect(&config).await {
+                Err(SendError::Rejected { during: "AUTH", .. })
+                    if !renewed && credential.renews() =>
+                {
+                    tracing::info!(endpoint = %self.endpoint, "XOAUTH2 refused; renewing the access token once");
+                    credential.refused(&token);
+                    renewed = true;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn connect(&self, config: &SmtpConfig) -> Result<SmtpSession, SendError> {
+        tokio::time::timeout(CONNECT_TIMEOUT, SmtpSession::connect(config))
             .await
             .map_err(|_| SendError::Timeout {
                 endpoint: self.endpoint.clone(),

@@ -10,6 +10,7 @@ use super::secrets::resolve_secret;
 use std::sync::Arc;
 
 use super::{parse_duration, parse_toml, ConfigProblem, Dur, Env, Secret};
+use crate::oauth2::OAuth2Config;
 use crate::providers::{Fingerprint, ParseContext, ProviderConfig, RateLimits};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -113,6 +114,7 @@ struct MailboxFile {
     #[serde(default)]
     delete_after_fetch: bool,
     ca_file: Option<PathBuf>,
+    oauth2: Option<toml::Table>,
 }
 
 fn default_folder() -> String {
@@ -178,6 +180,8 @@ pub struct Mailbox {
     pub delete_after_fetch: bool,
     /// An extra CA to trust for this mailbox's server certificate.
     pub ca_file: Option<PathBuf>,
+    /// An OAuth2 account (`[mailboxes.oauth2]`): IMAP XOAUTH2 with its access tokens.
+    pub oauth2: Option<OAuth2Config>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -349,6 +353,9 @@ pub(super) fn load_tenants(
                 config,
             });
         }
+        // The mailboxes' `oauth2` tables report here while `p` holds `problems`.
+        let mut oauth2_problems = Vec::new();
+        let mut oauth2_warnings = Vec::new();
         let mut p = |key: String, message: String| problem(problems, key, message);
         let mut mailboxes = Vec::new();
         for (i, mf) in raw.mailboxes.into_iter().enumerate() {
@@ -399,6 +406,41 @@ pub(super) fn load_tenants(
                     message: "the mailbox password will be sent without TLS; only do this for a server on a trusted network".into(),
                 });
             }
+            let oauth2 = match mf.oauth2 {
+                Some(table) => {
+                    if mf.protocol != MailProtocol::Imap {
+                        p(
+                            key("oauth2"),
+                            "OAuth2 (XOAUTH2) is for IMAP mailboxes".into(),
+                        );
+                    }
+                    if password.is_some() {
+                        p(
+                            key("oauth2"),
+                            "give either an `oauth2` account or a password, not both".into(),
+                        );
+                    }
+                    OAuth2Config::parse(
+                        table,
+                        &mut ParseContext {
+                            env,
+                            base,
+                            file: &file,
+                            prefix: format!("mailboxes[{i}].oauth2"),
+                            problems: &mut oauth2_problems,
+                            warnings: &mut oauth2_warnings,
+                        },
+                    )
+                }
+                None => None,
+            };
+            if tls == TlsMode::None && oauth2.is_some() {
+                warnings.push(ConfigProblem {
+                    file: file.clone(),
+                    key: key("tls"),
+                    message: "the mailbox's OAuth2 access tokens will be sent without TLS; only do this for a server on a trusted network".into(),
+                });
+            }
             let ca_file = mf
                 .ca_file
                 .map(|f| if f.is_absolute() { f } else { base.join(f) });
@@ -409,6 +451,7 @@ pub(super) fn load_tenants(
             }
             mailboxes.push(Mailbox {
                 ca_file,
+                oauth2,
                 id: mf.id,
                 tenant_id: raw.id.clone(),
                 user_id: mf.user_id,
@@ -426,6 +469,8 @@ pub(super) fn load_tenants(
                 delete_after_fetch: mf.delete_after_fetch,
             });
         }
+        problems.extend(oauth2_problems);
+        warnings.extend(oauth2_warnings);
         tenants.push(Tenant {
             name: raw.name.unwrap_or_else(|| raw.id.clone()),
             id: raw.id,
@@ -472,6 +517,9 @@ impl Mailbox {
             .add(&self.delete_after_fetch)
             .add(&self.ca_file)
             .secret(self.password.as_ref());
+        if let Some(o) = &self.oauth2 {
+            o.fingerprint(&mut h);
+        }
         h.finish()
     }
 }

@@ -74,8 +74,13 @@ pub enum Fault {
     Refuse,
 }
 
+type BearerCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 #[derive(Default)]
 struct State {
+    /// Gmail's and Graph's bearer tokens are also accepted when this says (tokens an OAuth2
+    /// stand-in issued).
+    bearer_check: Option<BearerCheck>,
     received: Vec<Received>,
     faults: HashMap<Api, Vec<Fault>>,
     counter: u32,
@@ -115,6 +120,11 @@ impl ApiServer {
             .unwrap()
             .faults
             .insert(api, faults.to_vec());
+    }
+
+    /// Gmail and Graph accept the bearer tokens `check` approves (besides `ACCESS_TOKEN`).
+    pub fn accept_bearer(&self, check: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        self.state.lock().unwrap().bearer_check = Some(Arc::new(check));
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -242,7 +252,11 @@ fn answer(req: &mut Received, state: &Mutex<State>) -> Answer {
         Api::Sendgrid | Api::Resend => auth == key_bearer,
         Api::Mailgun => auth == basic,
         Api::Postmark => req.header("x-postmark-server-token") == Some(API_KEY),
-        Api::Gmail | Api::Graph => auth == bearer,
+        Api::Gmail | Api::Graph => {
+            let check = state.lock().unwrap().bearer_check.clone();
+            auth == bearer
+                || check.is_some_and(|c| auth.strip_prefix("Bearer ").is_some_and(|t| c(t)))
+        }
         Api::Ses => sigv4_valid(req),
     };
     if !req.authorized {

@@ -17,6 +17,7 @@ pub mod ledger;
 pub mod pg_cluster;
 pub mod rabbit_node;
 pub mod sys;
+pub mod token_server;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -750,6 +751,21 @@ impl Dovecot {
     /// With `cert` (PEM certificate and key paths): STARTTLS on the plain ports and implicit
     /// TLS on `imaps_port` / `pop3s_port`.
     pub fn start_tls(dir: &Path, users: &[(&str, &str)], cert: Option<(&Path, &Path)>) -> Self {
+        Self::start_with(dir, users, cert, None)
+    }
+
+    /// With an oauth2 passdb too: XOAUTH2/OAUTHBEARER tokens are checked by RFC 7662
+    /// introspection at `introspection_url` (`{"active": true, "username": …}`).
+    pub fn start_oauth2(dir: &Path, users: &[(&str, &str)], introspection_url: &str) -> Self {
+        Self::start_with(dir, users, None, Some(introspection_url))
+    }
+
+    fn start_with(
+        dir: &Path,
+        users: &[(&str, &str)],
+        cert: Option<(&Path, &Path)>,
+        oauth2: Option<&str>,
+    ) -> Self {
         let _ = std::fs::remove_dir_all(dir);
         for sub in ["run", "state", "mail", "home"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -790,6 +806,24 @@ impl Dovecot {
             None => "ssl = no".into(),
         };
         let d = dir.display();
+        let (mechanisms, oauth2_passdb) = match oauth2 {
+            Some(url) => {
+                std::fs::write(
+                    dir.join("oauth2.conf.ext"),
+                    format!(
+                        "introspection_mode = post\nintrospection_url = {url}\nforce_introspection = yes\nusername_attribute = username\nactive_attribute = active\nactive_value = true\n"
+                    ),
+                )
+                .unwrap();
+                (
+                    "plain login xoauth2 oauthbearer",
+                    format!(
+                        "passdb {{\n  driver = oauth2\n  mechanisms = xoauth2 oauthbearer\n  args = {d}/oauth2.conf.ext\n}}\n"
+                    ),
+                )
+            }
+            None => ("plain login", String::new()),
+        };
         let conf = format!(
             r#"
 base_dir = {d}/run
@@ -799,7 +833,7 @@ protocols = imap pop3
 listen = 127.0.0.1
 {ssl}
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 mail_location = maildir:{d}/mail/%u
 first_valid_uid = 1
 default_internal_user = dovecot
@@ -809,6 +843,7 @@ passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {d}/users
 }}
+{oauth2_passdb}
 userdb {{
   driver = static
   args = uid={uid} gid={gid} home={d}/home/%u

@@ -26,7 +26,9 @@ The close is transport.abort(): a FIN when the server has read all the client se
 sees EOF), an RST when unread bytes remain in the socket (a client may see a reset instead).
 Options: --port, --dir, --blackhole (accept connections and never answer), --tls-cert/--tls-key (offers STARTTLS; with --implicit-tls the
 whole session is TLS), --auth USER:PASS (AUTH PLAIN/LOGIN required; XOAUTH2 with PASS as the
-bearer token is accepted too, and a wrong token gets the error challenge real servers send). Prints READY when
+bearer token is accepted too, and a wrong token gets the error challenge real servers send),
+--oauth-introspect URL (with --auth USER:...: an XOAUTH2 token for USER is accepted when the RFC 7662
+introspection endpoint URL answers {"active": true} for it; tokens are not compared with PASS). Prints READY when
 listening, then runs until killed. Started again on a folder with messages, it numbers new
 ones after them.
 """
@@ -51,7 +53,8 @@ class Dropped(Exception):
 
 
 class Store:
-    def __init__(self, directory, pipelining=True, oauth=None, ehlo=True):
+    def __init__(self, directory, pipelining=True, oauth=None, ehlo=True, introspect=None):
+        self.introspect = introspect
         self.dir = directory
         self.ehlo = ehlo
         self.pipelining = pipelining
@@ -111,12 +114,33 @@ class Store:
             given = ""
         if self.oauth and given == "user=%s\x01auth=Bearer %s\x01\x01" % self.oauth:
             return AuthResult(success=True, auth_data=LoginPassword(self.oauth[0].encode(), b""))
+        if self.oauth and self.introspect:
+            prefix = "user=%s\x01auth=Bearer " % self.oauth[0]
+            if given.startswith(prefix) and given.endswith("\x01\x01"):
+                token = given[len(prefix):-2]
+                loop = asyncio.get_running_loop()
+                if await loop.run_in_executor(None, self.active, token):
+                    return AuthResult(
+                        success=True, auth_data=LoginPassword(self.oauth[0].encode(), b"")
+                    )
         error = base64.b64encode(b'{"status":"401","schemes":"bearer"}').decode()
         await server.push("334 " + error)
         await server._reader.readline()
         return AuthResult(
             success=False, handled=False, message="535 5.7.8 Authentication credentials invalid"
         )
+
+    def active(self, token):
+        """RFC 7662: POST token=... to the introspection endpoint; active when it says so."""
+        import urllib.parse
+        import urllib.request
+
+        body = urllib.parse.urlencode({"token": token}).encode()
+        try:
+            with urllib.request.urlopen(self.introspect, data=body, timeout=5) as r:
+                return json.loads(r.read()).get("active") is True
+        except Exception:
+            return False
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if address.lower().startswith("refused"):
@@ -206,6 +230,7 @@ def main():
     p.add_argument("--tls-key")
     p.add_argument("--implicit-tls", action="store_true")
     p.add_argument("--auth")
+    p.add_argument("--oauth-introspect")
     p.add_argument("--no-pipelining", action="store_true")
     p.add_argument("--no-ehlo", action="store_true")
     p.add_argument("--blackhole", action="store_true", help="accept TCP connections, never answer")
@@ -258,6 +283,7 @@ def main():
             pipelining=not a.no_pipelining,
             oauth=tuple(a.auth.split(":", 1)) if a.auth else None,
             ehlo=not a.no_ehlo,
+            introspect=a.oauth_introspect,
         ),
         hostname="127.0.0.1", port=a.port, server_hostname="localhost", **kwargs
     )
