@@ -615,7 +615,11 @@ impl Pipeline {
             } else {
                 d.retry + 1
             };
-            let delay = settings.retry_delay_at_least(next, failure.retry_after);
+            let delay = match (failure.deferred, failure.retry_after) {
+                // Not a retry: the wait the limit asks for, not the schedule's.
+                (true, Some(wait)) => settings.delay_at_least(wait),
+                _ => settings.retry_delay_at_least(next, failure.retry_after),
+            };
             let token = new_retry_token();
             // Parked first (confirmed), then recorded: a crash in between leaves the row to
             // the redelivered copy, and the parked one then stands down as a duplicate.

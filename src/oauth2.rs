@@ -47,6 +47,11 @@ const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 const MAX_ANSWER_BYTES: usize = 64 * 1024;
 /// When the token endpoint does not say how long a token lives.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// The shortest lifetime believed (an `expires_in` of 0 would renew at every use).
+const MIN_LIFETIME: Duration = Duration::from_secs(2);
+/// After a refresh failed for now, callers get that failure for this long rather than each
+/// trying again in turn.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(2);
 /// Bound on one token request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// The key file's name, in `[attachments] dir` (beside the link key).
@@ -342,7 +347,12 @@ fn read_or_make_key(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut k = [0u8; MIN_KEY_BYTES];
     aws_lc_rs::rand::fill(&mut k).map_err(|_| "no randomness".to_string())?;
-    let tmp = dir.join(format!("{KEY_FILE}.{}", std::process::id()));
+    static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        "{KEY_FILE}.{}.{}",
+        std::process::id(),
+        MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
@@ -356,11 +366,17 @@ fn read_or_make_key(path: &Path) -> Result<Vec<u8>, String> {
         f.write_all(&k)
             .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
     }
-    if !path.exists() {
-        std::fs::rename(&tmp, path).map_err(|e| format!("cannot write {shown}: {e}"))?;
-    } else {
-        let _ = std::fs::remove_file(&tmp);
+    // A hard link never replaces a file: of two processes making the key at once, one wins
+    // and both read the winner's key.
+    match std::fs::hard_link(&tmp, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!("cannot write {shown}: {e}"));
+        }
     }
+    let _ = std::fs::remove_file(&tmp);
     std::fs::read(path).map_err(|e| format!("cannot read the OAuth2 key {shown}: {e}"))
 }
 
@@ -374,6 +390,9 @@ struct State {
     unsaved: bool,
     /// The grant is gone: every ask answers this until the configuration changes.
     revoked: Option<CredentialError>,
+    /// The last refresh failed for now: callers until then get the same answer instead of
+    /// each waiting for a refresh of its own (the endpoint or the database is down).
+    failed: Option<(CredentialError, Instant)>,
 }
 
 /// One running OAuth2 account.
@@ -435,9 +454,18 @@ impl OAuth2Account {
                 return Ok(token.clone());
             }
         }
+        if let Some((e, until)) = &state.failed {
+            if Instant::now() < *until {
+                return Err(e.clone());
+            }
+        }
         match self.refresh(&mut state).await {
-            Ok(token) => Ok(token),
+            Ok(token) => {
+                state.failed = None;
+                Ok(token)
+            }
             Err(e) => {
+                state.failed = Some((e.clone(), Instant::now() + FAILURE_BACKOFF));
                 if matches!(e, CredentialError::Reauthorize { .. }) {
                     tracing::warn!(account = %self.id, error = %e, "OAuth2 grant refused; the account must be re-authorized");
                     state.access = None;
@@ -489,6 +517,11 @@ impl OAuth2Account {
             None => None,
         };
         if let Some(tx) = &tx {
+            // Bounded: an instance stuck in its refresh (its session half-open) must not hold
+            // this account's every send and login here for as long as its TCP lives.
+            tx.batch_execute("SET LOCAL lock_timeout = '40s'")
+                .await
+                .map_err(db)?;
             tx.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended('mailbridge-oauth2:' || $1, 0))",
                 &[&self.id],
@@ -624,9 +657,15 @@ impl OAuth2Account {
                 "invalid_grant" => self.reauthorize(format!(
                     "{endpoint} refused the refresh token (invalid_grant: revoked or expired); re-authorize the account and put its new refresh token in the configuration"
                 )),
-                _ if (400..500).contains(&status) => self.reauthorize(format!(
-                    "{endpoint} answered HTTP {status} ({code}); check client_id, client_secret and scope, or re-authorize the account"
-                )),
+                // RFC 6749 §5.2's refusals that only a person can fix (and Microsoft's
+                // consent ones); anything else — `temporarily_unavailable`, a proxy's 4xx, an
+                // answer without a code — may pass and is retried.
+                "invalid_client" | "unauthorized_client" | "invalid_scope"
+                | "unsupported_grant_type" | "interaction_required" | "consent_required" => {
+                    self.reauthorize(format!(
+                        "{endpoint} answered HTTP {status} ({code}); check client_id, client_secret and scope, or re-authorize the account"
+                    ))
+                }
                 _ => self.unavailable(format!("{endpoint} answered HTTP {status} ({code})")),
             });
         }
@@ -640,13 +679,15 @@ impl OAuth2Account {
             .expires_in
             .as_ref()
             .and_then(|v| match v {
-                serde_json::Value::Number(n) => n.as_u64(),
-                serde_json::Value::String(s) => s.trim().parse().ok(),
+                serde_json::Value::Number(n) => n.as_f64(),
+                serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
                 _ => None,
             })
-            .map(Duration::from_secs)
+            .filter(|secs| secs.is_finite() && *secs >= 0.0)
+            // Whole seconds, at least a few (a 0 would renew at every use).
+            .map(|secs| Duration::from_secs(secs.min(MAX_LIFETIME.as_secs_f64()) as u64))
             .unwrap_or(DEFAULT_LIFETIME)
-            .min(MAX_LIFETIME);
+            .clamp(MIN_LIFETIME, MAX_LIFETIME);
         let rotated = answer
             .refresh_token
             .filter(|t| !t.is_empty() && t != refresh_token.expose())

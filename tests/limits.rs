@@ -195,3 +195,62 @@ async fn sends_beyond_rate_per_day_wait_for_the_next_day_without_failing() {
     assert_eq!(env.depth("email.send.dlq").await, 0);
     assert_eq!(env.depth("mailbridge.retry.email.send.3600000ms").await, 3);
 }
+
+#[tokio::test]
+async fn max_in_flight_bounds_the_sends_at_once_below_max_connections() {
+    use common::api_server::{ApiServer, API_KEY};
+    let env = TestEnv::new("inflight");
+    let api = ApiServer::start().await;
+    api.set_answer_delay(Duration::from_millis(400));
+    let base = api.base_url();
+    env.write_tenant(
+        "t.toml",
+        &format!(
+            r#"
+id = "tenant-f"
+
+[[providers]]
+id = "bounded"
+kind = "sendgrid"
+api_key = "{API_KEY}"
+base_url = "{base}"
+max_connections = 4
+max_in_flight = 2
+
+[[providers]]
+id = "unbounded"
+kind = "sendgrid"
+api_key = "{API_KEY}"
+base_url = "{base}"
+max_connections = 4
+"#
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let db = env.db().await;
+
+    publish_all(&env, &requests("tenant-f", "bounded", "bounded", 8)).await;
+    let sent = wait_count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE status = 'sent'",
+        8,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(sent, 8, "{}", svc.log_text());
+    assert_eq!(api.most_in_progress(), 2);
+
+    // The same load without max_in_flight uses every connection: the bound above was real.
+    publish_all(&env, &requests("tenant-f", "unbounded", "unbounded", 8)).await;
+    let sent = wait_count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE status = 'sent'",
+        16,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(sent, 16, "{}", svc.log_text());
+    assert_eq!(api.most_in_progress(), 4);
+    assert_eq!(api.received().len(), 16);
+}

@@ -214,6 +214,14 @@ async fn invalid_grant_is_permanent_and_asked_once_while_outages_are_transient()
         other => panic!("expected Unavailable, got {other:?}"),
     }
     server.set_failing(false);
+    // For a moment the failure stands for every caller (no refresh each, in turn)…
+    assert!(matches!(
+        account.token().await,
+        Err(CredentialError::Unavailable { .. })
+    ));
+    assert_eq!(server.token_requests(), 1);
+    // …then the next caller asks again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     account
         .token()
         .await

@@ -60,6 +60,9 @@ pub struct ApiRequest<'a> {
     pub credential: Option<(&'a Credential, Auth<'a>)>,
 }
 
+/// Signs a request body: the headers that carry the signature.
+pub type Signer<'a> = dyn Fn(&[u8]) -> Vec<(&'static str, String)> + 'a;
+
 /// A successful (2xx) answer, its body read up to `MAX_ANSWER`.
 #[derive(Debug)]
 pub struct ApiAnswer {
@@ -122,6 +125,24 @@ impl HttpApi {
     /// Makes the request; a 401/403 with a credential that renews is made once more with
     /// its fresh secret.
     pub async fn post(&self, req: ApiRequest<'_>) -> Result<ApiAnswer, SendError> {
+        self.post_with(req, None).await
+    }
+
+    /// Makes a request that `sign` signs (its headers for the body, SES's SigV4) once it has
+    /// its connection slot: a signature does not age while the request waits for one.
+    pub async fn post_signed(
+        &self,
+        req: ApiRequest<'_>,
+        sign: &Signer<'_>,
+    ) -> Result<ApiAnswer, SendError> {
+        self.post_with(req, Some(sign)).await
+    }
+
+    async fn post_with(
+        &self,
+        req: ApiRequest<'_>,
+        sign: Option<&Signer<'_>>,
+    ) -> Result<ApiAnswer, SendError> {
         let _slot = self
             .slots
             .acquire()
@@ -145,6 +166,15 @@ impl HttpApi {
             for (name, value) in &req.headers {
                 rb = rb.header(*name, value);
             }
+            if let Some(sign) = sign {
+                for (name, value) in sign(&this_body) {
+                    let mut value = HeaderValue::from_str(&value).map_err(|_| {
+                        SendError::Config(format!("the signed header {name} cannot be sent"))
+                    })?;
+                    value.set_sensitive(matches!(name, "authorization" | "x-amz-security-token"));
+                    rb = rb.header(name, value);
+                }
+            }
             let mut token = None;
             if let Some((credential, auth)) = req.credential {
                 let secret = credential.token().await?;
@@ -156,7 +186,11 @@ impl HttpApi {
             if (200..300).contains(&answer.status) {
                 return Ok(answer);
             }
-            if matches!(answer.status, 401 | 403) && attempt == 0 && renews {
+            if matches!(answer.status, 401 | 403)
+                && attempt == 0
+                && renews
+                && !throttling(&answer.body)
+            {
                 if let (Some((credential, _)), Some(token)) = (req.credential, &token) {
                     credential.refused(token);
                     continue;
@@ -194,18 +228,32 @@ impl HttpApi {
         })
     }
 
+    /// A request that failed without an answer. Failing to connect is certain (nothing was
+    /// sent); anything later — a timeout, the connection lost — may have followed a request
+    /// the API received and carried out, so it is uncertain: retried by the schedule and
+    /// recorded as possibly sent (Resend's idempotency key makes its retry harmless).
     fn network(&self, e: &reqwest::Error, during: &'static str) -> SendError {
-        if e.is_timeout() {
-            SendError::Timeout {
-                endpoint: self.endpoint.clone(),
-                timeout: self.send_timeout,
-                during,
+        if e.is_connect() {
+            if e.is_timeout() {
+                return SendError::Timeout {
+                    endpoint: self.endpoint.clone(),
+                    timeout: CONNECT_TIMEOUT,
+                    during: "connecting",
+                };
             }
-        } else {
-            SendError::Connect {
+            return SendError::Connect {
                 endpoint: self.endpoint.clone(),
                 detail: crate::domain::error_chain(e),
-            }
+            };
+        }
+        let detail = if e.is_timeout() {
+            format!("no answer within {:?} ({during})", self.send_timeout)
+        } else {
+            format!("{during}: {}", crate::domain::error_chain(e))
+        };
+        SendError::Uncertain {
+            endpoint: self.endpoint.clone(),
+            detail,
         }
     }
 
@@ -216,8 +264,44 @@ impl HttpApi {
             status: answer.status,
             reply: error_text(answer.status, &answer.body),
             retry_after: retry_after(&answer.headers, OffsetDateTime::now_utc()),
+            throttled: throttling(&answer.body),
         }
     }
+}
+
+/// The reasons and codes by which the supported APIs say "slow down" or "busy" in an answer
+/// whose status alone would read as a refusal: Google's 403 usage limits, Resend's 409 for
+/// the same idempotency key still in progress, SES's throttling codes.
+const THROTTLING: &[&str] = &[
+    "rateLimitExceeded",
+    "userRateLimitExceeded",
+    "dailyLimitExceeded",
+    "quotaExceeded",
+    "RESOURCE_EXHAUSTED",
+    "concurrent_idempotent_requests",
+    "TooManyRequestsException",
+    "Throttling",
+    "ThrottlingException",
+];
+
+/// Whether an error answer's JSON names a throttling reason (as a `reason`, `status`,
+/// `code`, `name` or `__type` anywhere in it, bounded in depth).
+pub fn throttling(body: &[u8]) -> bool {
+    fn walk(v: &serde_json::Value, depth: usize) -> bool {
+        if depth > 6 {
+            return false;
+        }
+        match v {
+            serde_json::Value::Object(map) => map.iter().any(|(k, v)| {
+                (matches!(k.as_str(), "reason" | "status" | "code" | "name" | "__type")
+                    && v.as_str().is_some_and(|s| THROTTLING.contains(&s)))
+                    || walk(v, depth + 1)
+            }),
+            serde_json::Value::Array(items) => items.iter().take(32).any(|v| walk(v, depth + 1)),
+            _ => false,
+        }
+    }
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|v| walk(&v, 0))
 }
 
 /// The authorization header for `secret`, marked sensitive (never in reqwest's `Debug`).
@@ -680,13 +764,14 @@ mod tests {
             .unwrap();
         assert_eq!(a.json_str("id").as_deref(), Some("x1"));
 
-        // No answer: a timeout, transient.
+        // No answer: a timeout after the request was sent, transient and uncertain.
         let (url, _) = server(None).await;
         let e = api(&url, Duration::from_millis(300))
             .post(request(&url, &key))
             .await
             .unwrap_err();
-        assert!(matches!(e, SendError::Timeout { .. }), "{e:?}");
+        assert!(matches!(e, SendError::Uncertain { .. }), "{e:?}");
+        assert!(e.is_uncertain());
         assert_eq!(e.class(), FailureClass::Transient);
 
         // Nobody listening: cannot connect, transient.
@@ -707,6 +792,28 @@ mod tests {
         a.abort();
         let e = a.post(request(&url, &key)).await.unwrap_err();
         assert!(matches!(e, SendError::ShuttingDown), "{e:?}");
+    }
+
+    #[test]
+    fn throttling_in_the_body_is_transient_whatever_the_status() {
+        let gmail = br#"{"error":{"code":403,"message":"User-rate limit exceeded","errors":[{"domain":"usageLimits","reason":"userRateLimitExceeded"}]}}"#;
+        let resend = br#"{"statusCode":409,"name":"concurrent_idempotent_requests","message":"in progress"}"#;
+        let refused = br#"{"error":{"code":403,"message":"Insufficient Permission","errors":[{"reason":"insufficientPermissions"}]}}"#;
+        assert!(throttling(gmail));
+        assert!(throttling(resend));
+        assert!(!throttling(refused));
+        assert!(!throttling(b"not json"));
+        let e = |status, body: &[u8]| SendError::Http {
+            endpoint: "x".into(),
+            status,
+            reply: error_text(status, body),
+            retry_after: None,
+            throttled: throttling(body),
+        };
+        assert_eq!(e(403, gmail).class(), FailureClass::Transient);
+        assert!(!e(403, gmail).is_about_the_email());
+        assert_eq!(e(409, resend).class(), FailureClass::Transient);
+        assert_eq!(e(403, refused).class(), FailureClass::Permanent);
     }
 
     #[test]

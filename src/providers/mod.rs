@@ -90,6 +90,9 @@ pub enum SendError {
         status: u16,
         reply: String,
         retry_after: Option<Duration>,
+        /// The API said it is throttling or busy in its body, whatever the status (Gmail's
+        /// 403 `rateLimitExceeded`, Resend's 409 for a request still in progress): transient.
+        throttled: bool,
     },
     /// The account's OAuth2 grant is gone (revoked, expired after inactivity): nothing will
     /// work until a user authorizes the account again.
@@ -120,9 +123,9 @@ impl SendError {
     pub fn class(&self) -> FailureClass {
         match self {
             SendError::Rejected { code, .. } if *code >= 500 => FailureClass::Permanent,
-            SendError::Http { status, .. } if *status == 429 || *status >= 500 => {
-                FailureClass::Transient
-            }
+            SendError::Http {
+                status, throttled, ..
+            } if *throttled || *status == 429 || *status >= 500 => FailureClass::Transient,
             SendError::Http { .. } | SendError::Reauthorize { .. } => FailureClass::Permanent,
             SendError::NoStarttls { .. }
             | SendError::Certificate { .. }
@@ -164,9 +167,9 @@ impl SendError {
             }
             // A 4xx is about the request, but for refused credentials (401, 403) and throttling
             // (429); 5xx are about the provider.
-            SendError::Http { status, .. } => {
-                (400..500).contains(status) && !matches!(status, 401 | 403 | 429)
-            }
+            SendError::Http {
+                status, throttled, ..
+            } => !throttled && (400..500).contains(status) && !matches!(status, 401 | 403 | 429),
             _ => false,
         }
     }

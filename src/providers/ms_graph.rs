@@ -25,6 +25,8 @@ use crate::outbound::OutgoingEmail;
 use crate::settings::Secret;
 
 const DEFAULT_BASE_URL: &str = "https://graph.microsoft.com";
+/// Graph's limit on a request's size.
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,6 +116,14 @@ struct GraphTransport {
 impl Transport for GraphTransport {
     fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
         Box::pin(async move {
+            // Graph refuses a request over 4 MB (413) after the whole upload; an email that
+            // cannot fit fails here at once.
+            if email.bytes.len() / 3 * 4 > MAX_REQUEST {
+                return Err(SendError::Unsupported {
+                    endpoint: self.api.endpoint.clone(),
+                    what: "a message over 3 MB (Graph's sendMail takes requests up to 4 MB; send it through SMTP or gmail_api)",
+                });
+            }
             let body = http_api::build_off_thread(email, |e| {
                 BASE64.encode(http_api::mime_with_bcc(e)).into_bytes()
             })

@@ -156,40 +156,46 @@ impl Transport for SesTransport {
             }
             let body = http_api::build_off_thread(email, request_body).await?;
             let c = &self.config;
-            let creds = SigningCredentials {
-                access_key_id: &c.access_key_id,
-                secret_access_key: c.secret_access_key.expose(),
-                region: &c.region,
-                service: "ses",
+            let sign = |body: &[u8]| {
+                let creds = SigningCredentials {
+                    access_key_id: &c.access_key_id,
+                    secret_access_key: c.secret_access_key.expose(),
+                    region: &c.region,
+                    service: "ses",
+                };
+                let mut signed: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+                if let Some(token) = &c.session_token {
+                    signed.push(("x-amz-security-token", token.expose()));
+                }
+                let signature = sigv4::sign(
+                    &creds,
+                    "POST",
+                    &self.parsed,
+                    &signed,
+                    body,
+                    OffsetDateTime::now_utc(),
+                );
+                let mut headers = vec![
+                    ("x-amz-date", signature.amz_date),
+                    ("authorization", signature.authorization),
+                ];
+                if let Some(token) = &c.session_token {
+                    headers.push(("x-amz-security-token", token.expose().to_string()));
+                }
+                headers
             };
-            let mut signed: Vec<(&str, &str)> = vec![("content-type", "application/json")];
-            if let Some(token) = &c.session_token {
-                signed.push(("x-amz-security-token", token.expose()));
-            }
-            let signature = sigv4::sign(
-                &creds,
-                "POST",
-                &self.parsed,
-                &signed,
-                &body,
-                OffsetDateTime::now_utc(),
-            );
-            let mut headers = vec![
-                ("x-amz-date", signature.amz_date),
-                ("authorization", signature.authorization),
-            ];
-            if let Some(token) = &c.session_token {
-                headers.push(("x-amz-security-token", token.expose().to_string()));
-            }
             let answer = self
                 .api
-                .post(ApiRequest {
-                    url: self.url.clone(),
-                    content_type: "application/json".into(),
-                    headers,
-                    body,
-                    credential: None,
-                })
+                .post_signed(
+                    ApiRequest {
+                        url: self.url.clone(),
+                        content_type: "application/json".into(),
+                        headers: Vec::new(),
+                        body,
+                        credential: None,
+                    },
+                    &sign,
+                )
                 .await?;
             Ok(Accepted {
                 provider_message_id: answer

@@ -425,9 +425,15 @@ impl Settings {
     /// the longest rung for a wait longer than all of them (the retry then asks again).
     pub fn retry_delay_at_least(&self, retry: u32, at_least: Option<Duration>) -> Duration {
         let scheduled = self.retry_delay(retry);
-        let Some(min) = at_least.filter(|m| *m > scheduled) else {
-            return scheduled;
-        };
+        match at_least.filter(|m| *m > scheduled) {
+            Some(min) => self.delay_at_least(min),
+            None => scheduled,
+        }
+    }
+
+    /// The shortest declared delay queue at least `min` long (the longest rung past them
+    /// all): where a send parked for its provider's rate limit waits.
+    pub fn delay_at_least(&self, min: Duration) -> Duration {
         self.retry_queues()
             .into_iter()
             .map(|(_, d)| d)

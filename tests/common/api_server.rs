@@ -83,6 +83,10 @@ struct State {
     bearer_check: Option<BearerCheck>,
     received: Vec<Received>,
     faults: HashMap<Api, Vec<Fault>>,
+    /// How long each answer takes (to see how many requests a client makes at once).
+    answer_delay: Duration,
+    in_progress: usize,
+    most_in_progress: usize,
     counter: u32,
 }
 
@@ -120,6 +124,16 @@ impl ApiServer {
             .unwrap()
             .faults
             .insert(api, faults.to_vec());
+    }
+
+    /// Every answer takes `delay` from now on.
+    pub fn set_answer_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().answer_delay = delay;
+    }
+
+    /// The most requests that were being answered at once.
+    pub fn most_in_progress(&self) -> usize {
+        self.state.lock().unwrap().most_in_progress
     }
 
     /// Gmail and Graph accept the bearer tokens `check` approves (besides `ACCESS_TOKEN`).
@@ -184,6 +198,16 @@ async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) -> s
             body.extend_from_slice(&chunk[..n]);
         }
         body.truncate(length);
+        let delay = {
+            let mut st = state.lock().unwrap();
+            st.in_progress += 1;
+            st.most_in_progress = st.most_in_progress.max(st.in_progress);
+            st.answer_delay
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        state.lock().unwrap().in_progress -= 1;
         let mut req = Received {
             api: api_of(&method, &target),
             method,
