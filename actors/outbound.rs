@@ -387,8 +387,9 @@ impl Pipeline {
             budget,
         } = fetched;
         let large = valid.request.body_content.len() > OFF_THREAD_BYTES || !attachments.is_empty();
+        let parts = provider.config.wants_parts();
         let built = if large {
-            tokio::task::spawn_blocking(move || build_email(&valid, attachments))
+            tokio::task::spawn_blocking(move || build_email(&valid, attachments, parts))
                 .await
                 .unwrap_or_else(|e| {
                     Err(RequestError::Invalid {
@@ -397,7 +398,7 @@ impl Pipeline {
                     })
                 })
         } else {
-            build_email(&valid, attachments)
+            build_email(&valid, attachments, parts)
         };
         let email = match built {
             Ok(e) => Arc::new(e),

@@ -881,6 +881,7 @@ pub struct EmailParts {
     pub html: Option<String>,
     /// The request's custom headers, by name as given.
     pub headers: Vec<(String, String)>,
+    /// Empty unless the provider's kind takes fields (`ProviderConfig::wants_parts`).
     pub attachments: Vec<FetchedAttachment>,
 }
 
@@ -984,9 +985,14 @@ fn fold(value: &str, first: usize) -> String {
 
 /// Builds the email: From, To, Cc as headers, Bcc in the envelope only, the custom headers,
 /// the derived Message-ID, the body (HTML with a text alternative, or text) and attachments.
+///
+/// `parts.attachments` keeps the attachment bytes only when `with_attachment_parts` (a kind
+/// that takes fields rather than MIME): otherwise it stays empty, and the bytes live once, in
+/// the MIME message.
 pub fn build_email(
     req: &ValidRequest,
     attachments: Vec<FetchedAttachment>,
+    with_attachment_parts: bool,
 ) -> Result<OutgoingEmail, RequestError> {
     let r = &req.request;
     let rfc_id = rfc_message_id(&r.tenant_id, &r.message_id, &req.from.email);
@@ -1034,7 +1040,11 @@ pub fn build_email(
             .iter()
             .map(|(n, v)| (n.to_string(), v.clone()))
             .collect(),
-        attachments: attachments.clone(),
+        attachments: if with_attachment_parts {
+            attachments.clone()
+        } else {
+            Vec::new()
+        },
     };
 
     let message = match (r.body_format, attachments.is_empty()) {
@@ -1405,7 +1415,7 @@ mod tests {
             .unwrap()
             .validate(&Limits::default())
             .unwrap();
-        let email = build_email(&v, vec![]).unwrap();
+        let email = build_email(&v, vec![], false).unwrap();
         let text = String::from_utf8(email.bytes.clone()).unwrap();
         assert!(!text.to_ascii_lowercase().contains("\nbcc:"), "{text}");
         assert!(text.contains("To: user@example.com"));
@@ -1528,7 +1538,7 @@ mod address_tests {
             .validate(&Limits::default())
             .unwrap();
         let started = std::time::Instant::now();
-        let email = build_email(&valid, vec![]).unwrap();
+        let email = build_email(&valid, vec![], false).unwrap();
         println!("built in {:?}", started.elapsed());
         let text = String::from_utf8(email.bytes.clone()).unwrap();
         assert!(text.lines().all(|l| l.len() <= 78 + 1), "a long line");

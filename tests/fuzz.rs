@@ -71,7 +71,7 @@ fn build(
     valid: &ValidRequest,
     attachments: Vec<FetchedAttachment>,
 ) -> Result<OutgoingEmail, RequestError> {
-    outbound::build_email(valid, attachments)
+    outbound::build_email(valid, attachments, true)
 }
 
 /// The text alternative of an HTML body.

@@ -55,7 +55,7 @@ impl ProviderConfig for FileProvider {
 }
 
 impl Transport for FileProvider {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             write_eml(&self.dir, email).await?;
             Ok(Accepted {

@@ -137,7 +137,7 @@ struct GmailTransport {
 }
 
 impl Transport for GmailTransport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             if email.bytes.len() > MAX_MESSAGE {
                 return Err(SendError::Unsupported {

@@ -326,7 +326,10 @@ fn auth_header(auth: Auth, secret: &Secret) -> Result<(&'static str, HeaderValue
 
 /// Builds a request body from `email`: on the blocking pool for a large email, so that
 /// base64 and JSON of megabytes do not hold up the actors' thread.
-pub async fn build_off_thread<T, F>(email: &OutgoingEmail, build: F) -> Result<T, SendError>
+pub async fn build_off_thread<T, F>(
+    email: &std::sync::Arc<OutgoingEmail>,
+    build: F,
+) -> Result<T, SendError>
 where
     T: Send + 'static,
     F: FnOnce(&OutgoingEmail) -> T + Send + 'static,
@@ -334,7 +337,8 @@ where
     if email.bytes.len() < OFF_THREAD_BYTES {
         return Ok(build(email));
     }
-    let email = email.clone();
+    // Shared, not copied: the blocking task reads the same email.
+    let email = std::sync::Arc::clone(email);
     tokio::task::spawn_blocking(move || build(&email))
         .await
         .map_err(|e| SendError::Config(format!("building the request failed: {e}")))

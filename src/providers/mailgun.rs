@@ -118,7 +118,7 @@ struct MailgunTransport {
 }
 
 impl Transport for MailgunTransport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             let (content_type, body) = http_api::build_off_thread(email, form).await?;
             let answer = self

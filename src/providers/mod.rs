@@ -180,7 +180,7 @@ pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<Accepted, SendError
 
 /// How a provider delivers an email.
 pub trait Transport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a>;
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a>;
 
     /// The shutdown grace is over: start nothing more, and abandon what has not been handed
     /// over yet (what has is seen through, so that it is recorded).
@@ -213,6 +213,12 @@ pub trait ProviderConfig: fmt::Debug + Send + Sync {
 
     /// The client that delivers through it.
     fn transport(&self, ctx: &TransportContext) -> Result<Box<dyn Transport>, SendError>;
+
+    /// Whether it sends the email's fields (`OutgoingEmail::parts`, attachment bytes
+    /// included) rather than its MIME message.
+    fn wants_parts(&self) -> bool {
+        false
+    }
 
     /// The limits that apply when the provider's table sets none (an API's documented
     /// per-mailbox limits, say).

@@ -114,7 +114,7 @@ struct GraphTransport {
 }
 
 impl Transport for GraphTransport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             // Graph refuses a request over 4 MB (413) after the whole upload; an email that
             // cannot fit fails here at once.

@@ -64,6 +64,11 @@ impl ProviderConfig for PostmarkProvider {
         "postmark"
     }
 
+    /// It takes the email's fields, attachments included.
+    fn wants_parts(&self) -> bool {
+        true
+    }
+
     fn fingerprint(&self, h: &mut Fingerprint) {
         h.add(&self.base_url)
             .add(&self.message_stream)
@@ -95,7 +100,7 @@ struct PostmarkTransport {
 }
 
 impl Transport for PostmarkTransport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             let stream = self.message_stream.clone();
             let body =

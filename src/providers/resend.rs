@@ -61,6 +61,11 @@ impl ProviderConfig for ResendProvider {
         "resend"
     }
 
+    /// It takes the email's fields, attachments included.
+    fn wants_parts(&self) -> bool {
+        true
+    }
+
     fn fingerprint(&self, h: &mut Fingerprint) {
         h.add(&self.base_url).secret(Some(&self.api_key));
     }
@@ -88,7 +93,7 @@ struct ResendTransport {
 }
 
 impl Transport for ResendTransport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             let body = http_api::build_off_thread(email, request_body).await?;
             let key = idempotency_key(&email.parts.tenant_id, &email.parts.message_id);

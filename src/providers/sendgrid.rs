@@ -56,6 +56,11 @@ impl ProviderConfig for SendgridProvider {
         "sendgrid"
     }
 
+    /// It takes the email's fields, attachments included.
+    fn wants_parts(&self) -> bool {
+        true
+    }
+
     fn fingerprint(&self, h: &mut Fingerprint) {
         h.add(&self.base_url).secret(Some(&self.api_key));
     }
@@ -83,7 +88,7 @@ struct SendgridTransport {
 }
 
 impl Transport for SendgridTransport {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             let body = http_api::build_off_thread(email, request_body).await?;
             let answer = self

@@ -345,7 +345,7 @@ impl SmtpPool {
 }
 
 impl Transport for SmtpPool {
-    fn send<'a>(&'a self, email: &'a OutgoingEmail) -> SendFuture<'a> {
+    fn send<'a>(&'a self, email: &'a Arc<OutgoingEmail>) -> SendFuture<'a> {
         Box::pin(async move {
             let reply = self.send_email(email).await?;
             Ok(Accepted {
