@@ -203,6 +203,10 @@ pub struct Accounts {
     keys: OnceLock<Arc<Keys>>,
     http: Result<reqwest::Client, String>,
     accounts: Mutex<HashMap<String, Arc<OAuth2Account>>>,
+    /// Refreshes at once, each holding a pooled connection (its lock's transaction) while it
+    /// asks the token endpoint: a quarter of the pool, so that many accounts refreshing
+    /// together (at start) never take the connections the outbox and the fetchers need.
+    refreshing: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -224,7 +228,11 @@ impl Accounts {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| e.to_string());
+        let refreshes = pool
+            .as_ref()
+            .map_or(4, |p| (p.status().max_size / 4).max(1));
         Self {
+            refreshing: tokio::sync::Semaphore::new(refreshes),
             pool,
             key_path,
             keys: OnceLock::new(),
@@ -506,6 +514,8 @@ impl OAuth2Account {
         let db = |e: tokio_postgres::Error| {
             self.unavailable(format!("the database: {}", crate::domain::error_chain(&e)))
         };
+        // Never closed; without a permit the refresh only goes beyond the bound.
+        let _permit = self.registry.refreshing.acquire().await.ok();
         let mut client = match &self.registry.pool {
             Some(pool) => Some(pool.get().await.map_err(|e| {
                 self.unavailable(format!("the database: {}", crate::domain::error_chain(&e)))
