@@ -79,6 +79,16 @@ impl TestEnv {
         Self::with_vhost(name, vhost, true)
     }
 
+    /// On a vhost of its own whose default queue type is `queue_type` (`quorum`, say): what
+    /// argument-less declares get there.
+    pub fn with_default_queue_type(tag: &str, queue_type: &str) -> Self {
+        let name = unique(tag);
+        let vhost = format!("mbtest-{name}");
+        rabbitmqctl(&["add_vhost", &vhost, "--default-queue-type", queue_type]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        Self::with_vhost(name, vhost, true)
+    }
+
     /// On the broker's default vhost `/`, where the guide's client examples connect. Only one
     /// test at a time may use it.
     pub fn on_default_vhost(tag: &str) -> Self {
