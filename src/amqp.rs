@@ -178,7 +178,7 @@ pub async fn connect(
     settings: &crate::settings::Settings,
     name: &str,
 ) -> Result<Connection, ConnectError> {
-    let uri = settings.amqp_uri().map_err(ConnectError::Url)?;
+    let uris = settings.amqp_uris().map_err(ConnectError::Url)?;
     let props = lapin::ConnectionProperties::default().with_connection_name(name.into());
     let cert_chain = match &settings.rabbitmq.ca_file {
         Some(path) => Some(
@@ -195,12 +195,24 @@ pub async fn connect(
         endpoint: settings.amqp_display(),
         source: e,
     })?;
-    Connection::connect_uri_with_config(uri, props, tls, runtime)
-        .await
-        .map_err(|source| ConnectError::Connect {
-            endpoint: settings.amqp_display(),
-            source,
-        })
+    // The brokers in order (the nodes of a cluster): the first that takes the connection.
+    let mut failed = None;
+    for uri in uris {
+        let endpoint = crate::settings::uri_display(&uri);
+        match Connection::connect_uri_with_config(uri, props.clone(), tls.clone(), runtime.clone())
+            .await
+        {
+            Ok(c) => {
+                tracing::debug!(%endpoint, "connected to RabbitMQ");
+                return Ok(c);
+            }
+            Err(source) => {
+                tracing::debug!(%endpoint, error = %source, "RabbitMQ not reachable here; trying the next");
+                failed = Some(ConnectError::Connect { endpoint, source });
+            }
+        }
+    }
+    Err(failed.unwrap_or_else(|| ConnectError::Url("no broker configured".into())))
 }
 
 /// Why the broker could not be reached.

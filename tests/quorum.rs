@@ -2,6 +2,7 @@
 //! the way a cluster makes the guide's argument-less durable declares replicated): the
 //! service's topology comes up there as quorum queues — its own delay queues included, whose
 //! TTL and dead-lettering keep working — and a request retried through one is delivered once.
+//! And `[rabbitmq] hosts`, the nodes of a cluster tried in order.
 
 mod common;
 
@@ -104,4 +105,38 @@ async fn on_a_quorum_vhost_every_queue_is_quorum_and_a_retry_is_delivered_once()
         .map(|r| r["status"].as_str().unwrap_or_default())
         .collect();
     assert_eq!(statuses, ["retrying", "sent"], "{results:?}");
+}
+
+#[tokio::test]
+async fn rabbitmq_hosts_are_tried_in_order_past_a_node_that_is_down() {
+    let env = TestEnv::new("hosts");
+    let dead = common::free_port();
+    env.write_config_with(
+        &format!(
+            "hosts = [\"127.0.0.1:{dead}\", \"127.0.0.1:5672\"]\nvhost = \"{}\"\nreconnect_max_delay = \"2s\"\nheartbeat = \"5s\"\n",
+            env.vhost
+        ),
+        &env.db_url(),
+        "",
+    );
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant(TENANT, PROVIDER, smtp.port, "");
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let (_, health) = svc.get_json("/health").await;
+    let endpoint = health["components"]["rabbitmq"]["endpoint"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        endpoint.contains(&format!("127.0.0.1:{dead}")) && endpoint.contains("127.0.0.1:5672"),
+        "{health}"
+    );
+    env.publish(
+        "email.send",
+        &serde_json::to_vec(&guide_request(TENANT, PROVIDER, "hosts-1", None)).unwrap(),
+    )
+    .await;
+    let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(mails.len(), 1, "{}", svc.log_text());
 }

@@ -39,6 +39,13 @@ pub(super) fn apply_env(
     if let Some(v) = nonempty("RABBITMQ_URL") {
         rabbitmq.url = Some(Secret::new(v));
     }
+    if let Some(v) = nonempty("RABBITMQ_HOSTS") {
+        rabbitmq.hosts = v
+            .split(',')
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .collect();
+    }
     if let Some(v) = nonempty("RABBITMQ_HOST") {
         rabbitmq.host = v;
     }

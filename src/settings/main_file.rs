@@ -12,6 +12,9 @@ use super::{Dur, Secret};
 pub struct RabbitMqSection {
     /// A full `amqp://` / `amqps://` URL; when set, host/port/username/password/vhost are unused.
     pub url: Option<Secret>,
+    /// Brokers (`"host:port"`) tried in order at every connection: the nodes of a cluster.
+    /// When set, `host` and `port` are unused.
+    pub hosts: Vec<String>,
     pub host: String,
     pub port: u16,
     pub username: String,
@@ -32,6 +35,7 @@ impl Default for RabbitMqSection {
     fn default() -> Self {
         Self {
             url: None,
+            hosts: Vec::new(),
             host: "localhost".into(),
             port: 5672,
             username: "guest".into(),

@@ -125,6 +125,32 @@ pub fn default_config_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("config/mailbridge.toml"))
 }
 
+/// A broker without credentials: `amqp://host:port/vhost`.
+pub fn uri_display(u: &lapin::uri::AMQPUri) -> String {
+    format!(
+        "{}://{}:{}/{}",
+        u.scheme,
+        u.authority.host,
+        u.authority.port,
+        u.vhost.replace('%', "%25").replace('/', "%2f")
+    )
+}
+
+/// `host:port` (`[v6 address]:port`) of a `[rabbitmq] hosts` entry.
+fn host_port(entry: &str) -> Result<(String, u16), String> {
+    let bad = || format!("`{entry}` is not host:port (a port from 1 to 65535)");
+    let (host, port) = entry.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || port == 0 || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
+}
+
 /// The service's own delay queues beyond the configured delays, for a provider that asks to
 /// wait longer than the schedule (`Retry-After`): its wait is rounded up to the next rung.
 pub const RETRY_LADDER: [Duration; 5] = [
@@ -195,6 +221,17 @@ impl Settings {
                         redact_credentials(&e, url.expose())
                     ),
                 ));
+            }
+        }
+        if rabbitmq.url.is_some() && !rabbitmq.hosts.is_empty() {
+            problems.push(at(
+                "rabbitmq.hosts",
+                "give either `url` or `hosts` (with username, password, vhost), not both".into(),
+            ));
+        }
+        for (i, h) in rabbitmq.hosts.iter().enumerate() {
+            if let Err(e) = host_port(h) {
+                problems.push(at(&format!("rabbitmq.hosts[{i}]"), e));
             }
         }
         if let Some(ca) = &rabbitmq.ca_file {
@@ -387,16 +424,30 @@ impl Settings {
         Ok(uri)
     }
 
-    /// Where the service connects, without credentials, for logs and `/health`.
+    /// Every broker to try, in order: one for `url` or `host`/`port`, one per `hosts` entry.
+    pub fn amqp_uris(&self) -> Result<Vec<lapin::uri::AMQPUri>, String> {
+        let uri = self.amqp_uri()?;
+        if self.rabbitmq.hosts.is_empty() {
+            return Ok(vec![uri]);
+        }
+        self.rabbitmq
+            .hosts
+            .iter()
+            .map(|h| {
+                let (host, port) = host_port(h)?;
+                let mut u = uri.clone();
+                u.authority.host = host;
+                u.authority.port = port;
+                Ok(u)
+            })
+            .collect()
+    }
+
+    /// Where the service connects, without credentials, for logs and `/health` (the brokers
+    /// of `hosts` separated by commas).
     pub fn amqp_display(&self) -> String {
-        match self.amqp_uri() {
-            Ok(u) => format!(
-                "{}://{}:{}/{}",
-                u.scheme,
-                u.authority.host,
-                u.authority.port,
-                u.vhost.replace('%', "%25").replace('/', "%2f")
-            ),
+        match self.amqp_uris() {
+            Ok(uris) => uris.iter().map(uri_display).collect::<Vec<_>>().join(","),
             Err(_) => "<invalid url>".into(),
         }
     }
@@ -592,6 +643,55 @@ mod tests {
             s.retry_queues()[6].0,
             "mailbridge.retry.email.send.3600000ms"
         );
+    }
+
+    #[test]
+    fn rabbitmq_hosts_are_tried_in_order_with_the_shared_credentials() {
+        let d = tempdir("hosts");
+        let main = write(
+            &d,
+            "m.toml",
+            "[rabbitmq]\nhosts = [\"rabbit-1:5672\", \"[::1]:5673\"]\nusername = \"u\"\npassword = \"pw\"\nvhost = \"crm\"\n",
+        );
+        let s = Settings::load_with_env(&main, &BTreeMap::new()).unwrap();
+        let uris = s.amqp_uris().unwrap();
+        let hosts: Vec<(String, u16, String, String)> = uris
+            .iter()
+            .map(|u| {
+                (
+                    u.authority.host.clone(),
+                    u.authority.port,
+                    u.authority.userinfo.username.clone(),
+                    u.vhost.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("rabbit-1".into(), 5672, "u".into(), "crm".into()),
+                ("::1".into(), 5673, "u".into(), "crm".into())
+            ]
+        );
+        assert_eq!(
+            s.amqp_display(),
+            "amqp://rabbit-1:5672/crm,amqp://::1:5673/crm"
+        );
+        assert!(!s.amqp_display().contains("pw"));
+        // From the environment, comma-separated.
+        let env: BTreeMap<String, String> =
+            [("RABBITMQ_HOSTS".to_string(), "a:1, b:2".to_string())].into();
+        let s = Settings::load_with_env(&main, &env).unwrap();
+        assert_eq!(s.amqp_uris().unwrap().len(), 2);
+        // Refused: no port, and together with url.
+        let bad = write(
+            &d,
+            "bad.toml",
+            "[rabbitmq]\nurl = \"amqp://x/\"\nhosts = [\"nohost\"]\n",
+        );
+        let err = Settings::load_with_env(&bad, &BTreeMap::new()).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["rabbitmq.hosts", "rabbitmq.hosts[0]"], "{err}");
     }
 
     #[test]
