@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use actix::prelude::*;
 
-use crate::domain::{ComponentHealth, ComponentId, HealthReport};
+use crate::domain::{ComponentHealth, ComponentId, ComponentState, HealthReport, MailboxPage};
 use crate::metrics::{Labels, Registry};
 
 #[derive(Default)]
@@ -98,7 +98,7 @@ impl Handler<ReportHealth> for MetricsActor {
     type Result = ();
     fn handle(&mut self, msg: ReportHealth, _: &mut Context<Self>) {
         self.components.insert(msg.id, msg.health);
-        if HealthReport::build(&self.components, self.ever_ready).ready() {
+        if !self.ever_ready && HealthReport::components_ready(&self.components) {
             self.ever_ready = true;
         }
     }
@@ -122,6 +122,29 @@ impl Handler<GetHealth> for MetricsActor {
     type Result = MessageResult<GetHealth>;
     fn handle(&mut self, _: GetHealth, _: &mut Context<Self>) -> Self::Result {
         MessageResult(HealthReport::build(&self.components, self.ever_ready))
+    }
+}
+
+/// One page of the mailboxes' health, filtered.
+#[derive(Message, Debug)]
+#[rtype(result = "MailboxPage")]
+pub struct ListMailboxes {
+    pub status: Option<ComponentState>,
+    pub tenant: Option<String>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl Handler<ListMailboxes> for MetricsActor {
+    type Result = MessageResult<ListMailboxes>;
+    fn handle(&mut self, msg: ListMailboxes, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(MailboxPage::build(
+            &self.components,
+            msg.status,
+            msg.tenant.as_deref(),
+            msg.offset,
+            msg.limit,
+        ))
     }
 }
 

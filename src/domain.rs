@@ -150,7 +150,7 @@ impl DeadLetterEntry {
 }
 
 /// The state of one part of the service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ComponentState {
     /// Not yet tried or still connecting for the first time.
@@ -158,6 +158,16 @@ pub enum ComponentState {
     Ok,
     /// Tried and failing; the service keeps trying.
     Down,
+}
+
+impl ComponentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentState::Starting => "starting",
+            ComponentState::Ok => "ok",
+            ComponentState::Down => "down",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -277,6 +287,18 @@ impl HealthReport {
         }
     }
 
+    /// Whether the components say ready (RabbitMQ and PostgreSQL both reachable), without
+    /// building the whole report (thousands of mailboxes report often).
+    pub fn components_ready(components: &BTreeMap<ComponentId, ComponentHealth>) -> bool {
+        [ComponentId::RabbitMq, ComponentId::Database]
+            .iter()
+            .all(|id| {
+                components
+                    .get(id)
+                    .is_some_and(|h| h.status == ComponentState::Ok)
+            })
+    }
+
     /// Ready means RabbitMQ and PostgreSQL are both reachable: `/health` answers 200.
     pub fn ready(&self) -> bool {
         self.components.rabbitmq.status == ComponentState::Ok
@@ -286,6 +308,40 @@ impl HealthReport {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn mailbox_pages_filter_count_and_slice() {
+        let mut c = BTreeMap::new();
+        for (id, tenant, state) in [
+            ("a1", "a", ComponentHealth::ok()),
+            ("a2", "a", ComponentHealth::down("refused")),
+            ("a3", "a", ComponentHealth::down("refused")),
+            ("b1", "b", ComponentHealth::down("refused")),
+            ("b2", "b", ComponentHealth::starting()),
+        ] {
+            c.insert(
+                ComponentId::Mailbox(id.into()),
+                state.with("tenant", tenant),
+            );
+        }
+        c.insert(
+            ComponentId::Provider("p".into()),
+            ComponentHealth::down("x"),
+        );
+        let ids = |p: &MailboxPage| p.mailboxes.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
+        let all = MailboxPage::build(&c, None, None, 0, 100);
+        assert_eq!(all.total, 5);
+        assert_eq!(all.counts["ok"], 1);
+        assert_eq!(all.counts["down"], 3);
+        assert_eq!(all.counts["starting"], 1);
+        let down = MailboxPage::build(&c, Some(ComponentState::Down), None, 1, 1);
+        assert_eq!((down.total, ids(&down)), (3, vec!["a3".to_string()]));
+        let a = MailboxPage::build(&c, Some(ComponentState::Down), Some("a"), 0, 10);
+        assert_eq!(ids(&a), ["a2", "a3"]);
+        assert_eq!(a.counts["ok"], 1);
+        let past = MailboxPage::build(&c, None, None, 9, 10);
+        assert_eq!((past.total, past.mailboxes.len()), (5, 0));
+    }
+
     use super::*;
 
     #[test]
@@ -359,5 +415,68 @@ mod tests {
     fn queue_stats_status_follows_consumers() {
         assert_eq!(QueueStats::new(5, 0).status, "idle");
         assert_eq!(QueueStats::new(0, 2).status, "running");
+    }
+}
+
+/// One page of the mailboxes' health (`GET /api/mailboxes`): how many there are by state,
+/// and the page asked for, by id.
+#[derive(Debug, Clone, Serialize)]
+pub struct MailboxPage {
+    /// Mailboxes matching the filters (the page is a slice of them).
+    pub total: usize,
+    pub offset: usize,
+    pub limit: usize,
+    /// Every mailbox of the tenant filter (or all), by state, whatever the status filter.
+    pub counts: BTreeMap<&'static str, usize>,
+    pub mailboxes: Vec<MailboxHealth>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MailboxHealth {
+    pub id: String,
+    #[serde(flatten)]
+    pub health: ComponentHealth,
+}
+
+impl MailboxPage {
+    /// The page of `components`' mailboxes with `status` (any when `None`) of `tenant` (any
+    /// when `None`), in id order.
+    pub fn build(
+        components: &BTreeMap<ComponentId, ComponentHealth>,
+        status: Option<ComponentState>,
+        tenant: Option<&str>,
+        offset: usize,
+        limit: usize,
+    ) -> Self {
+        let mut counts: BTreeMap<&'static str, usize> =
+            [("ok", 0), ("down", 0), ("starting", 0)].into();
+        let mut total = 0;
+        let mut mailboxes = Vec::new();
+        for (id, h) in components {
+            let ComponentId::Mailbox(m) = id else {
+                continue;
+            };
+            if tenant.is_some_and(|t| h.details.get("tenant").and_then(|v| v.as_str()) != Some(t)) {
+                continue;
+            }
+            *counts.entry(h.status.as_str()).or_default() += 1;
+            if status.is_some_and(|s| s != h.status) {
+                continue;
+            }
+            if total >= offset && mailboxes.len() < limit {
+                mailboxes.push(MailboxHealth {
+                    id: m.clone(),
+                    health: h.clone(),
+                });
+            }
+            total += 1;
+        }
+        Self {
+            total,
+            offset,
+            limit,
+            counts,
+            mailboxes,
+        }
     }
 }

@@ -31,6 +31,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/metrics", web::get().to(metrics))
         .route("/api/rabbitmq/status", web::get().to(queue_status))
+        .route("/api/mailboxes", web::get().to(mailboxes))
         .route("/api/dlq", web::get().to(dlq_list))
         .route("/api/dlq/replay", web::post().to(dlq_replay))
         .route("/api/attachments/{id}", web::get().to(attachment))
@@ -254,6 +255,46 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     match state.metrics.send(GetHealth).await {
         Ok(report) if report.ready() => HttpResponse::Ok().json(report),
         Ok(report) => HttpResponse::ServiceUnavailable().json(report),
+        Err(_) => unavailable("metrics actor"),
+    }
+}
+
+#[derive(Deserialize)]
+struct MailboxesQuery {
+    status: Option<crate::domain::ComponentState>,
+    tenant: Option<String>,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+/// The mailboxes' health a page at a time (`/health` lists them all): `?status=down`,
+/// `?tenant=…`, `?offset=…&limit=…` (100 by default, at most 1,000).
+async fn mailboxes(
+    state: web::Data<AppState>,
+    query: Result<web::Query<MailboxesQuery>, actix_web::Error>,
+) -> HttpResponse {
+    let query = match query {
+        Ok(q) => q.into_inner(),
+        Err(e) => {
+            return HttpResponse::BadRequest().json(serde_json::json!({
+                "success": false,
+                "error": format!("{e}; use status=ok|down|starting, tenant=<id>, offset=<n>, limit=<1..1000>"),
+            }))
+        }
+    };
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    match state
+        .metrics
+        .send(crate::actors::metrics::ListMailboxes {
+            status: query.status,
+            tenant: query.tenant,
+            offset: query.offset,
+            limit,
+        })
+        .await
+    {
+        Ok(page) => HttpResponse::Ok().json(page),
         Err(_) => unavailable("metrics actor"),
     }
 }

@@ -1,8 +1,9 @@
-//! A vhost whose default queue type is quorum (RabbitMQ 3.10's `--default-queue-type quorum`,
-//! the way a cluster makes the guide's argument-less durable declares replicated): the
-//! service's topology comes up there as quorum queues — its own delay queues included, whose
-//! TTL and dead-lettering keep working — and a request retried through one is delivered once.
-//! And `[rabbitmq] hosts`, the nodes of a cluster tried in order.
+//! How the service sits in a deployment: a vhost whose default queue type is quorum
+//! (RabbitMQ 3.10's `--default-queue-type quorum`, the way a cluster makes the guide's
+//! argument-less durable declares replicated) — the service's topology comes up there as
+//! quorum queues, its own delay queues included, whose TTL and dead-lettering keep working;
+//! `[rabbitmq] hosts`, the nodes of a cluster tried in order; and `GET /api/mailboxes`, the
+//! mailboxes' health a page at a time.
 
 mod common;
 
@@ -139,4 +140,65 @@ async fn rabbitmq_hosts_are_tried_in_order_past_a_node_that_is_down() {
     .await;
     let mails = smtp.wait_for(1, Duration::from_secs(15)).await;
     assert_eq!(mails.len(), 1, "{}", svc.log_text());
+}
+
+/// `GET /api/mailboxes`: the mailboxes' health a page at a time, by tenant and state.
+#[tokio::test]
+async fn mailboxes_are_listed_a_page_at_a_time_by_tenant_and_state() {
+    let env = TestEnv::new("mailbox-pages");
+    let closed = common::free_port();
+    for (tenant, n) in [("tenant-a", 5), ("tenant-b", 3)] {
+        let mut text = format!(
+            "id = \"{tenant}\"\n[[providers]]\nid = \"{tenant}-p\"\nkind = \"file\"\ndir = \"sent\"\n"
+        );
+        for i in 0..n {
+            text.push_str(&format!(
+                "[[mailboxes]]\nid = \"{tenant}-m{i}\"\nuser_id = \"u{i}\"\nprovider_id = \"{tenant}-p\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {closed}\ntls = \"none\"\nusername = \"u{i}\"\npassword = \"pw\"\nidle = false\npoll_interval = \"60s\"\n"
+            ));
+        }
+        env.write_tenant(&format!("{tenant}.toml"), &text);
+    }
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    // Every mailbox fails to connect (nothing listens): all down once they tried.
+    let start = std::time::Instant::now();
+    let mut page = serde_json::Value::Null;
+    while start.elapsed() < Duration::from_secs(20) {
+        page = svc.get_json("/api/mailboxes?status=down").await.1;
+        if page["total"] == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(page["total"], 8, "{page}");
+    assert_eq!(page["counts"]["down"], 8, "{page}");
+    assert_eq!(page["counts"]["ok"], 0, "{page}");
+
+    let (code, page) = svc
+        .get_json("/api/mailboxes?tenant=tenant-a&offset=2&limit=2")
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(page["total"], 5, "{page}");
+    let ids: Vec<&str> = page["mailboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["tenant-a-m2", "tenant-a-m3"], "{page}");
+    assert_eq!(page["mailboxes"][0]["status"], "down");
+    assert!(
+        page["mailboxes"][0]["last_error"].as_str().is_some(),
+        "{page}"
+    );
+
+    let (_, page) = svc.get_json("/api/mailboxes?status=ok").await;
+    assert_eq!(page["total"], 0, "{page}");
+    assert_eq!(page["mailboxes"].as_array().unwrap().len(), 0);
+    let (code, page) = svc.get_json("/api/mailboxes?status=sideways").await;
+    assert_eq!(code, 400, "{page}");
+    assert!(page["error"]
+        .as_str()
+        .unwrap()
+        .contains("status=ok|down|starting"));
 }
