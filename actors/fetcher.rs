@@ -1586,12 +1586,8 @@ impl Actor for MailboxFetcher {
         let settings = self.child.settings.clone();
         let setup = async move {
             let ch = publisher.ok_or_else(|| "not connected to RabbitMQ".to_string())?;
-            let store = AttachmentStore::open(
-                &settings.attachments.dir,
-                &settings.attachments.public_base_url,
-                settings.attachments.link_ttl.0,
-            )
-            .map_err(|e| e.to_string())?;
+            let store =
+                AttachmentStore::for_settings(&settings.attachments).map_err(|e| e.to_string())?;
             Ok::<_, String>((ch, store))
         };
         ctx.wait(setup.into_actor(self).map(|res, act, ctx| match res {

@@ -384,8 +384,13 @@ impl Supervisor {
         // The key file sits beside the attachment link key; both stay where the service
         // started (a reload does not move them).
         let key_path = settings.attachments.dir.join(crate::oauth2::KEY_FILE);
+        let mut accounts = crate::oauth2::Accounts::new(Some(pool.clone()), key_path);
+        if let Some(link_key) = &settings.attachments.link_key {
+            // Configured for every instance alike: the sealing key derives from it.
+            accounts = accounts.with_key_from(link_key);
+        }
         Self {
-            accounts: Arc::new(crate::oauth2::Accounts::new(Some(pool.clone()), key_path)),
+            accounts: Arc::new(accounts),
             settings,
             metrics,
             pool,

@@ -41,11 +41,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     // Before any actor starts: a store the service cannot use (a short link key, a folder it
     // cannot write) stops the start with its reason instead of failing every fetcher.
-    let attachments = AttachmentStore::open(
-        &settings.attachments.dir,
-        &settings.attachments.public_base_url,
-        settings.attachments.link_ttl.0,
-    )?;
+    let attachments = AttachmentStore::for_settings(&settings.attachments)?;
     let metrics = MetricsActor::default().start();
     let pool = storage::pool(&settings.database)?;
     let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone())

@@ -17,6 +17,7 @@ use std::time::Duration;
 use aws_lc_rs::{digest, hmac};
 
 use crate::inbound::sha256_hex;
+use crate::settings::Secret;
 
 /// The shortest link key accepted: HMAC-SHA256 wants a key as long as its output.
 const MIN_KEY_BYTES: usize = 32;
@@ -58,7 +59,36 @@ impl AttachmentStore {
     /// Opens (creating) the folder and its link key. An existing key shorter than 32 bytes is
     /// refused rather than used: links signed with it would be forgeable.
     pub fn open(dir: &Path, base_url: &str, ttl: Duration) -> Result<Self, AttachmentError> {
+        Self::open_with_key(dir, base_url, ttl, None)
+    }
+
+    /// The store `[attachments]` describes (its folder, links, and `link_key` when given).
+    pub fn for_settings(a: &crate::settings::AttachmentsSection) -> Result<Self, AttachmentError> {
+        Self::open_with_key(
+            &a.dir,
+            &a.public_base_url,
+            a.link_ttl.0,
+            a.link_key.as_ref(),
+        )
+    }
+
+    /// Like [`AttachmentStore::open`], signing with `key` (`[attachments] link_key`, at least
+    /// 32 bytes, the same on every instance) when given instead of the key file.
+    pub fn open_with_key(
+        dir: &Path,
+        base_url: &str,
+        ttl: Duration,
+        key: Option<&Secret>,
+    ) -> Result<Self, AttachmentError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        if let Some(key) = key {
+            return Ok(Self {
+                dir: dir.to_path_buf(),
+                key: hmac::Key::new(hmac::HMAC_SHA256, key.expose().as_bytes()),
+                base_url: base_url.trim_end_matches('/').to_string(),
+                ttl,
+            });
+        }
         let key_path = dir.join(".link-key");
         let key = match std::fs::read(&key_path) {
             Ok(k) if k.len() >= MIN_KEY_BYTES => k,
@@ -331,6 +361,38 @@ mod tests {
         assert!(again
             .open_link(&id, 1060, "a b.txt", "text/plain", sig, 1001)
             .is_ok());
+    }
+
+    #[test]
+    fn a_configured_link_key_signs_alike_on_every_instance() {
+        let base = std::env::temp_dir().join(format!("mb-att-shared-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let key = Secret::new("k".repeat(40));
+        let ttl = Duration::from_secs(60);
+        let a =
+            AttachmentStore::open_with_key(&base.join("a"), "http://h:1", ttl, Some(&key)).unwrap();
+        let b =
+            AttachmentStore::open_with_key(&base.join("b"), "http://h:2", ttl, Some(&key)).unwrap();
+        let own = AttachmentStore::open(&base.join("c"), "http://h:3", ttl).unwrap();
+        let id = a.store(b"shared bytes").unwrap();
+        let link = a.link(&id, "f.txt", "text/plain", 1000);
+        let sig = link.rsplit("sig=").next().unwrap();
+        // Another instance with the same key accepts the link (it lacks only the bytes)…
+        assert!(matches!(
+            b.open_link(&id, 1060, "f.txt", "text/plain", sig, 1001),
+            Err(AttachmentError::NotFound)
+        ));
+        b.store(b"shared bytes").unwrap();
+        assert!(b
+            .open_link(&id, 1060, "f.txt", "text/plain", sig, 1001)
+            .is_ok());
+        // …one with a key of its own does not; no key file is made when one is configured.
+        assert!(matches!(
+            own.open_link(&id, 1060, "f.txt", "text/plain", sig, 1001),
+            Err(AttachmentError::BadSignature)
+        ));
+        assert!(!base.join("a").join(".link-key").exists());
+        assert!(base.join("c").join(".link-key").exists());
     }
 
     #[test]

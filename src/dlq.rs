@@ -225,11 +225,7 @@ async fn replay_inbound(
     queue: &str,
     selection: &Selection,
 ) -> Result<ReplayReport, DlqError> {
-    let store = AttachmentStore::open(
-        &settings.attachments.dir,
-        &settings.attachments.public_base_url,
-        settings.attachments.link_ttl.0,
-    )?;
+    let store = AttachmentStore::for_settings(&settings.attachments)?;
     let ch = conn.create_channel().await?;
     let publisher = Publisher::new(conn.clone(), 1);
     let mut report = ReplayReport::default();

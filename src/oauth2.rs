@@ -262,6 +262,19 @@ impl Accounts {
         account
     }
 
+    /// Seals with a key derived from `secret` (`[attachments] link_key`, configured alike on
+    /// every instance) instead of the key file.
+    pub fn with_key_from(self, secret: &Secret) -> Self {
+        let derived = hmac::sign(
+            &hmac::Key::new(hmac::HMAC_SHA256, secret.expose().as_bytes()),
+            b"mailbridge oauth2 refresh token sealing",
+        );
+        if let Ok(keys) = Keys::new(derived.as_ref()) {
+            let _ = self.keys.set(Arc::new(keys));
+        }
+        self
+    }
+
     fn keys(&self) -> Result<Arc<Keys>, String> {
         if let Some(k) = self.keys.get() {
             return Ok(k.clone());
@@ -775,6 +788,25 @@ pub fn xoauth2(user: &str, token: &Secret) -> Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_configured_link_key_gives_every_instance_the_same_sealing_key() {
+        let dir = std::env::temp_dir().join(format!("mb-oauth-derived-{}", std::process::id()));
+        let link_key = Secret::new("l".repeat(40));
+        let one = Accounts::new(None, dir.join("one")).with_key_from(&link_key);
+        let two = Accounts::new(None, dir.join("two")).with_key_from(&link_key);
+        let other =
+            Accounts::new(None, dir.join("three")).with_key_from(&Secret::new("m".repeat(40)));
+        let token = Secret::new("1//rotated");
+        let sealed = one.keys().unwrap().seal("provider:p", &token).unwrap();
+        assert_eq!(
+            two.keys().unwrap().open("provider:p", &sealed),
+            Some(token.clone())
+        );
+        assert_eq!(other.keys().unwrap().open("provider:p", &sealed), None);
+        // No key file was made.
+        assert!(!dir.join("one").exists());
+    }
 
     #[test]
     fn sealed_tokens_open_only_for_their_account_and_do_not_hold_the_token() {

@@ -250,6 +250,12 @@ pub struct AttachmentsSection {
     pub dir: PathBuf,
     pub public_base_url: String,
     pub link_ttl: Dur,
+    /// The key that signs attachment links (at least 32 bytes), given as a secret so that
+    /// every instance signs and checks alike; without it, a random key in `dir/.link-key`.
+    /// The OAuth2 sealing key is derived from it too.
+    pub link_key: Option<Secret>,
+    pub link_key_env: Option<String>,
+    pub link_key_file: Option<PathBuf>,
 }
 
 impl Default for AttachmentsSection {
@@ -258,6 +264,9 @@ impl Default for AttachmentsSection {
             dir: PathBuf::from("var/attachments"),
             public_base_url: "http://127.0.0.1:8000".into(),
             link_ttl: Dur(Duration::from_secs(7 * 24 * 3600)),
+            link_key: None,
+            link_key_env: None,
+            link_key_file: None,
         }
     }
 }

@@ -125,6 +125,73 @@ pub fn default_config_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("config/mailbridge.toml"))
 }
 
+/// The link key as configured (`link_key`, `link_key_env` or `link_key_file`, at most one;
+/// at least 32 bytes), or none.
+fn link_key(
+    a: &main_file::AttachmentsSection,
+    env: &dyn Env,
+    base: &Path,
+    problem: &mut dyn FnMut(&str, String),
+) -> Option<Secret> {
+    let given = [
+        a.link_key.is_some(),
+        a.link_key_env.is_some(),
+        a.link_key_file.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if given > 1 {
+        problem(
+            "attachments.link_key",
+            "give only one of `link_key`, `link_key_env` and `link_key_file`".into(),
+        );
+        return None;
+    }
+    let (key, value) = if let Some(k) = &a.link_key {
+        ("attachments.link_key", k.clone())
+    } else if let Some(var) = &a.link_key_env {
+        match env.var(var) {
+            Some(v) => ("attachments.link_key_env", Secret::new(v)),
+            None => {
+                problem(
+                    "attachments.link_key_env",
+                    format!("environment variable `{var}` is not set"),
+                );
+                return None;
+            }
+        }
+    } else if let Some(file) = &a.link_key_file {
+        let path = resolve_path(base, file);
+        match std::fs::read_to_string(&path) {
+            Ok(v) => (
+                "attachments.link_key_file",
+                Secret::new(v.trim_end_matches(['\r', '\n'])),
+            ),
+            Err(e) => {
+                problem(
+                    "attachments.link_key_file",
+                    format!("cannot read {}: {e}", path.display()),
+                );
+                return None;
+            }
+        }
+    } else {
+        return None;
+    };
+    if value.expose().len() < 32 {
+        problem(
+            key,
+            format!(
+                "the link key has {} bytes; give at least 32 (e.g. `openssl rand -hex 32`)",
+                value.expose().len()
+            ),
+        );
+        return None;
+    }
+    Some(value)
+}
+
 /// A broker without credentials: `amqp://host:port/vhost`.
 pub fn uri_display(u: &lapin::uri::AMQPUri) -> String {
     format!(
@@ -190,7 +257,7 @@ impl Settings {
             mut http,
             retry,
             outbound,
-            attachments,
+            mut attachments,
             tenants,
             shutdown,
             inbound,
@@ -352,6 +419,10 @@ impl Settings {
                 problems.push(at(key, "must be at most 200 bytes long".into()));
             }
         }
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        attachments.link_key = link_key(&attachments, env, base_dir, &mut |key, message| {
+            problems.push(at(key, message))
+        });
         if url::Url::parse(&attachments.public_base_url).is_err() {
             problems.push(at(
                 "attachments.public_base_url",
@@ -692,6 +763,34 @@ mod tests {
         let err = Settings::load_with_env(&bad, &BTreeMap::new()).unwrap_err();
         let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(keys, ["rabbitmq.hosts", "rabbitmq.hosts[0]"], "{err}");
+    }
+
+    #[test]
+    fn the_link_key_is_a_secret_of_at_least_32_bytes() {
+        let d = tempdir("linkkey");
+        let main = write(
+            &d,
+            "m.toml",
+            "[attachments]\nlink_key_env = \"MB_LINK_KEY\"\n",
+        );
+        let env: BTreeMap<String, String> = [("MB_LINK_KEY".to_string(), "x".repeat(32))].into();
+        let s = Settings::load_with_env(&main, &env).unwrap();
+        assert_eq!(
+            s.attachments.link_key.as_ref().unwrap().expose(),
+            "x".repeat(32)
+        );
+        assert!(!format!("{:?}", s.attachments).contains(&"x".repeat(32)));
+        let short: BTreeMap<String, String> = [("MB_LINK_KEY".to_string(), "short".into())].into();
+        let err = Settings::load_with_env(&main, &short).unwrap_err();
+        assert_eq!(err.0[0].key, "attachments.link_key_env");
+        assert!(err.0[0].message.contains("at least 32"), "{err}");
+        let both = write(
+            &d,
+            "both.toml",
+            "[attachments]\nlink_key = \"a\"\nlink_key_file = \"k\"\n",
+        );
+        let err = Settings::load_with_env(&both, &BTreeMap::new()).unwrap_err();
+        assert_eq!(err.0[0].key, "attachments.link_key");
     }
 
     #[test]
