@@ -430,7 +430,15 @@ impl Pipeline {
                     last_reply: e.last_reply(),
                     uncertain: e.is_uncertain(),
                     retry_after: e.retry_after(),
-                    deferred: matches!(e, SendError::Deferred { .. }),
+                    // A provider asking to wait past the longest delay queue (its quota
+                    // is spent until tomorrow, say) is waited for in the longest steps
+                    // without spending retries: it said when, not that it failed.
+                    deferred: matches!(e, SendError::Deferred { .. })
+                        || (e.class() == FailureClass::Transient
+                            && e.retry_after().is_some_and(|w| {
+                                w > crate::settings::RETRY_LADDER
+                                    [crate::settings::RETRY_LADDER.len() - 1]
+                            })),
                 };
                 return self.on_failure(d, ids, guard, f).await;
             }

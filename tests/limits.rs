@@ -254,3 +254,40 @@ max_connections = 4
     assert_eq!(api.most_in_progress(), 4);
     assert_eq!(api.received().len(), 16);
 }
+
+#[tokio::test]
+async fn a_retry_after_past_the_longest_delay_queue_waits_without_spending_retries() {
+    use common::api_server::{Api, ApiServer, Fault, API_KEY};
+    let env = TestEnv::new("retry_after_long");
+    let api = ApiServer::start().await;
+    api.fail_next(Api::Sendgrid, &[Fault::Throttle(7200)]);
+    let base = api.base_url();
+    env.write_tenant(
+        "t.toml",
+        &format!(
+            "id = \"tenant-q\"\n[[providers]]\nid = \"quota\"\nkind = \"sendgrid\"\napi_key = \"{API_KEY}\"\nbase_url = \"{base}\"\n"
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    publish_all(&env, &requests("tenant-q", "quota", "quota", 1)).await;
+    let db = env.db().await;
+    let parked = wait_count(
+        &db,
+        "SELECT count(*) FROM outbox WHERE status = 'retrying' AND retry_count = 0
+           AND last_error LIKE '%HTTP 429%' AND next_retry_at > now() + interval '50 minutes'",
+        1,
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(parked, 1, "{}", svc.log_text());
+    assert_eq!(env.depth("mailbridge.retry.email.send.3600000ms").await, 1);
+    assert_eq!(
+        env.take("email.send.result", 1, Duration::from_secs(2))
+            .await
+            .len(),
+        0,
+        "no result while it waits"
+    );
+    assert_eq!(env.depth("email.send.dlq").await, 0);
+}
