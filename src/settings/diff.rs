@@ -139,8 +139,21 @@ impl Settings {
             ),
             (
                 "attachments",
-                format!("{:?}", self.attachments),
-                format!("{:?}", new.attachments),
+                // The link key by its hash: `Debug` shows a secret as `***`.
+                format!(
+                    "{:?}{}",
+                    self.attachments,
+                    crate::providers::Fingerprint::new()
+                        .secret(self.attachments.link_key.as_ref())
+                        .finish()
+                ),
+                format!(
+                    "{:?}{}",
+                    new.attachments,
+                    crate::providers::Fingerprint::new()
+                        .secret(new.attachments.link_key.as_ref())
+                        .finish()
+                ),
             ),
             (
                 "inbound",
