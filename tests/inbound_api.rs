@@ -1,0 +1,475 @@
+//! Inbound through the Gmail API and Microsoft Graph (`protocol = "gmail_api"`, `"ms_graph"`)
+//! against a stand-in of both (`common::mail_api_server`), RabbitMQ and PostgreSQL, through
+//! the real binary: each message published once with its content and `source`, nothing twice
+//! across a restart or an expired history id / delta token, `email.sync.user` at once,
+//! `initial_sync = "new"`, 429 with Retry-After, and a revoked OAuth2 account down without
+//! polling.
+//!
+//! "Nothing twice" is counted on the queue, never by rows of `inbound_published`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mail_api_server::{MailApiServer, ACCESS_TOKEN};
+use common::token_server::TokenServer;
+use common::{Service, TestEnv};
+
+const DAY: i64 = 24 * 3600;
+
+fn message(id: &str, subject: &str) -> Vec<u8> {
+    format!(
+        "From: John Doe <john@example.com>\r\nTo: crm@acme.example\r\nSubject: {subject}\r\nMessage-ID: <{id}>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nbody of {subject}\r\n"
+    )
+    .into_bytes()
+}
+
+/// A tenant with a file provider and one API mailbox `mb-<protocol>`; `auth` and `extra` are
+/// more mailbox keys (the `oauth2` table last).
+fn tenant(env: &TestEnv, protocol: &str, base_url: &str, extra: &str, auth: &str) {
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent-acme"
+
+[[mailboxes]]
+id = "mb-{protocol}"
+user_id = "user-{protocol}"
+provider_id = "acme-provider"
+protocol = "{protocol}"
+base_url = "{base_url}"
+{extra}
+{auth}
+"#
+        ),
+    );
+}
+
+fn static_token() -> String {
+    format!("access_token = \"{ACCESS_TOKEN}\"")
+}
+
+/// Takes `n` from `email.inbound` (up to `timeout`), then checks that nothing more comes
+/// within `settle`.
+async fn take_exactly(
+    env: &TestEnv,
+    svc: &Service,
+    n: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> Vec<serde_json::Value> {
+    let got = env.take("email.inbound", n, timeout).await;
+    assert_eq!(got.len(), n, "published: {got:#?}\n{}", svc.log_text());
+    let extra = env.take("email.inbound", 1, settle).await;
+    assert!(
+        extra.is_empty(),
+        "published more than once: {extra:#?}\n{}",
+        svc.log_text()
+    );
+    got
+}
+
+fn ids(msgs: &[serde_json::Value]) -> Vec<String> {
+    let mut v: Vec<String> = msgs
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap_or("").to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+async fn wait_synced(svc: &Service, mailbox: &str) {
+    let start = Instant::now();
+    loop {
+        let (_, h) = svc.get_json("/health").await;
+        if h["components"]["mailboxes"][mailbox]["last_sync"].is_string() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{h}\n{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sync_request(env: &TestEnv, user: &str) {
+    let sync = serde_json::json!({
+        "tenant_id": "acme", "provider_id": "acme-provider", "user_id": user,
+        "sync_type": "inbound", "timestamp": "2025-09-19T10:30:00Z"
+    });
+    env.publish("email.sync.user", &serde_json::to_vec(&sync).unwrap())
+        .await;
+}
+
+/// The whole life of one API mailbox, for either API: `add` puts a message in the stand-in
+/// (subject, age in seconds), `expire` makes the stored cursor too old.
+async fn life_of_an_api_mailbox(
+    protocol: &str,
+    add: impl Fn(&MailApiServer, &[u8], i64),
+    expire: impl Fn(&MailApiServer),
+    relisted: impl Fn(&str) -> bool,
+) {
+    let env = TestEnv::new(&format!("api-{protocol}"));
+    let api = MailApiServer::start(2).await;
+    let mailbox = format!("mb-{protocol}");
+    let user = format!("user-{protocol}");
+    // Before the mailbox is added: one old (outside the 30-day window), three recent (more
+    // than a page of two).
+    add(&api, &message(&format!("old@{protocol}"), "old"), 60 * DAY);
+    for i in 1..=3 {
+        add(
+            &api,
+            &message(&format!("recent-{i}@{protocol}"), &format!("recent {i}")),
+            (10 - i) * DAY,
+        );
+    }
+    tenant(
+        &env,
+        protocol,
+        &api.base_url(),
+        "initial_sync = \"30d\"\npoll_interval = \"1h\"",
+        &static_token(),
+    );
+    let mut svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        3,
+        Duration::from_secs(20),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        ids(&got),
+        [1, 2, 3].map(|i| format!("recent-{i}@{protocol}")),
+        "the 30-day window, through pages of two"
+    );
+    for m in &got {
+        assert_eq!(m["source"], protocol, "{m}");
+        assert_eq!(m["mailbox_id"], mailbox.as_str(), "{m}");
+        assert_eq!(m["tenant_id"], "acme");
+        assert_eq!(m["user_id"], user.as_str());
+        let subject = m["subject"].as_str().unwrap_or("");
+        assert!(subject.starts_with("recent "), "{m}");
+        assert!(
+            m["body_content"]
+                .as_str()
+                .is_some_and(|b| b.contains(&format!("body of {subject}"))),
+            "{m}"
+        );
+    }
+    wait_synced(&svc, &mailbox).await;
+    let (_, h) = svc.get_json("/health").await;
+    let mb = &h["components"]["mailboxes"][&mailbox];
+    assert_eq!(mb["status"], "ok", "{h}");
+    assert_eq!(mb["protocol"], protocol, "{h}");
+
+    // New mail waits for the hourly poll, or comes at once on email.sync.user.
+    add(&api, &message(&format!("new-1@{protocol}"), "new 1"), 0);
+    add(&api, &message(&format!("new-2@{protocol}"), "new 2"), 0);
+    assert!(
+        env.take("email.inbound", 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "not before the request or the poll"
+    );
+    let asked = Instant::now();
+    sync_request(&env, &user).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        2,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(asked.elapsed() < Duration::from_secs(8));
+    assert_eq!(
+        ids(&got),
+        [format!("new-1@{protocol}"), format!("new-2@{protocol}")]
+    );
+
+    // A restart publishes nothing again; the next new one comes once.
+    svc.terminate(Duration::from_secs(20));
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    wait_synced(&svc, &mailbox).await;
+    assert!(
+        env.take("email.inbound", 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "nothing twice after a restart\n{}",
+        svc.log_text()
+    );
+    add(&api, &message(&format!("new-3@{protocol}"), "new 3"), 0);
+    sync_request(&env, &user).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], format!("new-3@{protocol}"));
+
+    // The stored position expires: the folder is listed again (from the 30-day floor) and
+    // only what is new is published.
+    expire(&api);
+    add(&api, &message(&format!("new-4@{protocol}"), "new 4"), 0);
+    let before = api.requests().len();
+    sync_request(&env, &user).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], format!("new-4@{protocol}"));
+    let after: Vec<_> = api.requests()[before..].to_vec();
+    assert!(
+        after.iter().any(|r| relisted(&r.target)),
+        "listed again: {after:#?}"
+    );
+    assert!(
+        after.iter().any(|r| r.status == 404 || r.status == 410),
+        "{after:#?}"
+    );
+    // And from the new position on, changes again.
+    add(&api, &message(&format!("new-5@{protocol}"), "new 5"), 0);
+    sync_request(&env, &user).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], format!("new-5@{protocol}"));
+
+    // Throttled: 429 with Retry-After is waited out, then the mail comes, once.
+    api.fail_next(&[429]);
+    add(&api, &message(&format!("new-6@{protocol}"), "new 6"), 0);
+    sync_request(&env, &user).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(15),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], format!("new-6@{protocol}"));
+    assert!(api.requests().iter().any(|r| r.status == 429));
+
+    let log = svc.log_text();
+    assert!(!log.contains(ACCESS_TOKEN), "the token is never logged");
+}
+
+#[tokio::test]
+async fn a_gmail_api_mailbox_publishes_each_message_once() {
+    life_of_an_api_mailbox(
+        "gmail_api",
+        |api, raw, age| {
+            api.gmail_add(raw, age);
+        },
+        MailApiServer::gmail_expire_history,
+        |t| t.contains("/messages?labelIds=INBOX"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_ms_graph_mailbox_publishes_each_message_once() {
+    life_of_an_api_mailbox(
+        "ms_graph",
+        |api, raw, age| {
+            api.graph_add(raw, age);
+        },
+        MailApiServer::graph_expire_tokens,
+        |t| t.contains("/messages/delta?$select="),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn initial_sync_new_publishes_nothing_that_was_there() {
+    let env = TestEnv::new("api-new");
+    let api = MailApiServer::start(2).await;
+    for i in 1..=3 {
+        api.gmail_add(&message(&format!("g-old-{i}@x"), "old"), 3600);
+        api.graph_add(&message(&format!("m-old-{i}@x"), "old"), 3600);
+    }
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent-acme"
+
+[[mailboxes]]
+id = "mb-gmail"
+user_id = "user-gmail"
+provider_id = "acme-provider"
+protocol = "gmail_api"
+base_url = "{base}"
+user = "crm@acme.example"
+poll_interval = "1h"
+access_token = "{ACCESS_TOKEN}"
+
+[[mailboxes]]
+id = "mb-graph"
+user_id = "user-graph"
+provider_id = "acme-provider"
+protocol = "ms_graph"
+base_url = "{base}"
+user = "crm@acme.example"
+poll_interval = "1h"
+access_token = "{ACCESS_TOKEN}"
+"#,
+            base = api.base_url()
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    wait_synced(&svc, "mb-gmail").await;
+    wait_synced(&svc, "mb-graph").await;
+    assert!(
+        env.take("email.inbound", 1, Duration::from_secs(2))
+            .await
+            .is_empty(),
+        "nothing old\n{}",
+        svc.log_text()
+    );
+    // Nothing was downloaded either.
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.target.contains("format=raw") || r.target.contains("$value")),
+        "{:#?}",
+        api.requests()
+    );
+    api.gmail_add(&message("g-new@x", "new"), 0);
+    api.graph_add(&message("m-new@x", "new"), 0);
+    sync_request(&env, "user-gmail").await;
+    sync_request(&env, "user-graph").await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        2,
+        Duration::from_secs(10),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(ids(&got), ["g-new@x", "m-new@x"]);
+    // The user address is in the paths.
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.target.starts_with("/gmail/v1/users/crm%40acme.example/")));
+    assert!(api
+        .requests()
+        .iter()
+        .any(|r| r.target.starts_with("/v1.0/users/crm%40acme.example/")));
+}
+
+const CLIENT: &str = "client-1";
+const CLIENT_SECRET: &str = "client-secret-1";
+const REFRESH: &str = "1//configured-refresh-token";
+
+#[tokio::test]
+async fn an_oauth2_api_mailbox_renews_after_a_401_and_a_revoked_one_is_down_without_polling() {
+    let env = TestEnv::new("api-oauth");
+    let server = TokenServer::start(CLIENT, CLIENT_SECRET, REFRESH, "crm@acme.example");
+    let api = MailApiServer::start(50).await;
+    api.accept_bearer(server.active_check());
+    api.graph_add(&message("o-1@x", "first"), 60);
+    let oauth2 = format!(
+        r#"
+[mailboxes.oauth2]
+kind = "custom"
+client_id = "{CLIENT}"
+client_secret = "{CLIENT_SECRET}"
+refresh_token_env = "MB_TEST_REFRESH"
+token_url = "{}"
+"#,
+        server.token_url()
+    );
+    tenant(
+        &env,
+        "ms_graph",
+        &api.base_url(),
+        "initial_sync = \"all\"\npoll_interval = \"1s\"",
+        &oauth2,
+    );
+    let svc = Service::start_with(&env, &[("MB_TEST_REFRESH", REFRESH)]);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(20),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], "o-1@x");
+    assert_eq!(server.token_requests(), 1);
+
+    // Expired at the server: the API answers 401, the fetcher renews once and goes on.
+    server.expire_access_tokens();
+    api.graph_add(&message("o-2@x", "second"), 0);
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(15),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], "o-2@x");
+    assert_eq!(server.token_requests(), 2, "{}", svc.log_text());
+    assert!(api.requests().iter().any(|r| r.status == 401));
+
+    // Revoked: down with "re-authorize", and no more requests to the API or token endpoint.
+    server.revoke_all();
+    server.expire_access_tokens();
+    let start = Instant::now();
+    loop {
+        let (_, h) = svc.get_json("/health").await;
+        let mb = &h["components"]["mailboxes"]["mb-ms_graph"];
+        if mb["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("re-authorize"))
+        {
+            assert_eq!(mb["status"], "down", "{h}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{h}\n{}",
+            svc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let requests = api.requests().len();
+    let asked = server.token_requests();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(api.requests().len(), requests, "no polling");
+    assert_eq!(server.token_requests(), asked, "no refresh loop");
+    let log = svc.log_text();
+    assert!(!log.contains(REFRESH) && !log.contains(CLIENT_SECRET));
+}
