@@ -388,7 +388,12 @@ impl Fetch {
                         .with("connected", false)
                         .with("idling", false),
                 );
-                self.pause(delay).await;
+                if e.retry_after().is_some() {
+                    // The API asked for this wait: a sync request does not cut it short.
+                    self.retry_pause(delay).await;
+                } else {
+                    self.pause(delay).await;
+                }
             }
         }
     }

@@ -262,6 +262,9 @@ async fn life_of_an_api_mailbox(
     api.fail_next(&[429]);
     add(&api, &message(&format!("new-6@{protocol}"), "new 6"), 0);
     sync_request(&env, &user).await;
+    // A sync request during the wait does not cut it short.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    sync_request(&env, &user).await;
     let got = take_exactly(
         &env,
         &svc,
@@ -271,7 +274,16 @@ async fn life_of_an_api_mailbox(
     )
     .await;
     assert_eq!(got[0]["message_id"], format!("new-6@{protocol}"));
-    assert!(api.requests().iter().any(|r| r.status == 429));
+    let requests = api.requests();
+    let throttled = requests
+        .iter()
+        .position(|r| r.status == 429)
+        .expect("a 429 was answered");
+    let waited = requests[throttled + 1].at - requests[throttled].at;
+    assert!(
+        waited >= Duration::from_millis(950),
+        "Retry-After: 1 was honoured, the next request came after {waited:?}"
+    );
 
     let log = svc.log_text();
     assert!(!log.contains(ACCESS_TOKEN), "the token is never logged");
@@ -385,6 +397,106 @@ access_token = "{ACCESS_TOKEN}"
         .requests()
         .iter()
         .any(|r| r.target.starts_with("/v1.0/users/crm%40acme.example/")));
+}
+
+/// A message over `max_message_bytes` (and a large one under it), from either API: the large
+/// one published, the oversized one dead-lettered with its exact bytes stored, its key recorded
+/// so a re-list does not dead-letter it again.
+#[tokio::test]
+async fn oversized_api_messages_are_dead_lettered_with_their_bytes() {
+    let env = TestEnv::new("api-big");
+    env.write_config("[inbound]\nmax_message_bytes = 300000\nfetch_batch_bytes = 200000\n");
+    let api = MailApiServer::start(10).await;
+    let big = |id: &str, size: usize| {
+        let mut m = message(id, &format!("big {id}"));
+        let line = "0123456789abcdef".repeat(4) + "\r\n";
+        while m.len() < size {
+            m.extend_from_slice(line.as_bytes());
+        }
+        m
+    };
+    let g_big = big("g-big@x", 250_000);
+    let g_huge = big("g-huge@x", 1_200_000);
+    let m_big = big("m-big@x", 250_000);
+    let m_huge = big("m-huge@x", 1_200_000);
+    api.gmail_add(&g_big, 60);
+    api.gmail_add(&g_huge, 60);
+    api.graph_add(&m_big, 60);
+    api.graph_add(&m_huge, 60);
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent-acme"
+
+[[mailboxes]]
+id = "mb-gmail"
+user_id = "user-gmail"
+provider_id = "acme-provider"
+protocol = "gmail_api"
+base_url = "{base}"
+initial_sync = "all"
+poll_interval = "1h"
+access_token = "{ACCESS_TOKEN}"
+
+[[mailboxes]]
+id = "mb-graph"
+user_id = "user-graph"
+provider_id = "acme-provider"
+protocol = "ms_graph"
+base_url = "{base}"
+initial_sync = "all"
+poll_interval = "1h"
+access_token = "{ACCESS_TOKEN}"
+"#,
+            base = api.base_url()
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let got = take_exactly(
+        &env,
+        &svc,
+        2,
+        Duration::from_secs(20),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(ids(&got), ["g-big@x", "m-big@x"]);
+    let dead = env
+        .take("email.inbound.dlq", 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(dead.len(), 2, "{dead:#?}\n{}", svc.log_text());
+    for (key, raw) in [("mid:g-huge@x", &g_huge), ("mid:m-huge@x", &m_huge)] {
+        let d = dead
+            .iter()
+            .find(|d| d["dedup_key"] == key)
+            .unwrap_or_else(|| panic!("{key} dead-lettered: {dead:#?}"));
+        assert_eq!(d["size"], raw.len() as u64, "{d}");
+        assert!(d["error"].as_str().unwrap().contains("max_message_bytes"));
+        let id = d["raw_id"].as_str().unwrap();
+        let stored = std::fs::read(env.dir.join("attachments").join(&id[..2]).join(id)).unwrap();
+        assert!(stored == *raw, "the stored bytes are the message's");
+    }
+    // Expired positions: both folders are listed again; nothing is published or
+    // dead-lettered twice.
+    api.gmail_expire_history();
+    api.graph_expire_tokens();
+    sync_request(&env, "user-gmail").await;
+    sync_request(&env, "user-graph").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(env
+        .take("email.inbound", 1, Duration::from_millis(500))
+        .await
+        .is_empty());
+    assert!(env
+        .take("email.inbound.dlq", 1, Duration::from_millis(500))
+        .await
+        .is_empty());
 }
 
 const CLIENT: &str = "client-1";

@@ -40,6 +40,7 @@ pub struct Request {
     /// Path and query.
     pub target: String,
     pub status: u16,
+    pub at: std::time::Instant,
 }
 
 struct State {
@@ -206,6 +207,7 @@ async fn serve(
             st.requests.push(Request {
                 target: target.clone(),
                 status: answer.0,
+                at: std::time::Instant::now(),
             });
             answer
         };
