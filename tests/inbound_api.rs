@@ -585,3 +585,113 @@ token_url = "{}"
     let log = svc.log_text();
     assert!(!log.contains(REFRESH) && !log.contains(CLIENT_SECRET));
 }
+
+fn load(tag: &str, tenant: &str) -> Result<mailbridge::settings::Settings, Vec<String>> {
+    let dir = std::env::temp_dir().join(format!("mbtest-api-config-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("tenants.d")).unwrap();
+    std::fs::write(dir.join("mailbridge.toml"), "").unwrap();
+    std::fs::write(dir.join("tenants.d/acme.toml"), tenant).unwrap();
+    let env = std::collections::BTreeMap::from([("TOKEN".to_string(), "t0k3n".to_string())]);
+    mailbridge::settings::Settings::load_with_env(&dir.join("mailbridge.toml"), &env).map_err(|e| {
+        e.0.iter()
+            .map(|p| format!("{} {}", p.key, p.message))
+            .collect()
+    })
+}
+
+const PROVIDER: &str =
+    "id = \"acme\"\n[[providers]]\nid = \"p\"\nkind = \"file\"\ndir = \"sent\"\n";
+
+#[test]
+fn api_mailboxes_have_their_defaults_and_their_keys_checked() {
+    let ok = load(
+        "ok",
+        &format!(
+            "{PROVIDER}
+[[mailboxes]]
+id = \"g\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"gmail_api\"
+access_token_env = \"TOKEN\"
+
+[[mailboxes]]
+id = \"m\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"ms_graph\"
+user = \"sales@acme.example\"
+access_token = \"x\"
+"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e:#?}"));
+    let m = &ok.tenants[0].mailboxes;
+    let gmail = m[0].api.as_ref().unwrap();
+    assert_eq!(gmail.base_url, "https://gmail.googleapis.com");
+    assert_eq!(gmail.user, "me");
+    assert_eq!(gmail.access_token.as_ref().unwrap().expose(), "t0k3n");
+    assert_eq!(m[0].folder, "INBOX");
+    let graph = m[1].api.as_ref().unwrap();
+    assert_eq!(graph.base_url, "https://graph.microsoft.com");
+    assert_eq!(graph.user, "sales@acme.example");
+    assert_eq!(m[1].folder, "inbox");
+    assert_eq!(m[1].host, "graph.microsoft.com");
+    assert!(m[0].fingerprint() != m[1].fingerprint());
+
+    let problems = load(
+        "bad",
+        &format!(
+            "{PROVIDER}
+[[mailboxes]]
+id = \"a\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"gmail_api\"
+host = \"imap.gmail.com\"
+
+[[mailboxes]]
+id = \"b\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"ms_graph\"
+base_url = \"ftp://x\"
+user = \"a b\"
+access_token = \"x\"
+[mailboxes.oauth2]
+kind = \"microsoft\"
+client_id = \"c\"
+refresh_token = \"r\"
+
+[[mailboxes]]
+id = \"c\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"imap\"
+host = \"imap.example.com\"
+username = \"x\"
+password = \"y\"
+access_token = \"z\"
+"
+        ),
+    )
+    .expect_err("refused");
+    let has = |key: &str, words: &str| {
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with(key) && p.contains(words)),
+            "no problem `{key}` … `{words}` in {problems:#?}"
+        )
+    };
+    has("mailboxes[0].host", "no `host`");
+    has(
+        "mailboxes[0].oauth2",
+        "needs an `oauth2` account or `access_token`",
+    );
+    has("mailboxes[1].base_url", "not an http(s) URL");
+    has("mailboxes[1].user", "`me` or an email address");
+    has("mailboxes[1].oauth2", "not both");
+    has("mailboxes[2].access_token", "gmail_api");
+}
