@@ -23,6 +23,8 @@ use crate::intake::MailboxCursor;
 use crate::providers::http_api::{error_text, retry_after};
 use crate::settings::{MailProtocol, Mailbox, Secret};
 
+/// The most of an error answer that is read (its text is at the start).
+const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The most of a listing answer (ids, links) that is read.
 pub const MAX_LISTING: usize = 8 * 1024 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -107,7 +109,7 @@ impl Download {
     pub async fn chunk(&mut self, endpoint: &str) -> Result<Option<Vec<u8>>, SourceError> {
         let net = |e: reqwest::Error| SourceError::Network {
             endpoint: endpoint.to_string(),
-            detail: crate::domain::error_chain(&e),
+            detail: net_detail(e),
         };
         match self {
             Download::Gone => Ok(None),
@@ -248,7 +250,7 @@ impl ApiClient {
             }
             let resp = req.send().await.map_err(|e| SourceError::Network {
                 endpoint: self.base_url.clone(),
-                detail: crate::domain::error_chain(&e),
+                detail: net_detail(e),
             })?;
             if resp.status() == StatusCode::UNAUTHORIZED && !retried && self.credential.renews() {
                 self.credential.refused(&token);
@@ -271,7 +273,7 @@ impl ApiClient {
         let mut body = Vec::new();
         while let Some(piece) = resp.chunk().await.map_err(|e| SourceError::Network {
             endpoint: self.base_url.clone(),
-            detail: crate::domain::error_chain(&e),
+            detail: net_detail(e),
         })? {
             if body.len() + piece.len() > MAX_LISTING {
                 return Err(SourceError::Answer {
@@ -303,8 +305,17 @@ impl ApiClient {
         }
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.bytes().await.unwrap_or_default();
-        Err(self.error(status, &headers, &body[..body.len().min(64 * 1024)]))
+        // The error text is at the start; the rest is not read.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while body.len() < MAX_ERROR_BODY {
+            match resp.chunk().await {
+                Ok(Some(piece)) => body.extend_from_slice(&piece),
+                _ => break,
+            }
+        }
+        body.truncate(MAX_ERROR_BODY);
+        Err(self.error(status, &headers, &body))
     }
 
     /// The error of a non-2xx answer.
@@ -329,6 +340,12 @@ impl ApiClient {
             detail: detail.into(),
         }
     }
+}
+
+/// A network failure without its URL: the URL holds the mailbox's address (and a Graph delta
+/// token), which errors and `/health` do not show.
+fn net_detail(e: reqwest::Error) -> String {
+    crate::domain::error_chain(&e.without_url())
 }
 
 /// `text` as one URL path segment or query value.
