@@ -695,3 +695,113 @@ access_token = \"z\"
     has("mailboxes[1].oauth2", "not both");
     has("mailboxes[2].access_token", "gmail_api");
 }
+
+/// Migration 0006 turns the IMAP/POP3 positions of the old columns into JSON cursors, and
+/// `intake::record` keeps the IMAP rule (forward only within one UIDVALIDITY) in the JSON.
+#[tokio::test]
+async fn old_positions_become_json_cursors_and_imap_ones_only_move_forward() {
+    use mailbridge::intake::{self, MailboxCursor};
+    let env = TestEnv::new("cursor-migration");
+    let settings = mailbridge::settings::Settings::load(&env.config_path()).expect("config");
+    mailbridge::storage::migrate(&settings.database)
+        .await
+        .expect("migrated");
+    let db = env.db().await;
+    // Back to the schema before 0006, with rows an IMAP and a POP3 mailbox wrote then.
+    db.batch_execute(
+        "DELETE FROM schema_migrations WHERE version = 6;
+         DROP TABLE mailbox_state;",
+    )
+    .await
+    .unwrap();
+    db.batch_execute(mailbridge::storage::MIGRATIONS[1].2)
+        .await
+        .unwrap();
+    db.batch_execute(
+        "INSERT INTO mailbox_state (mailbox_id, uidvalidity, last_uid)
+         VALUES ('mb-imap', 1700000001, 42), ('mb-pop3', 0, 0)",
+    )
+    .await
+    .unwrap();
+    mailbridge::storage::migrate(&settings.database)
+        .await
+        .expect("0006 applied");
+    let rows = db
+        .query(
+            "SELECT mailbox_id, cursor FROM mailbox_state ORDER BY mailbox_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let cursors: Vec<(String, serde_json::Value)> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(
+        cursors,
+        [
+            (
+                "mb-imap".to_string(),
+                serde_json::json!({"kind": "imap", "uidvalidity": 1700000001u32, "last_uid": 42})
+            ),
+            (
+                "mb-pop3".to_string(),
+                serde_json::json!({"kind": "imap", "uidvalidity": 0, "last_uid": 0})
+            ),
+        ]
+    );
+    let pool = mailbridge::storage::pool(&settings.database).unwrap();
+    let imap = |uidvalidity, last_uid| MailboxCursor::Imap {
+        uidvalidity,
+        last_uid,
+    };
+    assert_eq!(
+        intake::cursor(&pool, "mb-imap").await.unwrap(),
+        Some(imap(1700000001, 42))
+    );
+    // A POP3 mailbox reads any cursor as "first contact done".
+    assert!(intake::cursor(&pool, "mb-pop3").await.unwrap().is_some());
+    // Forward only within one UIDVALIDITY; a new UIDVALIDITY starts over.
+    intake::record(&pool, "mb-imap", &[], Some(&imap(1700000001, 40)))
+        .await
+        .unwrap();
+    assert_eq!(
+        intake::cursor(&pool, "mb-imap").await.unwrap(),
+        Some(imap(1700000001, 42))
+    );
+    intake::record(&pool, "mb-imap", &[], Some(&imap(1700000001, 50)))
+        .await
+        .unwrap();
+    assert_eq!(
+        intake::cursor(&pool, "mb-imap").await.unwrap(),
+        Some(imap(1700000001, 50))
+    );
+    intake::record(&pool, "mb-imap", &[], Some(&imap(9, 3)))
+        .await
+        .unwrap();
+    assert_eq!(
+        intake::cursor(&pool, "mb-imap").await.unwrap(),
+        Some(imap(9, 3))
+    );
+    // API cursors are replaced by the next one.
+    let gmail = |h: &str| MailboxCursor::GmailApi {
+        history_id: h.into(),
+        floor: Some(1),
+    };
+    intake::record(&pool, "mb-g", &[], Some(&gmail("200")))
+        .await
+        .unwrap();
+    intake::record(&pool, "mb-g", &[], Some(&gmail("180")))
+        .await
+        .unwrap();
+    assert_eq!(
+        intake::cursor(&pool, "mb-g").await.unwrap(),
+        Some(gmail("180"))
+    );
+    // A cursor this version cannot read is no cursor (first contact), not an error.
+    db.execute(
+        "UPDATE mailbox_state SET cursor = '{\"kind\": \"future\"}' WHERE mailbox_id = 'mb-g'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(intake::cursor(&pool, "mb-g").await.unwrap(), None);
+}
