@@ -1,11 +1,13 @@
 //! A mailbox fetcher: one per configured mailbox, fetching new mail over IMAP (IDLE when the
-//! server has it and `idle = true`, else polling) or POP3, and putting every email in exactly
+//! server has it and `idle = true`, else polling), POP3, or an HTTP API (`gmail_api`,
+//! `ms_graph`: any `sources::MailSource`, polled), and putting every email in exactly
 //! one visible place: published once on the inbound queue, or on the inbound DLQ with its raw
 //! bytes stored so it can be recovered (`mailbridge dlq replay`).
 //!
 //! Exactly once: each email has a dedup key (its Message-ID, else a hash of its bytes; for
 //! POP3 its UIDL). A batch is published with publisher confirms; only then are its keys, what
-//! became of each, and the mailbox position (UIDVALIDITY, last UID) committed together in
+//! became of each, and the mailbox position (`intake::MailboxCursor`: UIDVALIDITY and last
+//! UID; an API's history id or delta link, stored after its whole walk) committed together in
 //! PostgreSQL — retried through a database outage, so a hiccup after the confirms does not
 //! publish the batch again. Keys already recorded are skipped, so a restart, a re-sync, or a
 //! UIDVALIDITY change publishes nothing twice.
@@ -1167,9 +1169,8 @@ impl Fetch {
     // API sources (gmail_api, ms_graph): one loop for every `MailSource`
 
     async fn api(&mut self) -> Result<(), FetchError> {
-        let source = ApiSource::of(&self.mailbox, &self.child.accounts)
+        let mut source = ApiSource::of(&self.mailbox, &self.child.accounts)
             .ok_or_else(|| FetchError::Task("not an API mailbox".into()))??;
-        let mut source = source;
         loop {
             match &mut source {
                 ApiSource::Gmail(s) => self.api_sync(s).await?,
@@ -1249,18 +1250,29 @@ impl Fetch {
         source: &S,
         messages: Vec<MessageRef>,
     ) -> Result<(), FetchError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        // Messages whose email was handled before (listed again) are not downloaded again.
+        let id_keys: Vec<String> = messages.iter().map(|m| self.api_id_key(&m.id)).collect();
+        let listed = self.known(&id_keys).await?;
         let batch_bytes = self.child.settings.inbound.fetch_batch_bytes;
         let mut items = Vec::new();
         let mut dead = Vec::new();
+        let mut ids = Vec::new();
         let mut held = 0u64;
-        for m in messages {
+        for (m, id_key) in messages.into_iter().zip(id_keys) {
             if self.stopped() {
                 break;
+            }
+            if listed.contains_key(&id_key) {
+                continue;
             }
             match self.api_download(source, &m.id).await? {
                 None => {}
                 Some(Retrieved::Whole(raw)) => {
                     held = held.saturating_add(raw.len() as u64);
+                    ids.push(id_key);
                     items.push(Item {
                         uid: m.id,
                         raw,
@@ -1277,6 +1289,7 @@ impl Fetch {
                         blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
                             .await?
                             .unwrap_or_default();
+                    ids.push(id_key);
                     dead.push(DeadItem {
                         key: facts
                             .key
@@ -1291,15 +1304,52 @@ impl Fetch {
                 }
             }
             if items.len() + dead.len() >= BATCH || held >= batch_bytes {
-                self.process(std::mem::take(&mut items), std::mem::take(&mut dead), None)
-                    .await?;
+                self.api_process(
+                    std::mem::take(&mut items),
+                    std::mem::take(&mut dead),
+                    std::mem::take(&mut ids),
+                )
+                .await?;
                 held = 0;
             }
         }
         if !items.is_empty() || !dead.is_empty() {
-            self.process(items, dead, None).await?;
+            self.api_process(items, dead, ids).await?;
         }
         Ok(())
+    }
+
+    /// [`Fetch::process`], then the batch's API ids recorded `listed` — only once every email
+    /// of it is recorded (not when the fetcher was stopped halfway).
+    async fn api_process(
+        &self,
+        items: Vec<Item>,
+        dead: Vec<DeadItem>,
+        id_keys: Vec<String>,
+    ) -> Result<(), FetchError> {
+        self.process(items, dead, None).await?;
+        if self.stopped() {
+            return Ok(());
+        }
+        let rows: Vec<Record> = id_keys
+            .into_iter()
+            .map(|k| Record::new(k, Outcome::Listed))
+            .collect();
+        self.record(&rows, None).await
+    }
+
+    /// The key of an API message id: readable when the id is plain, else hashed (ids come
+    /// from outside and reach PostgreSQL).
+    fn api_id_key(&self, id: &str) -> String {
+        let plain = id.len() <= 512
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_=+/.".contains(&b));
+        if plain {
+            format!("{}-id:{id}", self.source())
+        } else {
+            format!("{}-idh:{}", self.source(), sha256_hex(id.as_bytes()))
+        }
     }
 
     /// One message's bytes: in memory up to `max_message_bytes`, else streamed into the

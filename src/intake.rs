@@ -96,6 +96,10 @@ pub enum Outcome {
     /// Left out by `initial_sync` (there before the mailbox was added, or older than the
     /// window): seen, never published.
     SkippedInitial,
+    /// An API message id (`<protocol>-id:<id>`) whose email was handled — its own key says
+    /// how; lets a later listing of the same message (a Graph delta of a message that was read,
+    /// a re-list) skip downloading it.
+    Listed,
 }
 
 impl Outcome {
@@ -104,6 +108,7 @@ impl Outcome {
             Outcome::Published => "published",
             Outcome::DeadLettered => "dead-lettered",
             Outcome::SkippedInitial => "skipped-initial",
+            Outcome::Listed => "listed",
         }
     }
 }

@@ -115,7 +115,14 @@ async fn life_of_an_api_mailbox(
     add: impl Fn(&MailApiServer, &[u8], i64),
     expire: impl Fn(&MailApiServer),
     relisted: impl Fn(&str) -> bool,
+    touch: impl Fn(&MailApiServer),
 ) {
+    let downloads = |api: &MailApiServer, from: usize| {
+        api.requests()[from..]
+            .iter()
+            .filter(|r| r.target.contains("format=raw") || r.target.contains("$value"))
+            .count()
+    };
     let env = TestEnv::new(&format!("api-{protocol}"));
     let api = MailApiServer::start(2).await;
     let mailbox = format!("mb-{protocol}");
@@ -298,6 +305,7 @@ async fn a_gmail_api_mailbox_publishes_each_message_once() {
         },
         MailApiServer::gmail_expire_history,
         |t| t.contains("/messages?labelIds=INBOX"),
+        |_| {},
     )
     .await;
 }
@@ -311,6 +319,7 @@ async fn an_ms_graph_mailbox_publishes_each_message_once() {
         },
         MailApiServer::graph_expire_tokens,
         |t| t.contains("/messages/delta?$select="),
+        MailApiServer::graph_touch_all,
     )
     .await;
 }

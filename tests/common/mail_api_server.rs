@@ -144,6 +144,19 @@ impl MailApiServer {
         id
     }
 
+    /// Every message of the Graph folder changed (read, say): each comes again in the next
+    /// delta, as Graph reports updates.
+    pub fn graph_touch_all(&self) {
+        let mut st = self.state();
+        let mut seq = st.graph_seq;
+        for m in st.graph.iter_mut() {
+            seq += 1;
+            m.seq = seq;
+        }
+        st.graph_seq = seq;
+        st.graph.sort_by_key(|m| m.seq);
+    }
+
     /// Every delta token given out so far is now unknown (410).
     pub fn graph_expire_tokens(&self) {
         self.state().graph_epoch += 1;
