@@ -252,8 +252,16 @@ async fn life_of_an_api_mailbox(
         after.iter().any(|r| r.status == 404 || r.status == 410),
         "{after:#?}"
     );
-    // And from the new position on, changes again.
+    assert_eq!(
+        downloads(&api, before),
+        1,
+        "only the new one is downloaded; the handled ones are known by their API ids"
+    );
+    // And from the new position on, changes again; messages that changed (Graph: read) are
+    // not downloaded again.
+    touch(&api);
     add(&api, &message(&format!("new-5@{protocol}"), "new 5"), 0);
+    let before = api.requests().len();
     sync_request(&env, &user).await;
     let got = take_exactly(
         &env,
@@ -264,6 +272,12 @@ async fn life_of_an_api_mailbox(
     )
     .await;
     assert_eq!(got[0]["message_id"], format!("new-5@{protocol}"));
+    assert_eq!(
+        downloads(&api, before),
+        1,
+        "{:#?}",
+        &api.requests()[before..]
+    );
 
     // Throttled: 429 with Retry-After is waited out, then the mail comes, once.
     api.fail_next(&[429]);
