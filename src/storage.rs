@@ -667,6 +667,12 @@ pub async fn mirror_config(
         .await?;
     for m in mailboxes {
         let protocol = m.protocol.as_str();
+        // An API mailbox: the mailbox read (`user`) and no IDLE.
+        let username = m
+            .api
+            .as_ref()
+            .map_or(m.username.as_str(), |a| a.user.as_str());
+        let idle = m.idle && m.api.is_none();
         tx.execute(
             "INSERT INTO mailboxes (id, tenant_id, provider_id, user_id, protocol, host, port, tls,
                                     username, folder, idle, poll_interval_secs)
@@ -686,9 +692,9 @@ pub async fn mirror_config(
                 &m.host,
                 &i32::from(m.port),
                 &m.tls.as_str(),
-                &m.username,
+                &username,
                 &m.folder,
-                &m.idle,
+                &idle,
                 &(m.poll_interval.as_secs() as i64),
             ],
         )

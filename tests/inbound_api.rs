@@ -390,6 +390,36 @@ access_token = "{ACCESS_TOKEN}"
         "nothing old\n{}",
         svc.log_text()
     );
+    // The mirror table shows them with their protocol and the mailbox they read.
+    let db = env.db().await;
+    let rows = db
+        .query(
+            "SELECT id, protocol, host, username, folder, idle FROM mailboxes ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mirror: Vec<(String, String, String, String, String, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+        .collect();
+    let row = |id: &str, protocol: &str, folder: &str| {
+        (
+            id.to_string(),
+            protocol.to_string(),
+            "127.0.0.1".to_string(),
+            "crm@acme.example".to_string(),
+            folder.to_string(),
+            false,
+        )
+    };
+    assert_eq!(
+        mirror,
+        [
+            row("mb-gmail", "gmail_api", "INBOX"),
+            row("mb-graph", "ms_graph", "inbox")
+        ]
+    );
     // Nothing was downloaded either.
     assert!(
         !api.requests()
