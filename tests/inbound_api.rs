@@ -703,6 +703,8 @@ user_id = \"u\"
 provider_id = \"p\"
 protocol = \"gmail_api\"
 host = \"imap.gmail.com\"
+port = 993
+delete_after_fetch = true
 
 [[mailboxes]]
 id = \"b\"
@@ -726,6 +728,14 @@ host = \"imap.example.com\"
 username = \"x\"
 password = \"y\"
 access_token = \"z\"
+
+[[mailboxes]]
+id = \"d\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"pop3\"
+host = \"pop.example.com\"
+password = \"y\"
 "
         ),
     )
@@ -747,6 +757,12 @@ access_token = \"z\"
     has("mailboxes[1].user", "`me` or an email address");
     has("mailboxes[1].oauth2", "not both");
     has("mailboxes[2].access_token", "gmail_api");
+    has("mailboxes[0].port", "IMAP and POP3");
+    has(
+        "mailboxes[0].delete_after_fetch",
+        "leaves the mail where it is",
+    );
+    has("mailboxes[3].username", "required for a `pop3` mailbox");
 }
 
 /// Migration 0006 turns the IMAP/POP3 positions of the old columns into JSON cursors, and

@@ -121,8 +121,7 @@ struct MailboxFile {
     host: String,
     port: Option<u16>,
     tls: Option<TlsMode>,
-    #[serde(default)]
-    username: String,
+    username: Option<String>,
     password: Option<Secret>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
@@ -417,8 +416,30 @@ pub(super) fn load_tenants(
             if mf.host.trim().is_empty() && !mf.protocol.is_api() {
                 p(key("host"), "must not be empty".into());
             }
-            if mf.username.trim().is_empty() && !mf.protocol.is_api() {
-                p(key("username"), "must not be empty".into());
+            if mf.username.is_none() && !mf.protocol.is_api() {
+                p(
+                    key("username"),
+                    format!("is required for a `{}` mailbox", mf.protocol.as_str()),
+                );
+            }
+            if mf.protocol.is_api() {
+                for (given, name) in [
+                    (mf.username.is_some(), "username"),
+                    (mf.port.is_some(), "port"),
+                    (mf.tls.is_some(), "tls"),
+                    (mf.ca_file.is_some(), "ca_file"),
+                    (mf.delete_after_fetch, "delete_after_fetch"),
+                ] {
+                    if given {
+                        p(
+                            key(name),
+                            format!(
+                                "is for IMAP and POP3 mailboxes, not `{}` (it reads `base_url` over HTTPS and leaves the mail where it is)",
+                                mf.protocol.as_str()
+                            ),
+                        );
+                    }
+                }
             }
             if !mf.protocol.is_api() {
                 for (given, name) in [
@@ -619,7 +640,7 @@ pub(super) fn load_tenants(
                 host,
                 port,
                 tls,
-                username: mf.username,
+                username: mf.username.unwrap_or_default(),
                 password,
                 folder,
                 idle: mf.idle,
