@@ -736,6 +736,14 @@ provider_id = \"p\"
 protocol = \"pop3\"
 host = \"pop.example.com\"
 password = \"y\"
+
+[[mailboxes]]
+id = \"e\"
+user_id = \"u\"
+provider_id = \"p\"
+protocol = \"gmail_api\"
+access_token = \"x\"
+access_token_env = \"TOKEN\"
 "
         ),
     )
@@ -763,6 +771,10 @@ password = \"y\"
         "leaves the mail where it is",
     );
     has("mailboxes[3].username", "required for a `pop3` mailbox");
+    has(
+        "mailboxes[4].access_token",
+        "give only one of `access_token`, `access_token_env`",
+    );
 }
 
 /// Migration 0006 turns the IMAP/POP3 positions of the old columns into JSON cursors, and

@@ -529,7 +529,7 @@ pub(super) fn load_tenants(
                 mf.access_token_env.as_deref(),
                 mf.access_token_file.as_deref(),
                 &|k: &str| key(&k.replace("password", "access_token")),
-                &mut p,
+                &mut |k: String, m: String| p(k, m.replace("password", "access_token")),
             );
             if port == 0 {
                 p(key("port"), "must be between 1 and 65535".into());
