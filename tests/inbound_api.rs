@@ -450,6 +450,47 @@ access_token = "{ACCESS_TOKEN}"
         .requests()
         .iter()
         .any(|r| r.target.starts_with("/v1.0/users/crm%40acme.example/")));
+
+    // The API failing (503 with Retry-After): the mailbox shows down with the API's error
+    // and the endpoint, never the mailbox's address; then it recovers and the mail comes once.
+    api.fail_next(&[503, 503, 503]);
+    api.gmail_add(&message("g-late@x", "late"), 0);
+    sync_request(&env, "user-gmail").await;
+    let start = Instant::now();
+    let down = loop {
+        let (_, h) = svc.get_json("/health").await;
+        let mb = h["components"]["mailboxes"]["mb-gmail"].clone();
+        if mb["status"] == "down" {
+            break mb;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = down["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("503"), "{down}");
+    assert!(
+        !error.contains("crm@acme.example") && !error.contains("crm%40"),
+        "{down}"
+    );
+    assert_eq!(down["endpoint"], api.base_url(), "{down}");
+    let got = take_exactly(
+        &env,
+        &svc,
+        1,
+        Duration::from_secs(20),
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(got[0]["message_id"], "g-late@x");
+    let start = Instant::now();
+    loop {
+        let (_, h) = svc.get_json("/health").await;
+        if h["components"]["mailboxes"]["mb-gmail"]["status"] == "ok" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{h}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A message over `max_message_bytes` (and a large one under it), from either API: the large
