@@ -1,11 +1,13 @@
 //! A mailbox fetcher: one per configured mailbox, fetching new mail over IMAP (IDLE when the
-//! server has it and `idle = true`, else polling) or POP3, and putting every email in exactly
+//! server has it and `idle = true`, else polling), POP3, or an HTTP API (`gmail_api`,
+//! `ms_graph`: any `sources::MailSource`, polled), and putting every email in exactly
 //! one visible place: published once on the inbound queue, or on the inbound DLQ with its raw
 //! bytes stored so it can be recovered (`mailbridge dlq replay`).
 //!
 //! Exactly once: each email has a dedup key (its Message-ID, else a hash of its bytes; for
 //! POP3 its UIDL). A batch is published with publisher confirms; only then are its keys, what
-//! became of each, and the mailbox position (UIDVALIDITY, last UID) committed together in
+//! became of each, and the mailbox position (`intake::MailboxCursor`: UIDVALIDITY and last
+//! UID; an API's history id or delta link, stored after its whole walk) committed together in
 //! PostgreSQL — retried through a database outage, so a hiccup after the confirms does not
 //! publish the batch again. Keys already recorded are skipped, so a restart, a re-sync, or a
 //! UIDVALIDITY change publishes nothing twice.
@@ -39,13 +41,14 @@ use crate::attachments::{AttachmentError, AttachmentStore, RawWriter, StoredRaw}
 use crate::credentials::{Credential, CredentialError};
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
 use crate::inbound::{header_facts, header_map_of, message_id_key, sha256_hex, uidl_key, Origin};
-use crate::intake::{self, guarded, Cursor, Outcome, Prepared, Record};
+use crate::intake::{self, guarded, MailboxCursor, Outcome, Prepared, Record};
 use crate::mailproto::{
     endpoint, imap_error, imap_login, imap_step, ImapSession, MailboxError, Pop3, ReadLimit,
     MAX_LINE, STEP_TIMEOUT,
 };
 use crate::outbound::rfc3339;
 use crate::settings::{InitialSync, MailProtocol, Mailbox};
+use crate::sources::{ApiSource, Download, MailSource, MessageRef, SourceError, Start};
 use crate::storage::StorageError;
 
 /// At most this many messages per fetch and per published batch.
@@ -77,8 +80,30 @@ enum FetchError {
     DeadLetter(String),
     #[error("the attachment store failed: {0}; check [attachments] dir (space, permissions)")]
     Store(#[from] AttachmentError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
     #[error("a blocking task failed: {0}")]
     Task(String),
+}
+
+impl FetchError {
+    /// The OAuth2 account must be re-authorized: nothing to retry until the config changes.
+    fn is_reauthorize(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Mailbox(MailboxError::Credential(
+                CredentialError::Reauthorize { .. }
+            )) | FetchError::Source(SourceError::Credential(CredentialError::Reauthorize { .. }))
+        )
+    }
+
+    /// How long the server asked to wait (an API's `Retry-After`).
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            FetchError::Source(e) => e.retry_after(),
+            _ => None,
+        }
+    }
 }
 
 /// Runs `f` on the blocking pool: parsing, hashing and file writes stay off the actors'
@@ -257,10 +282,7 @@ impl Fetch {
     }
 
     fn source(&self) -> &'static str {
-        match self.mailbox.protocol {
-            MailProtocol::Imap => "imap",
-            MailProtocol::Pop3 => "pop3",
-        }
+        self.mailbox.protocol.as_str()
     }
 
     fn max_message(&self) -> u64 {
@@ -323,16 +345,14 @@ impl Fetch {
             let result = match self.mailbox.protocol {
                 MailProtocol::Imap => self.imap().await,
                 MailProtocol::Pop3 => self.pop3().await,
+                MailProtocol::GmailApi | MailProtocol::MsGraph => self.api().await,
             };
             if let Err(e) = result {
                 if self.stopped() {
                     tracing::info!(mailbox = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
                     break;
                 }
-                if let FetchError::Mailbox(MailboxError::Credential(
-                    CredentialError::Reauthorize { .. },
-                )) = e
-                {
+                if e.is_reauthorize() {
                     // Permanent until a user authorizes the account again, which changes the
                     // configuration and so restarts this fetcher: no polling until then.
                     tracing::warn!(mailbox = %self.mailbox.id, error = %e, "mailbox stopped: its OAuth2 account must be re-authorized");
@@ -352,7 +372,9 @@ impl Fetch {
                 if started.elapsed() > Duration::from_secs(60) {
                     attempt = 0;
                 }
-                let delay = backoff(attempt, Duration::from_secs(60));
+                // At least what the API asked for (429, 503 with Retry-After).
+                let delay = backoff(attempt, Duration::from_secs(60))
+                    .max(e.retry_after().unwrap_or_default());
                 attempt += 1;
                 if let FetchError::Mailbox(MailboxError::Login { .. }) = e {
                     // The username is for the log only, never for /health.
@@ -368,7 +390,12 @@ impl Fetch {
                         .with("connected", false)
                         .with("idling", false),
                 );
-                self.pause(delay).await;
+                if e.retry_after().is_some() {
+                    // The API asked for this wait: a sync request does not cut it short.
+                    self.retry_pause(delay).await;
+                } else {
+                    self.pause(delay).await;
+                }
             }
         }
     }
@@ -410,7 +437,11 @@ impl Fetch {
             .await
     }
 
-    async fn record(&self, rows: &[Record], cursor: Option<Cursor>) -> Result<(), FetchError> {
+    async fn record(
+        &self,
+        rows: &[Record],
+        cursor: Option<&MailboxCursor>,
+    ) -> Result<(), FetchError> {
         if rows.is_empty() && cursor.is_none() {
             return Ok(());
         }
@@ -422,7 +453,7 @@ impl Fetch {
         .await
     }
 
-    async fn cursor(&self) -> Result<Option<Cursor>, FetchError> {
+    async fn cursor(&self) -> Result<Option<MailboxCursor>, FetchError> {
         let pool = &self.child.pool;
         let id = &self.mailbox.id;
         self.db("reading the mailbox position", || intake::cursor(pool, id))
@@ -512,11 +543,23 @@ impl Fetch {
                 .max()
                 .unwrap_or(0),
         };
+        let imap_cursor = |last_uid| MailboxCursor::Imap {
+            uidvalidity,
+            last_uid,
+        };
         let start = match self.cursor().await? {
-            Some((v, last)) if v == uidvalidity => last,
-            Some((v, _)) => {
+            Some(MailboxCursor::Imap {
+                uidvalidity: v,
+                last_uid,
+            }) if v == uidvalidity => last_uid,
+            Some(MailboxCursor::Imap { uidvalidity: v, .. }) => {
                 tracing::warn!(mailbox = %self.mailbox.id, old = v, new = uidvalidity,
                     "UIDVALIDITY changed: resyncing the folder (already published mail is skipped)");
+                0
+            }
+            Some(_) => {
+                tracing::warn!(mailbox = %self.mailbox.id,
+                    "the stored position is another protocol's: resyncing the folder (already published mail is skipped)");
                 0
             }
             None => match self.mailbox.initial_sync {
@@ -528,7 +571,7 @@ impl Fetch {
                     if self.stopped() {
                         return Ok(());
                     }
-                    self.record(&[], Some((uidvalidity, top))).await?;
+                    self.record(&[], Some(&imap_cursor(top))).await?;
                     top
                 }
                 InitialSync::Since(age) => {
@@ -560,7 +603,7 @@ impl Fetch {
                     if self.stopped() {
                         return Ok(());
                     }
-                    self.record(&[], Some((uidvalidity, top))).await?;
+                    self.record(&[], Some(&imap_cursor(top))).await?;
                     top
                 }
             },
@@ -624,7 +667,11 @@ impl Fetch {
         );
         if groups.is_empty() {
             if let Some(end) = window_end {
-                self.record(&[], Some((uidvalidity, end))).await?;
+                let cursor = MailboxCursor::Imap {
+                    uidvalidity,
+                    last_uid: end,
+                };
+                self.record(&[], Some(&cursor)).await?;
             }
             return Ok(());
         }
@@ -637,8 +684,10 @@ impl Fetch {
                 Group::Bodies(list) => list.last().map(|(u, _)| *u).unwrap_or(0),
                 Group::Oversized(u, _) => *u,
             };
-            let cursor =
-                window_end.map(|end| (uidvalidity, if i + 1 == count { end } else { last_uid }));
+            let cursor = window_end.map(|end| MailboxCursor::Imap {
+                uidvalidity,
+                last_uid: if i + 1 == count { end } else { last_uid },
+            });
             match group {
                 Group::Bodies(list) => {
                     let uids: Vec<u32> = list.iter().map(|(u, _)| *u).collect();
@@ -767,7 +816,7 @@ impl Fetch {
         session: &mut ImapSession,
         uid: u32,
         size: u64,
-        cursor: Option<Cursor>,
+        cursor: Option<MailboxCursor>,
     ) -> Result<(), FetchError> {
         let header = self.imap_header(session, uid).await?.unwrap_or_default();
         let (facts, headers) =
@@ -776,12 +825,12 @@ impl Fetch {
                 .unwrap_or_default();
         if let Some(key) = &facts.key {
             if !self.known(std::slice::from_ref(key)).await?.is_empty() {
-                return self.record(&[], cursor).await;
+                return self.record(&[], cursor.as_ref()).await;
             }
         }
         let mut sink = RawSink::store(&self.store)?;
         if !self.imap_pieces(session, uid, size, &mut sink).await? {
-            return self.record(&[], cursor).await;
+            return self.record(&[], cursor.as_ref()).await;
         }
         let stored = sink.finish().await?;
         let key = match facts.key {
@@ -789,7 +838,7 @@ impl Fetch {
             None => {
                 let k = format!("sha256:{}", stored.id);
                 if !self.known(std::slice::from_ref(&k)).await?.is_empty() {
-                    return self.record(&[], cursor).await;
+                    return self.record(&[], cursor.as_ref()).await;
                 }
                 k
             }
@@ -949,7 +998,7 @@ impl Fetch {
                         .iter()
                         .map(|(_, u)| Record::new(key_of(u), Outcome::SkippedInitial))
                         .collect();
-                    self.record(&rows, Some((0, 0))).await?;
+                    self.record(&rows, Some(&MailboxCursor::Pop3)).await?;
                     pop.quit().await?;
                     return Ok(());
                 }
@@ -1034,7 +1083,7 @@ impl Fetch {
             self.pop3_flush(&mut pop, batch).await?;
         }
         if first_contact && !self.stopped() {
-            self.record(&[], Some((0, 0))).await?;
+            self.record(&[], Some(&MailboxCursor::Pop3)).await?;
         }
         pop.quit().await?;
         Ok(())
@@ -1117,6 +1166,233 @@ impl Fetch {
     }
 
     // ----------------------------------------------------------------------------------------
+    // API sources (gmail_api, ms_graph): one loop for every `MailSource`
+
+    async fn api(&mut self) -> Result<(), FetchError> {
+        let mut source = ApiSource::of(&self.mailbox, &self.child.accounts)
+            .ok_or_else(|| FetchError::Task("not an API mailbox".into()))??;
+        loop {
+            match &mut source {
+                ApiSource::Gmail(s) => self.api_sync(s).await?,
+                ApiSource::Graph(s) => self.api_sync(s).await?,
+            }
+            if self.stopped() {
+                return Ok(());
+            }
+            self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
+            self.report_ok(false);
+            self.pause(self.mailbox.poll_interval).await;
+            if self.stopped() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One walk from the stored cursor (or the first contact's `initial_sync`) to the cursor
+    /// after it, each page's messages through [`Fetch::process`]; the cursor is stored once
+    /// the whole walk is handled. An expired cursor lists the folder again from the floor the
+    /// first contact set: the dedup keys skip what was published.
+    async fn api_sync<S: MailSource>(&self, source: &mut S) -> Result<(), FetchError> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let start = match self.cursor().await? {
+            Some(c @ (MailboxCursor::GmailApi { .. } | MailboxCursor::MsGraph { .. })) => {
+                Start::Changes(c)
+            }
+            // Another protocol's position (the mailbox changed protocol): list again.
+            Some(_) => Start::List { floor: None },
+            None => match self.mailbox.initial_sync {
+                InitialSync::New => Start::Position { floor: Some(now) },
+                InitialSync::All => Start::List { floor: None },
+                InitialSync::Since(age) => Start::List {
+                    floor: Some(now.saturating_sub(i64::try_from(age.as_secs()).unwrap_or(0))),
+                },
+            },
+        };
+        let floor = match &start {
+            Start::Changes(
+                MailboxCursor::GmailApi { floor, .. } | MailboxCursor::MsGraph { floor, .. },
+            ) => *floor,
+            Start::List { floor } | Start::Position { floor } => *floor,
+            Start::Changes(_) => None,
+        };
+        let mut relisted = false;
+        source.begin(start);
+        loop {
+            if self.stopped() {
+                return Ok(());
+            }
+            let page = match source.next_page().await {
+                Ok(p) => p,
+                Err(e @ SourceError::Expired { .. }) if !relisted => {
+                    tracing::warn!(mailbox = %self.mailbox.id, error = %e,
+                        "mailbox position expired: listing the folder again (already published mail is skipped)");
+                    relisted = true;
+                    source.begin(Start::List { floor });
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            self.api_fetch(source, page.messages).await?;
+            if let Some(cursor) = page.end {
+                if !self.stopped() {
+                    self.record(&[], Some(&cursor)).await?;
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Downloads the messages of one page and processes them in batches bounded by count and
+    /// `fetch_batch_bytes`; a message over `max_message_bytes` is streamed to the store and
+    /// dead-lettered, as IMAP's are.
+    async fn api_fetch<S: MailSource>(
+        &self,
+        source: &S,
+        messages: Vec<MessageRef>,
+    ) -> Result<(), FetchError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        // Messages whose email was handled before (listed again) are not downloaded again.
+        let id_keys: Vec<String> = messages.iter().map(|m| self.api_id_key(&m.id)).collect();
+        let listed = self.known(&id_keys).await?;
+        let batch_bytes = self.child.settings.inbound.fetch_batch_bytes;
+        let mut items = Vec::new();
+        let mut dead = Vec::new();
+        let mut ids = Vec::new();
+        let mut held = 0u64;
+        for (m, id_key) in messages.into_iter().zip(id_keys) {
+            if self.stopped() {
+                break;
+            }
+            if listed.contains_key(&id_key) {
+                continue;
+            }
+            match self.api_download(source, &m.id).await? {
+                None => {}
+                Some(Retrieved::Whole(raw)) => {
+                    held = held.saturating_add(raw.len() as u64);
+                    ids.push(id_key);
+                    items.push(Item {
+                        uid: m.id,
+                        raw,
+                        received_at: m.received_at,
+                        key: None,
+                    });
+                }
+                Some(Retrieved::Stored {
+                    stored,
+                    head,
+                    error,
+                }) => {
+                    let (facts, headers) =
+                        blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
+                            .await?
+                            .unwrap_or_default();
+                    ids.push(id_key);
+                    dead.push(DeadItem {
+                        key: facts
+                            .key
+                            .clone()
+                            .unwrap_or_else(|| format!("sha256:{}", stored.id)),
+                        uid: m.id,
+                        message_id: facts.message_id,
+                        error,
+                        stored,
+                        headers: Some(headers),
+                    });
+                }
+            }
+            if items.len() + dead.len() >= BATCH || held >= batch_bytes {
+                self.api_process(
+                    std::mem::take(&mut items),
+                    std::mem::take(&mut dead),
+                    std::mem::take(&mut ids),
+                )
+                .await?;
+                held = 0;
+            }
+        }
+        if !items.is_empty() || !dead.is_empty() {
+            self.api_process(items, dead, ids).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Fetch::process`], then the batch's API ids recorded `listed` — only once every email
+    /// of it is recorded (not when the fetcher was stopped halfway).
+    async fn api_process(
+        &self,
+        items: Vec<Item>,
+        dead: Vec<DeadItem>,
+        id_keys: Vec<String>,
+    ) -> Result<(), FetchError> {
+        self.process(items, dead, None).await?;
+        if self.stopped() {
+            return Ok(());
+        }
+        let rows: Vec<Record> = id_keys
+            .into_iter()
+            .map(|k| Record::new(k, Outcome::Listed))
+            .collect();
+        self.record(&rows, None).await
+    }
+
+    /// The key of an API message id: readable when the id is plain, else hashed (ids come
+    /// from outside and reach PostgreSQL).
+    fn api_id_key(&self, id: &str) -> String {
+        let plain = id.len() <= 512
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_=+/.".contains(&b));
+        if plain {
+            format!("{}-id:{id}", self.source())
+        } else {
+            format!("{}-idh:{}", self.source(), sha256_hex(id.as_bytes()))
+        }
+    }
+
+    /// One message's bytes: in memory up to `max_message_bytes`, else streamed into the
+    /// attachment store keeping the start of its header; None when it is gone.
+    async fn api_download<S: MailSource>(
+        &self,
+        source: &S,
+        id: &str,
+    ) -> Result<Option<Retrieved>, FetchError> {
+        let limit = self.max_message();
+        let endpoint = source.endpoint().to_string();
+        let mut download = source.download(id).await?;
+        if matches!(download, Download::Gone) {
+            return Ok(None);
+        }
+        let mut raw: Vec<u8> = Vec::new();
+        loop {
+            match download.chunk(&endpoint).await? {
+                Some(piece) => {
+                    raw.extend_from_slice(&piece);
+                    if raw.len() as u64 > limit {
+                        break;
+                    }
+                }
+                None => return Ok(Some(Retrieved::Whole(raw))),
+            }
+        }
+        let head = raw[..raw.len().min(HEADER_CAP)].to_vec();
+        let mut sink = RawSink::store(&self.store)?;
+        sink.push(&raw).await?;
+        drop(raw);
+        while let Some(piece) = download.chunk(&endpoint).await? {
+            sink.push(&piece).await?;
+        }
+        let stored = sink.finish().await?;
+        Ok(Some(Retrieved::Stored {
+            error: too_large(stored.size, limit),
+            stored,
+            head,
+        }))
+    }
+
+    // ----------------------------------------------------------------------------------------
     // One batch: prepare, publish, dead-letter, record
 
     /// Processes one batch; returns the keys now recorded for it (published, dead-lettered or
@@ -1126,7 +1402,7 @@ impl Fetch {
         &self,
         items: Vec<Item>,
         mut dead: Vec<DeadItem>,
-        cursor: Option<Cursor>,
+        cursor: Option<MailboxCursor>,
     ) -> Result<HashSet<String>, FetchError> {
         let fetched = (items.len() + dead.len()) as u64;
         let mailbox = self.mailbox.clone();
@@ -1301,7 +1577,8 @@ impl Fetch {
                 ..Record::new(d.key.clone(), Outcome::DeadLettered)
             });
         }
-        self.record(&rows, cursor.filter(|_| all_done)).await?;
+        self.record(&rows, cursor.as_ref().filter(|_| all_done))
+            .await?;
         handled.extend(rows.into_iter().map(|r| r.key));
 
         let metrics = &self.child.metrics;

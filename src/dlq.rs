@@ -25,7 +25,7 @@ use crate::domain::DeadLetterEntry;
 use crate::inbound::{dedup_key, header_facts, Origin};
 use crate::intake;
 use crate::outbox::{self, OutboxKey, OutboxOp};
-use crate::settings::{MailProtocol, Settings};
+use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
@@ -354,10 +354,7 @@ async fn replay_one(
                 provider_id: &mailbox.provider_id,
                 mailbox_id: &mailbox.id,
                 user_id: &mailbox.user_id,
-                source: match mailbox.protocol {
-                    MailProtocol::Imap => "imap",
-                    MailProtocol::Pop3 => "pop3",
-                },
+                source: mailbox.protocol.as_str(),
                 received_at: None,
             };
             intake::prepare(&raw, &origin, &store, &replies, now)

@@ -96,6 +96,10 @@ pub enum Outcome {
     /// Left out by `initial_sync` (there before the mailbox was added, or older than the
     /// window): seen, never published.
     SkippedInitial,
+    /// An API message id (`<protocol>-id:<id>`) whose email was handled — its own key says
+    /// how; lets a later listing of the same message (a Graph delta of a message that was read,
+    /// a re-list) skip downloading it.
+    Listed,
 }
 
 impl Outcome {
@@ -104,6 +108,7 @@ impl Outcome {
             Outcome::Published => "published",
             Outcome::DeadLettered => "dead-lettered",
             Outcome::SkippedInitial => "skipped-initial",
+            Outcome::Listed => "listed",
         }
     }
 }
@@ -130,21 +135,42 @@ impl Record {
     }
 }
 
-/// A mailbox position: (UIDVALIDITY, last UID handled). POP3 mailboxes write (0, 0) once, to
-/// say that their first contact (and its `initial_sync`) is done.
-pub type Cursor = (u32, u32);
+/// A mailbox position, stored as JSON in `mailbox_state.cursor`; its shape is its source's.
+/// Any cursor at all also says that the mailbox's first contact (and its `initial_sync`) is
+/// done.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MailboxCursor {
+    /// UIDVALIDITY and the last UID handled. Within one UIDVALIDITY it only moves forward.
+    Imap { uidvalidity: u32, last_uid: u32 },
+    /// POP3 keeps no position (UIDL keys say what was handled): first contact is done.
+    Pop3,
+    /// The Gmail history id after which changes are asked for; `floor` (Unix seconds) is
+    /// the oldest mail a re-list publishes (set by `initial_sync` at first contact).
+    GmailApi {
+        history_id: String,
+        floor: Option<i64>,
+    },
+    /// The Graph delta link to ask for changes; `floor` as for Gmail.
+    MsGraph {
+        delta_link: String,
+        floor: Option<i64>,
+    },
+}
 
-pub async fn cursor(pool: &Pool, mailbox_id: &str) -> Result<Option<Cursor>, StorageError> {
+/// Cursors of an older shape (or written by another kind of mailbox under the same id) read
+/// as no cursor, not as an error that would stop the mailbox.
+pub async fn cursor(pool: &Pool, mailbox_id: &str) -> Result<Option<MailboxCursor>, StorageError> {
     let client = pool.get().await?;
     let row = client
         .query_opt(
-            "SELECT uidvalidity, last_uid FROM mailbox_state WHERE mailbox_id = $1",
+            "SELECT cursor FROM mailbox_state WHERE mailbox_id = $1",
             &[&mailbox_id],
         )
         .await?;
-    Ok(row.map(|r| {
-        let n = |v: i64| u32::try_from(v).unwrap_or(0);
-        (n(r.get(0)), n(r.get(1)))
+    Ok(row.and_then(|r| {
+        let v: serde_json::Value = r.get(0);
+        serde_json::from_value(v).ok()
     }))
 }
 
@@ -174,7 +200,7 @@ pub async fn record(
     pool: &Pool,
     mailbox_id: &str,
     rows: &[Record],
-    cursor: Option<Cursor>,
+    cursor: Option<&MailboxCursor>,
 ) -> Result<(), StorageError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -207,17 +233,24 @@ pub async fn record(
         )
         .await?;
     }
-    if let Some((validity, last)) = cursor {
-        // The position only moves forward within one UIDVALIDITY.
+    if let Some(cursor) = cursor {
+        // Strings and integers only: encoding cannot fail.
+        let value = serde_json::to_value(cursor).unwrap_or(serde_json::Value::Null);
+        // An IMAP position only moves forward within one UIDVALIDITY; the others are
+        // replaced (each is the answer of the API to the one before it).
         tx.execute(
-            "INSERT INTO mailbox_state (mailbox_id, uidvalidity, last_uid) VALUES ($1, $2, $3)
+            "INSERT INTO mailbox_state (mailbox_id, cursor) VALUES ($1, $2)
              ON CONFLICT (mailbox_id) DO UPDATE
-             SET uidvalidity = EXCLUDED.uidvalidity,
-                 last_uid = GREATEST(CASE WHEN mailbox_state.uidvalidity = EXCLUDED.uidvalidity
-                                          THEN mailbox_state.last_uid ELSE 0 END,
-                                     EXCLUDED.last_uid),
+             SET cursor = CASE
+                     WHEN mailbox_state.cursor->>'kind' = 'imap'
+                      AND EXCLUDED.cursor->>'kind' = 'imap'
+                      AND mailbox_state.cursor->'uidvalidity' = EXCLUDED.cursor->'uidvalidity'
+                      AND (mailbox_state.cursor->>'last_uid')::bigint
+                          > (EXCLUDED.cursor->>'last_uid')::bigint
+                     THEN mailbox_state.cursor
+                     ELSE EXCLUDED.cursor END,
                  updated_at = now()",
-            &[&mailbox_id, &i64::from(validity), &i64::from(last)],
+            &[&mailbox_id, &value],
         )
         .await?;
     }
@@ -280,5 +313,35 @@ mod tests {
         assert_eq!(r, Err("boom 1".to_string()));
         assert!(PrepareError::ParserPanicked("x".into()).is_the_emails());
         assert!(!PrepareError::Store(AttachmentError::NotFound).is_the_emails());
+    }
+
+    #[test]
+    fn cursors_are_tagged_json() {
+        let c = MailboxCursor::Imap {
+            uidvalidity: 7,
+            last_uid: 42,
+        };
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"kind": "imap", "uidvalidity": 7, "last_uid": 42})
+        );
+        // What migration 0006 makes of an old row.
+        let migrated: MailboxCursor = serde_json::from_value(
+            serde_json::json!({"kind": "imap", "uidvalidity": 0, "last_uid": 0}),
+        )
+        .unwrap();
+        assert!(matches!(migrated, MailboxCursor::Imap { .. }));
+        let g = MailboxCursor::GmailApi {
+            history_id: "123".into(),
+            floor: Some(5),
+        };
+        let back: MailboxCursor =
+            serde_json::from_value(serde_json::to_value(&g).unwrap()).unwrap();
+        assert_eq!(back, g);
+        assert_eq!(
+            serde_json::to_value(MailboxCursor::Pop3).unwrap(),
+            serde_json::json!({"kind": "pop3"})
+        );
     }
 }

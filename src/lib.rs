@@ -34,4 +34,5 @@ pub mod outbox;
 pub mod providers;
 pub mod settings;
 pub mod smtp;
+pub mod sources;
 pub mod storage;

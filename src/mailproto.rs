@@ -247,7 +247,10 @@ impl AsyncWrite for WatchedStream {
 }
 
 pub fn endpoint(m: &Mailbox) -> String {
-    format!("{}:{}", m.host, m.port)
+    match &m.api {
+        Some(api) => api.base_url.clone(),
+        None => format!("{}:{}", m.host, m.port),
+    }
 }
 
 /// The TLS client settings of mail connections (mailboxes and SMTP providers): certificates

@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0005_oauth2_tokens.sql",
         include_str!("../migrations/0005_oauth2_tokens.sql"),
     ),
+    (
+        6,
+        "0006_mailbox_cursor.sql",
+        include_str!("../migrations/0006_mailbox_cursor.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).
@@ -620,7 +625,6 @@ pub async fn mirror_config(
     pool: &Pool,
     settings: &crate::settings::Settings,
 ) -> Result<(), StorageError> {
-    use crate::settings::MailProtocol;
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let tenant_ids: Vec<&str> = settings.tenants.iter().map(|t| t.id.as_str()).collect();
@@ -662,10 +666,13 @@ pub async fn mirror_config(
     tx.execute("DELETE FROM mailboxes WHERE NOT (id = ANY($1))", &[&ids])
         .await?;
     for m in mailboxes {
-        let protocol = match m.protocol {
-            MailProtocol::Imap => "imap",
-            MailProtocol::Pop3 => "pop3",
-        };
+        let protocol = m.protocol.as_str();
+        // An API mailbox: the mailbox read (`user`) and no IDLE.
+        let username = m
+            .api
+            .as_ref()
+            .map_or(m.username.as_str(), |a| a.user.as_str());
+        let idle = m.idle && m.api.is_none();
         tx.execute(
             "INSERT INTO mailboxes (id, tenant_id, provider_id, user_id, protocol, host, port, tls,
                                     username, folder, idle, poll_interval_secs)
@@ -685,9 +692,9 @@ pub async fn mirror_config(
                 &m.host,
                 &i32::from(m.port),
                 &m.tls.as_str(),
-                &m.username,
+                &username,
                 &m.folder,
-                &m.idle,
+                &idle,
                 &(m.poll_interval.as_secs() as i64),
             ],
         )

@@ -821,6 +821,7 @@ base_url = "{base}"
 fn every_readme_tenant_example_loads() {
     let readme = include_str!("../README.md");
     let mut loaded = Vec::new();
+    let mut mailboxes = Vec::new();
     for (i, block) in readme.split("```toml\n").skip(1).enumerate() {
         let Some(example) = block.split("```").next() else {
             continue;
@@ -852,6 +853,15 @@ fn every_readme_tenant_example_loads() {
         for p in &settings.tenants[0].providers {
             loaded.push(p.config.kind());
         }
+        for m in &settings.tenants[0].mailboxes {
+            mailboxes.push(m.protocol.as_str());
+        }
+    }
+    for protocol in ["imap", "gmail_api", "ms_graph"] {
+        assert!(
+            mailboxes.contains(&protocol),
+            "no README example of a {protocol} mailbox: {mailboxes:?}"
+        );
     }
     for kind in [
         "smtp",

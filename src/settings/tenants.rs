@@ -32,10 +32,31 @@ impl TlsMode {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum MailProtocol {
     Imap,
     Pop3,
+    /// The Gmail API (`users.history.list`, `users.messages.get?format=raw`).
+    GmailApi,
+    /// Microsoft Graph (a delta query on the folder, each message's MIME by `$value`).
+    MsGraph,
+}
+
+impl MailProtocol {
+    /// Its name in the configuration, `/health` and the `source` of `email.inbound`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MailProtocol::Imap => "imap",
+            MailProtocol::Pop3 => "pop3",
+            MailProtocol::GmailApi => "gmail_api",
+            MailProtocol::MsGraph => "ms_graph",
+        }
+    }
+
+    /// Read over HTTP with a bearer token rather than over a mail protocol.
+    pub fn is_api(self) -> bool {
+        matches!(self, MailProtocol::GmailApi | MailProtocol::MsGraph)
+    }
 }
 
 /// What an added mailbox publishes first (contract §2).
@@ -96,15 +117,24 @@ struct MailboxFile {
     user_id: String,
     provider_id: String,
     protocol: MailProtocol,
+    #[serde(default)]
     host: String,
     port: Option<u16>,
     tls: Option<TlsMode>,
-    username: String,
+    username: Option<String>,
     password: Option<Secret>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
-    #[serde(default = "default_folder")]
-    folder: String,
+    /// `INBOX` (IMAP, Gmail label), `inbox` (Graph well-known folder) when not given.
+    folder: Option<String>,
+    /// `gmail_api`, `ms_graph`: the API's origin.
+    base_url: Option<String>,
+    /// `gmail_api`, `ms_graph`: the mailbox read, `me` (the token's account) or an address.
+    user: Option<String>,
+    /// `gmail_api`, `ms_graph`: a static bearer token instead of an `oauth2` account.
+    access_token: Option<Secret>,
+    access_token_env: Option<String>,
+    access_token_file: Option<PathBuf>,
     #[serde(default = "default_true")]
     idle: bool,
     #[serde(default = "default_poll")]
@@ -117,9 +147,6 @@ struct MailboxFile {
     oauth2: Option<toml::Table>,
 }
 
-fn default_folder() -> String {
-    "INBOX".into()
-}
 fn default_true() -> bool {
     true
 }
@@ -180,8 +207,20 @@ pub struct Mailbox {
     pub delete_after_fetch: bool,
     /// An extra CA to trust for this mailbox's server certificate.
     pub ca_file: Option<PathBuf>,
-    /// An OAuth2 account (`[mailboxes.oauth2]`): IMAP XOAUTH2 with its access tokens.
+    /// An OAuth2 account (`[mailboxes.oauth2]`): IMAP XOAUTH2 with its access tokens, or the
+    /// bearer tokens of an API mailbox.
     pub oauth2: Option<OAuth2Config>,
+    /// `gmail_api`, `ms_graph`: where and as whom the API is read.
+    pub api: Option<MailApi>,
+}
+
+/// How an API mailbox (`gmail_api`, `ms_graph`) is read: the API's origin (no trailing `/`),
+/// the mailbox (`me` or an address) and a static token when there is no `oauth2` account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MailApi {
+    pub base_url: String,
+    pub user: String,
+    pub access_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -374,19 +413,124 @@ pub(super) fn load_tenants(
                     ),
                 );
             }
-            if mf.host.trim().is_empty() {
+            if mf.host.trim().is_empty() && !mf.protocol.is_api() {
                 p(key("host"), "must not be empty".into());
+            }
+            if mf.username.is_none() && !mf.protocol.is_api() {
+                p(
+                    key("username"),
+                    format!("is required for a `{}` mailbox", mf.protocol.as_str()),
+                );
+            }
+            if mf.protocol.is_api() {
+                for (given, name) in [
+                    (mf.username.is_some(), "username"),
+                    (mf.port.is_some(), "port"),
+                    (mf.tls.is_some(), "tls"),
+                    (mf.ca_file.is_some(), "ca_file"),
+                    (mf.delete_after_fetch, "delete_after_fetch"),
+                ] {
+                    if given {
+                        p(
+                            key(name),
+                            format!(
+                                "is for IMAP and POP3 mailboxes, not `{}` (it reads `base_url` over HTTPS and leaves the mail where it is)",
+                                mf.protocol.as_str()
+                            ),
+                        );
+                    }
+                }
+            }
+            if !mf.protocol.is_api() {
+                for (given, name) in [
+                    (mf.base_url.is_some(), "base_url"),
+                    (mf.user.is_some(), "user"),
+                    (
+                        mf.access_token.is_some()
+                            || mf.access_token_env.is_some()
+                            || mf.access_token_file.is_some(),
+                        "access_token",
+                    ),
+                ] {
+                    if given {
+                        p(
+                            key(name),
+                            "is for `gmail_api` and `ms_graph` mailboxes".into(),
+                        );
+                    }
+                }
             }
             if mf.poll_interval.0.is_zero() {
                 p(key("poll_interval"), "must be longer than 0".into());
             }
             let tls = mf.tls.unwrap_or(TlsMode::Tls);
+            let api_base = match mf.protocol {
+                MailProtocol::GmailApi => Some(
+                    mf.base_url
+                        .clone()
+                        .unwrap_or_else(|| "https://gmail.googleapis.com".into()),
+                ),
+                MailProtocol::MsGraph => Some(
+                    mf.base_url
+                        .clone()
+                        .unwrap_or_else(|| "https://graph.microsoft.com".into()),
+                ),
+                _ => None,
+            };
+            let api_url = api_base.as_deref().map(url::Url::parse);
             let port = mf.port.unwrap_or(match (mf.protocol, tls) {
                 (MailProtocol::Imap, TlsMode::Tls) => 993,
                 (MailProtocol::Imap, _) => 143,
                 (MailProtocol::Pop3, TlsMode::Tls) => 995,
                 (MailProtocol::Pop3, _) => 110,
+                (MailProtocol::GmailApi | MailProtocol::MsGraph, _) => match &api_url {
+                    Some(Ok(u)) => u.port_or_known_default().unwrap_or(443),
+                    _ => 443,
+                },
             });
+            let host = match &api_url {
+                Some(Ok(u)) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
+                    u.host_str().unwrap_or_default().to_string()
+                }
+                Some(_) => {
+                    p(
+                        key("base_url"),
+                        format!(
+                            "`{}` is not an http(s) URL",
+                            api_base.clone().unwrap_or_default()
+                        ),
+                    );
+                    String::new()
+                }
+                None => mf.host.clone(),
+            };
+            if mf.protocol.is_api() && !mf.host.is_empty() {
+                p(
+                    key("host"),
+                    "an API mailbox has no `host`; give `base_url` to use another origin".into(),
+                );
+            }
+            let api_user = mf.user.clone().unwrap_or_else(|| "me".into());
+            if mf.protocol.is_api()
+                && (api_user.is_empty()
+                    || !api_user
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "@.-_+".contains(c)))
+            {
+                p(
+                    key("user"),
+                    "must be `me` or an email address (letters, digits and @.-_+)".into(),
+                );
+            }
+            let access_token = resolve_secret(
+                env,
+                base,
+                mf.access_token,
+                mf.access_token_env.as_deref(),
+                mf.access_token_file.as_deref(),
+                &|k: &str| key(&k.replace("password", "access_token")),
+                &mut |k: String, m: String| p(k, m.replace("password", "access_token")),
+            );
             if port == 0 {
                 p(key("port"), "must be between 1 and 65535".into());
             }
@@ -408,10 +552,16 @@ pub(super) fn load_tenants(
             }
             let oauth2 = match mf.oauth2 {
                 Some(table) => {
-                    if mf.protocol != MailProtocol::Imap {
+                    if mf.protocol == MailProtocol::Pop3 {
                         p(
                             key("oauth2"),
-                            "OAuth2 (XOAUTH2) is for IMAP mailboxes".into(),
+                            "OAuth2 is for IMAP (XOAUTH2), gmail_api and ms_graph mailboxes".into(),
+                        );
+                    }
+                    if access_token.is_some() {
+                        p(
+                            key("oauth2"),
+                            "give either an `oauth2` account or `access_token` (`_env`, `_file`), not both".into(),
                         );
                     }
                     if password.is_some() {
@@ -434,7 +584,24 @@ pub(super) fn load_tenants(
                 }
                 None => None,
             };
-            if tls == TlsMode::None && oauth2.is_some() {
+            if mf.protocol.is_api() {
+                if password.is_some() {
+                    p(
+                        key("password"),
+                        "an API mailbox authenticates with `oauth2` or `access_token`".into(),
+                    );
+                }
+                if oauth2.is_none() && access_token.is_none() {
+                    p(
+                        key("oauth2"),
+                        format!(
+                            "a `{}` mailbox needs an `oauth2` account or `access_token` (`_env`, `_file`)",
+                            mf.protocol.as_str()
+                        ),
+                    );
+                }
+            }
+            if tls == TlsMode::None && oauth2.is_some() && !mf.protocol.is_api() {
                 warnings.push(ConfigProblem {
                     file: file.clone(),
                     key: key("tls"),
@@ -449,20 +616,33 @@ pub(super) fn load_tenants(
                     p(key("ca_file"), format!("{} does not exist", f.display()));
                 }
             }
+            let folder = mf.folder.unwrap_or_else(|| {
+                if mf.protocol == MailProtocol::MsGraph {
+                    "inbox".into()
+                } else {
+                    "INBOX".into()
+                }
+            });
+            let api = api_base.map(|b| MailApi {
+                base_url: b.trim_end_matches('/').to_string(),
+                user: api_user,
+                access_token,
+            });
             mailboxes.push(Mailbox {
                 ca_file,
                 oauth2,
+                api,
                 id: mf.id,
                 tenant_id: raw.id.clone(),
                 user_id: mf.user_id,
                 provider_id: mf.provider_id,
                 protocol: mf.protocol,
-                host: mf.host,
+                host,
                 port,
                 tls,
-                username: mf.username,
+                username: mf.username.unwrap_or_default(),
                 password,
-                folder: mf.folder,
+                folder,
                 idle: mf.idle,
                 poll_interval: mf.poll_interval.0,
                 initial_sync: mf.initial_sync,
@@ -519,6 +699,11 @@ impl Mailbox {
             .secret(self.password.as_ref());
         if let Some(o) = &self.oauth2 {
             o.fingerprint(&mut h);
+        }
+        if let Some(a) = &self.api {
+            h.add(&a.base_url)
+                .add(&a.user)
+                .secret(a.access_token.as_ref());
         }
         h.finish()
     }

@@ -14,6 +14,7 @@ pub mod broker_faults;
 pub mod checks;
 pub mod http_server;
 pub mod ledger;
+pub mod mail_api_server;
 pub mod pg_cluster;
 pub mod rabbit_node;
 pub mod sys;
