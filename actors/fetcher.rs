@@ -267,7 +267,20 @@ struct Fetch {
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
     last_sync: Option<String>,
+    /// API messages whose download failed for a reason about the message itself, and how
+    /// many times in a row: at `DOWNLOAD_TRIES` the message is dead-lettered.
+    download_failures: std::sync::Mutex<HashMap<String, u32>>,
+    /// When an API mailbox without a position was first tried (Unix seconds).
+    first_contact: std::sync::Mutex<Option<i64>>,
 }
+
+/// Downloads of one API message that fail for the message's own reason before it is
+/// dead-lettered (it would otherwise stop its mailbox for good).
+const DOWNLOAD_TRIES: u32 = 3;
+
+/// Pages one walk of an API mailbox may take (a million messages and more at the APIs' page
+/// sizes); past it the API is taken to loop.
+const MAX_WALK_PAGES: u32 = 20_000;
 
 impl Fetch {
     fn stopped(&self) -> bool {
@@ -557,12 +570,9 @@ impl Fetch {
                     "UIDVALIDITY changed: resyncing the folder (already published mail is skipped)");
                 0
             }
-            Some(_) => {
-                tracing::warn!(mailbox = %self.mailbox.id,
-                    "the stored position is another protocol's: resyncing the folder (already published mail is skipped)");
-                0
-            }
-            None => match self.mailbox.initial_sync {
+            // None, or another protocol's position (the mailbox changed protocol, and what
+            // the old one skipped was never recorded): a first contact, by `initial_sync`.
+            _ => match self.mailbox.initial_sync {
                 InitialSync::All => 0,
                 InitialSync::New => {
                     // What is there now is seen, and recorded so: neither a later poll nor a
@@ -1193,14 +1203,20 @@ impl Fetch {
     /// the whole walk is handled. An expired cursor lists the folder again from the floor the
     /// first contact set: the dedup keys skip what was published.
     async fn api_sync<S: MailSource>(&self, source: &mut S) -> Result<(), FetchError> {
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        // The moment of first contact stays the same through retries of a first walk that
+        // failed, so that mail arriving between them is not taken for old mail.
+        let now = *self
+            .first_contact
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(|| time::OffsetDateTime::now_utc().unix_timestamp());
         let start = match self.cursor().await? {
             Some(c @ (MailboxCursor::GmailApi { .. } | MailboxCursor::MsGraph { .. })) => {
                 Start::Changes(c)
             }
-            // Another protocol's position (the mailbox changed protocol): list again.
-            Some(_) => Start::List { floor: None },
-            None => match self.mailbox.initial_sync {
+            // None, or another protocol's position (the mailbox changed protocol, and what
+            // the old one skipped was never recorded): a first contact, by `initial_sync`.
+            _ => match self.mailbox.initial_sync {
                 InitialSync::New => Start::Position { floor: Some(now) },
                 InitialSync::All => Start::List { floor: None },
                 InitialSync::Since(age) => Start::List {
@@ -1216,10 +1232,20 @@ impl Fetch {
             Start::Changes(_) => None,
         };
         let mut relisted = false;
+        let mut pages = 0u32;
         source.begin(start);
         loop {
             if self.stopped() {
                 return Ok(());
+            }
+            pages += 1;
+            if pages > MAX_WALK_PAGES {
+                return Err(FetchError::Source(SourceError::Answer {
+                    endpoint: source.endpoint().to_string(),
+                    detail: format!(
+                        "the API answered more than {MAX_WALK_PAGES} pages in one walk (a next page that never ends); the walk starts over at the next sync"
+                    ),
+                }));
             }
             let page = match source.next_page().await {
                 Ok(p) => p,
@@ -1268,7 +1294,25 @@ impl Fetch {
             if listed.contains_key(&id_key) {
                 continue;
             }
-            match self.api_download(source, &m.id).await? {
+            let downloaded = match self.api_download(source, &m.id).await {
+                Ok(d) => d,
+                Err(e) => {
+                    // What was downloaded before it is processed, whatever comes next.
+                    if !items.is_empty() || !dead.is_empty() {
+                        self.api_process(
+                            std::mem::take(&mut items),
+                            std::mem::take(&mut dead),
+                            std::mem::take(&mut ids),
+                        )
+                        .await?;
+                    }
+                    match self.undownloadable(&m.id, &id_key, &e).await? {
+                        true => continue,
+                        false => return Err(e),
+                    }
+                }
+            };
+            match downloaded {
                 None => {}
                 Some(Retrieved::Whole(raw)) => {
                     held = held.saturating_add(raw.len() as u64);
@@ -1317,6 +1361,68 @@ impl Fetch {
             self.api_process(items, dead, ids).await?;
         }
         Ok(())
+    }
+
+    /// A download of API message `id` failed with `e`. A failure about the message itself (the
+    /// API refuses or cannot convert it, its bytes do not decode) repeated `DOWNLOAD_TRIES`
+    /// times dead-letters it — the DLQ entry holds the error, and no bytes — so the mailbox
+    /// moves on; returns whether it did. Throttling, outages and credentials are the
+    /// mailbox's failures: they stop the walk, to be tried again.
+    async fn undownloadable(
+        &self,
+        id: &str,
+        id_key: &str,
+        e: &FetchError,
+    ) -> Result<bool, FetchError> {
+        let about_the_message = match e {
+            FetchError::Source(SourceError::Answer { .. }) => true,
+            // A 4xx about the request (not credentials, not throttling), or Graph's answer
+            // for an item it cannot give as MIME; other 5xx are outages.
+            FetchError::Source(SourceError::Http { status, text, .. }) => {
+                ((400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429))
+                    || text.contains("ErrorMimeContentConversionFailed")
+            }
+            _ => false,
+        };
+        if !about_the_message {
+            return Ok(false);
+        }
+        let tries = {
+            let mut f = self
+                .download_failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = f.entry(id.to_string()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        tracing::warn!(mailbox = %self.mailbox.id, try_number = tries, error = %e,
+            "an API message could not be downloaded");
+        if tries < DOWNLOAD_TRIES {
+            return Ok(false);
+        }
+        let store = self.store.clone();
+        let stored = blocking(move || {
+            store
+                .store(b"")
+                .map(|id| crate::attachments::StoredRaw { id, size: 0 })
+        })
+        .await?
+        .map_err(FetchError::from)?;
+        let dead = DeadItem {
+            key: id_key.to_string(),
+            uid: id.to_string(),
+            message_id: None,
+            error: format!("cannot be downloaded ({DOWNLOAD_TRIES} tries): {e}"),
+            stored,
+            headers: None,
+        };
+        self.process(Vec::new(), vec![dead], None).await?;
+        self.download_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        Ok(true)
     }
 
     /// [`Fetch::process`], then the batch's API ids recorded `listed` — only once every email
@@ -1379,14 +1485,31 @@ impl Fetch {
         }
         let head = raw[..raw.len().min(HEADER_CAP)].to_vec();
         let mut sink = RawSink::store(&self.store)?;
+        let mut kept = raw.len() as u64;
         sink.push(&raw).await?;
         drop(raw);
+        // An API does not say the size first: what it sends is kept up to a bound (an endless
+        // answer must not fill the disk) — four times the limit, at least 1 GiB.
+        let cap = limit.saturating_mul(4).max(1 << 30);
+        let mut size = kept;
         while let Some(piece) = download.chunk(&endpoint).await? {
-            sink.push(&piece).await?;
+            size = size.saturating_add(piece.len() as u64);
+            let take = piece.len().min(cap.saturating_sub(kept) as usize);
+            sink.push(&piece[..take]).await?;
+            kept += take as u64;
+            if size > cap {
+                break;
+            }
         }
         let stored = sink.finish().await?;
+        let mut error = too_large(size, limit);
+        if size > kept {
+            error.push_str(&format!(
+                "; only its first {kept} bytes were kept (the API sent {size} or more)"
+            ));
+        }
         Ok(Some(Retrieved::Stored {
-            error: too_large(stored.size, limit),
+            error,
             stored,
             head,
         }))
@@ -1877,6 +2000,8 @@ impl Actor for MailboxFetcher {
                     wake: act.wake.clone(),
                     stop: act.stop.subscribe(),
                     last_sync: None,
+                    download_failures: std::sync::Mutex::new(HashMap::new()),
+                    first_contact: std::sync::Mutex::new(None),
                 };
                 ctx.spawn(fetch.run().into_actor(act).map(move |_, act, ctx| {
                     for d in act.done.drain(..) {

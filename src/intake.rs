@@ -158,8 +158,9 @@ pub enum MailboxCursor {
     },
 }
 
-/// Cursors of an older shape (or written by another kind of mailbox under the same id) read
-/// as no cursor, not as an error that would stop the mailbox.
+/// The mailbox's position. One this version cannot read (written by a newer version, or
+/// edited by hand) is an error — the mailbox shows it and waits — rather than no position,
+/// which would start over by `initial_sync` and could skip mail.
 pub async fn cursor(pool: &Pool, mailbox_id: &str) -> Result<Option<MailboxCursor>, StorageError> {
     let client = pool.get().await?;
     let row = client
@@ -168,10 +169,18 @@ pub async fn cursor(pool: &Pool, mailbox_id: &str) -> Result<Option<MailboxCurso
             &[&mailbox_id],
         )
         .await?;
-    Ok(row.and_then(|r| {
-        let v: serde_json::Value = r.get(0);
-        serde_json::from_value(v).ok()
-    }))
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = row.try_get(0)?;
+    // Not shown: a Graph delta link may carry a token.
+    serde_json::from_value(v).map(Some).map_err(|e| {
+        StorageError::Unreadable(format!(
+            "the stored position of mailbox {mailbox_id} cannot be read ({e}); \
+             if it was written by a newer version, run that version; to start the mailbox \
+             over by its initial_sync, delete its row from mailbox_state"
+        ))
+    })
 }
 
 /// The keys of `keys` this mailbox already has, with their outcome.

@@ -74,6 +74,9 @@ pub enum StorageError {
     },
     #[error("no database connection available: {0}")]
     Pool(String),
+    /// Stored data this version cannot read (written by a newer one, or edited by hand).
+    #[error("{0}")]
+    Unreadable(String),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
 }

@@ -918,12 +918,95 @@ async fn old_positions_become_json_cursors_and_imap_ones_only_move_forward() {
         intake::cursor(&pool, "mb-g").await.unwrap(),
         Some(gmail("180"))
     );
-    // A cursor this version cannot read is no cursor (first contact), not an error.
+    // A cursor this version cannot read is an error saying what to do — not "no cursor",
+    // which would start over by initial_sync and could skip mail.
     db.execute(
         "UPDATE mailbox_state SET cursor = '{\"kind\": \"future\"}' WHERE mailbox_id = 'mb-g'",
         &[],
     )
     .await
     .unwrap();
-    assert_eq!(intake::cursor(&pool, "mb-g").await.unwrap(), None);
+    let e = intake::cursor(&pool, "mb-g").await.unwrap_err().to_string();
+    assert!(
+        e.contains("mb-g") && e.contains("cannot be read") && e.contains("delete its row"),
+        "{e}"
+    );
+}
+
+/// A message the API will not give (every download 400) does not stop its mailbox: the
+/// messages around it are published, it is dead-lettered after a few tries with the API's
+/// answer, and nothing repeats.
+#[tokio::test]
+async fn an_api_message_that_cannot_be_downloaded_is_dead_lettered_and_the_rest_published() {
+    let env = TestEnv::new("api-poison");
+    let api = MailApiServer::start(10).await;
+    api.gmail_add(&message("before@x", "before"), 60);
+    let poisoned = api.gmail_add(&message("poison@x", "poison"), 60);
+    api.gmail_add(&message("after@x", "after"), 60);
+    api.poison(&poisoned);
+    env.write_tenant(
+        "acme.toml",
+        &format!(
+            r#"
+id = "acme"
+[[providers]]
+id = "acme-provider"
+kind = "file"
+dir = "sent-acme"
+
+[[mailboxes]]
+id = "mb-gmail"
+user_id = "user-gmail"
+provider_id = "acme-provider"
+protocol = "gmail_api"
+base_url = "{base}"
+initial_sync = "all"
+poll_interval = "1s"
+access_token = "{ACCESS_TOKEN}"
+"#,
+            base = api.base_url()
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let dead = env
+        .take("email.inbound.dlq", 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(dead.len(), 1, "{}", svc.log_text());
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("cannot be downloaded") && error.contains("400"),
+        "{}",
+        dead[0]
+    );
+    let got = take_exactly(
+        &env,
+        &svc,
+        2,
+        Duration::from_secs(20),
+        Duration::from_secs(4),
+    )
+    .await;
+    let mut got = ids(&got);
+    got.sort();
+    assert_eq!(got, ["after@x", "before@x"]);
+    // Polls go on; the poisoned message is not downloaded again, nothing repeats.
+    let asked = api
+        .requests()
+        .iter()
+        .filter(|r| r.target.contains(&poisoned))
+        .count();
+    assert_eq!(asked, 3, "downloads of the poisoned message");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        api.requests()
+            .iter()
+            .filter(|r| r.target.contains(&poisoned))
+            .count(),
+        3
+    );
+    assert!(env
+        .take("email.inbound.dlq", 1, Duration::from_millis(500))
+        .await
+        .is_empty());
 }

@@ -364,9 +364,10 @@ pub fn mime_with_bcc(email: &OutgoingEmail) -> Vec<u8> {
 /// it is an `http` or `https` URL.
 pub fn base_url(ctx: &mut ParseContext, given: Option<String>, default: &str) -> String {
     let url = given.unwrap_or_else(|| default.to_string());
-    match url::Url::parse(&url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
-        _ => ctx.problem("base_url", format!("`{url}` is not an http(s) URL")),
+    match crate::settings::check_base_url(&url) {
+        Ok(None) => {}
+        Ok(Some(warning)) => ctx.warning("base_url", warning),
+        Err(problem) => ctx.problem("base_url", problem),
     }
     url.trim_end_matches('/').to_string()
 }

@@ -192,6 +192,40 @@ fn link_key(
     Some(value)
 }
 
+/// Checks an API's `base_url`: an http(s) URL with a host and nothing a request or a log
+/// would carry unseen (credentials, a query, a fragment). `Ok(Some(warning))` for plain http
+/// to a host other than loopback (tokens would cross the network in clear).
+pub fn check_base_url(url: &str) -> Result<Option<String>, String> {
+    let u = url::Url::parse(url).map_err(|_| format!("`{url}` is not an http(s) URL"))?;
+    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+        return Err(format!("`{url}` is not an http(s) URL"));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(
+            "must not hold credentials (user:password@); give the key or token by its own keys"
+                .into(),
+        );
+    }
+    if u.query().is_some() || u.fragment().is_some() {
+        return Err(format!(
+            "`{}` must not have a query or a fragment",
+            u.origin().ascii_serialization()
+        ));
+    }
+    let loopback = match u.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(a)) => a.is_loopback(),
+        Some(url::Host::Ipv6(a)) => a.is_loopback(),
+        None => false,
+    };
+    if u.scheme() == "http" && !loopback {
+        return Ok(Some(
+            "plain http: the API key or token crosses the network in clear; use https".into(),
+        ));
+    }
+    Ok(None)
+}
+
 /// A broker without credentials: `amqp://host:port/vhost`.
 pub fn uri_display(u: &lapin::uri::AMQPUri) -> String {
     format!(
@@ -791,6 +825,24 @@ mod tests {
         );
         let err = Settings::load_with_env(&both, &BTreeMap::new()).unwrap_err();
         assert_eq!(err.0[0].key, "attachments.link_key");
+    }
+
+    #[test]
+    fn api_base_urls_carry_nothing_unseen_and_warn_without_tls() {
+        assert_eq!(check_base_url("https://api.sendgrid.com"), Ok(None));
+        assert_eq!(check_base_url("http://127.0.0.1:8080"), Ok(None));
+        assert_eq!(check_base_url("http://localhost:1/x"), Ok(None));
+        assert!(check_base_url("http://api.example.com")
+            .unwrap()
+            .unwrap()
+            .contains("in clear"));
+        assert!(check_base_url("https://u:p@api.example.com")
+            .unwrap_err()
+            .contains("credentials"));
+        let e = check_base_url("https://api.example.com/?key=secret").unwrap_err();
+        assert!(e.contains("query") && !e.contains("secret"), "{e}");
+        assert!(check_base_url("ftp://x").is_err());
+        assert!(check_base_url("not a url").is_err());
     }
 
     #[test]

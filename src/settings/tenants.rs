@@ -477,6 +477,17 @@ pub(super) fn load_tenants(
                 ),
                 _ => None,
             };
+            if let Some(base) = &api_base {
+                match super::check_base_url(base) {
+                    Ok(None) => {}
+                    Ok(Some(warning)) => warnings.push(ConfigProblem {
+                        file: file.clone(),
+                        key: key("base_url"),
+                        message: warning,
+                    }),
+                    Err(problem) => p(key("base_url"), problem),
+                }
+            }
             let api_url = api_base.as_deref().map(url::Url::parse);
             let port = mf.port.unwrap_or(match (mf.protocol, tls) {
                 (MailProtocol::Imap, TlsMode::Tls) => 993,
@@ -492,16 +503,8 @@ pub(super) fn load_tenants(
                 Some(Ok(u)) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {
                     u.host_str().unwrap_or_default().to_string()
                 }
-                Some(_) => {
-                    p(
-                        key("base_url"),
-                        format!(
-                            "`{}` is not an http(s) URL",
-                            api_base.clone().unwrap_or_default()
-                        ),
-                    );
-                    String::new()
-                }
+                // Reported above.
+                Some(_) => String::new(),
                 None => mf.host.clone(),
             };
             if mf.protocol.is_api() && !mf.host.is_empty() {

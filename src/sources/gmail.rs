@@ -114,6 +114,9 @@ impl GmailSource {
     }
 }
 
+/// Base64 characters decoded together (a multiple of 4).
+const DECODE_RUN: usize = 4096;
+
 fn floor_of(start: &Start) -> Option<i64> {
     match start {
         Start::Changes(MailboxCursor::GmailApi { floor, .. }) => *floor,
@@ -160,6 +163,7 @@ impl MailSource for GmailSource {
                 }
                 let list: HistoryList = self.json(&url, true).await?;
                 let mut messages = Vec::new();
+                let mut seen = std::collections::HashSet::new();
                 for h in list.history {
                     for a in h.messages_added {
                         // labelId filters the records; a record's message may say its labels.
@@ -168,7 +172,7 @@ impl MailSource for GmailSource {
                             .label_ids
                             .as_ref()
                             .is_none_or(|l| l.iter().any(|x| x == &self.label));
-                        if in_label && !messages.iter().any(|m: &MessageRef| m.id == a.message.id) {
+                        if in_label && seen.insert(a.message.id.clone()) {
                             messages.push(MessageRef {
                                 id: a.message.id,
                                 received_at: None,
@@ -176,10 +180,15 @@ impl MailSource for GmailSource {
                         }
                     }
                 }
+                // The position after the walk is the mailbox's history id when the walk
+                // began (its first page): records added while it pages are then read again
+                // next time (the dedup keys skip them) rather than skipped.
+                let first_seen = walk.history_id.clone().or(list.history_id);
                 match list.next_page_token {
                     Some(t) => {
                         self.walk = Some(Walk {
                             page_token: Some(t),
+                            history_id: first_seen,
                             ..walk
                         });
                         Ok(Page {
@@ -188,7 +197,7 @@ impl MailSource for GmailSource {
                         })
                     }
                     None => {
-                        let next = list.history_id.unwrap_or_else(|| history_id.clone());
+                        let next = first_seen.unwrap_or_else(|| history_id.clone());
                         Ok(Page {
                             messages,
                             end: Some(cursor(next)),
@@ -325,7 +334,7 @@ impl RawExtractor {
                 b'=' | b'\r' | b'\n' => {}
                 b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' => {
                     self.held.push(b);
-                    if self.held.len() == 4 {
+                    if self.held.len() >= DECODE_RUN {
                         self.flush(&mut out, false)?;
                     }
                 }
@@ -335,26 +344,37 @@ impl RawExtractor {
                 other => return Err(format!("byte {other:#04x} in the raw message")),
             }
         }
+        // This piece's whole quanta go out with it.
+        if self.state == State::InValue {
+            self.flush(&mut out, false)?;
+        }
         Ok(out)
     }
 
     fn push_char(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), String> {
         self.held.push(b);
-        if self.held.len() == 4 {
+        if self.held.len() >= DECODE_RUN {
             self.flush(out, false)?;
         }
         Ok(())
     }
 
+    /// Decodes the characters held: all of them at the end, else the longest run of whole
+    /// quanta (4 characters), in one call rather than one per quantum.
     fn flush(&mut self, out: &mut Vec<u8>, last: bool) -> Result<(), String> {
-        if self.held.is_empty() || (!last && self.held.len() < 4) {
+        let n = if last {
+            self.held.len()
+        } else {
+            self.held.len() / 4 * 4
+        };
+        if n == 0 {
             return Ok(());
         }
         let decoded = BASE64URL
-            .decode(&self.held)
+            .decode(&self.held[..n])
             .map_err(|e| format!("the raw message is not base64url: {e}"))?;
         out.extend_from_slice(&decoded);
-        self.held.clear();
+        self.held.drain(..n);
         Ok(())
     }
 

@@ -120,8 +120,13 @@ fn unix_of(rfc3339: &str) -> Option<i64> {
 impl MailSource for GraphSource {
     fn begin(&mut self, start: Start) {
         let (url, floor, position_only, from_cursor) = match start {
+            // A stored link goes only to the configured origin (the bearer token goes with
+            // it); one of another origin (`base_url` changed) starts over.
             Start::Changes(MailboxCursor::MsGraph { delta_link, floor }) => {
-                (delta_link, floor, false, true)
+                match self.checked_link(delta_link) {
+                    Ok(link) => (link, floor, false, true),
+                    Err(_) => (self.first_url(), floor, false, false),
+                }
             }
             // Another kind's cursor: list again (dedup keys keep what was published).
             Start::Changes(_) => (self.first_url(), None, false, false),
@@ -166,19 +171,23 @@ impl MailSource for GraphSource {
         let page: DeltaPage = serde_json::from_slice(&answer.body)
             .map_err(|e| self.api.answer_error(e.to_string()))?;
         let mut messages = Vec::new();
-        if !walk.position_only {
-            for row in page.value {
-                let (Some(id), None) = (row.id, row.removed) else {
+        for row in page.value {
+            let (Some(id), None) = (row.id, row.removed) else {
+                continue;
+            };
+            let received_at = row.received.as_deref().and_then(unix_of);
+            if walk.position_only {
+                // Finding the position publishes nothing that was there at first contact,
+                // but what arrives while the (long) walk runs is new mail.
+                if !matches!((walk.floor, received_at), (Some(floor), Some(at)) if at >= floor) {
                     continue;
-                };
-                let received_at = row.received.as_deref().and_then(unix_of);
-                if let (Some(floor), Some(at)) = (walk.floor, received_at) {
-                    if at < floor {
-                        continue;
-                    }
                 }
-                messages.push(MessageRef { id, received_at });
+            } else if let (Some(floor), Some(at)) = (walk.floor, received_at) {
+                if at < floor {
+                    continue;
+                }
             }
+            messages.push(MessageRef { id, received_at });
         }
         match (page.next_link, page.delta_link) {
             (Some(next), _) => {

@@ -57,6 +57,8 @@ struct State {
     graph_epoch: u64,
     /// The next requests get these statuses (with `Retry-After: 1`) instead.
     faults: Vec<u16>,
+    /// Messages whose download always answers 400 (an item the API cannot give).
+    poisoned: Vec<String>,
 }
 
 pub struct MailApiServer {
@@ -81,6 +83,7 @@ impl MailApiServer {
             graph_seq: 0,
             graph_epoch: 1,
             faults: Vec::new(),
+            poisoned: Vec::new(),
         }));
         let st = state.clone();
         let task = tokio::spawn(async move {
@@ -160,6 +163,11 @@ impl MailApiServer {
     /// Every delta token given out so far is now unknown (410).
     pub fn graph_expire_tokens(&self) {
         self.state().graph_epoch += 1;
+    }
+
+    /// Every download of message `id` (Gmail or Graph) answers 400 from now on.
+    pub fn poison(&self, id: &str) {
+        self.state().poisoned.push(id.to_string());
     }
 
     /// The next requests answer `statuses` (each with `Retry-After: 1`), in order.
@@ -285,6 +293,14 @@ fn answer(st: &mut State, method: &str, target: &str, auth: &str, port: u16) -> 
     let decoded: Vec<String> = path.split('/').map(percent_decode).collect();
     let segs: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let q = query(target);
+    let downloading = segs.last().is_some_and(|l| *l == "$value")
+        || q.iter().any(|(k, v)| k == "format" && v == "raw");
+    if downloading && st.poisoned.iter().any(|p| segs.contains(&p.as_str())) {
+        return json(
+            400,
+            serde_json::json!({"error": {"code": 400, "message": "Invalid id value"}}),
+        );
+    }
     match segs.as_slice() {
         ["", "gmail", "v1", "users", _user, rest @ ..] => gmail(st, rest, &q),
         ["", "v1.0", "users", _user, rest @ ..] => graph(st, rest, &q, target, port),
