@@ -702,7 +702,7 @@ impl Fetch {
                 Group::Bodies(list) => {
                     let uids: Vec<u32> = list.iter().map(|(u, _)| *u).collect();
                     let items = self.imap_bodies(session, &uids).await?;
-                    self.process(items, Vec::new(), cursor).await?;
+                    self.process(items, Vec::new(), cursor, Vec::new()).await?;
                 }
                 Group::Oversized(uid, size) => {
                     self.imap_oversized(session, uid, size, cursor).await?;
@@ -861,7 +861,7 @@ impl Fetch {
             stored,
             headers: Some(headers),
         };
-        self.process(Vec::new(), vec![dead], cursor).await?;
+        self.process(Vec::new(), vec![dead], cursor, Vec::new()).await?;
         Ok(())
     }
 
@@ -1102,7 +1102,7 @@ impl Fetch {
     /// Processes one POP3 batch and, with `delete_after_fetch`, deletes what it published or
     /// dead-lettered (the deletions take effect at QUIT).
     async fn pop3_flush(&self, pop: &mut Pop3, batch: Pop3Batch) -> Result<(), FetchError> {
-        let handled = self.process(batch.items, batch.dead, None).await?;
+        let handled = self.process(batch.items, batch.dead, None, Vec::new()).await?;
         if self.mailbox.delete_after_fetch {
             for (n, key) in &batch.members {
                 if handled.contains(key) {
@@ -1417,7 +1417,7 @@ impl Fetch {
             stored,
             headers: None,
         };
-        self.process(Vec::new(), vec![dead], None).await?;
+        self.process(Vec::new(), vec![dead], None, Vec::new()).await?;
         self.download_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1433,15 +1433,12 @@ impl Fetch {
         dead: Vec<DeadItem>,
         id_keys: Vec<String>,
     ) -> Result<(), FetchError> {
-        self.process(items, dead, None).await?;
-        if self.stopped() {
-            return Ok(());
-        }
-        let rows: Vec<Record> = id_keys
+        let listed: Vec<Record> = id_keys
             .into_iter()
             .map(|k| Record::new(k, Outcome::Listed))
             .collect();
-        self.record(&rows, None).await
+        self.process(items, dead, None, listed).await?;
+        Ok(())
     }
 
     /// The key of an API message id: readable when the id is plain, else hashed (ids come
@@ -1521,11 +1518,15 @@ impl Fetch {
     /// Processes one batch; returns the keys now recorded for it (published, dead-lettered or
     /// known before). When the fetcher is stopped before every email is published, what was
     /// published is recorded and the position is left where it was.
+    ///
+    /// `listed` (an API batch's message ids) is recorded with the batch's emails, in the same
+    /// transaction, when every email of it is — never one without the other.
     async fn process(
         &self,
         items: Vec<Item>,
         mut dead: Vec<DeadItem>,
         cursor: Option<MailboxCursor>,
+        listed: Vec<Record>,
     ) -> Result<HashSet<String>, FetchError> {
         let fetched = (items.len() + dead.len()) as u64;
         let mailbox = self.mailbox.clone();
@@ -1700,9 +1701,13 @@ impl Fetch {
                 ..Record::new(d.key.clone(), Outcome::DeadLettered)
             });
         }
+        let handled_now: Vec<String> = rows.iter().map(|r| r.key.clone()).collect();
+        if all_done {
+            rows.extend(listed);
+        }
         self.record(&rows, cursor.as_ref().filter(|_| all_done))
             .await?;
-        handled.extend(rows.into_iter().map(|r| r.key));
+        handled.extend(handled_now);
 
         let metrics = &self.child.metrics;
         metrics.do_send(Count {
