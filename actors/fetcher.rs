@@ -861,7 +861,8 @@ impl Fetch {
             stored,
             headers: Some(headers),
         };
-        self.process(Vec::new(), vec![dead], cursor, Vec::new()).await?;
+        self.process(Vec::new(), vec![dead], cursor, Vec::new())
+            .await?;
         Ok(())
     }
 
@@ -1102,7 +1103,9 @@ impl Fetch {
     /// Processes one POP3 batch and, with `delete_after_fetch`, deletes what it published or
     /// dead-lettered (the deletions take effect at QUIT).
     async fn pop3_flush(&self, pop: &mut Pop3, batch: Pop3Batch) -> Result<(), FetchError> {
-        let handled = self.process(batch.items, batch.dead, None, Vec::new()).await?;
+        let handled = self
+            .process(batch.items, batch.dead, None, Vec::new())
+            .await?;
         if self.mailbox.delete_after_fetch {
             for (n, key) in &batch.members {
                 if handled.contains(key) {
@@ -1417,7 +1420,8 @@ impl Fetch {
             stored,
             headers: None,
         };
-        self.process(Vec::new(), vec![dead], None, Vec::new()).await?;
+        self.process(Vec::new(), vec![dead], None, Vec::new())
+            .await?;
         self.download_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())

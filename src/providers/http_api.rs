@@ -372,6 +372,61 @@ pub fn base_url(ctx: &mut ParseContext, given: Option<String>, default: &str) ->
     url.trim_end_matches('/').to_string()
 }
 
+/// The table of a kind that takes only an API key and a base URL (`sendgrid`, `resend`).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyedFields {
+    api_key: Option<Secret>,
+    api_key_env: Option<String>,
+    api_key_file: Option<std::path::PathBuf>,
+    base_url: Option<String>,
+}
+
+/// An API reached at `base_url` with an API key: the whole configuration of the kinds whose
+/// table is only that.
+#[derive(Debug, Clone)]
+pub struct KeyedApi {
+    pub base_url: String,
+    pub api_key: Secret,
+}
+
+impl KeyedApi {
+    /// Reads the table of a provider of `kind` whose API defaults to `default_base_url`.
+    pub fn parse(
+        table: toml::Table,
+        ctx: &mut ParseContext,
+        kind: &str,
+        default_base_url: &str,
+    ) -> Option<Self> {
+        let f: KeyedFields = ctx.fields(table)?;
+        let base_url = base_url(ctx, f.base_url, default_base_url);
+        let api_key = required_secret(
+            ctx,
+            kind,
+            "api_key",
+            f.api_key,
+            f.api_key_env,
+            f.api_key_file,
+        )?;
+        Some(Self { base_url, api_key })
+    }
+
+    pub fn fingerprint(&self, h: &mut Fingerprint) {
+        h.add(&self.base_url).secret(Some(&self.api_key));
+    }
+
+    pub fn mirror(&self) -> super::Mirror {
+        super::Mirror {
+            host: host_of(&self.base_url),
+            ..super::Mirror::default()
+        }
+    }
+
+    pub fn credential(&self) -> Credential {
+        Credential::Static(self.api_key.clone())
+    }
+}
+
 /// The host of a base URL, for the mirror table.
 pub fn host_of(base_url: &str) -> Option<String> {
     url::Url::parse(base_url)

@@ -5,55 +5,32 @@
 //! answer that was lost does not send twice (Resend keeps keys for 24 hours). Resend answers
 //! 200 with the email's `id`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use aws_lc_rs::digest;
 use base64::Engine;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use super::http_api::{self, ApiRequest, Auth, HttpApi, BASE64};
+use super::http_api::{self, ApiRequest, Auth, HttpApi, KeyedApi, BASE64};
 use super::{
     Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError, SendFuture, Transport,
     TransportContext,
 };
 use crate::credentials::Credential;
 use crate::outbound::OutgoingEmail;
-use crate::settings::Secret;
 
 const DEFAULT_BASE_URL: &str = "https://api.resend.com";
 /// Resend's limit on an idempotency key.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Fields {
-    api_key: Option<Secret>,
-    api_key_env: Option<String>,
-    api_key_file: Option<PathBuf>,
-    base_url: Option<String>,
-}
-
+/// A resend provider: its API and key.
 #[derive(Debug, Clone)]
-pub struct ResendProvider {
-    pub base_url: String,
-    pub api_key: Secret,
-}
+pub struct ResendProvider(pub KeyedApi);
 
 pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn ProviderConfig>> {
-    let f: Fields = ctx.fields(table)?;
-    let base_url = http_api::base_url(ctx, f.base_url, DEFAULT_BASE_URL);
-    let api_key = http_api::required_secret(
-        ctx,
-        "resend",
-        "api_key",
-        f.api_key,
-        f.api_key_env,
-        f.api_key_file,
-    )?;
-    Some(Arc::new(ResendProvider { base_url, api_key }))
+    let api = KeyedApi::parse(table, ctx, "resend", DEFAULT_BASE_URL)?;
+    Some(Arc::new(ResendProvider(api)))
 }
 
 impl ProviderConfig for ResendProvider {
@@ -67,21 +44,18 @@ impl ProviderConfig for ResendProvider {
     }
 
     fn fingerprint(&self, h: &mut Fingerprint) {
-        h.add(&self.base_url).secret(Some(&self.api_key));
+        self.0.fingerprint(h);
     }
 
     fn mirror(&self) -> Mirror {
-        Mirror {
-            host: http_api::host_of(&self.base_url),
-            ..Mirror::default()
-        }
+        self.0.mirror()
     }
 
     fn transport(&self, ctx: &TransportContext) -> Result<Box<dyn Transport>, SendError> {
         Ok(Box::new(ResendTransport {
-            api: HttpApi::new(&self.base_url, ctx)?,
-            url: format!("{}/emails", self.base_url),
-            credential: Credential::Static(self.api_key.clone()),
+            api: HttpApi::new(&self.0.base_url, ctx)?,
+            url: format!("{}/emails", self.0.base_url),
+            credential: self.0.credential(),
         }))
     }
 }

@@ -3,52 +3,29 @@
 //! to/cc/bcc, subject, text and HTML content, base64 attachments, and the custom headers with
 //! the Message-ID. SendGrid answers 202 with the message's id in `X-Message-Id`.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use base64::Engine;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use super::http_api::{self, ApiRequest, Auth, HttpApi, BASE64};
+use super::http_api::{self, ApiRequest, Auth, HttpApi, KeyedApi, BASE64};
 use super::{
     Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError, SendFuture, Transport,
     TransportContext,
 };
 use crate::credentials::Credential;
 use crate::outbound::OutgoingEmail;
-use crate::settings::Secret;
 
 const DEFAULT_BASE_URL: &str = "https://api.sendgrid.com";
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Fields {
-    api_key: Option<Secret>,
-    api_key_env: Option<String>,
-    api_key_file: Option<PathBuf>,
-    base_url: Option<String>,
-}
-
+/// A sendgrid provider: its API and key.
 #[derive(Debug, Clone)]
-pub struct SendgridProvider {
-    pub base_url: String,
-    pub api_key: Secret,
-}
+pub struct SendgridProvider(pub KeyedApi);
 
 pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn ProviderConfig>> {
-    let f: Fields = ctx.fields(table)?;
-    let base_url = http_api::base_url(ctx, f.base_url, DEFAULT_BASE_URL);
-    let api_key = http_api::required_secret(
-        ctx,
-        "sendgrid",
-        "api_key",
-        f.api_key,
-        f.api_key_env,
-        f.api_key_file,
-    )?;
-    Some(Arc::new(SendgridProvider { base_url, api_key }))
+    let api = KeyedApi::parse(table, ctx, "sendgrid", DEFAULT_BASE_URL)?;
+    Some(Arc::new(SendgridProvider(api)))
 }
 
 impl ProviderConfig for SendgridProvider {
@@ -62,21 +39,18 @@ impl ProviderConfig for SendgridProvider {
     }
 
     fn fingerprint(&self, h: &mut Fingerprint) {
-        h.add(&self.base_url).secret(Some(&self.api_key));
+        self.0.fingerprint(h);
     }
 
     fn mirror(&self) -> Mirror {
-        Mirror {
-            host: http_api::host_of(&self.base_url),
-            ..Mirror::default()
-        }
+        self.0.mirror()
     }
 
     fn transport(&self, ctx: &TransportContext) -> Result<Box<dyn Transport>, SendError> {
         Ok(Box::new(SendgridTransport {
-            api: HttpApi::new(&self.base_url, ctx)?,
-            url: format!("{}/v3/mail/send", self.base_url),
-            credential: Credential::Static(self.api_key.clone()),
+            api: HttpApi::new(&self.0.base_url, ctx)?,
+            url: format!("{}/v3/mail/send", self.0.base_url),
+            credential: self.0.credential(),
         }))
     }
 }
