@@ -367,46 +367,24 @@ impl ParseContext<'_> {
         from_env: Option<String>,
         from_file: Option<PathBuf>,
     ) -> Option<Secret> {
-        let given = [inline.is_some(), from_env.is_some(), from_file.is_some()]
-            .iter()
-            .filter(|x| **x)
-            .count();
-        if given > 1 {
-            self.problem(
-                name,
-                format!("give only one of `{name}`, `{name}_env` and `{name}_file`"),
-            );
-            return None;
-        }
-        if inline.is_some() {
-            return inline;
-        }
-        if let Some(var) = from_env {
-            return match self.env.var(&var) {
-                Some(v) => Some(Secret::new(v)),
-                None => {
-                    self.problem(
-                        &format!("{name}_env"),
-                        format!("environment variable `{var}` is not set"),
-                    );
-                    None
-                }
-            };
-        }
-        if let Some(file) = from_file {
-            let path = self.path(&file);
-            return match std::fs::read_to_string(&path) {
-                Ok(v) => Some(Secret::new(v.trim_end_matches(['\r', '\n']))),
-                Err(e) => {
-                    self.problem(
-                        &format!("{name}_file"),
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    None
-                }
-            };
-        }
-        None
+        let (env, base, file, prefix) = (self.env, self.base, self.file, self.prefix.clone());
+        let problems = &mut *self.problems;
+        crate::settings::resolve_secret(
+            env,
+            base,
+            name,
+            inline,
+            from_env.as_deref(),
+            from_file.as_deref(),
+            &|k: &str| format!("{prefix}.{k}"),
+            &mut |key: String, message: String| {
+                problems.push(ConfigProblem {
+                    file: file.to_string(),
+                    key,
+                    message,
+                })
+            },
+        )
     }
 
     /// The context of a table nested in this one (such as `oauth2`).

@@ -21,6 +21,7 @@ mod tenants;
 pub use diff::ConfigDiff;
 pub use env::{Env, ProcessEnv};
 pub use main_file::*;
+pub(crate) use secrets::resolve_secret;
 pub use secrets::Secret;
 pub use tenants::*;
 
@@ -133,55 +134,27 @@ fn link_key(
     base: &Path,
     problem: &mut dyn FnMut(&str, String),
 ) -> Option<Secret> {
-    let given = [
-        a.link_key.is_some(),
-        a.link_key_env.is_some(),
-        a.link_key_file.is_some(),
-    ]
-    .iter()
-    .filter(|x| **x)
-    .count();
-    if given > 1 {
-        problem(
-            "attachments.link_key",
-            "give only one of `link_key`, `link_key_env` and `link_key_file`".into(),
-        );
-        return None;
-    }
-    let (key, value) = if let Some(k) = &a.link_key {
-        ("attachments.link_key", k.clone())
-    } else if let Some(var) = &a.link_key_env {
-        match env.var(var) {
-            Some(v) => ("attachments.link_key_env", Secret::new(v)),
-            None => {
-                problem(
-                    "attachments.link_key_env",
-                    format!("environment variable `{var}` is not set"),
-                );
-                return None;
-            }
-        }
-    } else if let Some(file) = &a.link_key_file {
-        let path = resolve_path(base, file);
-        match std::fs::read_to_string(&path) {
-            Ok(v) => (
-                "attachments.link_key_file",
-                Secret::new(v.trim_end_matches(['\r', '\n'])),
-            ),
-            Err(e) => {
-                problem(
-                    "attachments.link_key_file",
-                    format!("cannot read {}: {e}", path.display()),
-                );
-                return None;
-            }
-        }
-    } else {
-        return None;
-    };
+    let key = |k: &str| format!("attachments.{k}");
+    let value = resolve_secret(
+        env,
+        base,
+        "link_key",
+        a.link_key.clone(),
+        a.link_key_env.as_deref(),
+        a.link_key_file.as_deref(),
+        &key,
+        &mut |k: String, m: String| problem(&k, m),
+    )?;
     if value.expose().len() < 32 {
+        let given = if a.link_key.is_some() {
+            "link_key"
+        } else if a.link_key_env.is_some() {
+            "link_key_env"
+        } else {
+            "link_key_file"
+        };
         problem(
-            key,
+            &key(given),
             format!(
                 "the link key has {} bytes; give at least 32 (e.g. `openssl rand -hex 32`)",
                 value.expose().len()

@@ -40,9 +40,14 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
-pub(super) fn resolve_secret(
+/// A secret given as `<name>` (inline), `<name>_env` (an environment variable) or
+/// `<name>_file` (a file, relative to `base`): at most one of them. Problems go to `problem`
+/// under the key `key` makes of `<name>`, `<name>_env` or `<name>_file`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn resolve_secret(
     env: &dyn Env,
     base: &Path,
+    name: &str,
     inline: Option<Secret>,
     from_env: Option<&str>,
     from_file: Option<&Path>,
@@ -55,37 +60,33 @@ pub(super) fn resolve_secret(
         .count();
     if given > 1 {
         problem(
-            key("password"),
-            "give only one of `password`, `password_env` and `password_file`".into(),
+            key(name),
+            format!("give only one of `{name}`, `{name}_env` and `{name}_file`"),
         );
         return None;
     }
     if inline.is_some() {
         return inline;
     }
-    if let Some(name) = from_env {
-        return match env.var(name) {
+    if let Some(var) = from_env {
+        return match env.var(var) {
             Some(v) => Some(Secret::new(v)),
             None => {
                 problem(
-                    key("password_env"),
-                    format!("environment variable `{name}` is not set"),
+                    key(&format!("{name}_env")),
+                    format!("environment variable `{var}` is not set"),
                 );
                 None
             }
         };
     }
     if let Some(file) = from_file {
-        let path = if file.is_absolute() {
-            file.to_path_buf()
-        } else {
-            base.join(file)
-        };
+        let path = super::resolve_path(base, file);
         return match std::fs::read_to_string(&path) {
             Ok(v) => Some(Secret::new(v.trim_end_matches(['\r', '\n']))),
             Err(e) => {
                 problem(
-                    key("password_file"),
+                    key(&format!("{name}_file")),
                     format!("cannot read {}: {e}", path.display()),
                 );
                 None

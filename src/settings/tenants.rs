@@ -528,11 +528,12 @@ pub(super) fn load_tenants(
             let access_token = resolve_secret(
                 env,
                 base,
+                "access_token",
                 mf.access_token,
                 mf.access_token_env.as_deref(),
                 mf.access_token_file.as_deref(),
-                &|k: &str| key(&k.replace("password", "access_token")),
-                &mut |k: String, m: String| p(k, m.replace("password", "access_token")),
+                &key,
+                &mut p,
             );
             if port == 0 {
                 p(key("port"), "must be between 1 and 65535".into());
@@ -540,6 +541,7 @@ pub(super) fn load_tenants(
             let password = resolve_secret(
                 env,
                 base,
+                "password",
                 mf.password,
                 mf.password_env.as_deref(),
                 mf.password_file.as_deref(),
