@@ -71,11 +71,7 @@ pub fn parse(table: toml::Table, ctx: &mut ParseContext) -> Option<Arc<dyn Provi
 /// `user`, `me` when not given; only characters a URL path carries as they are.
 pub fn api_user(ctx: &mut ParseContext, user: Option<String>) -> Option<String> {
     let user = user.unwrap_or_else(|| "me".to_string());
-    if user.is_empty()
-        || !user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "@.-_+".contains(c))
-    {
+    if !crate::settings::is_api_user(&user) {
         ctx.problem(
             "user",
             format!("`{user}` is not \"me\" or an email address"),

@@ -165,6 +165,15 @@ fn link_key(
     Some(value)
 }
 
+/// Whether `user` can name the mailbox of an API (Gmail's `users/{user}`, Graph's
+/// `users/{user}`): `me` or an address, in characters a URL path carries as they are.
+pub fn is_api_user(user: &str) -> bool {
+    !user.is_empty()
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@.-_+".contains(c))
+}
+
 /// Checks an API's `base_url`: an http(s) URL with a host and nothing a request or a log
 /// would carry unseen (credentials, a query, a fragment). `Ok(Some(warning))` for plain http
 /// to a host other than loopback (tokens would cross the network in clear).

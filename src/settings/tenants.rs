@@ -514,12 +514,7 @@ pub(super) fn load_tenants(
                 );
             }
             let api_user = mf.user.clone().unwrap_or_else(|| "me".into());
-            if mf.protocol.is_api()
-                && (api_user.is_empty()
-                    || !api_user
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "@.-_+".contains(c)))
-            {
+            if mf.protocol.is_api() && !super::is_api_user(&api_user) {
                 p(
                     key("user"),
                     "must be `me` or an email address (letters, digits and @.-_+)".into(),
