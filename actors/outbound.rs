@@ -45,6 +45,7 @@ use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged,
 use crate::amqp::{lane_of, short_string, Publisher};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
+use crate::outbound::OFF_THREAD_BYTES;
 use crate::outbound::{
     build_email, decode_with_ids, rfc3339, FailureClass, Limits, ProviderResponse, RequestError,
     RequestIds, SendRequest, SendResult, ValidRequest, MAX_ID_BYTES,
@@ -61,8 +62,6 @@ pub const DLQ_CHILD: &str = "dlq";
 /// A request delivered this many times without reaching an outcome is dead-lettered as
 /// poison (the service crashed or was killed while processing it each time).
 const MAX_DELIVERIES: i32 = 5;
-/// A request body or an email larger than this is decoded or built off the actors' thread.
-const OFF_THREAD_BYTES: usize = 64 * 1024;
 /// How long a copy waits for another instance's claim on its request before giving the
 /// delivery back to the broker.
 const MAX_CLAIM_WAIT: Duration = Duration::from_secs(600);

@@ -18,6 +18,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::mime::text_body;
 
+/// A request body, an email or an API request larger than this is decoded or built on the
+/// blocking pool, not on the actors' thread.
+pub const OFF_THREAD_BYTES: usize = 64 * 1024;
+
 /// `body_format` of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {

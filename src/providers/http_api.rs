@@ -31,8 +31,6 @@ const MAX_ANSWER: usize = 64 * 1024;
 const MAX_REPLY: usize = 500;
 /// The longest wait a `Retry-After` or rate-limit reset may ask for.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 3600);
-/// Emails larger than this have their request body built on the blocking pool.
-const OFF_THREAD_BYTES: usize = 64 * 1024;
 
 pub const BASE64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 pub const BASE64URL: base64::engine::GeneralPurpose =
@@ -334,7 +332,7 @@ where
     T: Send + 'static,
     F: FnOnce(&OutgoingEmail) -> T + Send + 'static,
 {
-    if email.bytes.len() < OFF_THREAD_BYTES {
+    if email.bytes.len() < crate::outbound::OFF_THREAD_BYTES {
         return Ok(build(email));
     }
     // Shared, not copied: the blocking task reads the same email.
