@@ -434,10 +434,8 @@ impl Pipeline {
                     // without spending retries: it said when, not that it failed.
                     deferred: matches!(e, SendError::Deferred { .. })
                         || (e.class() == FailureClass::Transient
-                            && e.retry_after().is_some_and(|w| {
-                                w > crate::settings::RETRY_LADDER
-                                    [crate::settings::RETRY_LADDER.len() - 1]
-                            })),
+                            && e.retry_after()
+                                .is_some_and(|w| w > crate::settings::LONGEST_RETRY_DELAY)),
                 };
                 return self.on_failure(d, ids, guard, f).await;
             }

@@ -244,6 +244,9 @@ pub const RETRY_LADDER: [Duration; 5] = [
     Duration::from_secs(3600),
 ];
 
+/// The longest delay queue there is: a longer wait is waited in steps of it.
+pub const LONGEST_RETRY_DELAY: Duration = RETRY_LADDER[RETRY_LADDER.len() - 1];
+
 impl Settings {
     /// Loads the main file at `path`, applies the environment and loads every tenant file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
@@ -577,7 +580,7 @@ impl Settings {
             .map(|(_, d)| d)
             .filter(|d| *d >= min)
             .min()
-            .unwrap_or(RETRY_LADDER[RETRY_LADDER.len() - 1])
+            .unwrap_or(LONGEST_RETRY_DELAY)
     }
 
     /// Every delay queue: the configured delays', then the rungs of [`RETRY_LADDER`], each
