@@ -1,16 +1,16 @@
-//! A mailbox fetcher: one per configured mailbox, fetching new mail over IMAP (IDLE when the
-//! server has it and `idle = true`, else polling), POP3, or an HTTP API (`gmail_api`,
-//! `ms_graph`: any `sources::MailSource`, polled), and putting every email in exactly
-//! one visible place: published once on the inbound queue, or on the inbound DLQ with its raw
-//! bytes stored so it can be recovered (`mailbridge dlq replay`).
+//! A mailbox fetcher: one per configured mailbox, syncing it through its `sources::MailSource`
+//! (IMAP — IDLE when the server has it and `idle = true`, else polling —, POP3, or an HTTP
+//! API: `gmail_api`, `ms_graph`) with one walk for every source, and putting every email in
+//! exactly one visible place: published once on the inbound queue, or on the inbound DLQ with
+//! its raw bytes stored so it can be recovered (`mailbridge dlq replay`).
 //!
 //! Exactly once: each email has a dedup key (its Message-ID, else a hash of its bytes; for
 //! POP3 its UIDL). A batch is published with publisher confirms; only then are its keys, what
-//! became of each, and the mailbox position (`intake::MailboxCursor`: UIDVALIDITY and last
-//! UID; an API's history id or delta link, stored after its whole walk) committed together in
-//! PostgreSQL — retried through a database outage, so a hiccup after the confirms does not
-//! publish the batch again. Keys already recorded are skipped, so a restart, a re-sync, or a
-//! UIDVALIDITY change publishes nothing twice.
+//! became of each, and the mailbox position (`intake::MailboxCursor`: IMAP's UIDVALIDITY and
+//! last UID after each batch; an API's history id or delta link after its whole walk)
+//! committed together in PostgreSQL — retried through a database outage, so a hiccup after
+//! the confirms does not publish the batch again. Keys already recorded are skipped, so a
+//! restart, a re-sync, or a UIDVALIDITY change publishes nothing twice.
 //!
 //! One email never fails or repeats its batch: one that does not parse, is larger than
 //! `[inbound] max_message_bytes`, or is refused by the broker goes to the DLQ and the batch
@@ -18,17 +18,17 @@
 //! a time to find it. Parsing, storing attachments and encoding run on the blocking pool, so a
 //! huge or pathological email does not stall the actors' thread.
 //!
-//! Memory is bounded by bytes: bodies are fetched in groups of at most
-//! `[inbound] fetch_batch_bytes` (and 200 messages) by the sizes the server announces, and a
-//! larger email is streamed into the attachment store a piece at a time.
+//! Memory is bounded by bytes: a page's messages are fetched in groups of at most
+//! `[inbound] fetch_batch_bytes` (and 200 messages) by the sizes the listing announces, a
+//! fetch stops once the bytes that arrived reach that budget, and a larger email is streamed
+//! into the attachment store a piece at a time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use futures_util::StreamExt;
 use lapin::BasicProperties;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -37,30 +37,24 @@ use crate::actors::metrics::{Count, ReportHealth};
 use crate::actors::outbound::DLQ_CHILD;
 use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild};
 use crate::amqp::{lane_of, short_string, PublishError, Publisher};
-use crate::attachments::{AttachmentError, AttachmentStore, RawWriter, StoredRaw};
+use crate::attachments::{AttachmentError, AttachmentStore, StoredRaw};
 use crate::credentials::{Credential, CredentialError};
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
-use crate::inbound::{header_facts, header_map_of, message_id_key, sha256_hex, uidl_key, Origin};
+use crate::inbound::{header_facts, header_map_of, sha256_hex, Origin};
 use crate::intake::{self, guarded, MailboxCursor, Outcome, Prepared, Record};
-use crate::mailproto::{
-    endpoint, imap_error, imap_login, imap_step, ImapSession, MailboxError, Pop3, ReadLimit,
-    MAX_LINE, STEP_TIMEOUT,
-};
+use crate::mailproto::{endpoint, MailboxError};
 use crate::outbound::rfc3339;
 use crate::settings::{InitialSync, MailProtocol, Mailbox};
-use crate::sources::{ApiSource, Download, MailSource, MessageRef, SourceError, Start};
+use crate::sources::imap::ImapSource;
+use crate::sources::pop3::Pop3Source;
+use crate::sources::{
+    blocking, too_large, ApiSource, Got, MailSource, MessageRef, Page, RawSink, Retrieved,
+    SourceError, Spill, Start, HEADER_CAP,
+};
 use crate::storage::StorageError;
 
 /// At most this many messages per fetch and per published batch.
 const BATCH: usize = 200;
-/// UIDs whose sizes are listed per `UID FETCH a:b (UID RFC822.SIZE)`.
-const LIST_WINDOW: u32 = 2000;
-/// UIDs whose Message-IDs are fetched per round when recording skipped mail.
-const KEY_WINDOW: u32 = 500;
-/// How much of a header is kept for a dead letter (and read to find a Message-ID).
-const HEADER_CAP: usize = 64 * 1024;
-/// The piece in which an email too large for memory is read and stored.
-const PIECE: usize = 1024 * 1024;
 /// Longest IDLE before it is renewed (servers drop IDLE after 30 min).
 const IDLE_MAX: Duration = Duration::from_secs(25 * 60);
 /// The longest wait between retries of a publish or a database write.
@@ -81,9 +75,21 @@ enum FetchError {
     #[error("the attachment store failed: {0}; check [attachments] dir (space, permissions)")]
     Store(#[from] AttachmentError),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Source(SourceError),
     #[error("a blocking task failed: {0}")]
     Task(String),
+}
+
+impl From<SourceError> for FetchError {
+    /// A session's and the store's failures keep their own kinds.
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Mailbox(m) => FetchError::Mailbox(m),
+            SourceError::Store(s) => FetchError::Store(s),
+            SourceError::Task(t) => FetchError::Task(t),
+            other => FetchError::Source(other),
+        }
+    }
 }
 
 impl FetchError {
@@ -104,16 +110,6 @@ impl FetchError {
             _ => None,
         }
     }
-}
-
-/// Runs `f` on the blocking pool: parsing, hashing and file writes stay off the actors'
-/// thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, FetchError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FetchError::Task(e.to_string()))
 }
 
 /// One fetched email: where it is in the mailbox and its bytes.
@@ -175,30 +171,6 @@ fn plan_groups<T: Copy>(
     }
     if !current.is_empty() {
         out.push(Group::Bodies(current));
-    }
-    out
-}
-
-/// An IMAP sequence set for sorted UIDs, runs written `a:b`.
-fn uid_set(uids: &[u32]) -> String {
-    let mut out = String::new();
-    let mut i = 0;
-    while i < uids.len() {
-        let start = uids[i];
-        let mut end = start;
-        while i + 1 < uids.len() && uids[i + 1] == end.wrapping_add(1) {
-            i += 1;
-            end = uids[i];
-        }
-        if !out.is_empty() {
-            out.push(',');
-        }
-        if start == end {
-            out.push_str(&start.to_string());
-        } else {
-            out.push_str(&format!("{start}:{end}"));
-        }
-        i += 1;
     }
     out
 }
@@ -278,10 +250,6 @@ struct Fetch {
 /// dead-lettered (it would otherwise stop its mailbox for good).
 const DOWNLOAD_TRIES: u32 = 3;
 
-/// Pages one walk of an API mailbox may take (a million messages and more at the APIs' page
-/// sizes); past it the API is taken to loop.
-const MAX_WALK_PAGES: u32 = 20_000;
-
 impl Fetch {
     fn stopped(&self) -> bool {
         *self.stop.borrow()
@@ -355,11 +323,7 @@ impl Fetch {
         let mut attempt = 0u32;
         while !self.stopped() {
             let started = Instant::now();
-            let result = match self.mailbox.protocol {
-                MailProtocol::Imap => self.imap().await,
-                MailProtocol::Pop3 => self.pop3().await,
-                MailProtocol::GmailApi | MailProtocol::MsGraph => self.api().await,
-            };
+            let result = self.open_and_serve().await;
             if let Err(e) = result {
                 if self.stopped() {
                     tracing::info!(mailbox = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
@@ -409,6 +373,30 @@ impl Fetch {
                 } else {
                     self.pause(delay).await;
                 }
+            }
+        }
+    }
+
+    /// Opens the mailbox's source and syncs it until stopped or failed.
+    async fn open_and_serve(&mut self) -> Result<(), FetchError> {
+        match self.mailbox.protocol {
+            MailProtocol::Imap => {
+                let credential = self.mailbox.oauth2.as_ref().map(|o| {
+                    Credential::OAuth2(
+                        self.child
+                            .accounts
+                            .account(&format!("mailbox:{}", self.mailbox.id), o),
+                    )
+                });
+                let source =
+                    ImapSource::open(self.mailbox.clone(), credential, self.max_message()).await?;
+                self.serve(source).await
+            }
+            MailProtocol::Pop3 => self.serve(Pop3Source::new(self.mailbox.clone())).await,
+            MailProtocol::GmailApi | MailProtocol::MsGraph => {
+                let source = ApiSource::of(&self.mailbox, &self.child.accounts)
+                    .ok_or_else(|| FetchError::Task("not an API mailbox".into()))??;
+                self.serve(source).await
             }
         }
     }
@@ -474,738 +462,47 @@ impl Fetch {
     }
 
     // ----------------------------------------------------------------------------------------
-    // IMAP
+    // Every source: one loop, one walk
 
-    async fn imap(&mut self) -> Result<(), FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let credential = self.mailbox.oauth2.as_ref().map(|o| {
-            Credential::OAuth2(
-                self.child
-                    .accounts
-                    .account(&format!("mailbox:{}", self.mailbox.id), o),
-            )
-        });
-        let (mut session, limit) = imap_login(&self.mailbox, credential.as_ref()).await?;
-        let can_idle = imap_step(&ep, "CAPABILITY", session.capabilities())
-            .await?
-            .has_str("IDLE");
+    /// Syncs `source` until stopped: a walk, then IDLE when it can, else a pause of
+    /// `poll_interval`.
+    async fn serve<S: MailSource>(&mut self, mut source: S) -> Result<(), FetchError> {
         loop {
-            let selected = imap_step(&ep, "SELECT", session.select(&self.mailbox.folder)).await?;
-            self.imap_sync(&mut session, &selected).await?;
-            self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
+            source.connect().await?;
+            self.walk(&mut source).await?;
+            source.end().await?;
             if self.stopped() {
-                let _ = imap_step(&ep, "LOGOUT", session.logout()).await;
+                source.close().await;
                 return Ok(());
             }
-            if self.mailbox.idle && can_idle {
+            self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
+            if self.mailbox.idle && source.can_idle() {
                 self.report_ok(true);
-                session = self.idle(session, &limit).await?;
+                let wait = self.mailbox.poll_interval.min(IDLE_MAX);
+                let wake = self.wake.clone();
+                let mut stop = self.stop.clone();
+                let interrupt = async move {
+                    tokio::select! {
+                        _ = wake.notified() => {}
+                        _ = stop.changed() => {}
+                    }
+                };
+                source.idle(wait, interrupt).await?;
             } else {
                 self.report_ok(false);
                 self.pause(self.mailbox.poll_interval).await;
             }
             if self.stopped() {
-                let _ = imap_step(&ep, "LOGOUT", session.logout()).await;
-                return Ok(());
-            }
-        }
-    }
-
-    /// IDLE until the server reports something, a sync is requested, or we are stopped.
-    async fn idle(
-        &mut self,
-        session: ImapSession,
-        limit: &ReadLimit,
-    ) -> Result<ImapSession, FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let wait = self.mailbox.poll_interval.min(IDLE_MAX);
-        let mut handle = session.idle();
-        imap_step(&ep, "IDLE", handle.init()).await?;
-        // Silence is expected while idling: the stream may wait the whole IDLE, and a little
-        // more for the server's answer to DONE.
-        limit.set(wait + STEP_TIMEOUT);
-        {
-            let (fut, stop_source) = handle.wait_with_timeout(wait);
-            let mut stop_source = Some(stop_source);
-            tokio::pin!(fut);
-            let mut stop = self.stop.clone();
-            let outcome = tokio::select! {
-                r = &mut fut => r,
-                _ = self.wake.notified() => { stop_source.take(); (&mut fut).await }
-                _ = stop.changed() => { stop_source.take(); (&mut fut).await }
-            };
-            outcome.map_err(|e| imap_error(&ep, "IDLE", e))?;
-        }
-        limit.set(STEP_TIMEOUT);
-        Ok(imap_step(&ep, "DONE", handle.done()).await?)
-    }
-
-    async fn imap_sync(
-        &mut self,
-        session: &mut ImapSession,
-        selected: &async_imap::types::Mailbox,
-    ) -> Result<(), FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let uidvalidity = selected.uid_validity.unwrap_or(0);
-        let top = match selected.uid_next {
-            Some(n) => n.saturating_sub(1),
-            // Servers without UIDNEXT: ask for the highest UID.
-            None => imap_step(&ep, "SEARCH", session.uid_search("ALL"))
-                .await?
-                .into_iter()
-                .max()
-                .unwrap_or(0),
-        };
-        let imap_cursor = |last_uid| MailboxCursor::Imap {
-            uidvalidity,
-            last_uid,
-        };
-        let start = match self.cursor().await? {
-            Some(MailboxCursor::Imap {
-                uidvalidity: v,
-                last_uid,
-            }) if v == uidvalidity => last_uid,
-            Some(MailboxCursor::Imap { uidvalidity: v, .. }) => {
-                tracing::warn!(mailbox = %self.mailbox.id, old = v, new = uidvalidity,
-                    "UIDVALIDITY changed: resyncing the folder (already published mail is skipped)");
-                0
-            }
-            // None, or another protocol's position (the mailbox changed protocol, and what
-            // the old one skipped was never recorded): a first contact, by `initial_sync`.
-            _ => match self.mailbox.initial_sync {
-                InitialSync::All => 0,
-                InitialSync::New => {
-                    // What is there now is seen, and recorded so: neither a later poll nor a
-                    // UIDVALIDITY change publishes it.
-                    self.imap_skip(session, top, &BTreeSet::new()).await?;
-                    if self.stopped() {
-                        return Ok(());
-                    }
-                    self.record(&[], Some(&imap_cursor(top))).await?;
-                    top
-                }
-                InitialSync::Since(age) => {
-                    let since = time::OffsetDateTime::now_utc() - age;
-                    let query = format!(
-                        "SINCE {}-{}-{}",
-                        since.day(),
-                        month_abbrev(since.month()),
-                        since.year()
-                    );
-                    let recent: BTreeSet<u32> =
-                        imap_step(&ep, "SEARCH", session.uid_search(&query))
-                            .await?
-                            .into_iter()
-                            .filter(|u| *u <= top)
-                            .collect();
-                    self.imap_skip(session, top, &recent).await?;
-                    let uids: Vec<u32> = recent.into_iter().collect();
-                    for chunk in uids.chunks(LIST_WINDOW as usize) {
-                        if self.stopped() {
-                            return Ok(());
-                        }
-                        let wanted: HashSet<u32> = chunk.iter().copied().collect();
-                        let sizes = self
-                            .imap_sizes(session, &uid_set(chunk), |u| wanted.contains(&u))
-                            .await?;
-                        self.imap_groups(session, uidvalidity, &sizes, None).await?;
-                    }
-                    if self.stopped() {
-                        return Ok(());
-                    }
-                    self.record(&[], Some(&imap_cursor(top))).await?;
-                    top
-                }
-            },
-        };
-        let mut next = start.saturating_add(1);
-        while next <= top && start < top && !self.stopped() {
-            let upper = top.min(next.saturating_add(LIST_WINDOW - 1));
-            let sizes = self
-                .imap_sizes(session, &format!("{next}:{upper}"), |u| {
-                    (next..=upper).contains(&u)
-                })
-                .await?;
-            self.imap_groups(session, uidvalidity, &sizes, Some(upper))
-                .await?;
-            if upper == u32::MAX {
-                break;
-            }
-            next = upper + 1;
-        }
-        Ok(())
-    }
-
-    /// The sizes (RFC822.SIZE) of the messages of `set` (those `wanted`), by UID. A message
-    /// the server gives no size for counts as 0: it is fetched with the others, and its
-    /// actual size is checked once it is read.
-    async fn imap_sizes(
-        &self,
-        session: &mut ImapSession,
-        set: &str,
-        wanted: impl Fn(u32) -> bool,
-    ) -> Result<Vec<(u32, u64)>, FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let mut stream =
-            imap_step(&ep, "FETCH", session.uid_fetch(set, "(UID RFC822.SIZE)")).await?;
-        let mut sizes = BTreeMap::new();
-        while let Some(f) = stream.next().await {
-            let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
-            // Unsolicited FETCH responses (flag changes of other messages) are not ours.
-            if let Some(uid) = f.uid.filter(|u| wanted(*u)) {
-                sizes.insert(uid, f.size.map(u64::from).unwrap_or(0));
-            }
-        }
-        Ok(sizes.into_iter().collect())
-    }
-
-    /// Fetches and processes the messages of one size listing, group by group. With
-    /// `window_end`, the position advances with each group (to `window_end` after the last).
-    async fn imap_groups(
-        &self,
-        session: &mut ImapSession,
-        uidvalidity: u32,
-        sizes: &[(u32, u64)],
-        window_end: Option<u32>,
-    ) -> Result<(), FetchError> {
-        let inbound = &self.child.settings.inbound;
-        let groups = plan_groups(
-            sizes,
-            inbound.max_message_bytes,
-            inbound.fetch_batch_bytes,
-            BATCH,
-        );
-        if groups.is_empty() {
-            if let Some(end) = window_end {
-                let cursor = MailboxCursor::Imap {
-                    uidvalidity,
-                    last_uid: end,
-                };
-                self.record(&[], Some(&cursor)).await?;
-            }
-            return Ok(());
-        }
-        let count = groups.len();
-        for (i, group) in groups.into_iter().enumerate() {
-            if self.stopped() {
-                return Ok(());
-            }
-            let last_uid = match &group {
-                Group::Bodies(list) => list.last().map(|(u, _)| *u).unwrap_or(0),
-                Group::Oversized(u, _) => *u,
-            };
-            let cursor = window_end.map(|end| MailboxCursor::Imap {
-                uidvalidity,
-                last_uid: if i + 1 == count { end } else { last_uid },
-            });
-            match group {
-                Group::Bodies(list) => {
-                    let uids: Vec<u32> = list.iter().map(|(u, _)| *u).collect();
-                    let items = self.imap_bodies(session, &uids).await?;
-                    self.process(items, Vec::new(), cursor, Vec::new()).await?;
-                }
-                Group::Oversized(uid, size) => {
-                    self.imap_oversized(session, uid, size, cursor).await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn imap_bodies(
-        &self,
-        session: &mut ImapSession,
-        uids: &[u32],
-    ) -> Result<Vec<Item>, FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let wanted: HashSet<u32> = uids.iter().copied().collect();
-        let mut stream = imap_step(
-            &ep,
-            "FETCH",
-            session.uid_fetch(uid_set(uids), "(UID INTERNALDATE BODY.PEEK[])"),
-        )
-        .await?;
-        let mut items = Vec::with_capacity(uids.len());
-        while let Some(f) = stream.next().await {
-            let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
-            // Unsolicited FETCH responses (flag changes of other messages) are not ours.
-            let (Some(uid), Some(body)) = (f.uid, f.body()) else {
-                continue;
-            };
-            if !wanted.contains(&uid) {
-                continue;
-            }
-            items.push(Item {
-                uid: uid.to_string(),
-                raw: body.to_vec(),
-                received_at: f.internal_date().map(|d| d.timestamp()),
-                key: None,
-            });
-        }
-        // Messages listed but not returned were expunged meanwhile: nothing to publish.
-        items.sort_by_key(|i| i.uid.parse::<u32>().unwrap_or(0));
-        Ok(items)
-    }
-
-    /// The first [`HEADER_CAP`] bytes of a message's header.
-    async fn imap_header(
-        &self,
-        session: &mut ImapSession,
-        uid: u32,
-    ) -> Result<Option<Vec<u8>>, FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let mut stream = imap_step(
-            &ep,
-            "FETCH",
-            session.uid_fetch(
-                uid.to_string(),
-                format!("(UID BODY.PEEK[HEADER]<0.{HEADER_CAP}>)"),
-            ),
-        )
-        .await?;
-        let mut header = None;
-        while let Some(f) = stream.next().await {
-            let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
-            if f.uid == Some(uid) {
-                if let Some(h) = f.header() {
-                    header = Some(h.to_vec());
-                }
-            }
-        }
-        Ok(header)
-    }
-
-    /// Streams a message in [`PIECE`]s (`BODY.PEEK[]<offset.length>`) to `sink`; false when
-    /// the message is gone.
-    async fn imap_pieces(
-        &self,
-        session: &mut ImapSession,
-        uid: u32,
-        size: u64,
-        sink: &mut RawSink,
-    ) -> Result<bool, FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let mut offset = 0u64;
-        loop {
-            let mut stream = imap_step(
-                &ep,
-                "FETCH",
-                session.uid_fetch(
-                    uid.to_string(),
-                    format!("(UID BODY.PEEK[]<{offset}.{PIECE}>)"),
-                ),
-            )
-            .await?;
-            let mut piece: Option<Vec<u8>> = None;
-            while let Some(f) = stream.next().await {
-                let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
-                if f.uid == Some(uid) {
-                    if let Some(b) = f.body() {
-                        piece = Some(b.to_vec());
-                    }
-                }
-            }
-            drop(stream);
-            let Some(piece) = piece else {
-                return Ok(offset > 0);
-            };
-            sink.push(&piece).await?;
-            offset += piece.len() as u64;
-            // A short piece is the end; a server that keeps sending past the size it
-            // announced is cut off there.
-            if piece.len() < PIECE || offset > size.saturating_add(PIECE as u64) {
-                return Ok(true);
-            }
-        }
-    }
-
-    /// A message over `max_message_bytes`: never parsed or published, nor held whole. Its
-    /// header and size go to the DLQ, its bytes to the attachment store, its key is recorded.
-    async fn imap_oversized(
-        &self,
-        session: &mut ImapSession,
-        uid: u32,
-        size: u64,
-        cursor: Option<MailboxCursor>,
-    ) -> Result<(), FetchError> {
-        let header = self.imap_header(session, uid).await?.unwrap_or_default();
-        let (facts, headers) =
-            blocking(move || guarded(|| (header_facts(&header), header_map_of(&header))))
-                .await?
-                .unwrap_or_default();
-        if let Some(key) = &facts.key {
-            if !self.known(std::slice::from_ref(key)).await?.is_empty() {
-                return self.record(&[], cursor.as_ref()).await;
-            }
-        }
-        let mut sink = RawSink::store(&self.store)?;
-        if !self.imap_pieces(session, uid, size, &mut sink).await? {
-            return self.record(&[], cursor.as_ref()).await;
-        }
-        let stored = sink.finish().await?;
-        let key = match facts.key {
-            Some(k) => k,
-            None => {
-                let k = format!("sha256:{}", stored.id);
-                if !self.known(std::slice::from_ref(&k)).await?.is_empty() {
-                    return self.record(&[], cursor.as_ref()).await;
-                }
-                k
-            }
-        };
-        let dead = DeadItem {
-            key,
-            uid: uid.to_string(),
-            message_id: facts.message_id,
-            error: too_large(stored.size, self.max_message()),
-            stored,
-            headers: Some(headers),
-        };
-        self.process(Vec::new(), vec![dead], cursor, Vec::new())
-            .await?;
-        Ok(())
-    }
-
-    /// Records the keys of the messages up to `top` that `initial_sync` leaves out (all but
-    /// `keep`) as `skipped-initial`, without moving the position (the caller does that once
-    /// all are recorded). Keys come from the Message-ID header; a message without one is read
-    /// whole (in pieces when large) to hash it exactly as its dedup key does.
-    async fn imap_skip(
-        &self,
-        session: &mut ImapSession,
-        top: u32,
-        keep: &BTreeSet<u32>,
-    ) -> Result<(), FetchError> {
-        let ep = endpoint(&self.mailbox);
-        let mut next = 1u32;
-        while next <= top && !self.stopped() {
-            let upper = top.min(next.saturating_add(KEY_WINDOW - 1));
-            let mut stream = imap_step(
-                &ep,
-                "FETCH",
-                session.uid_fetch(
-                    format!("{next}:{upper}"),
-                    "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])",
-                ),
-            )
-            .await?;
-            let mut found: Vec<(u32, u64, Vec<u8>)> = Vec::new();
-            while let Some(f) = stream.next().await {
-                let f = f.map_err(|e| imap_error(&ep, "FETCH", e))?;
-                let Some(uid) = f
-                    .uid
-                    .filter(|u| (next..=upper).contains(u) && !keep.contains(u))
-                else {
-                    continue;
-                };
-                // HEADER.FIELDS comes back as a header section.
-                let fields = f.header().map(<[u8]>::to_vec).unwrap_or_default();
-                found.push((uid, f.size.map(u64::from).unwrap_or(0), fields));
-            }
-            drop(stream);
-            let keyed: Vec<(u32, u64, Option<String>)> = blocking(move || {
-                found
-                    .into_iter()
-                    .map(|(uid, size, fields)| {
-                        let key = guarded(|| {
-                            mail_parser::MessageParser::default()
-                                .parse_headers(&fields)
-                                .and_then(|m| m.message_id().and_then(message_id_key))
-                        })
-                        .ok()
-                        .flatten();
-                        (uid, size, key)
-                    })
-                    .collect()
-            })
-            .await?;
-            let mut rows = Vec::with_capacity(keyed.len());
-            for (uid, size, key) in keyed {
-                let key = match key {
-                    Some(k) => Some(k),
-                    None => self.imap_hash_key(session, uid, size).await?,
-                };
-                if let Some(k) = key {
-                    rows.push(Record::new(k, Outcome::SkippedInitial));
-                }
-            }
-            self.record(&rows, None).await?;
-            if upper == u32::MAX {
-                break;
-            }
-            next = upper + 1;
-        }
-        Ok(())
-    }
-
-    /// The `sha256:` dedup key of a message without a Message-ID, from its bytes; None when
-    /// it is gone.
-    async fn imap_hash_key(
-        &self,
-        session: &mut ImapSession,
-        uid: u32,
-        size: u64,
-    ) -> Result<Option<String>, FetchError> {
-        if size <= self.max_message() {
-            let items = self.imap_bodies(session, &[uid]).await?;
-            let Some(item) = items.into_iter().next() else {
-                return Ok(None);
-            };
-            let key = blocking(move || format!("sha256:{}", sha256_hex(&item.raw))).await?;
-            return Ok(Some(key));
-        }
-        let mut sink = RawSink::hash();
-        if !self.imap_pieces(session, uid, size, &mut sink).await? {
-            return Ok(None);
-        }
-        Ok(Some(format!("sha256:{}", sink.finish().await?.id)))
-    }
-
-    // ----------------------------------------------------------------------------------------
-    // POP3
-
-    async fn pop3(&mut self) -> Result<(), FetchError> {
-        loop {
-            self.pop3_sync().await?;
-            self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
-            self.report_ok(false);
-            self.pause(self.mailbox.poll_interval).await;
-            if self.stopped() {
-                return Ok(());
-            }
-        }
-    }
-
-    async fn pop3_sync(&mut self) -> Result<(), FetchError> {
-        let mut pop = Pop3::login(&self.mailbox).await?;
-        let listing = pop.uidl().await?;
-        let sizes: HashMap<u32, u64> = pop.list().await?.into_iter().collect();
-        let first_contact = self.cursor().await?.is_none();
-        let key_of = uidl_key;
-        let keys: Vec<String> = listing.iter().map(|(_, u)| key_of(u)).collect();
-        let known = self.known(&keys).await?;
-        if self.mailbox.delete_after_fetch {
-            // Published (or dead-lettered) before, but the session that did it ended before
-            // its deletions took effect.
-            for (n, uidl) in &listing {
-                if known
-                    .get(&key_of(uidl))
-                    .is_some_and(|o| o != Outcome::SkippedInitial.as_str())
-                {
-                    pop.dele(*n).await?;
-                }
-            }
-        }
-        let mut new: Vec<(u32, String)> = listing
-            .into_iter()
-            .filter(|(_, u)| !known.contains_key(&key_of(u)))
-            .collect();
-        if first_contact {
-            match self.mailbox.initial_sync {
-                InitialSync::All => {}
-                InitialSync::New => {
-                    // What is there now counts as seen; only later mail is published.
-                    let rows: Vec<Record> = new
-                        .iter()
-                        .map(|(_, u)| Record::new(key_of(u), Outcome::SkippedInitial))
-                        .collect();
-                    self.record(&rows, Some(&MailboxCursor::Pop3)).await?;
-                    pop.quit().await?;
-                    return Ok(());
-                }
-                InitialSync::Since(age) => {
-                    let since = (time::OffsetDateTime::now_utc() - age).unix_timestamp();
-                    let mut recent = Vec::with_capacity(new.len());
-                    let mut skipped = Vec::new();
-                    for (n, uidl) in new {
-                        if self.stopped() {
-                            self.record(&skipped, None).await?;
-                            return Ok(());
-                        }
-                        let header = pop.top_header(n, HEADER_CAP).await?;
-                        let date = guarded(|| {
-                            mail_parser::MessageParser::default()
-                                .parse_headers(&header)
-                                .and_then(|m| m.date().map(|d| d.to_timestamp()))
-                        })
-                        .ok()
-                        .flatten();
-                        // Without a Date there is nothing to go by: published.
-                        if date.is_some_and(|t| t < since) {
-                            skipped.push(Record::new(key_of(&uidl), Outcome::SkippedInitial));
-                        } else {
-                            recent.push((n, uidl));
-                        }
-                    }
-                    self.record(&skipped, None).await?;
-                    new = recent;
-                }
-            }
-        }
-        // Batches end at 200 messages or `fetch_batch_bytes` — counted by the bytes that
-        // arrived, not by the sizes the server announced.
-        let batch_bytes = self.child.settings.inbound.fetch_batch_bytes;
-        let mut batch = Pop3Batch::default();
-        for (n, uidl) in &new {
-            if self.stopped() {
-                break;
-            }
-            let size = sizes.get(n).copied().unwrap_or(0);
-            if !batch.members.is_empty() && batch.held.saturating_add(size) > batch_bytes {
-                self.pop3_flush(&mut pop, std::mem::take(&mut batch))
-                    .await?;
-            }
-            match self.pop3_retrieve(&mut pop, *n, size).await? {
-                Retrieved::Whole(raw) => {
-                    batch.held += raw.len() as u64;
-                    batch.items.push(Item {
-                        uid: uidl.clone(),
-                        raw,
-                        received_at: None,
-                        key: Some(key_of(uidl)),
-                    });
-                }
-                Retrieved::Stored {
-                    stored,
-                    head,
-                    error,
-                } => {
-                    let (facts, headers) =
-                        blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
-                            .await?
-                            .unwrap_or_default();
-                    batch.dead.push(DeadItem {
-                        key: key_of(uidl),
-                        uid: uidl.clone(),
-                        message_id: facts.message_id,
-                        error,
-                        stored,
-                        headers: Some(headers),
-                    });
-                }
-            }
-            batch.members.push((*n, key_of(uidl)));
-            if batch.members.len() >= BATCH || batch.held >= batch_bytes {
-                self.pop3_flush(&mut pop, std::mem::take(&mut batch))
-                    .await?;
-            }
-        }
-        if !batch.members.is_empty() {
-            self.pop3_flush(&mut pop, batch).await?;
-        }
-        if first_contact && !self.stopped() {
-            self.record(&[], Some(&MailboxCursor::Pop3)).await?;
-        }
-        pop.quit().await?;
-        Ok(())
-    }
-
-    /// Processes one POP3 batch and, with `delete_after_fetch`, deletes what it published or
-    /// dead-lettered (the deletions take effect at QUIT).
-    async fn pop3_flush(&self, pop: &mut Pop3, batch: Pop3Batch) -> Result<(), FetchError> {
-        let handled = self
-            .process(batch.items, batch.dead, None, Vec::new())
-            .await?;
-        if self.mailbox.delete_after_fetch {
-            for (n, key) in &batch.members {
-                if handled.contains(key) {
-                    pop.dele(*n).await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// `RETR n`, into memory when it is within `max_message_bytes` (and no line is longer
-    /// than [`MAX_LINE`]); otherwise streamed into the attachment store, keeping only the
-    /// start of its header.
-    async fn pop3_retrieve(
-        &self,
-        pop: &mut Pop3,
-        n: u32,
-        size: u64,
-    ) -> Result<Retrieved, FetchError> {
-        let limit = self.max_message();
-        let mut body = pop.retr(n).await?;
-        // Grown by what arrives, not sized by what the server announced.
-        let mut raw = Vec::with_capacity(usize::try_from(size.min(PIECE as u64)).unwrap_or(0));
-        let long_line = if size > limit {
-            false
-        } else {
-            loop {
-                let more = body.read_into(&mut raw, PIECE).await?;
-                if raw.len() as u64 > limit {
-                    break false;
-                }
-                if body.longest_line() > MAX_LINE {
-                    break true;
-                }
-                if !more {
-                    return Ok(Retrieved::Whole(raw));
-                }
-            }
-        };
-        // Spill: what was read so far, then the rest piece by piece.
-        let mut sink = RawSink::store(&self.store)?;
-        let head = raw[..raw.len().min(HEADER_CAP)].to_vec();
-        let mut head = if head.is_empty() { None } else { Some(head) };
-        sink.push(&raw).await?;
-        raw.clear();
-        raw.shrink_to(PIECE);
-        loop {
-            let more = body.read_into(&mut raw, PIECE).await?;
-            if head.is_none() {
-                head = Some(raw[..raw.len().min(HEADER_CAP)].to_vec());
-            }
-            sink.push(&raw).await?;
-            raw.clear();
-            if !more {
-                break;
-            }
-        }
-        let stored = sink.finish().await?;
-        let error = if long_line {
-            format!(
-                "the email has a line longer than {MAX_LINE} bytes; it was not published. Its bytes are stored (raw_id); replay it to publish it anyway"
-            )
-        } else {
-            too_large(stored.size, limit)
-        };
-        Ok(Retrieved::Stored {
-            stored,
-            head: head.unwrap_or_default(),
-            error,
-        })
-    }
-
-    // ----------------------------------------------------------------------------------------
-    // API sources (gmail_api, ms_graph): one loop for every `MailSource`
-
-    async fn api(&mut self) -> Result<(), FetchError> {
-        let mut source = ApiSource::of(&self.mailbox, &self.child.accounts)
-            .ok_or_else(|| FetchError::Task("not an API mailbox".into()))??;
-        loop {
-            match &mut source {
-                ApiSource::Gmail(s) => self.api_sync(s).await?,
-                ApiSource::Graph(s) => self.api_sync(s).await?,
-            }
-            if self.stopped() {
-                return Ok(());
-            }
-            self.last_sync = Some(rfc3339(time::OffsetDateTime::now_utc()));
-            self.report_ok(false);
-            self.pause(self.mailbox.poll_interval).await;
-            if self.stopped() {
+                source.close().await;
                 return Ok(());
             }
         }
     }
 
     /// One walk from the stored cursor (or the first contact's `initial_sync`) to the cursor
-    /// after it, each page's messages through [`Fetch::process`]; the cursor is stored once
-    /// the whole walk is handled. An expired cursor lists the folder again from the floor the
+    /// after it, page by page. An expired cursor lists the folder again from the floor the
     /// first contact set: the dedup keys skip what was published.
-    async fn api_sync<S: MailSource>(&self, source: &mut S) -> Result<(), FetchError> {
+    async fn walk<S: MailSource>(&self, source: &mut S) -> Result<(), FetchError> {
         // The moment of first contact stays the same through retries of a first walk that
         // failed, so that mail arriving between them is not taken for old mail.
         let now = *self
@@ -1213,10 +510,9 @@ impl Fetch {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_or_insert_with(|| time::OffsetDateTime::now_utc().unix_timestamp());
-        let start = match self.cursor().await? {
-            Some(c @ (MailboxCursor::GmailApi { .. } | MailboxCursor::MsGraph { .. })) => {
-                Start::Changes(c)
-            }
+        let stored = self.cursor().await?;
+        let start = match &stored {
+            Some(c) if source.owns(c) => Start::Changes(c.clone()),
             // None, or another protocol's position (the mailbox changed protocol, and what
             // the old one skipped was never recorded): a first contact, by `initial_sync`.
             _ => match self.mailbox.initial_sync {
@@ -1236,17 +532,18 @@ impl Fetch {
         };
         let mut relisted = false;
         let mut pages = 0u32;
-        source.begin(start);
+        source.begin(start).await?;
         loop {
             if self.stopped() {
                 return Ok(());
             }
             pages += 1;
-            if pages > MAX_WALK_PAGES {
+            if pages > source.max_pages() {
                 return Err(FetchError::Source(SourceError::Answer {
-                    endpoint: source.endpoint().to_string(),
+                    endpoint: endpoint(&self.mailbox),
                     detail: format!(
-                        "the API answered more than {MAX_WALK_PAGES} pages in one walk (a next page that never ends); the walk starts over at the next sync"
+                        "more than {} pages in one walk (a next page that never ends); the walk starts over at the next sync",
+                        source.max_pages()
                     ),
                 }));
             }
@@ -1256,93 +553,186 @@ impl Fetch {
                     tracing::warn!(mailbox = %self.mailbox.id, error = %e,
                         "mailbox position expired: listing the folder again (already published mail is skipped)");
                     relisted = true;
-                    source.begin(Start::List { floor });
+                    source.begin(Start::List { floor }).await?;
                     continue;
                 }
                 Err(e) => return Err(e.into()),
             };
-            self.api_fetch(source, page.messages).await?;
-            if let Some(cursor) = page.end {
-                if !self.stopped() {
-                    self.record(&[], Some(&cursor)).await?;
-                }
+            let last = page.last;
+            self.page(source, page, stored.as_ref()).await?;
+            if last {
                 return Ok(());
             }
         }
     }
 
-    /// Downloads the messages of one page and processes them in batches bounded by count and
-    /// `fetch_batch_bytes`; a message over `max_message_bytes` is streamed to the store and
-    /// dead-lettered, as IMAP's are.
-    async fn api_fetch<S: MailSource>(
+    /// Handles one page: its skipped keys recorded; what is known told to the source; the
+    /// rest fetched in groups bounded by count and `fetch_batch_bytes` (a message announced
+    /// as too large alone, streamed) and processed; the page's position recorded with its
+    /// last group (or alone).
+    async fn page<S: MailSource>(
         &self,
-        source: &S,
-        messages: Vec<MessageRef>,
+        source: &mut S,
+        page: Page,
+        stored: Option<&MailboxCursor>,
     ) -> Result<(), FetchError> {
-        if messages.is_empty() {
-            return Ok(());
+        if !page.skipped.is_empty() {
+            let rows: Vec<Record> = page
+                .skipped
+                .iter()
+                .map(|k| Record::new(k.clone(), Outcome::SkippedInitial))
+                .collect();
+            self.record(&rows, None).await?;
         }
-        // Messages whose email was handled before (listed again) are not downloaded again.
-        let id_keys: Vec<String> = messages.iter().map(|m| self.api_id_key(&m.id)).collect();
-        let listed = self.known(&id_keys).await?;
-        let batch_bytes = self.child.settings.inbound.fetch_batch_bytes;
-        let mut items = Vec::new();
-        let mut dead = Vec::new();
-        let mut ids = Vec::new();
-        let mut held = 0u64;
-        for (m, id_key) in messages.into_iter().zip(id_keys) {
+        // What was handled before (listed again) is not fetched again.
+        let lookups: Vec<String> = page
+            .messages
+            .iter()
+            .filter_map(|m| m.key.clone().or_else(|| m.listed.clone()))
+            .collect();
+        let known = self.known(&lookups).await?;
+        let mut todo: Vec<&MessageRef> = Vec::with_capacity(page.messages.len());
+        let mut done: Vec<&MessageRef> = Vec::new();
+        for m in &page.messages {
+            match m
+                .key
+                .as_ref()
+                .or(m.listed.as_ref())
+                .and_then(|k| known.get(k))
+            {
+                Some(outcome) => {
+                    if m.key.is_some() && outcome != Outcome::SkippedInitial.as_str() {
+                        done.push(m);
+                    }
+                }
+                None => todo.push(m),
+            }
+        }
+        if !done.is_empty() {
+            source.handled(&done).await?;
+        }
+        let inbound = &self.child.settings.inbound;
+        let sizes: Vec<(usize, u64)> = todo
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, m.size.unwrap_or(0)))
+            .collect();
+        let groups = plan_groups(
+            &sizes,
+            inbound.max_message_bytes,
+            inbound.fetch_batch_bytes,
+            BATCH,
+        );
+        let page_cursor = page.cursor.as_ref().filter(|c| Some(*c) != stored);
+        if groups.is_empty() {
+            return self.record(&[], page_cursor).await;
+        }
+        let count = groups.len();
+        // Whether the page's position went with its last batch.
+        let mut positioned = false;
+        let spill = Spill {
+            store: &self.store,
+            max_message: inbound.max_message_bytes,
+            budget: inbound.fetch_batch_bytes,
+        };
+        for (g, group) in groups.into_iter().enumerate() {
             if self.stopped() {
-                break;
+                return Ok(());
             }
-            if listed.contains_key(&id_key) {
+            let final_group = g + 1 == count;
+            match group {
+                Group::Bodies(list) => {
+                    let refs: Vec<&MessageRef> = list.iter().map(|(i, _)| todo[*i]).collect();
+                    let mut at = 0;
+                    while at < refs.len() {
+                        if self.stopped() {
+                            return Ok(());
+                        }
+                        let fetched = source.fetch(&refs[at..], &spill).await;
+                        let tried = at + fetched.tried.max(1);
+                        // The ones this call covers: all tried, but a failed one.
+                        let upto = if fetched.failed.is_some() {
+                            tried - 1
+                        } else {
+                            tried
+                        };
+                        let cursor = if upto == refs.len() && final_group {
+                            positioned = true;
+                            page_cursor.cloned()
+                        } else {
+                            upto.checked_sub(1)
+                                .filter(|u| *u >= at)
+                                .and_then(|u| refs[u].after.clone())
+                        };
+                        if !fetched.got.is_empty() || cursor.is_some() {
+                            self.fetched(source, &refs[at..upto], fetched.got, cursor)
+                                .await?;
+                        }
+                        if let Some(e) = fetched.failed {
+                            self.undownloadable(refs[tried - 1], e.into()).await?;
+                        }
+                        at = tried;
+                    }
+                }
+                Group::Oversized(i, size) => {
+                    let m = todo[i];
+                    let cursor = if final_group {
+                        positioned = true;
+                        page_cursor.cloned()
+                    } else {
+                        m.after.clone()
+                    };
+                    self.oversized(source, m, size, cursor).await?;
+                }
+            }
+        }
+        if !positioned && !self.stopped() {
+            // The last message failed and was dead-lettered on its own.
+            self.record(&[], page_cursor).await?;
+        }
+        Ok(())
+    }
+
+    /// Processes what one fetch got from `refs` (with the position after them), then tells
+    /// the source which of them are now recorded.
+    async fn fetched<S: MailSource>(
+        &self,
+        source: &mut S,
+        refs: &[&MessageRef],
+        got: Vec<Got>,
+        cursor: Option<MailboxCursor>,
+    ) -> Result<(), FetchError> {
+        let mut items = Vec::with_capacity(got.len());
+        let mut dead = Vec::new();
+        let mut listed = Vec::new();
+        for g in got {
+            let Some(m) = refs.get(g.index) else {
                 continue;
-            }
-            let downloaded = match self.api_download(source, &m.id).await {
-                Ok(d) => d,
-                Err(e) => {
-                    // What was downloaded before it is processed, whatever comes next.
-                    if !items.is_empty() || !dead.is_empty() {
-                        self.api_process(
-                            std::mem::take(&mut items),
-                            std::mem::take(&mut dead),
-                            std::mem::take(&mut ids),
-                        )
-                        .await?;
-                    }
-                    match self.undownloadable(&m.id, &id_key, &e).await? {
-                        true => continue,
-                        false => return Err(e),
-                    }
-                }
             };
-            match downloaded {
-                None => {}
-                Some(Retrieved::Whole(raw)) => {
-                    held = held.saturating_add(raw.len() as u64);
-                    ids.push(id_key);
-                    items.push(Item {
-                        uid: m.id,
-                        raw,
-                        received_at: m.received_at,
-                        key: None,
-                    });
-                }
-                Some(Retrieved::Stored {
+            listed.extend(m.listed.clone());
+            match g.message {
+                Retrieved::Whole(raw) => items.push(Item {
+                    uid: m.id.clone(),
+                    raw,
+                    received_at: g.received_at.or(m.received_at),
+                    key: m.key.clone(),
+                }),
+                Retrieved::Stored {
                     stored,
                     head,
                     error,
-                }) => {
+                } => {
                     let (facts, headers) =
                         blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
                             .await?
                             .unwrap_or_default();
-                    ids.push(id_key);
                     dead.push(DeadItem {
-                        key: facts
+                        key: m
                             .key
                             .clone()
+                            .or(facts.key)
                             .unwrap_or_else(|| format!("sha256:{}", stored.id)),
-                        uid: m.id,
+                        uid: m.id.clone(),
                         message_id: facts.message_id,
                         error,
                         stored,
@@ -1350,59 +740,113 @@ impl Fetch {
                     });
                 }
             }
-            if items.len() + dead.len() >= BATCH || held >= batch_bytes {
-                self.api_process(
-                    std::mem::take(&mut items),
-                    std::mem::take(&mut dead),
-                    std::mem::take(&mut ids),
-                )
-                .await?;
-                held = 0;
-            }
         }
-        if !items.is_empty() || !dead.is_empty() {
-            self.api_process(items, dead, ids).await?;
+        let listed: Vec<Record> = listed
+            .into_iter()
+            .map(|k| Record::new(k, Outcome::Listed))
+            .collect();
+        let handled = self.process(items, dead, cursor, listed).await?;
+        let done: Vec<&MessageRef> = refs
+            .iter()
+            .copied()
+            .filter(|m| m.key.as_ref().is_some_and(|k| handled.contains(k)))
+            .collect();
+        if !done.is_empty() {
+            source.handled(&done).await?;
         }
         Ok(())
     }
 
-    /// A download of API message `id` failed with `e`. A failure about the message itself (the
-    /// API refuses or cannot convert it, its bytes do not decode) repeated `DOWNLOAD_TRIES`
-    /// times dead-letters it — the DLQ entry holds the error, and no bytes — so the mailbox
-    /// moves on; returns whether it did. Throttling, outages and credentials are the
-    /// mailbox's failures: they stop the walk, to be tried again.
-    async fn undownloadable(
+    /// A message announced as larger than `max_message_bytes`: never parsed or published,
+    /// nor held whole. Its header and size go to the DLQ, its bytes to the attachment store,
+    /// its key is recorded.
+    async fn oversized<S: MailSource>(
         &self,
-        id: &str,
-        id_key: &str,
-        e: &FetchError,
-    ) -> Result<bool, FetchError> {
-        let about_the_message = match e {
-            FetchError::Source(SourceError::Answer { .. }) => true,
-            // A 4xx about the request (not credentials, not throttling), or Graph's answer
-            // for an item it cannot give as MIME; other 5xx are outages.
-            FetchError::Source(SourceError::Http { status, text, .. }) => {
-                ((400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429))
-                    || text.contains("ErrorMimeContentConversionFailed")
-            }
-            _ => false,
+        source: &mut S,
+        m: &MessageRef,
+        size: u64,
+        cursor: Option<MailboxCursor>,
+    ) -> Result<(), FetchError> {
+        // Its Message-ID first, so that a known one is not downloaded.
+        let header = source.header(m).await?;
+        let facts = match header {
+            Some(h) => blocking(move || guarded(|| header_facts(&h)))
+                .await?
+                .unwrap_or_default(),
+            None => Default::default(),
         };
+        if let Some(key) = m.key.as_ref().or(facts.key.as_ref()) {
+            if !self.known(std::slice::from_ref(key)).await?.is_empty() {
+                return self.record(&[], cursor.as_ref()).await;
+            }
+        }
+        let mut sink = RawSink::store(&self.store)?;
+        if !source.stream(m, &mut sink).await? {
+            return self.record(&[], cursor.as_ref()).await;
+        }
+        let head = sink.head().to_vec();
+        let stored = sink.finish().await?;
+        let (facts, headers) =
+            blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
+                .await?
+                .unwrap_or_default();
+        let key = match m.key.clone().or(facts.key) {
+            Some(k) => k,
+            None => {
+                let k = format!("sha256:{}", stored.id);
+                if !self.known(std::slice::from_ref(&k)).await?.is_empty() {
+                    return self.record(&[], cursor.as_ref()).await;
+                }
+                k
+            }
+        };
+        let dead = DeadItem {
+            key,
+            uid: m.id.clone(),
+            message_id: facts.message_id,
+            error: too_large(stored.size.max(size), self.max_message()),
+            stored,
+            headers: Some(headers),
+        };
+        let handled = self
+            .process(
+                Vec::new(),
+                vec![dead],
+                cursor,
+                m.listed
+                    .iter()
+                    .map(|k| Record::new(k.clone(), Outcome::Listed))
+                    .collect(),
+            )
+            .await?;
+        if m.key.as_ref().is_some_and(|k| handled.contains(k)) {
+            source.handled(&[m]).await?;
+        }
+        Ok(())
+    }
+
+    /// A fetch of message `m` failed with `e`. A failure about the message itself repeated
+    /// `DOWNLOAD_TRIES` times dead-letters it — the DLQ entry holds the error, and no bytes —
+    /// so the mailbox moves on; returns whether it did. Any other failure (throttling,
+    /// outages, credentials, a broken session) is the mailbox's: returned, to be tried again.
+    async fn undownloadable(&self, m: &MessageRef, e: FetchError) -> Result<(), FetchError> {
+        let about_the_message = matches!(&e, FetchError::Source(s) if s.is_about_the_message());
         if !about_the_message {
-            return Ok(false);
+            return Err(e);
         }
         let tries = {
             let mut f = self
                 .download_failures
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let n = f.entry(id.to_string()).or_insert(0);
+            let n = f.entry(m.id.clone()).or_insert(0);
             *n += 1;
             *n
         };
         tracing::warn!(mailbox = %self.mailbox.id, try_number = tries, error = %e,
-            "an API message could not be downloaded");
+            "a message could not be downloaded");
         if tries < DOWNLOAD_TRIES {
-            return Ok(false);
+            return Err(e);
         }
         let store = self.store.clone();
         let stored = blocking(move || {
@@ -1413,8 +857,12 @@ impl Fetch {
         .await?
         .map_err(FetchError::from)?;
         let dead = DeadItem {
-            key: id_key.to_string(),
-            uid: id.to_string(),
+            key: m
+                .key
+                .clone()
+                .or_else(|| m.listed.clone())
+                .unwrap_or_else(|| format!("{}-id:{}", self.source(), sha256_hex(m.id.as_bytes()))),
+            uid: m.id.clone(),
             message_id: None,
             error: format!("cannot be downloaded ({DOWNLOAD_TRIES} tries): {e}"),
             stored,
@@ -1425,95 +873,8 @@ impl Fetch {
         self.download_failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        Ok(true)
-    }
-
-    /// [`Fetch::process`], then the batch's API ids recorded `listed` — only once every email
-    /// of it is recorded (not when the fetcher was stopped halfway).
-    async fn api_process(
-        &self,
-        items: Vec<Item>,
-        dead: Vec<DeadItem>,
-        id_keys: Vec<String>,
-    ) -> Result<(), FetchError> {
-        let listed: Vec<Record> = id_keys
-            .into_iter()
-            .map(|k| Record::new(k, Outcome::Listed))
-            .collect();
-        self.process(items, dead, None, listed).await?;
+            .remove(&m.id);
         Ok(())
-    }
-
-    /// The key of an API message id: readable when the id is plain, else hashed (ids come
-    /// from outside and reach PostgreSQL).
-    fn api_id_key(&self, id: &str) -> String {
-        let plain = id.len() <= 512
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_=+/.".contains(&b));
-        if plain {
-            format!("{}-id:{id}", self.source())
-        } else {
-            format!("{}-idh:{}", self.source(), sha256_hex(id.as_bytes()))
-        }
-    }
-
-    /// One message's bytes: in memory up to `max_message_bytes`, else streamed into the
-    /// attachment store keeping the start of its header; None when it is gone.
-    async fn api_download<S: MailSource>(
-        &self,
-        source: &S,
-        id: &str,
-    ) -> Result<Option<Retrieved>, FetchError> {
-        let limit = self.max_message();
-        let endpoint = source.endpoint().to_string();
-        let mut download = source.download(id).await?;
-        if matches!(download, Download::Gone) {
-            return Ok(None);
-        }
-        let mut raw: Vec<u8> = Vec::new();
-        loop {
-            match download.chunk(&endpoint).await? {
-                Some(piece) => {
-                    raw.extend_from_slice(&piece);
-                    if raw.len() as u64 > limit {
-                        break;
-                    }
-                }
-                None => return Ok(Some(Retrieved::Whole(raw))),
-            }
-        }
-        let head = raw[..raw.len().min(HEADER_CAP)].to_vec();
-        let mut sink = RawSink::store(&self.store)?;
-        let mut kept = raw.len() as u64;
-        sink.push(&raw).await?;
-        drop(raw);
-        // An API does not say the size first: what it sends is kept up to a bound (an endless
-        // answer must not fill the disk) — four times the limit, at least 1 GiB.
-        let cap = limit.saturating_mul(4).max(1 << 30);
-        let mut size = kept;
-        while let Some(piece) = download.chunk(&endpoint).await? {
-            size = size.saturating_add(piece.len() as u64);
-            let take = piece.len().min(cap.saturating_sub(kept) as usize);
-            sink.push(&piece[..take]).await?;
-            kept += take as u64;
-            if size > cap {
-                break;
-            }
-        }
-        let stored = sink.finish().await?;
-        let mut error = too_large(size, limit);
-        if size > kept {
-            error.push_str(&format!(
-                "; only its first {kept} bytes were kept (the API sent {size} or more)"
-            ));
-        }
-        Ok(Some(Retrieved::Stored {
-            error,
-            stored,
-            head,
-        }))
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1836,137 +1197,6 @@ struct Published {
     unpublished: usize,
 }
 
-/// POP3 messages read and not yet processed: (message number, key) of each, and the bytes held.
-#[derive(Default)]
-struct Pop3Batch {
-    items: Vec<Item>,
-    dead: Vec<DeadItem>,
-    members: Vec<(u32, String)>,
-    held: u64,
-}
-
-/// A POP3 message as read: whole in memory, or stored (too large, or a line too long).
-enum Retrieved {
-    Whole(Vec<u8>),
-    Stored {
-        stored: StoredRaw,
-        head: Vec<u8>,
-        error: String,
-    },
-}
-
-fn too_large(size: u64, limit: u64) -> String {
-    format!(
-        "the email is {size} bytes, more than [inbound] max_message_bytes ({limit}); it was not published. Its bytes are stored (raw_id); raise the limit and replay it to publish it"
-    )
-}
-
-fn month_abbrev(m: time::Month) -> &'static str {
-    use time::Month::*;
-    match m {
-        January => "Jan",
-        February => "Feb",
-        March => "Mar",
-        April => "Apr",
-        May => "May",
-        June => "Jun",
-        July => "Jul",
-        August => "Aug",
-        September => "Sep",
-        October => "Oct",
-        November => "Nov",
-        December => "Dec",
-    }
-}
-
-/// Where the pieces of an email too large for memory go: the attachment store (hashed as
-/// written), or only a hash. Pieces are gathered to [`PIECE`] and written on the blocking
-/// pool.
-struct RawSink {
-    target: SinkTarget,
-    buf: Vec<u8>,
-}
-
-enum SinkTarget {
-    Store(Option<RawWriter>),
-    Hash(aws_lc_rs::digest::Context, u64),
-}
-
-impl RawSink {
-    fn store(store: &AttachmentStore) -> Result<Self, FetchError> {
-        Ok(Self {
-            target: SinkTarget::Store(Some(store.writer()?)),
-            buf: Vec::new(),
-        })
-    }
-
-    fn hash() -> Self {
-        Self {
-            target: SinkTarget::Hash(
-                aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
-                0,
-            ),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn push(&mut self, bytes: &[u8]) -> Result<(), FetchError> {
-        self.buf.extend_from_slice(bytes);
-        if self.buf.len() >= PIECE {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    async fn flush(&mut self) -> Result<(), FetchError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        match &mut self.target {
-            SinkTarget::Store(slot) => {
-                let Some(mut writer) = slot.take() else {
-                    return Err(FetchError::Task("the raw writer is gone".into()));
-                };
-                let data = std::mem::take(&mut self.buf);
-                let (writer, mut data) = blocking(move || {
-                    let r = writer.write(&data);
-                    r.map(|()| (writer, data))
-                })
-                .await??;
-                data.clear();
-                *slot = Some(writer);
-                self.buf = data;
-            }
-            SinkTarget::Hash(ctx, size) => {
-                ctx.update(&self.buf);
-                *size += self.buf.len() as u64;
-                self.buf.clear();
-            }
-        }
-        Ok(())
-    }
-
-    async fn finish(mut self) -> Result<StoredRaw, FetchError> {
-        self.flush().await?;
-        match self.target {
-            SinkTarget::Store(slot) => {
-                let writer =
-                    slot.ok_or_else(|| FetchError::Task("the raw writer is gone".into()))?;
-                Ok(blocking(move || writer.finish()).await??)
-            }
-            SinkTarget::Hash(ctx, size) => Ok(StoredRaw {
-                id: ctx
-                    .finish()
-                    .as_ref()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-                size,
-            }),
-        }
-    }
-}
-
 pub struct MailboxFetcher {
     mailbox: Mailbox,
     child: ChildContext,
@@ -2083,16 +1313,6 @@ mod tests {
         let groups = plan_groups(&many, 100, 1 << 30, 200);
         assert_eq!(groups.len(), 3);
         assert!(plan_groups::<u32>(&[], 1, 1, 1).is_empty());
-    }
-
-    #[test]
-    fn uid_sets_compress_runs() {
-        assert_eq!(uid_set(&[1, 2, 3, 5, 7, 8]), "1:3,5,7:8");
-        assert_eq!(uid_set(&[4]), "4");
-        assert_eq!(
-            uid_set(&[u32::MAX - 1, u32::MAX]),
-            format!("{}:{}", u32::MAX - 1, u32::MAX)
-        );
     }
 
     fn refused() -> PublishError {

@@ -13,7 +13,7 @@
 use base64::Engine;
 use serde::Deserialize;
 
-use super::{encode, ApiClient, Download, MailSource, MessageRef, Page, SourceError, Start};
+use super::{encode, ApiClient, Download, Listing, MessageRef, Page, SourceError, Start};
 use crate::intake::MailboxCursor;
 use crate::providers::http_api::BASE64URL;
 
@@ -125,7 +125,7 @@ fn floor_of(start: &Start) -> Option<i64> {
     }
 }
 
-impl MailSource for GmailSource {
+impl Listing for GmailSource {
     fn begin(&mut self, start: Start) {
         self.walk = Some(Walk {
             start,
@@ -141,10 +141,10 @@ impl MailSource for GmailSource {
         let floor = floor_of(&walk.start);
         let cursor = |history_id: String| MailboxCursor::GmailApi { history_id, floor };
         match &walk.start {
-            Start::Position { .. } => Ok(Page {
-                messages: Vec::new(),
-                end: Some(cursor(self.profile_history_id().await?)),
-            }),
+            Start::Position { .. } => Ok(Page::last(
+                Vec::new(),
+                Some(cursor(self.profile_history_id().await?)),
+            )),
             Start::Changes(c) => {
                 let MailboxCursor::GmailApi { history_id, .. } = c else {
                     return Err(SourceError::Expired {
@@ -173,10 +173,7 @@ impl MailSource for GmailSource {
                             .as_ref()
                             .is_none_or(|l| l.iter().any(|x| x == &self.label));
                         if in_label && seen.insert(a.message.id.clone()) {
-                            messages.push(MessageRef {
-                                id: a.message.id,
-                                received_at: None,
-                            });
+                            messages.push(MessageRef::api(a.message.id, None));
                         }
                     }
                 }
@@ -191,17 +188,11 @@ impl MailSource for GmailSource {
                             history_id: first_seen,
                             ..walk
                         });
-                        Ok(Page {
-                            messages,
-                            end: None,
-                        })
+                        Ok(Page::more(messages))
                     }
                     None => {
                         let next = first_seen.unwrap_or_else(|| history_id.clone());
-                        Ok(Page {
-                            messages,
-                            end: Some(cursor(next)),
-                        })
+                        Ok(Page::last(messages, Some(cursor(next))))
                     }
                 }
             }
@@ -227,10 +218,7 @@ impl MailSource for GmailSource {
                     .messages
                     .into_iter()
                     .rev()
-                    .map(|m| MessageRef {
-                        id: m.id,
-                        received_at: None,
-                    })
+                    .map(|m| MessageRef::api(m.id, None))
                     .collect();
                 match list.next_page_token {
                     Some(t) => {
@@ -239,15 +227,9 @@ impl MailSource for GmailSource {
                             history_id: Some(history_id),
                             ..walk
                         });
-                        Ok(Page {
-                            messages,
-                            end: None,
-                        })
+                        Ok(Page::more(messages))
                     }
-                    None => Ok(Page {
-                        messages,
-                        end: Some(cursor(history_id)),
-                    }),
+                    None => Ok(Page::last(messages, Some(cursor(history_id)))),
                 }
             }
         }

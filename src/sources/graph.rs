@@ -14,7 +14,7 @@
 
 use serde::Deserialize;
 
-use super::{encode, ApiClient, Download, MailSource, MessageRef, Page, SourceError, Start};
+use super::{encode, ApiClient, Download, Listing, MessageRef, Page, SourceError, Start};
 use crate::intake::MailboxCursor;
 
 pub struct GraphSource {
@@ -117,7 +117,7 @@ fn unix_of(rfc3339: &str) -> Option<i64> {
         .map(|t| t.unix_timestamp())
 }
 
-impl MailSource for GraphSource {
+impl Listing for GraphSource {
     fn begin(&mut self, start: Start) {
         let (url, floor, position_only, from_cursor) = match start {
             // A stored link goes only to the configured origin (the bearer token goes with
@@ -187,24 +187,21 @@ impl MailSource for GraphSource {
                     continue;
                 }
             }
-            messages.push(MessageRef { id, received_at });
+            messages.push(MessageRef::api(id, received_at));
         }
         match (page.next_link, page.delta_link) {
             (Some(next), _) => {
                 let url = self.checked_link(next)?;
                 self.walk = Some(Walk { url, ..walk });
-                Ok(Page {
-                    messages,
-                    end: None,
-                })
+                Ok(Page::more(messages))
             }
-            (None, Some(delta)) => Ok(Page {
+            (None, Some(delta)) => Ok(Page::last(
                 messages,
-                end: Some(MailboxCursor::MsGraph {
+                Some(MailboxCursor::MsGraph {
                     delta_link: self.checked_link(delta)?,
                     floor: walk.floor,
                 }),
-            }),
+            )),
             (None, None) => Err(self
                 .api
                 .answer_error("a delta page with neither @odata.nextLink nor @odata.deltaLink")),

@@ -1,39 +1,37 @@
-//! The inbound sources read over HTTP — the Gmail API (`gmail.rs`) and Microsoft Graph
-//! (`graph.rs`) — behind one seam, [`MailSource`]: what is new since a cursor, page by page,
-//! and the cursor after it; then each message's MIME bytes, streamed. The fetcher
-//! (`actors/fetcher.rs`) drives every source with one loop and one pipeline (parse → store →
-//! publish → record), whose exactly-once rules are written once there; a source only lists
-//! and downloads.
+//! Every inbound protocol behind one seam, [`MailSource`]: IMAP (`imap.rs`), POP3
+//! (`pop3.rs`), the Gmail API (`gmail.rs`) and Microsoft Graph (`graph.rs`, both through
+//! `api.rs`). A source lists what is new since a cursor, page by page, with the cursor after
+//! each page; fetches a batch of the listed messages (bounded by bytes, one that is too large
+//! for memory streamed into the attachment store); and says how to wait for more. The
+//! fetcher (`actors/fetcher.rs`) drives every source with one walk and one pipeline (parse →
+//! store → publish → record), whose exactly-once rules are written once there: a source only
+//! lists and downloads.
 //!
-//! What the sources share is here: the HTTP client (bounded: connect 30 s, 60 s of silence, a
-//! listing answer of at most [`MAX_LISTING`]), the bearer credential with its 401 rule (told
-//! to the credential, asked once more when it renews), and the mapping of answers to
-//! [`SourceError`]s (429/5xx transient with their `Retry-After`, an expired history or delta
-//! token as [`SourceError::Expired`]).
+//! A new inbound protocol is one new file here implementing [`MailSource`], and one line in
+//! the fetcher's `run` that opens it.
 
+pub mod api;
 pub mod gmail;
 pub mod graph;
+pub mod imap;
+pub mod pop3;
+pub mod spill;
 
+use std::future::Future;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+pub use api::{encode, Answer, ApiClient, ApiSource, Download, Listing, MAX_LISTING};
+pub use spill::RawSink;
 
-use crate::credentials::{Credential, CredentialError};
+use crate::attachments::{AttachmentError, AttachmentStore, StoredRaw};
+use crate::credentials::CredentialError;
 use crate::intake::MailboxCursor;
-use crate::providers::http_api::{error_text, retry_after};
-use crate::settings::{MailProtocol, Mailbox, Secret};
+use crate::mailproto::MailboxError;
 
-/// The most of an error answer that is read (its text is at the start).
-const MAX_ERROR_BODY: usize = 64 * 1024;
-/// The most of a listing answer (ids, links) that is read.
-pub const MAX_LISTING: usize = 8 * 1024 * 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Silence this long on a connection fails the request.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
-/// A listing request takes at most this long.
-const LIST_TIMEOUT: Duration = Duration::from_secs(120);
-/// A message download takes at most this long (large messages arrive in pieces).
-const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// How much of a header is kept for a dead letter (and read to find a Message-ID).
+pub const HEADER_CAP: usize = 64 * 1024;
+/// The piece in which an email too large for memory is read and stored.
+pub const PIECE: usize = 1024 * 1024;
 
 /// Where a walk over the folder starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -42,28 +40,81 @@ pub enum Start {
     Changes(MailboxCursor),
     /// Everything in the folder received at or after `floor` (Unix seconds; all when None).
     List { floor: Option<i64> },
-    /// Only the folder's current position: nothing is listed (`initial_sync = "new"`).
+    /// Only the folder's current position: what is there is not published
+    /// (`initial_sync = "new"`).
     Position { floor: Option<i64> },
 }
 
 /// A message a listing named.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MessageRef {
+    /// The message in the source's terms (IMAP UID, POP3 UIDL, API id), for dead letters
+    /// and logs.
     pub id: String,
+    /// The source's own handle on it (IMAP UID, POP3 message number); 0 for the APIs.
+    pub number: u32,
     /// When it was received (Unix seconds), when the listing says.
     pub received_at: Option<i64>,
+    /// Its size, when the listing says (IMAP RFC822.SIZE, POP3 LIST).
+    pub size: Option<u64>,
+    /// Its dedup key, when the listing knows it (POP3: `uidl:<UIDL>`); else it comes from
+    /// the bytes (Message-ID, or their hash).
+    pub key: Option<String>,
+    /// A key recorded `listed` with its email, so that a message listed again is not
+    /// downloaded again (the APIs' ids).
+    pub listed: Option<String>,
+    /// The position once this message and every one before it are handled (IMAP).
+    pub after: Option<MailboxCursor>,
 }
 
-/// One page of a walk: messages to fetch and, on its last page, the cursor after it.
+impl MessageRef {
+    /// A message named by an API listing.
+    pub fn api(id: String, received_at: Option<i64>) -> Self {
+        Self {
+            id,
+            received_at,
+            ..Self::default()
+        }
+    }
+}
+
+/// One page of a walk.
 #[derive(Debug, Default)]
 pub struct Page {
+    /// Messages to fetch, in order of arrival.
     pub messages: Vec<MessageRef>,
-    /// Set on the last page: the position to store once everything listed is handled.
-    pub end: Option<MailboxCursor>,
+    /// Dedup keys of messages `initial_sync` leaves out: recorded, never published.
+    pub skipped: Vec<String>,
+    /// The position once everything on this page is handled.
+    pub cursor: Option<MailboxCursor>,
+    /// The walk ends with this page.
+    pub last: bool,
+}
+
+impl Page {
+    /// A page with more to come.
+    pub fn more(messages: Vec<MessageRef>) -> Self {
+        Self {
+            messages,
+            ..Self::default()
+        }
+    }
+
+    /// The last page of a walk, and the position after it.
+    pub fn last(messages: Vec<MessageRef>, cursor: Option<MailboxCursor>) -> Self {
+        Self {
+            messages,
+            cursor,
+            last: true,
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    #[error(transparent)]
+    Mailbox(#[from] MailboxError),
     #[error(transparent)]
     Credential(#[from] CredentialError),
     /// The history id or delta token is too old for the API: the folder is listed again.
@@ -80,6 +131,10 @@ pub enum SourceError {
     Network { endpoint: String, detail: String },
     #[error("{endpoint}: unexpected answer: {detail}")]
     Answer { endpoint: String, detail: String },
+    #[error("the attachment store failed: {0}; check [attachments] dir (space, permissions)")]
+    Store(#[from] AttachmentError),
+    #[error("a blocking task failed: {0}")]
+    Task(String),
     #[error("{0}")]
     Config(String),
 }
@@ -92,265 +147,148 @@ impl SourceError {
             _ => None,
         }
     }
-}
 
-/// A message's bytes as they arrive, in pieces.
-pub enum Download {
-    /// The response body is the MIME message.
-    Mime(reqwest::Response),
-    /// A Gmail `format=raw` answer: JSON with the message in base64url under `raw`.
-    GmailRaw(reqwest::Response, gmail::RawExtractor),
-    /// The message is gone (deleted since it was listed).
-    Gone,
-}
-
-impl Download {
-    /// The next piece of the MIME message; None at its end.
-    pub async fn chunk(&mut self, endpoint: &str) -> Result<Option<Vec<u8>>, SourceError> {
-        let net = |e: reqwest::Error| SourceError::Network {
-            endpoint: endpoint.to_string(),
-            detail: net_detail(e),
-        };
+    /// A failure about one message itself (the API refuses or cannot convert it, its bytes
+    /// do not decode), rather than about the mailbox (throttling, outages, credentials).
+    pub fn is_about_the_message(&self) -> bool {
         match self {
-            Download::Gone => Ok(None),
-            Download::Mime(r) => Ok(r.chunk().await.map_err(net)?.map(|b| b.to_vec())),
-            Download::GmailRaw(r, x) => loop {
-                match r.chunk().await.map_err(net)? {
-                    Some(b) => {
-                        let out = x.feed(&b).map_err(|detail| SourceError::Answer {
-                            endpoint: endpoint.to_string(),
-                            detail,
-                        })?;
-                        if !out.is_empty() {
-                            return Ok(Some(out));
-                        }
-                    }
-                    None => {
-                        let out = x.finish().map_err(|detail| SourceError::Answer {
-                            endpoint: endpoint.to_string(),
-                            detail,
-                        })?;
-                        return Ok((!out.is_empty()).then_some(out));
-                    }
-                }
-            },
+            SourceError::Answer { .. } => true,
+            // A 4xx about the request (not credentials, not throttling), or Graph's answer
+            // for an item it cannot give as MIME; other 5xx are outages.
+            SourceError::Http { status, text, .. } => {
+                ((400..500).contains(status) && !matches!(status, 401 | 403 | 408 | 429))
+                    || text.contains("ErrorMimeContentConversionFailed")
+            }
+            _ => false,
         }
     }
 }
 
-/// An inbound source read over HTTP.
+/// A message as fetched: whole in memory, or stored (too large for memory, or a line too
+/// long), keeping the start of its header.
+pub enum Retrieved {
+    Whole(Vec<u8>),
+    Stored {
+        stored: StoredRaw,
+        head: Vec<u8>,
+        error: String,
+    },
+}
+
+impl Retrieved {
+    /// The bytes it holds in memory.
+    pub fn held(&self) -> u64 {
+        match self {
+            Retrieved::Whole(raw) => raw.len() as u64,
+            Retrieved::Stored { head, .. } => head.len() as u64,
+        }
+    }
+}
+
+/// What one [`MailSource::fetch`] did with the front of the messages it was given.
+#[derive(Default)]
+pub struct Fetched {
+    /// The messages fetched; a message gone since it was listed is absent.
+    pub got: Vec<Got>,
+    /// How many from the front were tried (fetched, gone, or failed); the rest are for the
+    /// next call.
+    pub tried: usize,
+    /// The last one tried failed with this; those before it are in `got`.
+    pub failed: Option<SourceError>,
+}
+
+/// One fetched message.
+pub struct Got {
+    /// Its index in what [`MailSource::fetch`] was given.
+    pub index: usize,
+    pub message: Retrieved,
+    /// When it was received, when the fetch says (IMAP INTERNALDATE).
+    pub received_at: Option<i64>,
+}
+
+/// Where and how a fetch keeps messages.
+pub struct Spill<'a> {
+    pub store: &'a AttachmentStore,
+    /// A message larger than this (`[inbound] max_message_bytes`) is stored, not held.
+    pub max_message: u64,
+    /// A fetch stops taking more messages once it holds this many bytes
+    /// (`[inbound] fetch_batch_bytes`).
+    pub budget: u64,
+}
+
+/// An inbound source.
 ///
-/// A walk is [`MailSource::begin`] then [`MailSource::next_page`] until a page carries the
-/// `end` cursor; [`MailSource::download`] fetches one listed message. Used generically by the
+/// Per sync: [`MailSource::connect`], a walk ([`MailSource::begin`] then
+/// [`MailSource::next_page`] until a page is the last, each page's messages fetched with
+/// [`MailSource::fetch`] — or [`MailSource::stream`] for one announced as too large — and
+/// told [`MailSource::handled`] once recorded), then [`MailSource::end`]. Between syncs the
+/// fetcher polls, or [`MailSource::idle`]s when the source can. Used generically by the
 /// fetcher (never as a trait object), on its single-threaded runtime.
 #[allow(async_fn_in_trait)]
 pub trait MailSource {
+    /// Makes ready for a sync (POP3 logs in for each; IMAP keeps its session).
+    async fn connect(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Whether a stored cursor is of this source's kind (else the mailbox is contacted as
+    /// for the first time, by `initial_sync`).
+    fn owns(&self, cursor: &MailboxCursor) -> bool;
     /// Starts a walk (forgetting any walk in progress).
-    fn begin(&mut self, start: Start);
+    async fn begin(&mut self, start: Start) -> Result<(), SourceError>;
     /// The next page of the walk begun last.
     async fn next_page(&mut self) -> Result<Page, SourceError>;
-    /// One message's MIME bytes.
-    async fn download(&self, id: &str) -> Result<Download, SourceError>;
-    /// What errors and `/health` name (the API's origin).
-    fn endpoint(&self) -> &str;
-}
-
-/// The two API sources, as the fetcher holds them.
-pub enum ApiSource {
-    Gmail(gmail::GmailSource),
-    Graph(graph::GraphSource),
-}
-
-impl ApiSource {
-    /// The source of an API mailbox; None for IMAP and POP3.
-    pub fn of(
-        mailbox: &Mailbox,
-        accounts: &std::sync::Arc<crate::oauth2::Accounts>,
-    ) -> Option<Result<Self, SourceError>> {
-        let api = mailbox.api.as_ref()?;
-        let credential = match (&mailbox.oauth2, &api.access_token) {
-            (Some(o), _) => {
-                Credential::OAuth2(accounts.account(&format!("mailbox:{}", mailbox.id), o))
-            }
-            (None, Some(t)) => Credential::Static(t.clone()),
-            (None, None) => {
-                return Some(Err(SourceError::Config(
-                    "no oauth2 account and no access_token".into(),
-                )))
-            }
-        };
-        let client = match ApiClient::new(&api.base_url, credential) {
-            Ok(c) => c,
-            Err(e) => return Some(Err(e)),
-        };
-        Some(Ok(match mailbox.protocol {
-            MailProtocol::GmailApi => {
-                ApiSource::Gmail(gmail::GmailSource::new(client, &api.user, &mailbox.folder))
-            }
-            MailProtocol::MsGraph => {
-                ApiSource::Graph(graph::GraphSource::new(client, &api.user, &mailbox.folder))
-            }
-            MailProtocol::Imap | MailProtocol::Pop3 => return None,
-        }))
+    /// Fetches messages from the front of `refs` until all are tried, one fails, or the
+    /// bytes held reach `spill.budget`. A message over `spill.max_message` is stored.
+    async fn fetch(&mut self, refs: &[&MessageRef], spill: &Spill<'_>) -> Fetched;
+    /// The start of a message's header (at most [`HEADER_CAP`]), read before a message
+    /// announced as too large is streamed, so a known one is not downloaded.
+    async fn header(&mut self, _m: &MessageRef) -> Result<Option<Vec<u8>>, SourceError> {
+        Ok(None)
+    }
+    /// Streams a message announced as too large into `sink`; false when it is gone.
+    async fn stream(&mut self, m: &MessageRef, sink: &mut RawSink) -> Result<bool, SourceError>;
+    /// These messages (ones with a listing key) are recorded: published, dead-lettered or
+    /// skipped before. POP3 deletes them with `delete_after_fetch`.
+    async fn handled(&mut self, _done: &[&MessageRef]) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Ends a sync (POP3: QUIT, which makes its deletions take effect).
+    async fn end(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Whether [`MailSource::idle`] waits for the server's news (IMAP IDLE).
+    fn can_idle(&self) -> bool {
+        false
+    }
+    /// Waits up to `wait` for the server to report new mail, or until `interrupt`.
+    async fn idle(
+        &mut self,
+        _wait: Duration,
+        _interrupt: impl Future<Output = ()>,
+    ) -> Result<(), SourceError> {
+        Ok(())
+    }
+    /// Says goodbye (IMAP LOGOUT); failures do not matter.
+    async fn close(&mut self) {}
+    /// Pages one walk may take before the source is taken to loop.
+    fn max_pages(&self) -> u32 {
+        u32::MAX
     }
 }
 
-/// The HTTP client of one API mailbox, with its credential.
-pub struct ApiClient {
-    client: reqwest::Client,
-    pub base_url: String,
-    credential: Credential,
+/// Runs `f` on the blocking pool: parsing, hashing and file writes stay off the actors'
+/// thread.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SourceError::Task(e.to_string()))
 }
 
-/// An answer to a GET: its status and body (bounded), or the response to read in pieces.
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Vec<u8>,
-}
-
-impl ApiClient {
-    pub fn new(base_url: &str, credential: Credential) -> Result<Self, SourceError> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
-            .pool_idle_timeout(Duration::from_secs(20))
-            .pool_max_idle_per_host(2)
-            .tcp_nodelay(true)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("mailbridge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| SourceError::Config(format!("HTTP client: {e}")))?;
-        Ok(Self {
-            client,
-            base_url: base_url.to_string(),
-            credential,
-        })
-    }
-
-    /// GETs `url` with the bearer token; a 401 is told to the credential and the request is
-    /// made once more when the credential renews. Returns the response whatever its status.
-    pub async fn send(
-        &self,
-        url: &str,
-        headers: &[(&'static str, &str)],
-        timeout: Duration,
-    ) -> Result<reqwest::Response, SourceError> {
-        let mut retried = false;
-        loop {
-            let token: Secret = self.credential.token().await?;
-            let mut req = self
-                .client
-                .get(url)
-                .timeout(timeout)
-                .bearer_auth(token.expose());
-            for (k, v) in headers {
-                req = req.header(*k, *v);
-            }
-            let resp = req.send().await.map_err(|e| SourceError::Network {
-                endpoint: self.base_url.clone(),
-                detail: net_detail(e),
-            })?;
-            if resp.status() == StatusCode::UNAUTHORIZED && !retried && self.credential.renews() {
-                self.credential.refused(&token);
-                retried = true;
-                continue;
-            }
-            return Ok(resp);
-        }
-    }
-
-    /// GETs a listing: its answer read whole (up to [`MAX_LISTING`]).
-    pub async fn get(
-        &self,
-        url: &str,
-        headers: &[(&'static str, &str)],
-    ) -> Result<Answer, SourceError> {
-        let mut resp = self.send(url, headers, LIST_TIMEOUT).await?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let mut body = Vec::new();
-        while let Some(piece) = resp.chunk().await.map_err(|e| SourceError::Network {
-            endpoint: self.base_url.clone(),
-            detail: net_detail(e),
-        })? {
-            if body.len() + piece.len() > MAX_LISTING {
-                return Err(SourceError::Answer {
-                    endpoint: self.base_url.clone(),
-                    detail: format!("a listing answer longer than {MAX_LISTING} bytes"),
-                });
-            }
-            body.extend_from_slice(&piece);
-        }
-        Ok(Answer {
-            status,
-            headers,
-            body,
-        })
-    }
-
-    /// A download: the response when it is 2xx, [`Download::Gone`] on 404, else the error.
-    pub async fn download(
-        &self,
-        url: &str,
-        wrap: impl FnOnce(reqwest::Response) -> Download,
-    ) -> Result<Download, SourceError> {
-        let resp = self.send(url, &[], DOWNLOAD_TIMEOUT).await?;
-        if resp.status().is_success() {
-            return Ok(wrap(resp));
-        }
-        if resp.status() == StatusCode::NOT_FOUND {
-            return Ok(Download::Gone);
-        }
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        // The error text is at the start; the rest is not read.
-        let mut resp = resp;
-        let mut body = Vec::new();
-        while body.len() < MAX_ERROR_BODY {
-            match resp.chunk().await {
-                Ok(Some(piece)) => body.extend_from_slice(&piece),
-                _ => break,
-            }
-        }
-        body.truncate(MAX_ERROR_BODY);
-        Err(self.error(status, &headers, &body))
-    }
-
-    /// The error of a non-2xx answer.
-    pub fn error(
-        &self,
-        status: StatusCode,
-        headers: &reqwest::header::HeaderMap,
-        body: &[u8],
-    ) -> SourceError {
-        SourceError::Http {
-            endpoint: self.base_url.clone(),
-            status: status.as_u16(),
-            text: error_text(status.as_u16(), body),
-            retry_after: retry_after(headers, time::OffsetDateTime::now_utc()),
-        }
-    }
-
-    /// A malformed answer.
-    pub fn answer_error(&self, detail: impl Into<String>) -> SourceError {
-        SourceError::Answer {
-            endpoint: self.base_url.clone(),
-            detail: detail.into(),
-        }
-    }
-}
-
-/// A network failure without its URL: the URL holds the mailbox's address (and a Graph delta
-/// token), which errors and `/health` do not show.
-fn net_detail(e: reqwest::Error) -> String {
-    crate::domain::error_chain(&e.without_url())
-}
-
-/// `text` as one URL path segment or query value.
-pub fn encode(text: &str) -> String {
-    url::form_urlencoded::byte_serialize(text.as_bytes())
-        .collect::<String>()
-        .replace('+', "%20")
+/// The error of a message over `[inbound] max_message_bytes`.
+pub fn too_large(size: u64, limit: u64) -> String {
+    format!(
+        "the email is {size} bytes, more than [inbound] max_message_bytes ({limit}); it was not published. Its bytes are stored (raw_id); raise the limit and replay it to publish it"
+    )
 }
