@@ -297,6 +297,16 @@ impl Fetch {
         }
     }
 
+    /// Waits until the fetcher is asked to stop.
+    async fn wait_for_stop(&self) {
+        let mut stop = self.stop.clone();
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+
     /// Waits before a retry: `d`, cut short by a stop (after which retries come quicker).
     async fn retry_pause(&self, d: Duration) {
         if self.stopped() {
@@ -329,6 +339,13 @@ impl Fetch {
                     tracing::info!(mailbox = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
                     break;
                 }
+                if matches!(e, FetchError::Storage(StorageError::Fenced(_))) {
+                    // Another instance holds the mailbox now: the supervisor stops this
+                    // fetcher when it learns so at its next lease round.
+                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, "mailbox lease lost");
+                    self.wait_for_stop().await;
+                    break;
+                }
                 if e.is_reauthorize() {
                     // Permanent until a user authorizes the account again, which changes the
                     // configuration and so restarts this fetcher: no polling until then.
@@ -338,12 +355,7 @@ impl Fetch {
                             .with("connected", false)
                             .with("idling", false),
                     );
-                    let mut stop = self.stop.clone();
-                    while !*stop.borrow() {
-                        if stop.changed().await.is_err() {
-                            break;
-                        }
-                    }
+                    self.wait_for_stop().await;
                     break;
                 }
                 if started.elapsed() > Duration::from_secs(60) {
@@ -449,7 +461,7 @@ impl Fetch {
         let pool = &self.child.pool;
         let id = &self.mailbox.id;
         self.db("recording the batch", || {
-            intake::record(pool, id, rows, cursor)
+            intake::record(pool, id, rows, cursor, self.child.lease.as_ref())
         })
         .await
     }

@@ -49,6 +49,15 @@ pub struct Observe {
     pub value: f64,
 }
 
+/// Sets a gauge.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SetGauge {
+    pub name: &'static str,
+    pub labels: Labels,
+    pub value: f64,
+}
+
 /// A component says how it is.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -91,6 +100,13 @@ impl Handler<Observe> for MetricsActor {
     type Result = ();
     fn handle(&mut self, msg: Observe, _: &mut Context<Self>) {
         self.registry.observe(msg.name, msg.labels, msg.value);
+    }
+}
+
+impl Handler<SetGauge> for MetricsActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetGauge, _: &mut Context<Self>) {
+        self.registry.set(msg.name, msg.labels, msg.value);
     }
 }
 

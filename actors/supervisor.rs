@@ -14,6 +14,7 @@
 //! shown in `/health`, and started again after a backoff that grows with consecutive crashes.
 
 use std::any::Any;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,9 +27,10 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ExchangeKind};
 
-use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth};
+use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth, SetGauge};
 use crate::amqp::Publisher;
 use crate::domain::{ComponentHealth, ComponentId, QueueStats, QueueStatusResponse};
+use crate::leases::{self, Lease};
 use crate::settings::Settings;
 use crate::storage;
 
@@ -217,6 +219,9 @@ pub struct ChildContext {
     pub supervisor: Addr<Supervisor>,
     /// The running OAuth2 accounts, shared by every sender and fetcher.
     pub accounts: Arc<crate::oauth2::Accounts>,
+    /// For a child gated on a mailbox lease ([`ChildSpec::leased`]): the lease it runs
+    /// under, whose token fences the mailbox's position.
+    pub lease: Option<Lease>,
 }
 
 /// Asks a child to stop taking work, finish what it has in flight, and stop.
@@ -276,6 +281,8 @@ pub struct ChildSpec {
     pub on_settings: Option<SettingsHook>,
     /// Tells a running child that the shutdown grace is over ([`Abort`]).
     pub on_abort: Option<AbortHook>,
+    /// Runs only while this instance holds this mailbox's lease ([`ChildSpec::leased`]).
+    pub lease: Option<String>,
     pub start: StartFn,
 }
 
@@ -300,8 +307,16 @@ impl ChildSpec {
             fingerprint: 0,
             on_settings: None,
             on_abort: None,
+            lease: None,
             start: Box::new(start),
         }
+    }
+
+    /// Run the child only while this instance holds `mailbox_id`'s lease (and restart it
+    /// when the lease's token changes).
+    pub fn leased(mut self, mailbox_id: &str) -> Self {
+        self.lease = Some(mailbox_id.to_string());
+        self
     }
 
     /// Restart the child on reload when this value changes.
@@ -358,6 +373,8 @@ struct Child {
     removing: bool,
     /// Made by the factory from the configuration (a reload may add, change or remove it).
     from_config: bool,
+    /// The lease token the running child was started with.
+    lease_token: Option<i64>,
 }
 
 pub struct Supervisor {
@@ -374,6 +391,13 @@ pub struct Supervisor {
     children: Vec<Child>,
     shutting_down: bool,
     factory: Option<ChildFactory>,
+    /// The mailbox leases this instance holds, with their tokens.
+    leases: HashMap<String, i64>,
+    /// When the leases were last renewed.
+    leases_renewed: Option<Instant>,
+    renewing: bool,
+    /// Live instances at the last renewal.
+    live_instances: usize,
 }
 
 /// Builds the configured children from a configuration (`app::children`).
@@ -403,6 +427,10 @@ impl Supervisor {
             children: Vec::new(),
             shutting_down: false,
             factory: None,
+            leases: HashMap::new(),
+            leases_renewed: None,
+            renewing: false,
+            live_instances: 0,
         }
     }
 
@@ -418,6 +446,7 @@ impl Supervisor {
             stopping: false,
             removing: false,
             from_config: false,
+            lease_token: None,
         });
     }
 
@@ -560,6 +589,7 @@ impl Supervisor {
                         }
                         act.migrated = true;
                         act.probe_database(ctx);
+                        act.renew_leases(ctx);
                         // The children that waited for the database start now, not a tick later.
                         act.tick(ctx);
                         let pool = act.pool.clone();
@@ -737,6 +767,7 @@ impl Supervisor {
             publisher: self.publisher.clone(),
             supervisor: ctx.address(),
             accounts: self.accounts.clone(),
+            lease: None,
         };
         let mut reports = Vec::new();
         let mut forget = Vec::new();
@@ -796,9 +827,24 @@ impl Supervisor {
                     ));
                 }
             }
+            let lease = match &child.spec.lease {
+                None => None,
+                Some(m) => match self.leases.get(m) {
+                    Some(token) => Some(Lease {
+                        owner: self.settings.instance_id.clone(),
+                        token: *token,
+                    }),
+                    // Gated: another instance holds it, or none yet.
+                    None => continue,
+                },
+            };
             let ready = self.migrated && (!child.spec.needs_amqp || context.connection.is_some());
             if child.handle.is_none() && ready && now >= child.next_start {
-                child.handle = Some((child.spec.start)(context.clone()));
+                child.lease_token = lease.as_ref().map(|l| l.token);
+                child.handle = Some((child.spec.start)(ChildContext {
+                    lease,
+                    ..context.clone()
+                }));
                 child.started_at = now;
                 reports.push((
                     child.spec.name.clone(),
@@ -809,6 +855,137 @@ impl Supervisor {
         for (name, health) in reports {
             self.report(ComponentId::Actor(name), health);
         }
+    }
+}
+
+impl Supervisor {
+    /// Heartbeats, and takes or renews the leases of the mailboxes this instance should own
+    /// among the live ones ([`leases::owner_of`]); then [`Supervisor::on_leases`].
+    fn renew_leases(&mut self, ctx: &mut Context<Self>) {
+        if !self.migrated || self.shutting_down || self.renewing {
+            return;
+        }
+        self.renewing = true;
+        let pool = self.pool.clone();
+        let me = self.settings.instance_id.clone();
+        let listen = self.settings.http_listen.to_string();
+        let ttl = self.settings.cluster.lease_ttl.0;
+        let owned = self.leases.len();
+        let mailboxes: Vec<String> = self
+            .settings
+            .tenants
+            .iter()
+            .flat_map(|t| &t.mailboxes)
+            .map(|m| m.id.clone())
+            .collect();
+        ctx.spawn(
+            async move {
+                let live = leases::heartbeat(&pool, &me, &listen, owned, ttl).await?;
+                let desired: Vec<String> = mailboxes
+                    .into_iter()
+                    .filter(|m| leases::owner_of(m, &live) == Some(me.as_str()))
+                    .collect();
+                let held = leases::acquire(&pool, &me, &desired, ttl).await?;
+                Ok::<_, storage::StorageError>((held, live.len()))
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                act.renewing = false;
+                match res {
+                    Ok((held, live)) => {
+                        act.live_instances = live;
+                        act.leases_renewed = Some(Instant::now());
+                        act.on_leases(held, ctx);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mailbox leases not renewed");
+                        let ttl = act.settings.cluster.lease_ttl.0;
+                        // Past the lease time the leases may be another instance's: their
+                        // fetchers stop (they could not record anything meanwhile either).
+                        if act.leases_renewed.is_some_and(|t| t.elapsed() >= ttl) {
+                            act.on_leases(HashMap::new(), ctx);
+                            act.leases_renewed = None;
+                        }
+                    }
+                }
+            }),
+        );
+    }
+
+    /// The leases held now: the fetchers of mailboxes no longer held (or held under a new
+    /// token) drain; those no longer held are released once drained, so their next owner
+    /// takes them at once; newly held ones start at this tick.
+    fn on_leases(&mut self, held: HashMap<String, i64>, ctx: &mut Context<Self>) {
+        let gone: Vec<String> = self
+            .leases
+            .keys()
+            .filter(|m| !held.contains_key(*m))
+            .cloned()
+            .collect();
+        let mut drains = Vec::new();
+        for child in &mut self.children {
+            let Some(m) = &child.spec.lease else {
+                continue;
+            };
+            let Some(h) = &child.handle else {
+                continue;
+            };
+            if held.get(m).copied() != child.lease_token {
+                child.stopping = true;
+                drains.push(h.drain());
+            }
+        }
+        if !gone.is_empty() {
+            tracing::info!(
+                count = gone.len(),
+                "handing mailboxes over to other instances"
+            );
+            let pool = self.pool.clone();
+            let me = self.settings.instance_id.clone();
+            ctx.spawn(
+                async move {
+                    futures_util::future::join_all(drains).await;
+                    if let Err(e) = leases::release(&pool, &me, &gone).await {
+                        tracing::warn!(error = %e, "leases not released; they expire on their own");
+                    }
+                }
+                .into_actor(self),
+            );
+        } else {
+            for d in drains {
+                actix::spawn(d);
+            }
+        }
+        self.leases = held;
+        let owned: HashSet<&str> = self.leases.keys().map(String::as_str).collect();
+        let instance = vec![("instance", self.settings.instance_id.clone())];
+        for (name, labels, value) in [
+            ("mailbridge_instance_info", instance.clone(), 1.0),
+            ("mailbridge_mailboxes_owned", Vec::new(), owned.len() as f64),
+            (
+                "mailbridge_live_instances",
+                Vec::new(),
+                self.live_instances as f64,
+            ),
+        ] {
+            self.metrics.do_send(SetGauge {
+                name,
+                labels,
+                value,
+            });
+        }
+        self.report(
+            ComponentId::Actor("leases".into()),
+            ComponentHealth::ok()
+                .with("instance_id", self.settings.instance_id.clone())
+                .with("mailboxes_owned", owned.len())
+                .with("live_instances", self.live_instances)
+                .with(
+                    "lease_ttl_seconds",
+                    self.settings.cluster.lease_ttl.0.as_secs(),
+                ),
+        );
+        self.tick(ctx);
     }
 }
 
@@ -828,6 +1005,8 @@ impl Actor for Supervisor {
         self.connect(ctx);
         ctx.run_interval(TICK, |act, ctx| act.tick(ctx));
         ctx.run_interval(DB_PROBE, |act, ctx| act.probe_database(ctx));
+        let every = self.settings.cluster.lease_ttl.0 / 3;
+        ctx.run_interval(every, |act, ctx| act.renew_leases(ctx));
     }
 }
 
@@ -977,6 +1156,9 @@ impl Handler<Shutdown> for Supervisor {
                     .collect();
                 let conn = act.connection.take();
                 let publisher = act.publisher.take();
+                let pool = act.pool.clone();
+                let me = act.settings.instance_id.clone();
+                let migrated = act.migrated;
                 let left = deadline
                     .saturating_duration_since(tokio::time::Instant::now())
                     .max(OVERDUE);
@@ -986,6 +1168,17 @@ impl Handler<Shutdown> for Supervisor {
                         .is_err()
                     {
                         tracing::warn!("some actors did not stop in time");
+                    }
+                    // The fetchers have stopped: their mailboxes go to the other instances
+                    // at once.
+                    if migrated {
+                        match tokio::time::timeout(Duration::from_secs(5), leases::leave(&pool, &me))
+                            .await
+                        {
+                            Ok(Ok(())) => tracing::info!("mailbox leases released"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "mailbox leases not released; they expire on their own"),
+                            Err(_) => tracing::warn!("mailbox leases not released in time; they expire on their own"),
+                        }
                     }
                     if let Some(p) = publisher {
                         let _ = tokio::time::timeout(Duration::from_secs(5), p.close()).await;

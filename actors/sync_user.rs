@@ -13,7 +13,8 @@ use serde::Deserialize;
 
 use crate::actors::fetcher::{mailbox_child, MailboxFetcher, SyncNow};
 use crate::actors::metrics::{metric_tenant, Count};
-use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged};
+use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild, SettingsChanged};
+use crate::storage::StorageError;
 
 /// The guide's `email.sync.user` message.
 #[derive(Debug, Deserialize)]
@@ -129,14 +130,25 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
             }
         }
         let supervisor = self.child.supervisor.clone();
+        let pool = self.child.pool.clone();
         ctx.spawn(
             async move {
+                let mut elsewhere = Vec::new();
                 for id in targets {
-                    if let Ok(Some(fetcher)) = supervisor
+                    match supervisor
                         .send(FindChild::<MailboxFetcher>::named(mailbox_child(&id)))
                         .await
                     {
-                        fetcher.do_send(SyncNow);
+                        Ok(Some(fetcher)) => fetcher.do_send(SyncNow),
+                        // Fetched by another instance (or by none right now): the owner
+                        // hears of it through PostgreSQL.
+                        _ => elsewhere.push(id),
+                    }
+                }
+                if !elsewhere.is_empty() {
+                    if let Err(e) = notify_sync(&pool, &elsewhere).await {
+                        tracing::warn!(error = %e, mailboxes = elsewhere.len(),
+                            "sync request not passed on to the instances owning its mailboxes");
                     }
                 }
                 let _ = delivery.acker.ack(BasicAckOptions::default()).await;
@@ -153,6 +165,95 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
             tracing::warn!("the sync request consumer ended");
             ctx.stop();
         }
+    }
+}
+
+/// The PostgreSQL channel on which sync requests reach the instance owning the mailbox.
+pub const SYNC_CHANNEL: &str = "mailbridge.sync";
+
+/// Tells every instance (through `NOTIFY`) to sync these mailboxes if it owns them.
+async fn notify_sync(
+    pool: &deadpool_postgres::Pool,
+    mailboxes: &[String],
+) -> Result<(), StorageError> {
+    let client = pool.get().await?;
+    client
+        .execute(
+            "SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m",
+            &[&SYNC_CHANNEL, &mailboxes],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Listens for sync requests other instances pass on ([`SYNC_CHANNEL`]) and wakes the
+/// fetcher of each mailbox this instance owns. Reconnects by itself.
+pub struct SyncListener {
+    child: ChildContext,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl SyncListener {
+    pub fn new(child: ChildContext) -> Self {
+        Self { child, stop: None }
+    }
+}
+
+impl Actor for SyncListener {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel();
+        self.stop = Some(stop_tx);
+        let db = self.child.settings.database.clone();
+        let supervisor = self.child.supervisor.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        ctx.spawn(
+            async move {
+                let listener = async {
+                    let mut attempt = 0;
+                    loop {
+                        let started = std::time::Instant::now();
+                        if let Err(e) = crate::storage::listen(&db, SYNC_CHANNEL, tx.clone()).await {
+                            tracing::warn!(error = %e, "not listening for sync requests of other instances; retrying");
+                        }
+                        if started.elapsed() > std::time::Duration::from_secs(60) {
+                            attempt = 0;
+                        }
+                        tokio::time::sleep(backoff(attempt, std::time::Duration::from_secs(10))).await;
+                        attempt += 1;
+                    }
+                };
+                let wake = async {
+                    while let Some(id) = rx.recv().await {
+                        if let Ok(Some(fetcher)) = supervisor
+                            .send(FindChild::<MailboxFetcher>::named(mailbox_child(&id)))
+                            .await
+                        {
+                            fetcher.do_send(SyncNow);
+                        }
+                    }
+                };
+                tokio::select! {
+                    _ = listener => {}
+                    _ = wake => {}
+                    _ = &mut stop_rx => {}
+                }
+            }
+            .into_actor(self)
+            .map(|_, _, ctx| ctx.stop()),
+        );
+    }
+}
+
+impl Handler<Drain> for SyncListener {
+    type Result = ();
+
+    fn handle(&mut self, _: Drain, ctx: &mut Context<Self>) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        ctx.stop();
     }
 }
 

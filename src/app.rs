@@ -22,7 +22,7 @@ use crate::actors::outbox::OutboxWriter;
 use crate::actors::retry::RetryScheduler;
 use crate::actors::sender::SenderActor;
 use crate::actors::supervisor::{ChildContext, ChildSpec, Reload, Shutdown, Supervisor};
-use crate::actors::sync_user::SyncUserConsumer;
+use crate::actors::sync_user::{SyncListener, SyncUserConsumer};
 use crate::attachments::AttachmentStore;
 use crate::http::{self, AppState};
 use crate::settings::{Secret, Settings};
@@ -154,11 +154,13 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     for mailbox in settings.tenants.iter().flat_map(|t| &t.mailboxes) {
         let mailbox = mailbox.clone();
         let mailbox_fingerprint = mailbox.fingerprint();
+        let mailbox_id = mailbox.id.clone();
         specs.push(
             ChildSpec::new(mailbox_child(&mailbox.id), true, move |c: ChildContext| {
                 Box::new(MailboxFetcher::new(mailbox.clone(), c).start())
             })
-            .fingerprint(mailbox_fingerprint),
+            .fingerprint(mailbox_fingerprint)
+            .leased(&mailbox_id),
         );
     }
     specs.push(
@@ -168,6 +170,9 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
         .consumer()
         .settings_updates::<SyncUserConsumer>(),
     );
+    specs.push(ChildSpec::new("sync-listener", false, |c: ChildContext| {
+        Box::new(SyncListener::new(c).start())
+    }));
     specs
 }
 

@@ -204,12 +204,15 @@ pub async fn known(
 }
 
 /// Records `rows` (a key already there keeps its first outcome) and, when given, the new
-/// position, in one transaction.
+/// position, in one transaction. With a `fence`, the position is written only while that
+/// lease is the mailbox's current one: otherwise the rows are still recorded (what was
+/// published stays known) and [`StorageError::Fenced`] is returned.
 pub async fn record(
     pool: &Pool,
     mailbox_id: &str,
     rows: &[Record],
     cursor: Option<&MailboxCursor>,
+    fence: Option<&crate::leases::Lease>,
 ) -> Result<(), StorageError> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -242,7 +245,19 @@ pub async fn record(
         )
         .await?;
     }
-    if let Some(cursor) = cursor {
+    let fenced = match (cursor, fence) {
+        (Some(_), Some(lease)) => tx
+            .query_opt(
+                "SELECT 1 FROM mailbox_leases
+                 WHERE mailbox_id = $1 AND owner = $2 AND token = $3
+                 FOR SHARE",
+                &[&mailbox_id, &lease.owner, &lease.token],
+            )
+            .await?
+            .is_none(),
+        _ => false,
+    };
+    if let Some(cursor) = cursor.filter(|_| !fenced) {
         // Strings and integers only: encoding cannot fail.
         let value = serde_json::to_value(cursor).unwrap_or(serde_json::Value::Null);
         // An IMAP position only moves forward within one UIDVALIDITY; the others are
@@ -264,6 +279,9 @@ pub async fn record(
         .await?;
     }
     tx.commit().await?;
+    if fenced {
+        return Err(StorageError::Fenced(mailbox_id.to_string()));
+    }
     Ok(())
 }
 

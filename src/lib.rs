@@ -25,6 +25,7 @@ pub mod fetch;
 pub mod http;
 pub mod inbound;
 pub mod intake;
+pub mod leases;
 pub mod mailproto;
 pub mod metrics;
 pub mod mime;

@@ -14,6 +14,7 @@ pub type Labels = Vec<(&'static str, String)>;
 pub enum Kind {
     Counter,
     Histogram,
+    Gauge,
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +31,7 @@ struct Family {
     buckets: &'static [f64],
     counters: BTreeMap<Labels, u64>,
     histograms: BTreeMap<Labels, Histogram>,
+    gauges: BTreeMap<Labels, f64>,
 }
 
 /// Seconds: from a fast local relay (ms) to a slow remote server.
@@ -80,6 +82,21 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "email.sync.user requests, by outcome (triggered, unmatched, invalid).",
     ),
     (
+        "mailbridge_instance_info",
+        Kind::Gauge,
+        "1, labelled with this instance's [cluster] instance_id.",
+    ),
+    (
+        "mailbridge_mailboxes_owned",
+        Kind::Gauge,
+        "Mailboxes whose lease this instance holds (it fetches them).",
+    ),
+    (
+        "mailbridge_live_instances",
+        Kind::Gauge,
+        "Instances with a recent heartbeat in the database, this one included.",
+    ),
+    (
         "mailbridge_send_duration_seconds",
         Kind::Histogram,
         "Time from taking a request to the provider's answer.",
@@ -120,6 +137,7 @@ impl Default for Registry {
                     buckets: DURATION_BUCKETS,
                     counters: BTreeMap::new(),
                     histograms: BTreeMap::new(),
+                    gauges: BTreeMap::new(),
                 },
             );
         }
@@ -168,6 +186,21 @@ impl Registry {
         h.count += 1;
     }
 
+    /// Sets a gauge (replacing every other sample of its family: these gauges have one).
+    pub fn set(&mut self, name: &str, mut labels: Labels, value: f64) {
+        let Some(f) = self
+            .families
+            .get_mut(name)
+            .filter(|f| f.kind == Kind::Gauge)
+        else {
+            tracing::warn!(metric = name, "not a known gauge; ignored");
+            return;
+        };
+        labels.sort();
+        f.gauges.clear();
+        f.gauges.insert(labels, value);
+    }
+
     /// A counter's value, for tests and `/health` details.
     pub fn counter(&self, name: &str, labels: &[(&'static str, &str)]) -> u64 {
         let mut key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
@@ -188,6 +221,12 @@ impl Registry {
                 Kind::Counter => {
                     let _ = writeln!(out, "# TYPE {name} counter");
                     for (labels, v) in &f.counters {
+                        let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
+                    }
+                }
+                Kind::Gauge => {
+                    let _ = writeln!(out, "# TYPE {name} gauge");
+                    for (labels, v) in &f.gauges {
                         let _ = writeln!(out, "{name}{} {v}", fmt_labels(labels, None));
                     }
                 }

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0006_mailbox_cursor.sql",
         include_str!("../migrations/0006_mailbox_cursor.sql"),
     ),
+    (
+        7,
+        "0007_leases.sql",
+        include_str!("../migrations/0007_leases.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).
@@ -79,6 +84,11 @@ pub enum StorageError {
     Unreadable(String),
     #[error("database query failed: {}", describe(.0))]
     Query(#[from] tokio_postgres::Error),
+    /// The mailbox's lease passed to another instance: its position is not this one's to move.
+    #[error(
+        "mailbox {0}: its lease is held by another instance now; this instance stopped fetching it"
+    )]
+    Fenced(String),
 }
 
 /// tokio-postgres shows a server error as just "db error": add what the server said.
@@ -566,6 +576,72 @@ pub fn pool(db: &DatabaseSection) -> Result<Pool, StorageError> {
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()
         .map_err(|e| StorageError::Config(e.to_string()))
+}
+
+/// Listens on `channel` (PostgreSQL `LISTEN`) on a connection of its own, sending every
+/// notification's payload to `tx`; returns when the connection fails or `tx` is closed.
+pub async fn listen(
+    db: &DatabaseSection,
+    channel: &str,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+) -> Result<(), StorageError> {
+    let target = pg_target(db.url.expose())?;
+    let endpoint = endpoint(&target.config);
+    let connect_error = |source| StorageError::Connect {
+        endpoint: endpoint.clone(),
+        source,
+    };
+    match target.rustls()? {
+        None => {
+            let (client, conn) = target.config.connect(NoTls).await.map_err(connect_error)?;
+            listen_on(client, conn, channel, tx).await
+        }
+        Some(tls) => {
+            let (client, conn) = target
+                .config
+                .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
+                .await
+                .map_err(connect_error)?;
+            listen_on(client, conn, channel, tx).await
+        }
+    }
+}
+
+async fn listen_on<S, T>(
+    client: tokio_postgres::Client,
+    mut conn: tokio_postgres::Connection<S, T>,
+    channel: &str,
+    tx: tokio::sync::mpsc::UnboundedSender<String>,
+) -> Result<(), StorageError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+    let statement = format!("LISTEN \"{}\"", channel.replace('"', ""));
+    let listen = client.batch_execute(&statement);
+    tokio::pin!(listen);
+    // The connection is driven by reading its messages, also while LISTEN is on its way.
+    let mut listening = false;
+    loop {
+        tokio::select! {
+            r = &mut listen, if !listening => {
+                r?;
+                listening = true;
+            }
+            m = messages.next() => match m {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                    if tx.send(n.payload().to_string()).is_err() {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+        }
+    }
 }
 
 /// Applies every migration not applied yet; returns the names applied now.

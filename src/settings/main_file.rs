@@ -233,6 +233,10 @@ pub struct ClusterSection {
     /// How long an outbox claim lives without being renewed (in-flight claims are renewed
     /// every third of it); a claim of a dead instance frees its request after this.
     pub claim_ttl: Dur,
+    /// How long a mailbox lease lives without being renewed (leases are renewed, and
+    /// instances heartbeat, every third of it): a dead instance's mailboxes are taken over
+    /// after this.
+    pub lease_ttl: Dur,
 }
 
 impl Default for ClusterSection {
@@ -240,6 +244,7 @@ impl Default for ClusterSection {
         Self {
             instance_id: None,
             claim_ttl: Dur(Duration::from_secs(30)),
+            lease_ttl: Dur(Duration::from_secs(30)),
         }
     }
 }

@@ -426,6 +426,12 @@ impl Settings {
                 "must be at least 3s (claims are renewed every third of it)".into(),
             ));
         }
+        if cluster.lease_ttl.0 < Duration::from_secs(3) {
+            problems.push(at(
+                "cluster.lease_ttl",
+                "must be at least 3s (leases are renewed every third of it)".into(),
+            ));
+        }
         // AMQP names are short strings (at most 255 bytes); the service adds suffixes.
         for (key, name) in [
             ("rabbitmq.exchange", &rabbitmq.exchange),
