@@ -230,6 +230,7 @@ impl Actor for SyncListener {
                             .send(FindChild::<MailboxFetcher>::named(mailbox_child(&id)))
                             .await
                         {
+                            tracing::info!(mailbox = %id, "sync requested through another instance");
                             fetcher.do_send(SyncNow);
                         }
                     }

@@ -882,36 +882,90 @@ async fn old_positions_become_json_cursors_and_imap_ones_only_move_forward() {
     // A POP3 mailbox reads any cursor as "first contact done".
     assert!(intake::cursor(&pool, "mb-pop3").await.unwrap().is_some());
     // Forward only within one UIDVALIDITY; a new UIDVALIDITY starts over.
-    intake::record(&pool, "mb-imap", &[], Some(&imap(1700000001, 40)))
+    intake::record(&pool, "mb-imap", &[], Some(&imap(1700000001, 40)), None)
         .await
         .unwrap();
     assert_eq!(
         intake::cursor(&pool, "mb-imap").await.unwrap(),
         Some(imap(1700000001, 42))
     );
-    intake::record(&pool, "mb-imap", &[], Some(&imap(1700000001, 50)))
+    intake::record(&pool, "mb-imap", &[], Some(&imap(1700000001, 50)), None)
         .await
         .unwrap();
     assert_eq!(
         intake::cursor(&pool, "mb-imap").await.unwrap(),
         Some(imap(1700000001, 50))
     );
-    intake::record(&pool, "mb-imap", &[], Some(&imap(9, 3)))
+    intake::record(&pool, "mb-imap", &[], Some(&imap(9, 3)), None)
         .await
         .unwrap();
     assert_eq!(
         intake::cursor(&pool, "mb-imap").await.unwrap(),
         Some(imap(9, 3))
     );
+    // Fencing: only the holder of the mailbox's current lease token moves its position; a
+    // stale holder's keys are still recorded.
+    let leases = ["mb-imap".to_string()];
+    let held = mailbridge::leases::acquire(&pool, "node-1", &leases, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let first = mailbridge::leases::Lease {
+        owner: "node-1".into(),
+        token: held["mb-imap"],
+    };
+    mailbridge::leases::release(&pool, "node-1", &leases)
+        .await
+        .unwrap();
+    let taken = mailbridge::leases::acquire(&pool, "node-2", &leases, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(taken["mb-imap"], first.token + 1);
+    let stale = intake::record(
+        &pool,
+        "mb-imap",
+        &[intake::Record::new(
+            "fenced-key".into(),
+            intake::Outcome::Published,
+        )],
+        Some(&imap(9, 99)),
+        Some(&first),
+    )
+    .await;
+    assert!(
+        matches!(stale, Err(mailbridge::storage::StorageError::Fenced(_))),
+        "{stale:?}"
+    );
+    assert_eq!(
+        intake::cursor(&pool, "mb-imap").await.unwrap(),
+        Some(imap(9, 3))
+    );
+    assert_eq!(
+        intake::known(&pool, "mb-imap", &["fenced-key".to_string()])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let current = mailbridge::leases::Lease {
+        owner: "node-2".into(),
+        token: taken["mb-imap"],
+    };
+    intake::record(&pool, "mb-imap", &[], Some(&imap(9, 99)), Some(&current))
+        .await
+        .unwrap();
+    assert_eq!(
+        intake::cursor(&pool, "mb-imap").await.unwrap(),
+        Some(imap(9, 99))
+    );
     // API cursors are replaced by the next one.
     let gmail = |h: &str| MailboxCursor::GmailApi {
         history_id: h.into(),
         floor: Some(1),
     };
-    intake::record(&pool, "mb-g", &[], Some(&gmail("200")))
+    intake::record(&pool, "mb-g", &[], Some(&gmail("200")), None)
         .await
         .unwrap();
-    intake::record(&pool, "mb-g", &[], Some(&gmail("180")))
+    intake::record(&pool, "mb-g", &[], Some(&gmail("180")), None)
         .await
         .unwrap();
     assert_eq!(

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use super::{
-    ConfigProblem, DatabaseSection, HttpSection, QueuesSection, RabbitMqSection, Secret,
-    ENVIRONMENT,
+    ClusterSection, ConfigProblem, DatabaseSection, HttpSection, QueuesSection, RabbitMqSection,
+    Secret, ENVIRONMENT,
 };
 
 /// A source of environment variables; tests pass a map instead of the process environment.
@@ -33,6 +33,7 @@ pub(super) fn apply_env(
     queues: &mut QueuesSection,
     database: &mut DatabaseSection,
     http: &mut HttpSection,
+    cluster: &mut ClusterSection,
     problems: &mut Vec<ConfigProblem>,
 ) {
     let nonempty = |name: &str| env.var(name).filter(|v| !v.is_empty());
@@ -83,5 +84,8 @@ pub(super) fn apply_env(
     }
     if let Some(v) = nonempty("HTTP_LISTEN") {
         http.listen = v;
+    }
+    if let Some(v) = nonempty("MAILBRIDGE_INSTANCE_ID") {
+        cluster.instance_id = Some(v);
     }
 }

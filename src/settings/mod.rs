@@ -280,7 +280,7 @@ impl Settings {
             tenants,
             shutdown,
             inbound,
-            cluster,
+            mut cluster,
         } = main;
 
         env::apply_env(
@@ -289,6 +289,7 @@ impl Settings {
             &mut queues,
             &mut database,
             &mut http,
+            &mut cluster,
             &mut problems,
         );
 

@@ -850,6 +850,9 @@ first_valid_uid = 1
 default_internal_user = dovecot
 default_login_user = dovenull
 pop3_uidl_format = %08Xu%08Xv
+# Hundreds of idle IMAP sessions in the scale and cluster tests: a process each.
+default_process_limit = 1000
+default_client_limit = 4000
 passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {d}/users
@@ -996,9 +999,12 @@ service stats {{
         for sub in ["new", "cur", "tmp"] {
             std::fs::create_dir_all(base.join(sub)).unwrap();
         }
+        // Unique across calls, so a later delivery never replaces an earlier file.
+        static DELIVERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         for (i, raw) in messages.enumerate() {
+            let seq = DELIVERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let path = base.join("new").join(format!(
-                "{}.M{i}P{}.mbtest",
+                "{}.M{seq}P{}.mbtest",
                 1_700_000_000 + i,
                 std::process::id()
             ));

@@ -1,0 +1,334 @@
+//! Several instances on one RabbitMQ and one PostgreSQL (issue 13): mailbox ownership by
+//! lease — spread evenly, taken over after a SIGKILL within the lease time, rebalanced when
+//! the instance comes back —, sync requests reaching the owner whoever consumed them, and
+//! outbound as competing consumers with one instance killed midway.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::ledger::{deliveries, publish_all, tracked_request, wait_delivered};
+use common::{free_port, Dovecot, Service, SmtpServer, TestEnv};
+
+const PW: &str = "secret-imap-pw";
+const MAILBOXES: usize = 300;
+/// The lease time of these tests: a dead instance's mailboxes move after it.
+const LEASE_TTL: Duration = Duration::from_secs(6);
+
+fn message(user: &str, round: usize) -> Vec<u8> {
+    format!(
+        "From: Sender <sender@example.com>\r\nTo: {user}@acme.example\r\nSubject: round {round}\r\nMessage-ID: <{user}-{round}@example.com>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nRound {round} for {user}.\r\n"
+    )
+    .into_bytes()
+}
+
+/// An instance of its own id and HTTP port, sharing `env`'s configuration.
+fn instance(env: &TestEnv, name: &str, port: u16) -> Service {
+    let listen = format!("127.0.0.1:{port}");
+    let mut svc = Service::start_with(
+        env,
+        &[("HTTP_LISTEN", &listen), ("MAILBRIDGE_INSTANCE_ID", name)],
+    );
+    svc.base_url = format!("http://{listen}");
+    svc
+}
+
+/// Live leases by owner.
+async fn owners(db: &tokio_postgres::Client) -> BTreeMap<String, i64> {
+    db.query(
+        "SELECT owner, count(*) FROM mailbox_leases WHERE expires_at > now() GROUP BY owner",
+        &[],
+    )
+    .await
+    .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    .unwrap_or_default()
+}
+
+/// Waits until the live leases are held exactly by `names`, all `total` of them, each of
+/// `names` holding at least `min`; returns how long it took.
+async fn wait_owners(
+    db: &tokio_postgres::Client,
+    names: &[&str],
+    total: i64,
+    min: i64,
+    timeout: Duration,
+) -> (Duration, BTreeMap<String, i64>) {
+    let start = Instant::now();
+    loop {
+        let o = owners(db).await;
+        let held: i64 = o.values().sum();
+        let right_owners = o.len() == names.len() && names.iter().all(|n| o.contains_key(*n));
+        if (right_owners && held == total && o.values().all(|n| *n >= min))
+            || start.elapsed() > timeout
+        {
+            return (start.elapsed(), o);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Consumes `email.inbound` until every id of `expected` is in (or the time is up), then a
+/// moment more to catch duplicates; adds what it saw to `seen`.
+async fn collect(
+    env: &TestEnv,
+    seen: &mut BTreeMap<String, usize>,
+    expected: &[String],
+    timeout: Duration,
+) {
+    let start = Instant::now();
+    while expected.iter().any(|id| !seen.contains_key(id)) && start.elapsed() < timeout {
+        for m in env
+            .take("email.inbound", 1000, Duration::from_millis(300))
+            .await
+        {
+            let id = m["message_id"].as_str().unwrap_or("?").to_string();
+            *seen.entry(id).or_default() += 1;
+        }
+    }
+    for m in env
+        .take("email.inbound", usize::MAX, Duration::from_secs(2))
+        .await
+    {
+        let id = m["message_id"].as_str().unwrap_or("?").to_string();
+        *seen.entry(id).or_default() += 1;
+    }
+}
+
+fn round_ids(users: &[String], round: usize) -> Vec<String> {
+    users
+        .iter()
+        .map(|u| format!("{u}-{round}@example.com"))
+        .collect()
+}
+
+fn deliver_round(dovecot: &Dovecot, users: &[String], round: usize) {
+    for u in users {
+        dovecot.deliver_files(u, std::iter::once(message(u, round)));
+    }
+}
+
+#[tokio::test]
+async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalance() {
+    let env = TestEnv::new("cluster");
+    let users: Vec<String> = (0..MAILBOXES).map(|i| format!("c{i}")).collect();
+    let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), PW)).collect();
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &pairs);
+    let mut tenant = String::from(
+        "id = \"acme\"\n[[providers]]\nid = \"acme-provider\"\nkind = \"file\"\ndir = \"sent\"\n",
+    );
+    for u in &users {
+        tenant.push_str(&format!(
+            "[[mailboxes]]\nid = \"mb-{u}\"\nuser_id = \"user-{u}\"\nprovider_id = \"acme-provider\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"{u}\"\npassword = \"{PW}\"\nidle = true\ninitial_sync = \"all\"\n",
+            dovecot.imap_port
+        ));
+    }
+    // One mailbox that polls hourly: only a sync request brings its mail.
+    tenant.push_str(&format!(
+        "[[mailboxes]]\nid = \"mb-slow\"\nuser_id = \"user-slow\"\nprovider_id = \"acme-provider\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"c0\"\npassword = \"{PW}\"\nfolder = \"Slow\"\nidle = false\npoll_interval = \"1h\"\ninitial_sync = \"all\"\n",
+        dovecot.imap_port
+    ));
+    dovecot.imap("c0", PW, "m.create('Slow')");
+    env.write_config(&format!(
+        "[cluster]\nlease_ttl = \"{}s\"\n",
+        LEASE_TTL.as_secs()
+    ));
+    env.write_tenant("acme.toml", &tenant);
+    let total = MAILBOXES as i64 + 1;
+    let ports = [free_port(), free_port(), free_port()];
+    let names = ["node-a", "node-b", "node-c"];
+    let mut nodes: Vec<Service> = names
+        .iter()
+        .zip(ports)
+        .map(|(n, p)| instance(&env, n, p))
+        .collect();
+    for n in &nodes {
+        n.wait_health(200, Duration::from_secs(60)).await;
+    }
+    let db = env.db().await;
+    // Spread: 301 mailboxes over three instances, each near a third.
+    let (took, spread) = wait_owners(&db, &names, total, 70, Duration::from_secs(60)).await;
+    println!("ownership settled in {took:?}: {spread:?}");
+    assert_eq!(spread.values().sum::<i64>(), total, "{spread:?}");
+    assert!(spread.values().all(|n| *n >= 70), "uneven: {spread:?}");
+
+    let mut seen = BTreeMap::new();
+    deliver_round(&dovecot, &users, 1);
+    let mut expected = round_ids(&users, 1);
+    collect(&env, &mut seen, &expected, Duration::from_secs(90)).await;
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    assert!(missing.is_empty(), "round 1 missing {}", missing.len());
+
+    // A sync request for the hourly mailbox, consumed by whichever instance: the owner syncs.
+    dovecot.append("c0", PW, "Slow", &message("slow", 1));
+    let owner: String = db
+        .query_one(
+            "SELECT owner FROM mailbox_leases WHERE mailbox_id = 'mb-slow'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let sync = serde_json::json!({"tenant_id": "acme", "provider_id": "acme-provider",
+        "user_id": "user-slow", "sync_type": "incremental"});
+    for _ in 0..3 {
+        env.publish("email.sync.user", sync.to_string().as_bytes())
+            .await;
+    }
+    let slow = vec!["slow-1@example.com".to_string()];
+    collect(&env, &mut seen, &slow, Duration::from_secs(20)).await;
+    assert_eq!(
+        seen.get("slow-1@example.com"),
+        Some(&1),
+        "the hourly mailbox did not sync"
+    );
+    expected.extend(slow);
+    let owner_node = &nodes[names.iter().position(|n| *n == owner).unwrap()];
+    assert!(
+        owner_node
+            .log_text()
+            .contains("sync requested through another instance"),
+        "no sync request reached {owner} through PostgreSQL"
+    );
+
+    // Mail arriving while node-b dies.
+    deliver_round(&dovecot, &users, 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    nodes[1].kill();
+    let killed_at = Instant::now();
+    let (moved, after) = wait_owners(
+        &db,
+        &["node-a", "node-c"],
+        total,
+        100,
+        Duration::from_secs(60),
+    )
+    .await;
+    println!("node-b's mailboxes taken over {moved:?} after the kill: {after:?}");
+    assert_eq!(after.values().sum::<i64>(), total, "{after:?}");
+    assert!(!after.contains_key("node-b"));
+    // Within the lease time, plus one renewal round and the time to notice.
+    assert!(
+        killed_at.elapsed() <= LEASE_TTL * 2 + Duration::from_secs(2),
+        "takeover took {:?}",
+        killed_at.elapsed()
+    );
+    deliver_round(&dovecot, &users, 3);
+    expected.extend(round_ids(&users, 2));
+    expected.extend(round_ids(&users, 3));
+    collect(&env, &mut seen, &expected, Duration::from_secs(90)).await;
+
+    // node-b again: ownership spreads over three once more.
+    nodes[1] = instance(&env, "node-b", ports[1]);
+    nodes[1].wait_health(200, Duration::from_secs(60)).await;
+    let (back, rebalanced) = wait_owners(&db, &names, total, 70, Duration::from_secs(60)).await;
+    println!("rebalanced {back:?} after node-b came back: {rebalanced:?}");
+    assert!(rebalanced.values().all(|n| *n >= 70), "{rebalanced:?}");
+    deliver_round(&dovecot, &users, 4);
+    expected.extend(round_ids(&users, 4));
+    collect(&env, &mut seen, &expected, Duration::from_secs(90)).await;
+
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "never published ({}): {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(seen.len(), expected.len(), "unexpected ids");
+    let twice: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    println!(
+        "{} emails through a kill and a rebalance: {} published twice",
+        expected.len(),
+        twice.len()
+    );
+    assert!(twice.is_empty(), "published twice: {twice:?}");
+    for n in &nodes {
+        assert!(!n.log_text().contains("panicked"));
+    }
+}
+
+#[tokio::test]
+async fn outbound_through_three_instances_one_killed_midway_delivers_each_once() {
+    const N: usize = 10_000;
+    let env = TestEnv::new("cluster-out");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.smtp_tenant("acme", "acme-smtp", smtp.port, "");
+    let names = ["out-a", "out-b", "out-c"];
+    let mut nodes: Vec<Service> = names
+        .iter()
+        .map(|n| instance(&env, n, free_port()))
+        .collect();
+    for n in &nodes {
+        n.wait_health(200, Duration::from_secs(60)).await;
+    }
+    let ids: Vec<String> = (0..N).map(|i| format!("co-{i}")).collect();
+    let bodies: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| serde_json::to_vec(&tracked_request("acme", "acme-smtp", id)).expect("json"))
+        .collect();
+    publish_all(&env, &bodies).await;
+    let at = wait_delivered(&smtp, N / 3, Duration::from_secs(180)).await;
+    nodes[1].kill();
+    println!("SIGKILL of one of three instances after {at} deliveries");
+    // The crash window: accepted by the server, `sent` not committed when it died.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at_kill = deliveries(&smtp);
+    let db = env.db().await;
+    let committed: std::collections::HashSet<String> = db
+        .query("SELECT message_id FROM outbox WHERE status = 'sent'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let window: std::collections::HashSet<&String> = at_kill
+        .keys()
+        .filter(|id| !committed.contains(*id))
+        .collect();
+    let start = Instant::now();
+    while deliveries(&smtp).len() < N && start.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = deliveries(&smtp);
+    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains_key(*id)).collect();
+    assert!(missing.is_empty(), "never delivered: {}", missing.len());
+    assert_eq!(got.len(), N, "unexpected deliveries");
+    let repeated: Vec<&String> = got
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    println!(
+        "{N} requests through three instances, one killed: {} delivered twice, crash window {}",
+        repeated.len(),
+        window.len()
+    );
+    let outside: Vec<&&String> = repeated
+        .iter()
+        .filter(|id| !window.contains(**id))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "delivered twice though committed as sent before the kill: {outside:?}"
+    );
+    assert!(
+        got.values().all(|n| *n <= 2),
+        "an email delivered three times"
+    );
+    let statuses: BTreeMap<String, i64> = db
+        .query("SELECT status, count(*) FROM outbox GROUP BY status", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(statuses, BTreeMap::from([("sent".to_string(), N as i64)]));
+}
