@@ -266,6 +266,13 @@ impl Fetch {
         self.mailbox.protocol.as_str()
     }
 
+    /// Logins per second to this mailbox's host.
+    fn connect_rate(&self) -> f64 {
+        self.mailbox
+            .connect_rate_per_host
+            .unwrap_or(self.child.settings.inbound.connect_rate_per_host)
+    }
+
     fn max_message(&self) -> u64 {
         self.child.settings.inbound.max_message_bytes
     }
@@ -400,11 +407,22 @@ impl Fetch {
                             .account(&format!("mailbox:{}", self.mailbox.id), o),
                     )
                 });
+                self.child
+                    .pacer
+                    .wait(&self.mailbox.host, self.connect_rate())
+                    .await;
                 let source =
                     ImapSource::open(self.mailbox.clone(), credential, self.max_message()).await?;
                 self.serve(source).await
             }
-            MailProtocol::Pop3 => self.serve(Pop3Source::new(self.mailbox.clone())).await,
+            MailProtocol::Pop3 => {
+                let source = Pop3Source::new(
+                    self.mailbox.clone(),
+                    self.child.pacer.clone(),
+                    self.connect_rate(),
+                );
+                self.serve(source).await
+            }
             MailProtocol::GmailApi | MailProtocol::MsGraph => {
                 let source = ApiSource::of(&self.mailbox, &self.child.accounts)
                     .ok_or_else(|| FetchError::Task("not an API mailbox".into()))??;

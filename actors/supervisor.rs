@@ -219,6 +219,8 @@ pub struct ChildContext {
     pub supervisor: Addr<Supervisor>,
     /// The running OAuth2 accounts, shared by every sender and fetcher.
     pub accounts: Arc<crate::oauth2::Accounts>,
+    /// Paces logins per mail server host, shared by every fetcher.
+    pub pacer: Arc<crate::pacing::ConnectPacer>,
     /// For a child gated on a mailbox lease ([`ChildSpec::leased`]): the lease it runs
     /// under, whose token fences the mailbox's position.
     pub lease: Option<Lease>,
@@ -391,6 +393,7 @@ pub struct Supervisor {
     children: Vec<Child>,
     shutting_down: bool,
     factory: Option<ChildFactory>,
+    pacer: Arc<crate::pacing::ConnectPacer>,
     /// The mailbox leases this instance holds, with their tokens.
     leases: HashMap<String, i64>,
     /// When the leases were last renewed.
@@ -427,6 +430,7 @@ impl Supervisor {
             children: Vec::new(),
             shutting_down: false,
             factory: None,
+            pacer: Arc::default(),
             leases: HashMap::new(),
             leases_renewed: None,
             renewing: false,
@@ -767,6 +771,7 @@ impl Supervisor {
             publisher: self.publisher.clone(),
             supervisor: ctx.address(),
             accounts: self.accounts.clone(),
+            pacer: self.pacer.clone(),
             lease: None,
         };
         let mut reports = Vec::new();

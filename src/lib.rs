@@ -32,6 +32,7 @@ pub mod mime;
 pub mod oauth2;
 pub mod outbound;
 pub mod outbox;
+pub mod pacing;
 pub mod providers;
 pub mod settings;
 pub mod smtp;

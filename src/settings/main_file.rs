@@ -211,6 +211,9 @@ pub struct InboundSection {
     /// Bytes of mail one fetcher holds in memory per batch (IMAP fetches are grouped by the
     /// messages' sizes to stay under it).
     pub fetch_batch_bytes: u64,
+    /// Logins per second to one mail server host (IMAP, POP3), for every mailbox on it: at
+    /// start, and when they all reconnect. A mailbox may set its own.
+    pub connect_rate_per_host: f64,
 }
 
 impl Default for InboundSection {
@@ -218,6 +221,7 @@ impl Default for InboundSection {
         Self {
             max_message_bytes: 52_428_800,
             fetch_batch_bytes: 33_554_432,
+            connect_rate_per_host: 100.0,
         }
     }
 }

@@ -427,6 +427,12 @@ impl Settings {
                 "must be at least 3s (claims are renewed every third of it)".into(),
             ));
         }
+        if !(inbound.connect_rate_per_host.is_finite() && inbound.connect_rate_per_host > 0.0) {
+            problems.push(at(
+                "inbound.connect_rate_per_host",
+                "must be a number of logins per second above 0".into(),
+            ));
+        }
         if cluster.lease_ttl.0 < Duration::from_secs(3) {
             problems.push(at(
                 "cluster.lease_ttl",

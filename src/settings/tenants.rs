@@ -145,6 +145,7 @@ struct MailboxFile {
     delete_after_fetch: bool,
     ca_file: Option<PathBuf>,
     oauth2: Option<toml::Table>,
+    connect_rate_per_host: Option<f64>,
 }
 
 fn default_true() -> bool {
@@ -205,6 +206,8 @@ pub struct Mailbox {
     pub poll_interval: Duration,
     pub initial_sync: InitialSync,
     pub delete_after_fetch: bool,
+    /// Logins per second to this mailbox's host; `[inbound] connect_rate_per_host` when None.
+    pub connect_rate_per_host: Option<f64>,
     /// An extra CA to trust for this mailbox's server certificate.
     pub ca_file: Option<PathBuf>,
     /// An OAuth2 account (`[mailboxes.oauth2]`): IMAP XOAUTH2 with its access tokens, or the
@@ -463,6 +466,15 @@ pub(super) fn load_tenants(
             if mf.poll_interval.0.is_zero() {
                 p(key("poll_interval"), "must be longer than 0".into());
             }
+            if mf
+                .connect_rate_per_host
+                .is_some_and(|r| !(r.is_finite() && r > 0.0))
+            {
+                p(
+                    key("connect_rate_per_host"),
+                    "must be a number of logins per second above 0".into(),
+                );
+            }
             let tls = mf.tls.unwrap_or(TlsMode::Tls);
             let api_base = match mf.protocol {
                 MailProtocol::GmailApi => Some(
@@ -647,6 +659,7 @@ pub(super) fn load_tenants(
                 poll_interval: mf.poll_interval.0,
                 initial_sync: mf.initial_sync,
                 delete_after_fetch: mf.delete_after_fetch,
+                connect_rate_per_host: mf.connect_rate_per_host,
             });
         }
         problems.extend(oauth2_problems);
@@ -695,6 +708,7 @@ impl Mailbox {
             .add(&self.poll_interval)
             .add(&format!("{:?}", self.initial_sync))
             .add(&self.delete_after_fetch)
+            .add(&self.connect_rate_per_host.map(f64::to_bits))
             .add(&self.ca_file)
             .secret(self.password.as_ref());
         if let Some(o) = &self.oauth2 {

@@ -20,19 +20,25 @@ use super::{
 use crate::inbound::uidl_key;
 use crate::intake::{guarded, MailboxCursor};
 use crate::mailproto::{MailboxError, Pop3, MAX_LINE};
+use crate::pacing::ConnectPacer;
 use crate::settings::Mailbox;
 
 pub struct Pop3Source {
     mailbox: Arc<Mailbox>,
+    /// Paces the logins to the host (one per sync).
+    pacer: Arc<ConnectPacer>,
+    rate: f64,
     /// The session of the sync in progress.
     pop: Option<Pop3>,
     walk: Option<Start>,
 }
 
 impl Pop3Source {
-    pub fn new(mailbox: Arc<Mailbox>) -> Self {
+    pub fn new(mailbox: Arc<Mailbox>, pacer: Arc<ConnectPacer>, rate: f64) -> Self {
         Self {
             mailbox,
+            pacer,
+            rate,
             pop: None,
             walk: None,
         }
@@ -102,6 +108,7 @@ impl Pop3Source {
 
 impl MailSource for Pop3Source {
     async fn connect(&mut self) -> Result<(), SourceError> {
+        self.pacer.wait(&self.mailbox.host, self.rate).await;
         self.pop = Some(Pop3::login(&self.mailbox).await?);
         Ok(())
     }
