@@ -496,6 +496,152 @@ async fn inbound_throughput(n: usize) -> Row {
     }
 }
 
+/// One size of the mailbox-scale run.
+struct ScaleRow {
+    mailboxes: usize,
+    /// From service start until every mailbox reported ok (logged in, synced, idling).
+    connected_s: f64,
+    connected: usize,
+    rss_mb: f64,
+    idle_cpu_pct: f64,
+    pg_connections: i64,
+    fds: usize,
+    latency_ms: (f64, f64),
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) of one process so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = 100.0;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `n` idle IMAP mailboxes (IDLE, on a Dovecot whose idle sessions hibernate): how long
+/// until all are connected (paced by `connect_rate_per_host`), then at rest the service's
+/// RSS, CPU, database connections and open files, and how long a new email in one mailbox
+/// takes to be published while all idle.
+async fn mailbox_scale(n: usize) -> ScaleRow {
+    let env = TestEnv::new("bench_mbx");
+    let pw = "bench-pw";
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let users: Vec<(&str, &str)> = names.iter().map(|u| (u.as_str(), pw)).collect();
+    let dovecot = Dovecot::start_scaled(&env.dir.join("dovecot"), &users);
+    let mut tenant = String::from(
+        "id = \"bench\"\n[[providers]]\nid = \"files\"\nkind = \"file\"\ndir = \"sent\"\n",
+    );
+    for u in &names {
+        tenant.push_str(&format!(
+            "[[mailboxes]]\nid = \"mb-{u}\"\nuser_id = \"user-{u}\"\nprovider_id = \"files\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"{u}\"\npassword = \"{pw}\"\nidle = true\npoll_interval = \"25m\"\n",
+            dovecot.imap_port
+        ));
+    }
+    env.write_tenant("bench.toml", &tenant);
+    declare_queue(&env, "email.inbound").await;
+    let started = Instant::now();
+    let svc = Service::start(&env);
+    let http = reqwest::Client::new();
+    let mut connected = 0;
+    while started.elapsed() < Duration::from_secs(600) {
+        if let Ok(r) = http
+            .get(format!("{}/api/mailboxes?limit=1", svc.base_url))
+            .send()
+            .await
+        {
+            if let Ok(v) = r.json::<serde_json::Value>().await {
+                connected = v["counts"]["ok"].as_u64().unwrap_or(0) as usize;
+            }
+        }
+        if connected >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let connected_s = started.elapsed().as_secs_f64();
+    // At rest: Dovecot hibernates the sessions, the service only waits.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cpu0 = cpu_seconds(svc.pid());
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let idle_cpu_pct = (cpu_seconds(svc.pid()) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let rss = rss_mb(svc.pid());
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", svc.pid()))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let db = env.db().await;
+    let pg_connections: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1);
+    // New mail in one mailbox at a time, while all idle.
+    let inbound = DepthWatch::new(&env, "email.inbound").await;
+    let mut latencies = Vec::new();
+    let samples = 40.min(n);
+    for k in 0..samples {
+        let user = &names[(k * 7919) % n];
+        let before = inbound.depth().await;
+        let t = Instant::now();
+        dovecot.deliver_files(
+            user,
+            std::iter::once(
+                format!(
+                    "From: a@example.com\r\nTo: {user}@example.com\r\nSubject: latency {k}\r\nMessage-ID: <lat-{k}-{user}@example.com>\r\n\r\nhello\r\n"
+                )
+                .into_bytes(),
+            ),
+        );
+        let depth = inbound
+            .wait_for(before + 1, t, Duration::from_secs(30))
+            .await;
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        if depth <= before {
+            println!("  new mail in {user} not published within 30 s");
+        }
+    }
+    inbound.close().await;
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    ScaleRow {
+        mailboxes: n,
+        connected_s,
+        connected,
+        rss_mb: rss,
+        idle_cpu_pct,
+        pg_connections,
+        fds,
+        latency_ms: (percentile(&latencies, 0.5), percentile(&latencies, 0.99)),
+    }
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -545,6 +691,23 @@ async fn main() {
     if wanted("inbound") {
         rows.push(inbound_throughput(in_n).await);
     }
+    // BENCH_MAILBOXES: the sizes of the mailbox-scale run (only with BENCH_ONLY=mailboxes or
+    // when set, as it takes minutes).
+    let mut scale = Vec::new();
+    if only == "mailboxes" || std::env::var("BENCH_MAILBOXES").is_ok() {
+        let sizes = std::env::var("BENCH_MAILBOXES").unwrap_or_else(|_| "100,1000,10000".into());
+        for n in sizes
+            .split(',')
+            .filter_map(|s| s.trim().parse::<usize>().ok())
+        {
+            let row = mailbox_scale(n).await;
+            println!(
+                "{} mailboxes: {} connected in {:.1} s, RSS {:.0} MB",
+                row.mailboxes, row.connected, row.connected_s, row.rss_mb
+            );
+            scale.push(row);
+        }
+    }
     println!();
     println!("machine: {}", machine());
     println!("RabbitMQ, PostgreSQL, the mail servers and the service share this machine.");
@@ -556,5 +719,35 @@ async fn main() {
             "| {} | {} | {:.0} MB | {} |",
             r.what, r.result, r.rss_mb, r.cpu
         );
+    }
+    if !scale.is_empty() {
+        println!();
+        println!("| idle IMAP mailboxes | all connected after start | RSS | RSS per mailbox | idle CPU | PostgreSQL connections | open files | new mail published p50 / p99 |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &scale {
+            println!(
+                "| {} | {:.1} s ({} ok) | {:.0} MB | {:.1} KB | {:.2} % of a core | {} | {} | {:.0} / {:.0} ms |",
+                r.mailboxes,
+                r.connected_s,
+                r.connected,
+                r.rss_mb,
+                r.rss_mb * 1024.0 / r.mailboxes as f64,
+                r.idle_cpu_pct,
+                r.pg_connections,
+                r.fds,
+                r.latency_ms.0,
+                r.latency_ms.1
+            );
+        }
+        if let (Some(a), Some(b)) = (scale.first(), scale.last()) {
+            if b.mailboxes > a.mailboxes {
+                println!(
+                    "cost of one more idle mailbox ({} → {}): {:.1} KB of RSS",
+                    a.mailboxes,
+                    b.mailboxes,
+                    (b.rss_mb - a.rss_mb) * 1024.0 / (b.mailboxes - a.mailboxes) as f64
+                );
+            }
+        }
     }
 }

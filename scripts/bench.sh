@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The benchmark (issue 7): outbound throughput and latency against Postfix's smtp-sink,
 # inbound throughput from Dovecot, peak RSS; prints a table. Installs what it needs.
+# BENCH_MAILBOXES=100,1000,10000 (or BENCH_ONLY=mailboxes) adds the mailbox-scale run
+# (issue 13): idle IMAP mailboxes on a hibernating Dovecot.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
@@ -11,4 +13,6 @@ ensure_test_python
 ensure_dovecot
 [ -x /usr/sbin/smtp-sink ] || apt_install postfix
 export MAILBRIDGE_TEST_PG="${MAILBRIDGE_TEST_PG:-$(pg_server_url)}"
+# Ten thousand IMAP sessions: a file each on both ends.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 cargo bench --locked --bench throughput

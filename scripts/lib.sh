@@ -75,6 +75,14 @@ ensure_dovecot() {
     if ! command -v dovecot >/dev/null 2>&1 || [ ! -e /usr/lib/dovecot/imap ] || [ ! -e /usr/lib/dovecot/pop3 ]; then
         apt_install dovecot-imapd dovecot-pop3d
     fi
+    # Each idle IMAP session watches its maildir with inotify; the kernel's default of 128
+    # instances per user is passed at a few hundred mailboxes (Dovecot then polls every 30 s).
+    local instances=/proc/sys/fs/inotify/max_user_instances
+    if [ -w "$instances" ] && [ "$(cat "$instances")" -lt 65536 ]; then
+        echo 65536 > "$instances" || true
+    elif [ -n "$SUDO" ] && [ "$(cat "$instances" 2>/dev/null || echo 65536)" -lt 65536 ]; then
+        $SUDO sysctl -q -w fs.inotify.max_user_instances=65536 || true
+    fi
 }
 
 # A Python virtualenv with the tests' packages (tests/requirements.txt), put first on PATH.

@@ -762,13 +762,45 @@ impl Dovecot {
     /// With `cert` (PEM certificate and key paths): STARTTLS on the plain ports and implicit
     /// TLS on `imaps_port` / `pop3s_port`.
     pub fn start_tls(dir: &Path, users: &[(&str, &str)], cert: Option<(&Path, &Path)>) -> Self {
-        Self::start_with(dir, users, cert, None)
+        Self::start_with(dir, users, cert, None, "")
     }
 
     /// With an oauth2 passdb too: XOAUTH2/OAUTHBEARER tokens are checked by RFC 7662
     /// introspection at `introspection_url` (`{"active": true, "username": …}`).
     pub fn start_oauth2(dir: &Path, users: &[(&str, &str)], introspection_url: &str) -> Self {
-        Self::start_with(dir, users, None, Some(introspection_url))
+        Self::start_with(dir, users, None, Some(introspection_url), "")
+    }
+
+    /// For thousands of idle IMAP sessions: idle sessions hibernate (one `imap-hibernate`
+    /// process holds them all instead of a process each), and logins share a few processes.
+    pub fn start_scaled(dir: &Path, users: &[(&str, &str)]) -> Self {
+        Self::start_with(
+            dir,
+            users,
+            None,
+            None,
+            r#"
+imap_hibernate_timeout = 2s
+default_client_limit = 30000
+default_vsz_limit = 1G
+service imap-login {
+  service_count = 0
+  process_min_avail = 2
+  client_limit = 30000
+}
+service imap-hibernate {
+  client_limit = 30000
+  unix_listener imap-hibernate {
+    mode = 0666
+  }
+}
+service imap {
+  unix_listener imap-master {
+    mode = 0666
+  }
+}
+"#,
+        )
     }
 
     fn start_with(
@@ -776,6 +808,7 @@ impl Dovecot {
         users: &[(&str, &str)],
         cert: Option<(&Path, &Path)>,
         oauth2: Option<&str>,
+        extra: &str,
     ) -> Self {
         let _ = std::fs::remove_dir_all(dir);
         for sub in ["run", "state", "mail", "home"] {
@@ -886,6 +919,7 @@ service stats {{
     mode = 0666
   }}
 }}
+{extra}
 "#
         );
         std::fs::write(dir.join("dovecot.conf"), conf).unwrap();
