@@ -399,6 +399,8 @@ pub struct Supervisor {
     /// When the leases were last renewed.
     leases_renewed: Option<Instant>,
     renewing: bool,
+    /// A renewal was asked for while one ran.
+    renew_again: bool,
     /// Live instances at the last renewal.
     live_instances: usize,
 }
@@ -434,6 +436,7 @@ impl Supervisor {
             leases: HashMap::new(),
             leases_renewed: None,
             renewing: false,
+            renew_again: false,
             live_instances: 0,
         }
     }
@@ -557,6 +560,8 @@ impl Supervisor {
                 .with("reloaded_at", now)
                 .with("tenants", new.tenants.len()),
         );
+        // New mailboxes start as soon as their leases are taken, not at the next round.
+        self.renew_leases(ctx);
         self.tick(ctx);
         ReloadOutcome {
             applied: true,
@@ -867,9 +872,15 @@ impl Supervisor {
     /// Heartbeats, and takes or renews the leases of the mailboxes this instance should own
     /// among the live ones ([`leases::owner_of`]); then [`Supervisor::on_leases`].
     fn renew_leases(&mut self, ctx: &mut Context<Self>) {
-        if !self.migrated || self.shutting_down || self.renewing {
+        if self.renewing {
+            // The mailboxes may have changed since that round began: one more after it.
+            self.renew_again = true;
             return;
         }
+        if !self.migrated || self.shutting_down {
+            return;
+        }
+        self.renew_again = false;
         self.renewing = true;
         let pool = self.pool.clone();
         let me = self.settings.instance_id.clone();
@@ -883,19 +894,41 @@ impl Supervisor {
             .flat_map(|t| &t.mailboxes)
             .map(|m| m.id.clone())
             .collect();
+        let running: HashSet<String> = self.leases.keys().cloned().collect();
         ctx.spawn(
             async move {
                 let live = leases::heartbeat(&pool, &me, &listen, owned, ttl).await?;
-                let desired: Vec<String> = mailboxes
+                let desired: HashSet<String> = mailboxes
                     .into_iter()
                     .filter(|m| leases::owner_of(m, &live) == Some(me.as_str()))
                     .collect();
-                let held = leases::acquire(&pool, &me, &desired, ttl).await?;
+                // What this instance holds (a lease lives with its heartbeat), and what it
+                // should hold too where that is free.
+                let mut held = leases::held(&pool, &me).await?;
+                let wanted: Vec<String> = desired
+                    .iter()
+                    .filter(|m| !held.contains_key(*m))
+                    .cloned()
+                    .collect();
+                held.extend(leases::acquire(&pool, &me, &wanted, ttl).await?);
+                // Held but for another instance now, with no fetcher here (a previous run's,
+                // a removed mailbox's): released at once. Those with a running fetcher are
+                // released once it has drained (`on_leases`).
+                let idle: Vec<String> = held
+                    .keys()
+                    .filter(|m| !desired.contains(*m) && !running.contains(*m))
+                    .cloned()
+                    .collect();
+                leases::release(&pool, &me, &idle).await?;
+                held.retain(|m, _| desired.contains(m));
                 Ok::<_, storage::StorageError>((held, live.len()))
             }
             .into_actor(self)
             .map(|res, act, ctx| {
                 act.renewing = false;
+                if std::mem::take(&mut act.renew_again) {
+                    ctx.run_later(Duration::ZERO, |act, ctx| act.renew_leases(ctx));
+                }
                 match res {
                     Ok((held, live)) => {
                         act.live_instances = live;
@@ -947,9 +980,14 @@ impl Supervisor {
             );
             let pool = self.pool.clone();
             let me = self.settings.instance_id.clone();
+            let metrics = self.metrics.clone();
             ctx.spawn(
                 async move {
                     futures_util::future::join_all(drains).await;
+                    // Another instance reports them now.
+                    for m in &gone {
+                        metrics.do_send(ForgetComponent(ComponentId::Mailbox(m.clone())));
+                    }
                     if let Err(e) = leases::release(&pool, &me, &gone).await {
                         tracing::warn!(error = %e, "leases not released; they expire on their own");
                     }

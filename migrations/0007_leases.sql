@@ -12,13 +12,15 @@ CREATE TABLE IF NOT EXISTS instances (
     stopped      boolean NOT NULL DEFAULT false
 );
 
--- Each mailbox is fetched by the one instance holding its lease. The token grows with every
--- change of holder; a mailbox's position is committed only by the holder of the current
--- token (fencing), so an instance that lost the lease cannot advance it.
+-- Each mailbox is fetched by the one instance holding its lease. A lease lives as long as its
+-- owner's heartbeat (one row to renew per instance, whatever its mailbox count) until it is
+-- released. The token grows with every change of holder; a mailbox's position is committed
+-- only by the holder of the current token (fencing), so an instance that lost the lease
+-- cannot advance it.
 CREATE TABLE IF NOT EXISTS mailbox_leases (
     mailbox_id text PRIMARY KEY,
     owner      text NOT NULL,
     token      bigint NOT NULL,
-    expires_at timestamptz NOT NULL
+    released   boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS mailbox_leases_owner_idx ON mailbox_leases (owner);

@@ -44,7 +44,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let attachments = AttachmentStore::for_settings(&settings.attachments)?;
     let metrics = MetricsActor::default().start();
     let pool = storage::pool(&settings.database)?;
-    let supervisor = Supervisor::new(settings.clone(), pool, metrics.clone())
+    let supervisor = Supervisor::new(settings.clone(), pool.clone(), metrics.clone())
         .with_factory(children)
         .start();
     actix_rt::spawn(watch_config(settings.clone(), supervisor.clone()));
@@ -65,6 +65,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings: settings.clone(),
         admin_token,
         attachments: Arc::new(attachments),
+        pool,
     };
     let server = HttpServer::new(move || {
         App::new()

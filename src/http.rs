@@ -25,6 +25,7 @@ pub struct AppState {
     /// The bearer token of the admin endpoints; `None` disables them.
     pub admin_token: Option<Secret>,
     pub attachments: Arc<AttachmentStore>,
+    pub pool: deadpool_postgres::Pool,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -32,6 +33,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(metrics))
         .route("/api/rabbitmq/status", web::get().to(queue_status))
         .route("/api/mailboxes", web::get().to(mailboxes))
+        .route("/api/cluster", web::get().to(cluster))
         .route("/api/dlq", web::get().to(dlq_list))
         .route("/api/dlq/replay", web::post().to(dlq_replay))
         .route("/api/attachments/{id}", web::get().to(attachment))
@@ -296,6 +298,26 @@ async fn mailboxes(
     {
         Ok(page) => HttpResponse::Ok().json(page),
         Err(_) => unavailable("metrics actor"),
+    }
+}
+
+/// `GET /api/cluster`: this instance, and every instance that heartbeat in the last hour
+/// with whether it is live and how many mailbox leases it holds — the same from every
+/// instance, read from PostgreSQL.
+async fn cluster(state: web::Data<AppState>) -> HttpResponse {
+    let ttl = state.settings.cluster.lease_ttl.0;
+    match crate::leases::instances(&state.pool, ttl).await {
+        Ok(instances) => HttpResponse::Ok().json(serde_json::json!({
+            "success": true,
+            "instance_id": state.settings.instance_id,
+            "lease_ttl_seconds": ttl.as_secs(),
+            "instances": instances,
+        })),
+        Err(e) => HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "success": false,
+            "instance_id": state.settings.instance_id,
+            "error": e.to_string(),
+        })),
     }
 }
 

@@ -249,7 +249,7 @@ pub async fn record(
         (Some(_), Some(lease)) => tx
             .query_opt(
                 "SELECT 1 FROM mailbox_leases
-                 WHERE mailbox_id = $1 AND owner = $2 AND token = $3
+                 WHERE mailbox_id = $1 AND owner = $2 AND token = $3 AND NOT released
                  FOR SHARE",
                 &[&mailbox_id, &lease.owner, &lease.token],
             )

@@ -2,14 +2,15 @@
 //! fencing tokens (the SQL of `migrations/0007_leases.sql`), and who should own what.
 //!
 //! Every `[cluster] lease_ttl / 3` each instance heartbeats (`instances`), reads which
-//! instances are live (a heartbeat within `lease_ttl`, not stopped), and takes or renews the
-//! leases of the mailboxes it should own: each mailbox goes to the live instance with the
-//! highest weight for it (rendezvous hashing, [`owner_of`]), so mailboxes spread evenly and
-//! only those of an instance that joins or leaves move. A lease is taken only when it is free
-//! or expired; the holder renews it, and releases it once its fetcher has drained — at a
-//! rebalance or a graceful stop — so the next owner takes it at its next round. A lease's
-//! token changes with every change of holder; `intake::record` commits a mailbox's position
-//! only for the current token.
+//! instances are live (a heartbeat within `lease_ttl`, not stopped), and takes the leases of
+//! the mailboxes it should own: each mailbox goes to the live instance with the highest
+//! weight for it (rendezvous hashing, [`owner_of`]), so mailboxes spread evenly and only
+//! those of an instance that joins or leaves move. A lease lives as long as its owner's
+//! heartbeat — renewing is one row per instance, whatever its mailbox count — until it is
+//! released: once its fetcher has drained, at a rebalance or a graceful stop, so that the
+//! next owner takes it at its next round. A lease is taken only when it is released or its
+//! owner is not live; its token changes with every change of holder, and `intake::record`
+//! commits a mailbox's position only for the current token.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -92,8 +93,22 @@ pub async fn heartbeat(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Takes or renews the leases of `mailboxes` for `instance`: each one that is free, expired,
-/// or already this instance's. Returns the ones held now, with their tokens.
+/// The leases `instance` holds (not released), with their tokens: what it still holds after
+/// an outage, or what it holds from its previous run.
+pub async fn held(pool: &Pool, instance: &str) -> Result<HashMap<String, i64>, StorageError> {
+    let client = pool.get().await?;
+    let rows = client
+        .query(
+            "SELECT mailbox_id, token FROM mailbox_leases WHERE owner = $1 AND NOT released",
+            &[&instance],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Takes the leases of `mailboxes` for `instance` where they are free: never taken, released,
+/// or held by an instance that is not live (no heartbeat within `ttl`, or stopped). Each
+/// taken lease gets a new token. Returns the ones taken now.
 pub async fn acquire(
     pool: &Pool,
     instance: &str,
@@ -106,14 +121,15 @@ pub async fn acquire(
     let client = pool.get().await?;
     let rows = client
         .query(
-            "INSERT INTO mailbox_leases (mailbox_id, owner, token, expires_at)
-             SELECT m, $1, 1, now() + $3 * interval '1 second' FROM unnest($2::text[]) AS m
+            "INSERT INTO mailbox_leases (mailbox_id, owner, token)
+             SELECT m, $1, 1 FROM unnest($2::text[]) AS m
              ON CONFLICT (mailbox_id) DO UPDATE
-             SET token = CASE WHEN mailbox_leases.owner = EXCLUDED.owner
-                              THEN mailbox_leases.token ELSE mailbox_leases.token + 1 END,
-                 owner = EXCLUDED.owner,
-                 expires_at = EXCLUDED.expires_at
-             WHERE mailbox_leases.owner = EXCLUDED.owner OR mailbox_leases.expires_at <= now()
+             SET owner = EXCLUDED.owner, token = mailbox_leases.token + 1, released = false
+             WHERE mailbox_leases.released
+                OR NOT EXISTS (
+                    SELECT 1 FROM instances i
+                    WHERE i.instance_id = mailbox_leases.owner AND NOT i.stopped
+                      AND i.heartbeat_at > now() - $3 * interval '1 second')
              RETURNING mailbox_id, token",
             &[&instance, &mailboxes, &secs(ttl)],
         )
@@ -134,8 +150,8 @@ pub async fn release(
     let client = pool.get().await?;
     Ok(client
         .execute(
-            "UPDATE mailbox_leases SET expires_at = now() - interval '1 millisecond'
-             WHERE owner = $1 AND mailbox_id = ANY($2)",
+            "UPDATE mailbox_leases SET released = true
+             WHERE owner = $1 AND mailbox_id = ANY($2) AND NOT released",
             &[&instance, &mailboxes],
         )
         .await?)
@@ -146,8 +162,7 @@ pub async fn leave(pool: &Pool, instance: &str) -> Result<(), StorageError> {
     let client = pool.get().await?;
     client
         .execute(
-            "UPDATE mailbox_leases SET expires_at = now() - interval '1 millisecond'
-             WHERE owner = $1",
+            "UPDATE mailbox_leases SET released = true WHERE owner = $1 AND NOT released",
             &[&instance],
         )
         .await?;
@@ -181,7 +196,7 @@ pub async fn instances(pool: &Pool, ttl: Duration) -> Result<Vec<InstanceRow>, S
                     to_char(i.heartbeat_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                     NOT i.stopped AND i.heartbeat_at > now() - $1 * interval '1 second',
                     (SELECT count(*) FROM mailbox_leases l
-                      WHERE l.owner = i.instance_id AND l.expires_at > now())
+                      WHERE l.owner = i.instance_id AND NOT l.released)
              FROM instances i
              WHERE i.heartbeat_at > now() - interval '1 hour'
              ORDER BY i.instance_id",

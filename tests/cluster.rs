@@ -34,11 +34,13 @@ fn instance(env: &TestEnv, name: &str, port: u16) -> Service {
     svc
 }
 
-/// Live leases by owner.
+/// Live leases (not released, their owner's heartbeat within the lease time) by owner.
 async fn owners(db: &tokio_postgres::Client) -> BTreeMap<String, i64> {
     db.query(
-        "SELECT owner, count(*) FROM mailbox_leases WHERE expires_at > now() GROUP BY owner",
-        &[],
+        "SELECT l.owner, count(*) FROM mailbox_leases l JOIN instances i ON i.instance_id = l.owner
+         WHERE NOT l.released AND NOT i.stopped AND i.heartbeat_at > now() - $1 * interval '1 second'
+         GROUP BY l.owner",
+        &[&LEASE_TTL.as_secs_f64()],
     )
     .await
     .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -151,6 +153,33 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
     println!("ownership settled in {took:?}: {spread:?}");
     assert_eq!(spread.values().sum::<i64>(), total, "{spread:?}");
     assert!(spread.values().all(|n| *n >= 70), "uneven: {spread:?}");
+    // Every instance shows the cluster: the three, live, with the leases each holds.
+    for node in &nodes {
+        let (code, cluster) = node.get_json("/api/cluster").await;
+        assert_eq!(code, 200, "{cluster}");
+        let listed: BTreeMap<String, i64> = cluster["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["live"] == true)
+            .map(|i| {
+                (
+                    i["instance_id"].as_str().unwrap_or("").to_string(),
+                    i["mailboxes"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        assert_eq!(listed, spread, "{cluster}");
+    }
+    let (_, metrics) = nodes[0].get("/metrics").await.unwrap_or_default();
+    assert!(
+        metrics.contains("mailbridge_instance_info{instance=\"node-a\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("mailbridge_mailboxes_owned {}", spread["node-a"])),
+        "{metrics}"
+    );
 
     let mut seen = BTreeMap::new();
     deliver_round(&dovecot, &users, 1);

@@ -745,11 +745,20 @@ fn nobody() -> (u32, u32) {
     panic!("no user nobody");
 }
 
+/// Gives `path` and everything under it to `uid`:`gid`. Files Dovecot moves meanwhile (new/
+/// to cur/) are skipped: it owns them already.
 fn chown_tree(path: &Path, uid: u32, gid: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    match std::os::unix::fs::chown(path, Some(uid), Some(gid)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(e) => panic!("chown {}: {e}", path.display()),
+    }
     if path.is_dir() {
-        for e in std::fs::read_dir(path).unwrap() {
-            chown_tree(&e.unwrap().path(), uid, gid);
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return;
+        };
+        for e in entries.flatten() {
+            chown_tree(&e.path(), uid, gid);
         }
     }
 }
@@ -1042,9 +1051,22 @@ service stats {{
                 1_700_000_000 + i,
                 std::process::id()
             ));
-            std::fs::write(&path, raw).unwrap();
+            // Written in tmp/ and moved into new/ whole, as a delivery agent does: Dovecot
+            // never sees half a message.
+            let tmp = base.join("tmp").join(path.file_name().unwrap());
+            std::fs::write(&tmp, raw).unwrap();
+            std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).unwrap();
+            std::fs::rename(&tmp, &path).unwrap();
         }
-        chown_tree(&self.dir.join("mail"), uid, gid);
+        for dir in [
+            self.dir.join("mail"),
+            base.clone(),
+            base.join("new"),
+            base.join("cur"),
+            base.join("tmp"),
+        ] {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+        }
     }
 }
 
