@@ -5,7 +5,8 @@
 //! Run it with `scripts/bench.sh` (which installs postfix and dovecot first). Sizes:
 //! `BENCH_OUTBOUND_N` (20000), `BENCH_LATENCY_RATE` (1000/s), `BENCH_LATENCY_SECS` (30),
 //! `BENCH_INBOUND_N` (10000), `BENCH_SMTP_CONNECTIONS` (16); `BENCH_ONLY=outbound|latency|inbound`
-//! runs one part.
+//! runs one part. `BENCH_ONLY=mailboxes` (or `BENCH_MAILBOXES=100,1000,10000`) runs the
+//! mailbox-scale part: idle IMAP mailboxes on a hibernating Dovecot.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -23,17 +24,22 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn peak_rss_mb(pid: u32) -> f64 {
+/// A memory figure of `/proc/<pid>/status` (`VmHWM`: peak RSS, `VmRSS`: RSS now), in MB.
+fn status_mb(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+fn peak_rss_mb(pid: u32) -> f64 {
+    status_mb(pid, "VmHWM:")
 }
 
 /// CPU seconds (user + system) spent so far by every user-space process, by pid, with its
@@ -510,16 +516,7 @@ struct ScaleRow {
 }
 
 fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    status_mb(pid, "VmRSS:")
 }
 
 /// CPU seconds (user + system) of one process so far.
@@ -678,7 +675,7 @@ async fn main() {
     let rate = env_num("BENCH_LATENCY_RATE", 1000);
     let secs = env_num("BENCH_LATENCY_SECS", 30);
     let in_n = env_num("BENCH_INBOUND_N", 10_000) as usize;
-    // BENCH_ONLY=outbound|latency|inbound runs one part (for profiling).
+    // BENCH_ONLY=outbound|latency|inbound|mailboxes runs one part (for profiling).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| only.is_empty() || only == name;
     let mut rows = Vec::new();

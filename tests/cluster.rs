@@ -8,7 +8,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::ledger::{deliveries, publish_all, tracked_request, wait_delivered};
+use common::ledger::{
+    crash_window, deliveries, outbox_statuses, publish_all, tracked_request, wait_delivered,
+};
 use common::{free_port, Dovecot, Service, SmtpServer, TestEnv};
 
 const PW: &str = "secret-imap-pw";
@@ -307,20 +309,7 @@ async fn outbound_through_three_instances_one_killed_midway_delivers_each_once()
     nodes[1].kill();
     println!("SIGKILL of one of three instances after {at} deliveries");
     // The crash window: accepted by the server, `sent` not committed when it died.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let at_kill = deliveries(&smtp);
-    let db = env.db().await;
-    let committed: std::collections::HashSet<String> = db
-        .query("SELECT message_id FROM outbox WHERE status = 'sent'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let window: std::collections::HashSet<&String> = at_kill
-        .keys()
-        .filter(|id| !committed.contains(*id))
-        .collect();
+    let window = crash_window(&env, &smtp).await;
     let start = Instant::now();
     while deliveries(&smtp).len() < N && start.elapsed() < Duration::from_secs(300) {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -352,12 +341,8 @@ async fn outbound_through_three_instances_one_killed_midway_delivers_each_once()
         got.values().all(|n| *n <= 2),
         "an email delivered three times"
     );
-    let statuses: BTreeMap<String, i64> = db
-        .query("SELECT status, count(*) FROM outbox GROUP BY status", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(statuses, BTreeMap::from([("sent".to_string(), N as i64)]));
+    assert_eq!(
+        outbox_statuses(&env.db().await).await,
+        BTreeMap::from([("sent".to_string(), N as i64)])
+    );
 }

@@ -8,42 +8,13 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::ledger::{deliveries, tracked_request};
+use common::ledger::{deliveries, outbox_statuses, publish_all_to, tracked_request};
 use common::rabbit_node::RabbitNode;
 use common::{make_certs, Service, SmtpServer, TestEnv};
 
 const TENANT: &str = "01996243-2d8c-726d-a5c2-81b7005ce9a2";
 const PROVIDER: &str = "0198a819-e5d3-703a-a39a-1b77e3ece687";
 const VHOST: &str = "mbcluster";
-
-/// Publishes every body to `email.send` through `url`, confirmed.
-async fn publish_all(url: &str, bodies: &[Vec<u8>]) {
-    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect to a cluster node");
-    let ch = conn.create_channel().await.expect("a channel");
-    ch.confirm_select(Default::default())
-        .await
-        .expect("confirm mode");
-    let mut confirms = Vec::with_capacity(bodies.len());
-    for body in bodies {
-        confirms.push(
-            ch.basic_publish(
-                "".into(),
-                "email.send".into(),
-                Default::default(),
-                body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .expect("publish"),
-        );
-    }
-    for c in confirms {
-        c.await.expect("confirmed");
-    }
-    let _ = conn.close(200, "OK".into()).await;
-}
 
 /// Takes every message of `queue` through `url` until it stays empty for `quiet`.
 async fn drain(url: &str, queue: &str, quiet: Duration) -> Vec<serde_json::Value> {
@@ -142,7 +113,7 @@ async fn a_node_of_a_three_node_quorum_cluster_killed_under_load_loses_nothing()
         .map(|id| serde_json::to_vec(&tracked_request(TENANT, PROVIDER, id)).expect("json"))
         .collect();
     let survivor = nodes[1].amqp_url(VHOST);
-    publish_all(&survivor, &bodies).await;
+    publish_all_to(&survivor, &bodies).await;
     let start = Instant::now();
     while deliveries(&smtp).len() < N / 4 && start.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -178,15 +149,10 @@ async fn a_node_of_a_three_node_quorum_cluster_killed_under_load_loses_nothing()
             >= 2,
         "the service did not reconnect:\n{log}"
     );
-    let db = env.db().await;
-    let statuses: BTreeMap<String, i64> = db
-        .query("SELECT status, count(*) FROM outbox GROUP BY status", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(statuses, BTreeMap::from([("sent".to_string(), N as i64)]));
+    assert_eq!(
+        outbox_statuses(&env.db().await).await,
+        BTreeMap::from([("sent".to_string(), N as i64)])
+    );
     // Every request has its `sent` result on the (replicated) result queue.
     let results = drain(&survivor, "email.send.result", Duration::from_secs(3)).await;
     let mut by_id: BTreeMap<String, usize> = BTreeMap::new();

@@ -756,22 +756,8 @@ async fn sigkill_under_outbound_load_loses_nothing_and_repeats_only_the_crash_wi
     println!("SIGKILL after {at} deliveries");
     assert!((500..2000).contains(&at), "{at}");
     // The crash window, measured: emails the server had accepted when the process died whose
-    // `sent` was not committed. (The server finishes writing what it accepted first.)
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let delivered_at_kill = deliveries(&smtp);
-    let committed: std::collections::HashSet<String> = env
-        .db()
-        .await
-        .query("SELECT message_id FROM outbox WHERE status = 'sent'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let window: std::collections::HashSet<&String> = delivered_at_kill
-        .keys()
-        .filter(|id| !committed.contains(*id))
-        .collect();
+    // `sent` was not committed.
+    let window = common::ledger::crash_window(&env, &smtp).await;
     println!(
         "crash window: {} accepted, not committed as sent",
         window.len()
@@ -803,7 +789,7 @@ async fn sigkill_under_outbound_load_loses_nothing_and_repeats_only_the_crash_wi
         .filter(|(_, n)| *n > 1)
         .map(|(id, _)| id)
         .collect();
-    let outside: Vec<&String> = repeated.iter().filter(|id| !window.contains(id)).collect();
+    let outside: Vec<&String> = repeated.iter().filter(|id| !window.contains(*id)).collect();
     assert!(
         outside.is_empty(),
         "sent twice though committed as sent before the kill: {outside:?}"

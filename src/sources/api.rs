@@ -11,8 +11,8 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 
 use super::{
-    gmail, graph, Fetched, Got, MailSource, MessageRef, Page, RawSink, Retrieved, SourceError,
-    Spill, Start, HEADER_CAP,
+    gmail, graph, Fetched, MailSource, MessageRef, Page, RawSink, Retrieved, SourceError, Spill,
+    Start, HEADER_CAP,
 };
 use crate::credentials::Credential;
 use crate::intake::MailboxCursor;
@@ -409,28 +409,11 @@ impl MailSource for ApiSource {
     async fn fetch(&mut self, refs: &[&MessageRef], spill: &Spill<'_>) -> Fetched {
         let this = &*self;
         let mut out = Fetched::default();
-        let mut held = 0u64;
         let mut downloads = futures_util::stream::iter(refs.iter().enumerate())
             .map(|(i, m)| async move { (i, this.retrieve(&m.id, spill).await) })
             .buffered(DOWNLOADS);
-        while let Some((i, result)) = downloads.next().await {
-            out.tried = i + 1;
-            match result {
-                Ok(Some(r)) => {
-                    held = held.saturating_add(r.held());
-                    out.got.push(Got {
-                        index: i,
-                        message: r,
-                        received_at: None,
-                    });
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    out.failed = Some(e);
-                    break;
-                }
-            }
-            if held >= spill.budget {
+        while let Some((i, outcome)) = downloads.next().await {
+            if !out.note(i, outcome, spill.budget) {
                 break;
             }
         }

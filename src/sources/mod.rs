@@ -197,6 +197,33 @@ pub struct Fetched {
     pub failed: Option<SourceError>,
 }
 
+impl Fetched {
+    /// Notes the outcome of the message at `index` (fetched, gone, or failed) for a fetch
+    /// that takes messages one after another; false when the fetch is to stop there (a
+    /// failure, or the bytes held reached `budget`).
+    pub fn note(
+        &mut self,
+        index: usize,
+        outcome: Result<Option<Retrieved>, SourceError>,
+        budget: u64,
+    ) -> bool {
+        self.tried = index + 1;
+        match outcome {
+            Ok(Some(message)) => self.got.push(Got {
+                index,
+                message,
+                received_at: None,
+            }),
+            Ok(None) => {}
+            Err(e) => {
+                self.failed = Some(e);
+                return false;
+            }
+        }
+        self.got.iter().map(|g| g.message.held()).sum::<u64>() < budget
+    }
+}
+
 /// One fetched message.
 pub struct Got {
     /// Its index in what [`MailSource::fetch`] was given.

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{
-    too_large, Fetched, Got, MailSource, MessageRef, Page, RawSink, Retrieved, SourceError, Spill,
+    too_large, Fetched, MailSource, MessageRef, Page, RawSink, Retrieved, SourceError, Spill,
     Start, HEADER_CAP, PIECE,
 };
 use crate::inbound::uidl_key;
@@ -177,24 +177,9 @@ impl MailSource for Pop3Source {
     /// `RETR` one message after another until the bytes that arrived reach the budget.
     async fn fetch(&mut self, refs: &[&MessageRef], spill: &Spill<'_>) -> Fetched {
         let mut out = Fetched::default();
-        let mut held = 0u64;
         for (i, m) in refs.iter().enumerate() {
-            out.tried = i + 1;
-            match self.retrieve(m, spill).await {
-                Ok(r) => {
-                    held = held.saturating_add(r.held());
-                    out.got.push(Got {
-                        index: i,
-                        message: r,
-                        received_at: None,
-                    });
-                }
-                Err(e) => {
-                    out.failed = Some(e);
-                    break;
-                }
-            }
-            if held >= spill.budget {
+            let outcome = self.retrieve(m, spill).await.map(Some);
+            if !out.note(i, outcome, spill.budget) {
                 break;
             }
         }

@@ -18,7 +18,14 @@ pub fn tracked_request(tenant: &str, provider: &str, id: &str) -> serde_json::Va
 /// Publishes every body to `email.send` on one confirmed channel; resolves once the broker
 /// confirmed them all.
 pub async fn publish_all(env: &TestEnv, bodies: &[Vec<u8>]) {
-    let conn = env.amqp().await;
+    publish_all_to(&env.amqp_url(), bodies).await;
+}
+
+/// [`publish_all`] through the broker at `url` (a node of a private cluster).
+pub async fn publish_all_to(url: &str, bodies: &[Vec<u8>]) {
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect to the broker");
     let ch = conn.create_channel().await.expect("a channel");
     ch.confirm_select(Default::default())
         .await
@@ -162,4 +169,24 @@ impl Report<'_> {
             self.fault, self.messages, self.once, self.duplicated, self.lost, self.stuck, self.note
         );
     }
+}
+
+/// The crash window of an instance killed just now: the emails `smtp` accepted whose outbox
+/// row is not `sent` (read after the server finished writing what it accepted).
+pub async fn crash_window(env: &TestEnv, smtp: &SmtpServer) -> std::collections::HashSet<String> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let delivered = deliveries(smtp);
+    let committed: std::collections::HashSet<String> = env
+        .db()
+        .await
+        .query("SELECT message_id FROM outbox WHERE status = 'sent'", &[])
+        .await
+        .expect("the outbox")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    delivered
+        .into_keys()
+        .filter(|id| !committed.contains(id))
+        .collect()
 }
