@@ -34,8 +34,7 @@ use tokio::sync::{oneshot, watch, Notify};
 
 use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{Count, ReportHealth};
-use crate::actors::outbound::DLQ_CHILD;
-use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild};
+use crate::actors::supervisor::{backoff, ChildContext, ChildId, Drain, FindChild};
 use crate::amqp::{lane_of, short_string, PublishError, Publisher};
 use crate::attachments::{AttachmentError, AttachmentStore, StoredRaw};
 use crate::credentials::{Credential, CredentialError};
@@ -59,10 +58,6 @@ const BATCH: usize = 200;
 const IDLE_MAX: Duration = Duration::from_secs(25 * 60);
 /// The longest wait between retries of a publish or a database write.
 const RETRY_MAX: Duration = Duration::from_secs(30);
-
-pub fn mailbox_child(mailbox_id: &str) -> String {
-    format!("mailbox:{mailbox_id}")
-}
 
 #[derive(Debug, thiserror::Error)]
 enum FetchError {
@@ -1174,7 +1169,7 @@ impl Fetch {
         let dlq = self
             .child
             .supervisor
-            .send(FindChild::<DeadLetterActor>::named(DLQ_CHILD))
+            .send(FindChild::<DeadLetterActor>::of(ChildId::Dlq))
             .await
             .ok()
             .flatten()

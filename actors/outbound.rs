@@ -41,7 +41,9 @@ use crate::actors::metrics::{metric_provider, metric_tenant, Count, MetricsActor
 use crate::actors::outbox::{Apply, Claim, ClaimOutcome, OutboxError, OutboxWriter};
 use crate::actors::retry::{retry_count, retry_token, RetryScheduler, ScheduleRetry};
 use crate::actors::sender::{Deliver, SenderActor};
-use crate::actors::supervisor::{ChildContext, Drain, FindChild, SettingsChanged, Supervisor};
+use crate::actors::supervisor::{
+    ChildContext, ChildId, Drain, FindChild, SettingsChanged, Supervisor,
+};
 use crate::amqp::{lane_of, short_string, Publisher};
 use crate::domain::DeadLetterEntry;
 use crate::fetch::AttachmentFetcher;
@@ -54,22 +56,12 @@ use crate::outbox::{FailureRecord, NewRow, OpOutcome, OutboxKey, OutboxOp, RowSt
 use crate::providers::SendError;
 use crate::settings::{Provider, Settings};
 
-/// The names the supervisor knows the outbound pipeline's helpers by.
-pub const OUTBOX_CHILD: &str = "outbox";
-pub const RETRY_CHILD: &str = "retry";
-pub const DLQ_CHILD: &str = "dlq";
-
 /// A request delivered this many times without reaching an outcome is dead-lettered as
 /// poison (the service crashed or was killed while processing it each time).
 const MAX_DELIVERIES: i32 = 5;
 /// How long a copy waits for another instance's claim on its request before giving the
 /// delivery back to the broker.
 const MAX_CLAIM_WAIT: Duration = Duration::from_secs(600);
-
-/// The name the supervisor knows a provider's sender by.
-pub fn sender_child(provider_id: &str) -> String {
-    format!("sender:{provider_id}")
-}
 
 /// What happens to a delivery once its pipeline is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +166,7 @@ impl Pipeline {
                 return Some(a);
             }
         }
-        let found = self.find::<OutboxWriter>(OUTBOX_CHILD).await;
+        let found = self.find::<OutboxWriter>(ChildId::Outbox).await;
         if let Ok(mut w) = self.writer.lock() {
             w.clone_from(&found);
         }
@@ -405,7 +397,10 @@ impl Pipeline {
         };
 
         let key = guard.key.clone();
-        let sent = match self.find::<SenderActor>(&sender_child(&provider.id)).await {
+        let sent = match self
+            .find::<SenderActor>(ChildId::Sender(provider.id.clone()))
+            .await
+        {
             Some(sender) => sender
                 .send(Deliver {
                     email: email.clone(),
@@ -629,7 +624,7 @@ impl Pipeline {
             let token = new_retry_token();
             // Parked first (confirmed), then recorded: a crash in between leaves the row to
             // the redelivered copy, and the parked one then stands down as a duplicate.
-            let Some(scheduler) = self.find::<RetryScheduler>(RETRY_CHILD).await else {
+            let Some(scheduler) = self.find::<RetryScheduler>(ChildId::Retry).await else {
                 return Disposition::Requeue;
             };
             let scheduled = scheduler
@@ -786,7 +781,7 @@ impl Pipeline {
     }
 
     async fn send_dead_letter(&self, d: &Incoming, entry: DeadLetterEntry) -> bool {
-        let Some(dlq) = self.find::<DeadLetterActor>(DLQ_CHILD).await else {
+        let Some(dlq) = self.find::<DeadLetterActor>(ChildId::Dlq).await else {
             return false;
         };
         let settings = self.settings();
@@ -830,13 +825,13 @@ impl Pipeline {
             .do_send(Count::one("mailbridge_emails_failed_total", labels));
     }
 
-    /// A sibling actor by name, waiting briefly for one that is being restarted.
-    async fn find<A>(&self, name: &str) -> Option<Addr<A>>
+    /// A sibling actor, waiting briefly for one that is being restarted.
+    async fn find<A>(&self, id: ChildId) -> Option<Addr<A>>
     where
         A: Actor<Context = Context<A>>,
     {
         for _ in 0..25 {
-            if let Ok(Some(addr)) = self.supervisor.send(FindChild::<A>::named(name)).await {
+            if let Ok(Some(addr)) = self.supervisor.send(FindChild::<A>::of(id.clone())).await {
                 return Some(addr);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;

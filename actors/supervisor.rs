@@ -205,6 +205,39 @@ fn is_not_found(e: &lapin::Error) -> bool {
     e.to_string().contains("NOT_FOUND") || e.to_string().contains("404")
 }
 
+/// Which child: the service's fixed actors, one sender per provider, one fetcher per
+/// mailbox. Shown (as `outbox`, `sender:<provider id>`, `mailbox:<mailbox id>`, …) in logs,
+/// `/health`'s `actors` and the restart metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ChildId {
+    Outbox,
+    Retry,
+    Dlq,
+    Outbound,
+    SyncUser,
+    SyncListener,
+    Sender(String),
+    Mailbox(String),
+    /// A child added from outside (`AddChild`): tests, embeddings.
+    Other(String),
+}
+
+impl std::fmt::Display for ChildId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChildId::Outbox => f.write_str("outbox"),
+            ChildId::Retry => f.write_str("retry"),
+            ChildId::Dlq => f.write_str("dlq"),
+            ChildId::Outbound => f.write_str("outbound"),
+            ChildId::SyncUser => f.write_str("sync-user"),
+            ChildId::SyncListener => f.write_str("sync-listener"),
+            ChildId::Sender(p) => write!(f, "sender:{p}"),
+            ChildId::Mailbox(m) => write!(f, "mailbox:{m}"),
+            ChildId::Other(name) => f.write_str(name),
+        }
+    }
+}
+
 /// What a child gets when it is started.
 #[derive(Clone)]
 pub struct ChildContext {
@@ -271,7 +304,7 @@ type StartFn = Box<dyn Fn(ChildContext) -> Box<dyn ChildHandle> + Send>;
 
 /// How to start one child.
 pub struct ChildSpec {
-    pub name: String,
+    pub id: ChildId,
     /// Started only while the AMQP connection is up, and stopped when it is lost.
     pub needs_amqp: bool,
     /// Takes work from a queue: drained before every other child at shutdown, because its
@@ -298,12 +331,12 @@ pub struct SettingsChanged(pub Arc<Settings>);
 
 impl ChildSpec {
     pub fn new(
-        name: impl Into<String>,
+        id: ChildId,
         needs_amqp: bool,
         start: impl Fn(ChildContext) -> Box<dyn ChildHandle> + Send + 'static,
     ) -> Self {
         Self {
-            name: name.into(),
+            id,
             needs_amqp,
             consumer: false,
             fingerprint: 0,
@@ -512,7 +545,7 @@ impl Supervisor {
         // Changed and removed children drain first (their in-flight work finishes), then
         // stop; changed ones start again from their new spec on a later tick.
         for child in self.children.iter_mut().filter(|c| c.from_config) {
-            match specs.iter().position(|s| s.name == child.spec.name) {
+            match specs.iter().position(|s| s.id == child.spec.id) {
                 Some(i) if specs[i].fingerprint == child.spec.fingerprint => {
                     specs.remove(i);
                 }
@@ -784,21 +817,22 @@ impl Supervisor {
         self.children.retain(|c| {
             let gone = c.removing && c.handle.as_ref().is_none_or(|h| !h.alive());
             if gone {
-                forget.push(c.spec.name.clone());
+                forget.push(c.spec.id.clone());
             }
             !gone
         });
-        for name in forget {
-            tracing::info!(actor = %name, "stopped (removed from the configuration)");
+        for id in forget {
+            tracing::info!(actor = %id, "stopped (removed from the configuration)");
             self.metrics
-                .do_send(ForgetComponent(ComponentId::Actor(name.clone())));
-            if let Some(id) = name.strip_prefix("sender:") {
-                self.metrics
-                    .do_send(ForgetComponent(ComponentId::Provider(id.into())));
-            }
-            if let Some(id) = name.strip_prefix("mailbox:") {
-                self.metrics
-                    .do_send(ForgetComponent(ComponentId::Mailbox(id.into())));
+                .do_send(ForgetComponent(ComponentId::Actor(id.to_string())));
+            match id {
+                ChildId::Sender(p) => self
+                    .metrics
+                    .do_send(ForgetComponent(ComponentId::Provider(p))),
+                ChildId::Mailbox(m) => self
+                    .metrics
+                    .do_send(ForgetComponent(ComponentId::Mailbox(m))),
+                _ => {}
             }
         }
         for child in &mut self.children {
@@ -821,17 +855,17 @@ impl Supervisor {
                     child.restarts += 1;
                     child.next_start = now + delay;
                     tracing::error!(
-                        actor = %child.spec.name,
+                        actor = %child.spec.id,
                         restart_in = ?delay,
                         restarts = child.restarts,
                         "actor stopped unexpectedly (see the panic above, if any); restarting"
                     );
                     self.metrics.do_send(Count::one(
                         "mailbridge_actor_restarts_total",
-                        vec![("actor", child.spec.name.clone())],
+                        vec![("actor", child.spec.id.to_string())],
                     ));
                     reports.push((
-                        child.spec.name.clone(),
+                        child.spec.id.to_string(),
                         ComponentHealth::down("stopped unexpectedly; restarting")
                             .with("restarts", child.restarts),
                     ));
@@ -857,7 +891,7 @@ impl Supervisor {
                 }));
                 child.started_at = now;
                 reports.push((
-                    child.spec.name.clone(),
+                    child.spec.id.to_string(),
                     ComponentHealth::ok().with("restarts", child.restarts),
                 ));
             }
@@ -1264,14 +1298,14 @@ async fn close_connection(conn: &Connection) {
 
 /// The running instance of a child, by name, when it is of type `A` and alive.
 pub struct FindChild<A: Actor> {
-    pub name: String,
+    pub id: ChildId,
     _actor: std::marker::PhantomData<fn() -> A>,
 }
 
 impl<A: Actor> FindChild<A> {
-    pub fn named(name: impl Into<String>) -> Self {
+    pub fn of(id: ChildId) -> Self {
         Self {
-            name: name.into(),
+            id,
             _actor: std::marker::PhantomData,
         }
     }
@@ -1290,7 +1324,7 @@ where
     fn handle(&mut self, msg: FindChild<A>, _: &mut Context<Self>) -> Option<Addr<A>> {
         self.children
             .iter()
-            .find(|c| c.spec.name == msg.name)
+            .find(|c| c.spec.id == msg.id)
             .and_then(|c| c.handle.as_ref())
             .filter(|h| h.alive())
             .and_then(|h| h.as_any().downcast_ref::<Addr<A>>().cloned())

@@ -11,9 +11,11 @@ use lapin::types::FieldTable;
 use lapin::Channel;
 use serde::Deserialize;
 
-use crate::actors::fetcher::{mailbox_child, MailboxFetcher, SyncNow};
+use crate::actors::fetcher::{MailboxFetcher, SyncNow};
 use crate::actors::metrics::{metric_tenant, Count};
-use crate::actors::supervisor::{backoff, ChildContext, Drain, FindChild, SettingsChanged};
+use crate::actors::supervisor::{
+    backoff, ChildContext, ChildId, Drain, FindChild, SettingsChanged,
+};
 use crate::storage::StorageError;
 
 /// The guide's `email.sync.user` message.
@@ -136,7 +138,9 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
                 let mut elsewhere = Vec::new();
                 for id in targets {
                     match supervisor
-                        .send(FindChild::<MailboxFetcher>::named(mailbox_child(&id)))
+                        .send(FindChild::<MailboxFetcher>::of(ChildId::Mailbox(
+                            id.clone(),
+                        )))
                         .await
                     {
                         Ok(Some(fetcher)) => fetcher.do_send(SyncNow),
@@ -227,7 +231,7 @@ impl Actor for SyncListener {
                 let wake = async {
                     while let Some(id) = rx.recv().await {
                         if let Ok(Some(fetcher)) = supervisor
-                            .send(FindChild::<MailboxFetcher>::named(mailbox_child(&id)))
+                            .send(FindChild::<MailboxFetcher>::of(ChildId::Mailbox(id.clone())))
                             .await
                         {
                             tracing::info!(mailbox = %id, "sync requested through another instance");

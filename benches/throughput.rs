@@ -513,6 +513,17 @@ struct ScaleRow {
     pg_connections: i64,
     fds: usize,
     latency_ms: (f64, f64),
+    /// A reload that adds, removes and changes one mailbox: how long the reload took, and
+    /// how many logins followed (only the added and the changed mailbox log in again).
+    reload_ms: f64,
+    logins_after_reload: usize,
+}
+
+/// Successful IMAP logins in Dovecot's log so far.
+fn dovecot_logins(dovecot: &Dovecot) -> usize {
+    std::fs::read_to_string(dovecot.dir.join("dovecot.log"))
+        .map(|t| t.matches(" Login: user=<").count())
+        .unwrap_or(0)
 }
 
 fn rss_mb(pid: u32) -> f64 {
@@ -547,22 +558,32 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn mailbox_scale(n: usize) -> ScaleRow {
     let env = TestEnv::new("bench_mbx");
     let pw = "bench-pw";
-    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    // One user more than configured: the mailbox a reload adds.
+    let names: Vec<String> = (0..=n).map(|i| format!("m{i}")).collect();
     let users: Vec<(&str, &str)> = names.iter().map(|u| (u.as_str(), pw)).collect();
     let dovecot = Dovecot::start_scaled(&env.dir.join("dovecot"), &users);
-    let mut tenant = String::from(
-        "id = \"bench\"\n[[providers]]\nid = \"files\"\nkind = \"file\"\ndir = \"sent\"\n",
-    );
-    for u in &names {
-        tenant.push_str(&format!(
-            "[[mailboxes]]\nid = \"mb-{u}\"\nuser_id = \"user-{u}\"\nprovider_id = \"files\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"{u}\"\npassword = \"{pw}\"\nidle = true\npoll_interval = \"25m\"\n",
-            dovecot.imap_port
-        ));
-    }
-    env.write_tenant("bench.toml", &tenant);
+    let tenant = |configured: &[String], changed: Option<&str>| {
+        let mut t = String::from(
+            "id = \"bench\"\n[[providers]]\nid = \"files\"\nkind = \"file\"\ndir = \"sent\"\n",
+        );
+        for u in configured {
+            let poll = if Some(u.as_str()) == changed {
+                "24m"
+            } else {
+                "25m"
+            };
+            t.push_str(&format!(
+                "[[mailboxes]]\nid = \"mb-{u}\"\nuser_id = \"user-{u}\"\nprovider_id = \"files\"\nprotocol = \"imap\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nusername = \"{u}\"\npassword = \"{pw}\"\nidle = true\npoll_interval = \"{poll}\"\n",
+                dovecot.imap_port
+            ));
+        }
+        t
+    };
+    let names: Vec<String> = names[..n].to_vec();
+    env.write_tenant("bench.toml", &tenant(&names, None));
     declare_queue(&env, "email.inbound").await;
     let started = Instant::now();
-    let svc = Service::start(&env);
+    let svc = Service::start_with(&env, &[("MAILBRIDGE_ADMIN_TOKEN", "bench-token")]);
     let http = reqwest::Client::new();
     let mut connected = 0;
     while started.elapsed() < Duration::from_secs(600) {
@@ -627,7 +648,56 @@ async fn mailbox_scale(n: usize) -> ScaleRow {
     }
     inbound.close().await;
     latencies.sort_by(|a, b| a.total_cmp(b));
+
+    // A reload: the first mailbox removed, the second changed, one added.
+    let logins_before = dovecot_logins(&dovecot);
+    let mut next: Vec<String> = names[1..].to_vec();
+    next.push(format!("m{n}"));
+    env.write_tenant(
+        "bench.toml",
+        &tenant(&next, next.first().map(String::as_str)),
+    );
+    let t = Instant::now();
+    let reloaded = http
+        .post(format!("{}/api/config/reload", svc.base_url))
+        .bearer_auth("bench-token")
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false);
+    let reload_ms = t.elapsed().as_secs_f64() * 1000.0;
+    assert!(reloaded, "the reload was refused");
+    let added = format!("mb-m{n}");
+    while t.elapsed() < Duration::from_secs(60) {
+        let ok = http
+            .get(format!(
+                "{}/api/mailboxes?limit=1000&status=ok",
+                svc.base_url
+            ))
+            .send()
+            .await
+            .ok();
+        let page = match ok {
+            Some(r) => r.json::<serde_json::Value>().await.unwrap_or_default(),
+            None => serde_json::Value::Null,
+        };
+        let counts_ok = page["counts"]["ok"].as_u64().unwrap_or(0) as usize;
+        let listed = |id: &str| {
+            page["mailboxes"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|m| m["id"] == id))
+        };
+        if counts_ok == n && (n > 1000 || listed(&added)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Dovecot writes its log a moment later.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let logins_after_reload = dovecot_logins(&dovecot) - logins_before;
     ScaleRow {
+        reload_ms,
+        logins_after_reload,
         mailboxes: n,
         connected_s,
         connected,
@@ -719,11 +789,11 @@ async fn main() {
     }
     if !scale.is_empty() {
         println!();
-        println!("| idle IMAP mailboxes | all connected after start | RSS | RSS per mailbox | idle CPU | PostgreSQL connections | open files | new mail published p50 / p99 |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("| idle IMAP mailboxes | all connected after start | RSS | RSS per mailbox | idle CPU | PostgreSQL connections | open files | new mail published p50 / p99 | reload (1 added, 1 removed, 1 changed) |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in &scale {
             println!(
-                "| {} | {:.1} s ({} ok) | {:.0} MB | {:.1} KB | {:.2} % of a core | {} | {} | {:.0} / {:.0} ms |",
+                "| {} | {:.1} s ({} ok) | {:.0} MB | {:.1} KB | {:.2} % of a core | {} | {} | {:.0} / {:.0} ms | {:.0} ms, then {} login(s) |",
                 r.mailboxes,
                 r.connected_s,
                 r.connected,
@@ -733,7 +803,9 @@ async fn main() {
                 r.pg_connections,
                 r.fds,
                 r.latency_ms.0,
-                r.latency_ms.1
+                r.latency_ms.1,
+                r.reload_ms,
+                r.logins_after_reload
             );
         }
         if let (Some(a), Some(b)) = (scale.first(), scale.last()) {

@@ -13,15 +13,13 @@ use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::actors::dlq::DeadLetterActor;
-use crate::actors::fetcher::{mailbox_child, MailboxFetcher};
+use crate::actors::fetcher::MailboxFetcher;
 use crate::actors::metrics::MetricsActor;
-use crate::actors::outbound::{
-    sender_child, OutboundConsumer, DLQ_CHILD, OUTBOX_CHILD, RETRY_CHILD,
-};
+use crate::actors::outbound::OutboundConsumer;
 use crate::actors::outbox::OutboxWriter;
 use crate::actors::retry::RetryScheduler;
 use crate::actors::sender::SenderActor;
-use crate::actors::supervisor::{ChildContext, ChildSpec, Reload, Shutdown, Supervisor};
+use crate::actors::supervisor::{ChildContext, ChildId, ChildSpec, Reload, Shutdown, Supervisor};
 use crate::actors::sync_user::{SyncListener, SyncUserConsumer};
 use crate::attachments::AttachmentStore;
 use crate::http::{self, AppState};
@@ -106,7 +104,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 /// provider, the retry scheduler, the DLQ actor, the outbound consumer, one fetcher per
 /// mailbox and the sync-request consumer.
 pub fn children(settings: &Settings) -> Vec<ChildSpec> {
-    let mut specs = vec![ChildSpec::new(OUTBOX_CHILD, false, |c: ChildContext| {
+    let mut specs = vec![ChildSpec::new(ChildId::Outbox, false, |c: ChildContext| {
         Box::new(
             OutboxWriter::new(
                 c.pool,
@@ -120,33 +118,37 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
         let provider = provider.clone();
         let provider_fingerprint = provider.fingerprint();
         specs.push(
-            ChildSpec::new(sender_child(&provider.id), false, move |c: ChildContext| {
-                Box::new(
-                    SenderActor::new(
-                        provider.clone(),
-                        c.settings.outbound.send_timeout.0,
-                        c.metrics,
-                        c.accounts,
+            ChildSpec::new(
+                ChildId::Sender(provider.id.clone()),
+                false,
+                move |c: ChildContext| {
+                    Box::new(
+                        SenderActor::new(
+                            provider.clone(),
+                            c.settings.outbound.send_timeout.0,
+                            c.metrics,
+                            c.accounts,
+                        )
+                        .start(),
                     )
-                    .start(),
-                )
-            })
+                },
+            )
             .fingerprint(provider_fingerprint)
             .abort_when_overdue::<SenderActor>(),
         );
     }
-    specs.push(ChildSpec::new(RETRY_CHILD, true, |c: ChildContext| {
+    specs.push(ChildSpec::new(ChildId::Retry, true, |c: ChildContext| {
         Box::new(RetryScheduler::new(c).start())
     }));
     // It replays inbound dead letters for the mailboxes configured now: it follows reloads.
     specs.push(
-        ChildSpec::new(DLQ_CHILD, true, |c: ChildContext| {
+        ChildSpec::new(ChildId::Dlq, true, |c: ChildContext| {
             Box::new(DeadLetterActor::new(c).start())
         })
         .settings_updates::<DeadLetterActor>(),
     );
     specs.push(
-        ChildSpec::new("outbound", true, |c: ChildContext| {
+        ChildSpec::new(ChildId::Outbound, true, |c: ChildContext| {
             Box::new(OutboundConsumer::new(c).start())
         })
         .consumer()
@@ -157,23 +159,27 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
         let mailbox_fingerprint = mailbox.fingerprint();
         let mailbox_id = mailbox.id.clone();
         specs.push(
-            ChildSpec::new(mailbox_child(&mailbox.id), true, move |c: ChildContext| {
-                Box::new(MailboxFetcher::new(mailbox.clone(), c).start())
-            })
+            ChildSpec::new(
+                ChildId::Mailbox(mailbox.id.clone()),
+                true,
+                move |c: ChildContext| Box::new(MailboxFetcher::new(mailbox.clone(), c).start()),
+            )
             .fingerprint(mailbox_fingerprint)
             .leased(&mailbox_id),
         );
     }
     specs.push(
-        ChildSpec::new("sync-user", true, |c: ChildContext| {
+        ChildSpec::new(ChildId::SyncUser, true, |c: ChildContext| {
             Box::new(SyncUserConsumer::new(c).start())
         })
         .consumer()
         .settings_updates::<SyncUserConsumer>(),
     );
-    specs.push(ChildSpec::new("sync-listener", false, |c: ChildContext| {
-        Box::new(SyncListener::new(c).start())
-    }));
+    specs.push(ChildSpec::new(
+        ChildId::SyncListener,
+        false,
+        |c: ChildContext| Box::new(SyncListener::new(c).start()),
+    ));
     specs
 }
 

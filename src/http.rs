@@ -11,8 +11,7 @@ use serde::Deserialize;
 
 use crate::actors::dlq::{DeadLetterActor, ListDeadLetters, ReplayDeadLetters};
 use crate::actors::metrics::{GetHealth, MetricsActor, RenderMetrics};
-use crate::actors::outbound::DLQ_CHILD;
-use crate::actors::supervisor::{FindChild, GetQueueStatus, Reload, Supervisor};
+use crate::actors::supervisor::{ChildId, FindChild, GetQueueStatus, Reload, Supervisor};
 use crate::attachments::{AttachmentError, AttachmentStore};
 use crate::dlq::Selection;
 use crate::settings::{Secret, Settings};
@@ -151,7 +150,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn dlq_actor(state: &AppState) -> Option<Addr<DeadLetterActor>> {
     state
         .supervisor
-        .send(FindChild::<DeadLetterActor>::named(DLQ_CHILD))
+        .send(FindChild::<DeadLetterActor>::of(ChildId::Dlq))
         .await
         .ok()
         .flatten()

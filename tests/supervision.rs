@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use common::TestEnv;
 use mailbridge::actors::metrics::{GetCounter, GetHealth, MetricsActor};
-use mailbridge::actors::supervisor::{AddChild, ChildSpec, Drain, Shutdown, Supervisor};
+use mailbridge::actors::supervisor::{AddChild, ChildId, ChildSpec, Drain, Shutdown, Supervisor};
 use mailbridge::settings::Settings;
 
 /// A child that panics on request.
@@ -56,7 +56,7 @@ async fn a_panicking_child_is_restarted_and_counted() {
     let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let spec = {
         let starts = starts.clone();
-        ChildSpec::new("crashy", false, move |_ctx| {
+        ChildSpec::new(ChildId::Other("crashy".into()), false, move |_ctx| {
             let generation = starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let addr = Crashy { generation }.start();
             let _ = tx.send(addr.clone());
@@ -130,7 +130,7 @@ async fn restart_delays_double_from_200ms_and_start_over_after_30s_of_life() {
     let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let spec = {
         let starts = starts.clone();
-        ChildSpec::new("crashy", false, move |_ctx| {
+        ChildSpec::new(ChildId::Other("crashy".into()), false, move |_ctx| {
             let generation = starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
             let addr = Crashy { generation }.start();
             let _ = tx.send((Instant::now(), addr.clone()));
