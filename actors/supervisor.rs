@@ -434,6 +434,9 @@ pub struct Supervisor {
     renewing: bool,
     /// A renewal was asked for while one ran.
     renew_again: bool,
+    /// Mailboxes given up whose fetchers are still draining: their leases are released
+    /// once the fetchers have stopped, never before.
+    handing_over: HashSet<String>,
     /// Live instances at the last renewal.
     live_instances: usize,
 }
@@ -470,6 +473,7 @@ impl Supervisor {
             leases_renewed: None,
             renewing: false,
             renew_again: false,
+            handing_over: HashSet::new(),
             live_instances: 0,
         }
     }
@@ -928,7 +932,12 @@ impl Supervisor {
             .flat_map(|t| &t.mailboxes)
             .map(|m| m.id.clone())
             .collect();
-        let running: HashSet<String> = self.leases.keys().cloned().collect();
+        let running: HashSet<String> = self
+            .leases
+            .keys()
+            .chain(&self.handing_over)
+            .cloned()
+            .collect();
         ctx.spawn(
             async move {
                 let live = leases::heartbeat(&pool, &me, &listen, owned, ttl).await?;
@@ -1015,6 +1024,7 @@ impl Supervisor {
             let pool = self.pool.clone();
             let me = self.settings.instance_id.clone();
             let metrics = self.metrics.clone();
+            self.handing_over.extend(gone.iter().cloned());
             ctx.spawn(
                 async move {
                     futures_util::future::join_all(drains).await;
@@ -1023,10 +1033,16 @@ impl Supervisor {
                         metrics.do_send(ForgetComponent(ComponentId::Mailbox(m.clone())));
                     }
                     if let Err(e) = leases::release(&pool, &me, &gone).await {
-                        tracing::warn!(error = %e, "leases not released; they expire on their own");
+                        tracing::warn!(error = %e, "leases not released; they are released at a later round or when this instance stops");
                     }
+                    gone
                 }
-                .into_actor(self),
+                .into_actor(self)
+                .map(|gone, act, _| {
+                    for m in gone {
+                        act.handing_over.remove(&m);
+                    }
+                }),
             );
         } else {
             for d in drains {

@@ -1,6 +1,6 @@
 //! Several instances on one RabbitMQ and one PostgreSQL (issue 13): mailbox ownership by
 //! lease — spread evenly, taken over after a SIGKILL within the lease time, rebalanced when
-//! the instance comes back —, sync requests reaching the owner whoever consumed them, and
+//! the instance comes back, handed over at once by a graceful stop —, sync requests reaching the owner whoever consumed them, and
 //! outbound as competing consumers with one instance killed midway.
 
 mod common;
@@ -262,6 +262,30 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
     expected.extend(round_ids(&users, 4));
     collect(&env, &mut seen, &expected, Duration::from_secs(90)).await;
 
+    // A graceful stop hands node-c's mailboxes over at once: no waiting out the lease.
+    let stopping = Instant::now();
+    assert!(nodes[2].terminate(Duration::from_secs(30)).success());
+    let (handed, after_stop) = wait_owners(
+        &db,
+        &["node-a", "node-b"],
+        total,
+        100,
+        Duration::from_secs(60),
+    )
+    .await;
+    println!(
+        "node-c stopped gracefully; its mailboxes taken over {:?} after SIGTERM ({handed:?} after it exited): {after_stop:?}",
+        stopping.elapsed()
+    );
+    assert!(!after_stop.contains_key("node-c"), "{after_stop:?}");
+    assert!(
+        handed < LEASE_TTL,
+        "a graceful stop waited out the lease: {handed:?}"
+    );
+    deliver_round(&dovecot, &users, 5);
+    expected.extend(round_ids(&users, 5));
+    collect(&env, &mut seen, &expected, Duration::from_secs(90)).await;
+
     let missing: Vec<&String> = expected
         .iter()
         .filter(|id| !seen.contains_key(*id))
@@ -275,7 +299,7 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
     assert_eq!(seen.len(), expected.len(), "unexpected ids");
     let twice: Vec<(&String, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
     println!(
-        "{} emails through a kill and a rebalance: {} published twice",
+        "{} emails through a kill, a rebalance and a graceful stop: {} published twice",
         expected.len(),
         twice.len()
     );
@@ -283,6 +307,10 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
     for n in &nodes {
         assert!(!n.log_text().contains("panicked"));
     }
+    assert!(
+        nodes[2].log_text().contains("mailbox leases released"),
+        "node-c did not release its leases"
+    );
 }
 
 #[tokio::test]
