@@ -1,5 +1,6 @@
-//! The supervisor: owns the AMQP connection, keeps the topology declared, and starts and
-//! restarts every other actor.
+//! The supervisor: owns the AMQP connection, keeps the topology declared (`topology.rs`),
+//! holds this instance's mailbox leases (`leases.rs`), and starts and restarts every other
+//! actor.
 //!
 //! Connection life cycle: connect (with a capped exponential backoff) → declare the topology
 //! of contract §3 on a fresh channel → start the children that need AMQP, each of which opens
@@ -12,6 +13,8 @@
 //! actor has stopped without being asked — including one whose handler panicked, which kills
 //! that actor's task but not the process — is counted in `mailbridge_actor_restarts_total`,
 //! shown in `/health`, and started again after a backoff that grows with consecutive crashes.
+//! A child starts only when its gates are open: the AMQP connection (`needs_amqp`) and, for a
+//! mailbox's fetcher, this instance's lease of the mailbox (`ChildSpec::leased`).
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -23,16 +26,15 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ExchangeKind};
+use lapin::Connection;
 
 use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth, SetGauge};
 use crate::amqp::Publisher;
-use crate::domain::{ComponentHealth, ComponentId, QueueStats, QueueStatusResponse};
+use crate::domain::{ComponentHealth, ComponentId, QueueStatusResponse};
 use crate::leases::{self, Lease};
 use crate::settings::Settings;
 use crate::storage;
+use crate::topology::{declare_topology, queue_stats, AmqpError};
 
 /// After the shutdown grace: how long the transactions already past their final dot, and the
 /// recording of their outcome, may still take.
@@ -47,162 +49,12 @@ const DB_PROBE: Duration = Duration::from_secs(2);
 const STABLE_AFTER: Duration = Duration::from_secs(30);
 const CHILD_MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Errors at the AMQP boundary.
-#[derive(Debug, thiserror::Error)]
-pub enum AmqpError {
-    #[error(transparent)]
-    Connect(#[from] crate::amqp::ConnectError),
-    #[error("cannot declare {what}: {source}; if it exists with other arguments, delete it or rename it in [queues]")]
-    Topology {
-        what: String,
-        #[source]
-        source: lapin::Error,
-    },
-    #[error("AMQP channel error: {0}")]
-    Channel(#[from] lapin::Error),
-}
-
 /// Exponential backoff: 200 ms, 400 ms, … capped at `max`.
 pub fn backoff(attempt: u32, max: Duration) -> Duration {
     let base = Duration::from_millis(200);
     base.checked_mul(1u32 << attempt.min(16))
         .unwrap_or(max)
         .min(max)
-}
-
-/// Declares the exchange and the six public queues exactly as contract §3 says: durable,
-/// without arguments, each bound to the exchange by its own name. A client's own
-/// `queue_declare(name, durable=True)` is therefore always equivalent and succeeds.
-pub async fn declare_topology(ch: &Channel, settings: &Settings) -> Result<(), AmqpError> {
-    let exchange = settings.rabbitmq.exchange.as_str();
-    ch.exchange_declare(
-        exchange.into(),
-        ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .map_err(|source| AmqpError::Topology {
-        what: format!("exchange `{exchange}`"),
-        source,
-    })?;
-    for queue in settings.queues.public_queues() {
-        ch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| AmqpError::Topology {
-            what: format!("queue `{queue}`"),
-            source,
-        })?;
-        ch.queue_bind(
-            queue.as_str().into(),
-            exchange.into(),
-            queue.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| AmqpError::Topology {
-            what: format!("binding of `{queue}` to `{exchange}`"),
-            source,
-        })?;
-    }
-    // The service's own delay queues: a message waits out its TTL, then is dead-lettered back
-    // to the exchange with the send queue's routing key.
-    for (queue, delay) in settings.retry_queues() {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            lapin::types::AMQPValue::LongLongInt(delay.as_millis() as i64),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            lapin::types::AMQPValue::LongString(exchange.into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            lapin::types::AMQPValue::LongString(settings.queues.send.as_str().into()),
-        );
-        ch.queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .map_err(|source| AmqpError::Topology {
-            what: format!("retry queue `{queue}`"),
-            source,
-        })?;
-    }
-    Ok(())
-}
-
-/// Message and consumer counts of the public queues, by passive declaration.
-async fn queue_stats(
-    conn: Arc<Connection>,
-    queues: Vec<String>,
-) -> Result<QueueStatusResponse, AmqpError> {
-    let mut out = std::collections::BTreeMap::new();
-    let mut channel: Option<Channel> = None;
-    for q in queues {
-        let ch = match &channel {
-            Some(c) => c.clone(),
-            None => {
-                let c = conn.create_channel().await?;
-                channel = Some(c.clone());
-                c
-            }
-        };
-        match ch
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-        {
-            Ok(info) => {
-                out.insert(
-                    q,
-                    QueueStats::new(info.message_count(), info.consumer_count()),
-                );
-            }
-            // A passive declaration of a missing queue closes the channel (404).
-            Err(e) if is_not_found(&e) => {
-                out.insert(q, QueueStats::missing());
-                channel = None;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    if let Some(ch) = channel {
-        let _ = ch.close(200, "OK".into()).await;
-    }
-    Ok(QueueStatusResponse {
-        success: true,
-        connection_status: "connected",
-        queues: out,
-        error: None,
-    })
-}
-
-fn is_not_found(e: &lapin::Error) -> bool {
-    e.to_string().contains("NOT_FOUND") || e.to_string().contains("404")
 }
 
 /// Which child: the service's fixed actors, one sender per provider, one fetcher per

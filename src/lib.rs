@@ -38,3 +38,4 @@ pub mod settings;
 pub mod smtp;
 pub mod sources;
 pub mod storage;
+pub mod topology;
