@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 
 use super::{
     gmail, graph, Fetched, MailSource, MessageRef, Page, RawSink, Retrieved, SourceError, Spill,
-    Start, HEADER_CAP,
+    Start,
 };
 use crate::credentials::Credential;
 use crate::intake::MailboxCursor;
@@ -330,7 +330,6 @@ impl ApiSource {
                 None => return Ok(Some(Retrieved::Whole(raw))),
             }
         }
-        let head = raw[..raw.len().min(HEADER_CAP)].to_vec();
         let mut sink = RawSink::store(spill.store)?;
         let mut kept = raw.len() as u64;
         sink.push(&raw).await?;
@@ -348,6 +347,7 @@ impl ApiSource {
                 break;
             }
         }
+        let head = sink.head().to_vec();
         let stored = sink.finish().await?;
         let mut error = super::too_large(size, limit);
         if size > kept {

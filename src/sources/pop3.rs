@@ -19,7 +19,7 @@ use super::{
 };
 use crate::inbound::uidl_key;
 use crate::intake::{guarded, MailboxCursor};
-use crate::mailproto::{MailboxError, Pop3, MAX_LINE};
+use crate::mailproto::{MailboxError, MultiLine, Pop3, MAX_LINE};
 use crate::pacing::ConnectPacer;
 use crate::settings::Mailbox;
 
@@ -79,16 +79,8 @@ impl Pop3Source {
         // Spill: what was read so far, then the rest piece by piece.
         let mut sink = RawSink::store(spill.store)?;
         sink.push(&raw).await?;
-        raw.clear();
-        raw.shrink_to(PIECE);
-        loop {
-            let more = body.read_into(&mut raw, PIECE).await?;
-            sink.push(&raw).await?;
-            raw.clear();
-            if !more {
-                break;
-            }
-        }
+        drop(raw);
+        rest_into(&mut body, &mut sink).await?;
         let head = sink.head().to_vec();
         let stored = sink.finish().await?;
         let error = if long_line {
@@ -103,6 +95,19 @@ impl Pop3Source {
             head,
             error,
         })
+    }
+}
+
+/// The rest of a multi-line answer into `sink`, a [`PIECE`] at a time.
+async fn rest_into(body: &mut MultiLine<'_>, sink: &mut RawSink) -> Result<(), SourceError> {
+    let mut piece = Vec::with_capacity(PIECE);
+    loop {
+        let more = body.read_into(&mut piece, PIECE).await?;
+        sink.push(&piece).await?;
+        piece.clear();
+        if !more {
+            return Ok(());
+        }
     }
 }
 
@@ -188,15 +193,8 @@ impl MailSource for Pop3Source {
 
     async fn stream(&mut self, m: &MessageRef, sink: &mut RawSink) -> Result<bool, SourceError> {
         let mut body = self.pop()?.retr(m.number).await?;
-        let mut raw = Vec::with_capacity(PIECE);
-        loop {
-            let more = body.read_into(&mut raw, PIECE).await?;
-            sink.push(&raw).await?;
-            raw.clear();
-            if !more {
-                return Ok(true);
-            }
-        }
+        rest_into(&mut body, sink).await?;
+        Ok(true)
     }
 
     async fn handled(&mut self, done: &[&MessageRef]) -> Result<(), SourceError> {
