@@ -548,13 +548,7 @@ impl Fetch {
                 },
             },
         };
-        let floor = match &start {
-            Start::Changes(
-                MailboxCursor::GmailApi { floor, .. } | MailboxCursor::MsGraph { floor, .. },
-            ) => *floor,
-            Start::List { floor } | Start::Position { floor } => *floor,
-            Start::Changes(_) => None,
-        };
+        let floor = start.floor();
         let mut relisted = false;
         let mut pages = 0u32;
         source.begin(start).await?;
@@ -613,18 +607,13 @@ impl Fetch {
         let lookups: Vec<String> = page
             .messages
             .iter()
-            .filter_map(|m| m.key.clone().or_else(|| m.listed.clone()))
+            .filter_map(|m| m.known_by().cloned())
             .collect();
         let known = self.known(&lookups).await?;
         let mut todo: Vec<&MessageRef> = Vec::with_capacity(page.messages.len());
         let mut done: Vec<&MessageRef> = Vec::new();
         for m in &page.messages {
-            match m
-                .key
-                .as_ref()
-                .or(m.listed.as_ref())
-                .and_then(|k| known.get(k))
-            {
+            match m.known_by().and_then(|k| known.get(k)) {
                 Some(outcome) => {
                     if m.key.is_some() && outcome != Outcome::SkippedInitial.as_str() {
                         done.push(m);
@@ -729,12 +718,12 @@ impl Fetch {
     ) -> Result<(), FetchError> {
         let mut items = Vec::with_capacity(got.len());
         let mut dead = Vec::new();
-        let mut listed = Vec::new();
+        let mut fetched = Vec::with_capacity(got.len());
         for g in got {
-            let Some(m) = refs.get(g.index) else {
+            let Some(m) = refs.get(g.index).copied() else {
                 continue;
             };
-            listed.extend(m.listed.clone());
+            fetched.push(m);
             match g.message {
                 Retrieved::Whole(raw) => items.push(Item {
                     uid: m.id.clone(),
@@ -746,28 +735,25 @@ impl Fetch {
                     stored,
                     head,
                     error,
-                } => {
-                    let (facts, headers) =
-                        blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
-                            .await?
-                            .unwrap_or_default();
-                    dead.push(DeadItem {
-                        key: m
-                            .key
-                            .clone()
-                            .or(facts.key)
-                            .unwrap_or_else(|| format!("sha256:{}", stored.id)),
-                        uid: m.id.clone(),
-                        message_id: facts.message_id,
-                        error,
-                        stored,
-                        headers: Some(headers),
-                    });
-                }
+                } => dead.push(self.stored_dead(m, stored, head, error).await?),
             }
         }
-        let listed: Vec<Record> = listed
-            .into_iter()
+        self.settle(source, &fetched, items, dead, cursor).await
+    }
+
+    /// [`Fetch::process`] for the emails of `refs`, their `listed` keys recorded with them;
+    /// then the source is told which of `refs` are now recorded.
+    async fn settle<S: MailSource>(
+        &self,
+        source: &mut S,
+        refs: &[&MessageRef],
+        items: Vec<Item>,
+        dead: Vec<DeadItem>,
+        cursor: Option<MailboxCursor>,
+    ) -> Result<(), FetchError> {
+        let listed: Vec<Record> = refs
+            .iter()
+            .filter_map(|m| m.listed.clone())
             .map(|k| Record::new(k, Outcome::Listed))
             .collect();
         let handled = self.process(items, dead, cursor, listed).await?;
@@ -780,6 +766,34 @@ impl Fetch {
             source.handled(&done).await?;
         }
         Ok(())
+    }
+
+    /// The dead letter of a message stored rather than held (too large, a line too long):
+    /// its key (the listing's, else its Message-ID, else the hash of its bytes) and headers
+    /// from the start of its header.
+    async fn stored_dead(
+        &self,
+        m: &MessageRef,
+        stored: StoredRaw,
+        head: Vec<u8>,
+        error: String,
+    ) -> Result<DeadItem, FetchError> {
+        let (facts, headers) =
+            blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
+                .await?
+                .unwrap_or_default();
+        Ok(DeadItem {
+            key: m
+                .key
+                .clone()
+                .or(facts.key)
+                .unwrap_or_else(|| format!("sha256:{}", stored.id)),
+            uid: m.id.clone(),
+            message_id: facts.message_id,
+            error,
+            stored,
+            headers: Some(headers),
+        })
     }
 
     /// A message announced as larger than `max_message_bytes`: never parsed or published,
@@ -811,43 +825,12 @@ impl Fetch {
         }
         let head = sink.head().to_vec();
         let stored = sink.finish().await?;
-        let (facts, headers) =
-            blocking(move || guarded(|| (header_facts(&head), header_map_of(&head))))
-                .await?
-                .unwrap_or_default();
-        let key = match m.key.clone().or(facts.key) {
-            Some(k) => k,
-            None => {
-                let k = format!("sha256:{}", stored.id);
-                if !self.known(std::slice::from_ref(&k)).await?.is_empty() {
-                    return self.record(&[], cursor.as_ref()).await;
-                }
-                k
-            }
-        };
-        let dead = DeadItem {
-            key,
-            uid: m.id.clone(),
-            message_id: facts.message_id,
-            error: too_large(stored.size.max(size), self.max_message()),
-            stored,
-            headers: Some(headers),
-        };
-        let handled = self
-            .process(
-                Vec::new(),
-                vec![dead],
-                cursor,
-                m.listed
-                    .iter()
-                    .map(|k| Record::new(k.clone(), Outcome::Listed))
-                    .collect(),
-            )
-            .await?;
-        if m.key.as_ref().is_some_and(|k| handled.contains(k)) {
-            source.handled(&[m]).await?;
-        }
-        Ok(())
+        let error = too_large(stored.size.max(size), self.max_message());
+        // A key known already (the hash of a message without a Message-ID) is left out by
+        // `process`, which records the position all the same.
+        let dead = self.stored_dead(m, stored, head, error).await?;
+        self.settle(source, &[m], Vec::new(), vec![dead], cursor)
+            .await
     }
 
     /// A fetch of message `m` failed with `e`. A failure about the message itself repeated
@@ -886,7 +869,7 @@ impl Fetch {
                 .key
                 .clone()
                 .or_else(|| m.listed.clone())
-                .unwrap_or_else(|| format!("{}-id:{}", self.source(), sha256_hex(m.id.as_bytes()))),
+                .unwrap_or_else(|| crate::sources::api::id_key(self.source(), &m.id)),
             uid: m.id.clone(),
             message_id: None,
             error: format!("cannot be downloaded ({DOWNLOAD_TRIES} tries): {e}"),

@@ -117,14 +117,6 @@ impl GmailSource {
 /// Base64 characters decoded together (a multiple of 4).
 const DECODE_RUN: usize = 4096;
 
-fn floor_of(start: &Start) -> Option<i64> {
-    match start {
-        Start::Changes(MailboxCursor::GmailApi { floor, .. }) => *floor,
-        Start::List { floor } | Start::Position { floor } => *floor,
-        Start::Changes(_) => None,
-    }
-}
-
 impl Listing for GmailSource {
     fn begin(&mut self, start: Start) {
         self.walk = Some(Walk {
@@ -138,7 +130,7 @@ impl Listing for GmailSource {
         let Some(walk) = self.walk.take() else {
             return Ok(Page::default());
         };
-        let floor = floor_of(&walk.start);
+        let floor = walk.start.floor();
         let cursor = |history_id: String| MailboxCursor::GmailApi { history_id, floor };
         match &walk.start {
             Start::Position { .. } => Ok(Page::last(

@@ -45,6 +45,20 @@ pub enum Start {
     Position { floor: Option<i64> },
 }
 
+impl Start {
+    /// The floor of the first contact (Unix seconds) that an API cursor carries along, so
+    /// that a re-list after an expired cursor starts from the same moment.
+    pub fn floor(&self) -> Option<i64> {
+        match self {
+            Start::Changes(
+                MailboxCursor::GmailApi { floor, .. } | MailboxCursor::MsGraph { floor, .. },
+            ) => *floor,
+            Start::List { floor } | Start::Position { floor } => *floor,
+            Start::Changes(_) => None,
+        }
+    }
+}
+
 /// A message a listing named.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MessageRef {
@@ -65,6 +79,14 @@ pub struct MessageRef {
     pub listed: Option<String>,
     /// The position once this message and every one before it are handled (IMAP).
     pub after: Option<MailboxCursor>,
+}
+
+impl MessageRef {
+    /// The key that says the message was handled before: its dedup key when the listing
+    /// knows it, else its `listed` key.
+    pub fn known_by(&self) -> Option<&String> {
+        self.key.as_ref().or(self.listed.as_ref())
+    }
 }
 
 impl MessageRef {
