@@ -14,7 +14,7 @@
 //! that actor's task but not the process — is counted in `mailbridge_actor_restarts_total`,
 //! shown in `/health`, and started again after a backoff that grows with consecutive crashes.
 //! A child starts only when its gates are open: the AMQP connection (`needs_amqp`) and, for a
-//! mailbox's fetcher, this instance's lease of the mailbox (`ChildSpec::leased`).
+//! mailbox's fetcher, this instance's lease of the mailbox (`ChildId::leased_mailbox`).
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -74,6 +74,17 @@ pub enum ChildId {
     Other(String),
 }
 
+impl ChildId {
+    /// The mailbox whose lease gates this child: a mailbox's fetcher runs only while this
+    /// instance holds the mailbox's lease, and restarts when the lease's token changes.
+    pub fn leased_mailbox(&self) -> Option<&String> {
+        match self {
+            ChildId::Mailbox(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for ChildId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -106,7 +117,7 @@ pub struct ChildContext {
     pub accounts: Arc<crate::oauth2::Accounts>,
     /// Paces logins per mail server host, shared by every fetcher.
     pub pacer: Arc<crate::pacing::ConnectPacer>,
-    /// For a child gated on a mailbox lease ([`ChildSpec::leased`]): the lease it runs
+    /// For a child gated on a mailbox lease ([`ChildId::leased_mailbox`]): the lease it runs
     /// under, whose token fences the mailbox's position.
     pub lease: Option<Lease>,
 }
@@ -168,8 +179,6 @@ pub struct ChildSpec {
     pub on_settings: Option<SettingsHook>,
     /// Tells a running child that the shutdown grace is over ([`Abort`]).
     pub on_abort: Option<AbortHook>,
-    /// Runs only while this instance holds this mailbox's lease ([`ChildSpec::leased`]).
-    pub lease: Option<String>,
     pub start: StartFn,
 }
 
@@ -194,16 +203,8 @@ impl ChildSpec {
             fingerprint: 0,
             on_settings: None,
             on_abort: None,
-            lease: None,
             start: Box::new(start),
         }
-    }
-
-    /// Run the child only while this instance holds `mailbox_id`'s lease (and restart it
-    /// when the lease's token changes).
-    pub fn leased(mut self, mailbox_id: &str) -> Self {
-        self.lease = Some(mailbox_id.to_string());
-        self
     }
 
     /// Restart the child on reload when this value changes.
@@ -727,7 +728,7 @@ impl Supervisor {
                     ));
                 }
             }
-            let lease = match &child.spec.lease {
+            let lease = match child.spec.id.leased_mailbox() {
                 None => None,
                 Some(m) => match self.leases.get(m) {
                     Some(token) => Some(Lease {
@@ -857,7 +858,7 @@ impl Supervisor {
             .collect();
         let mut drains = Vec::new();
         for child in &mut self.children {
-            let Some(m) = &child.spec.lease else {
+            let Some(m) = child.spec.id.leased_mailbox() else {
                 continue;
             };
             let Some(h) = &child.handle else {
@@ -902,11 +903,11 @@ impl Supervisor {
             }
         }
         self.leases = held;
-        let owned: HashSet<&str> = self.leases.keys().map(String::as_str).collect();
+        let owned = self.leases.len();
         let instance = vec![("instance", self.settings.instance_id.clone())];
         for (name, labels, value) in [
             ("mailbridge_instance_info", instance.clone(), 1.0),
-            ("mailbridge_mailboxes_owned", Vec::new(), owned.len() as f64),
+            ("mailbridge_mailboxes_owned", Vec::new(), owned as f64),
             (
                 "mailbridge_live_instances",
                 Vec::new(),
@@ -923,7 +924,7 @@ impl Supervisor {
             ComponentId::Actor("leases".into()),
             ComponentHealth::ok()
                 .with("instance_id", self.settings.instance_id.clone())
-                .with("mailboxes_owned", owned.len())
+                .with("mailboxes_owned", owned)
                 .with("live_instances", self.live_instances)
                 .with(
                     "lease_ttl_seconds",

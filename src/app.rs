@@ -157,15 +157,13 @@ pub fn children(settings: &Settings) -> Vec<ChildSpec> {
     for mailbox in settings.tenants.iter().flat_map(|t| &t.mailboxes) {
         let mailbox = mailbox.clone();
         let mailbox_fingerprint = mailbox.fingerprint();
-        let mailbox_id = mailbox.id.clone();
         specs.push(
             ChildSpec::new(
                 ChildId::Mailbox(mailbox.id.clone()),
                 true,
                 move |c: ChildContext| Box::new(MailboxFetcher::new(mailbox.clone(), c).start()),
             )
-            .fingerprint(mailbox_fingerprint)
-            .leased(&mailbox_id),
+            .fingerprint(mailbox_fingerprint),
         );
     }
     specs.push(
