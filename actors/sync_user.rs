@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::actors::fetcher::{MailboxFetcher, SyncNow};
 use crate::actors::metrics::{metric_tenant, Count};
 use crate::actors::supervisor::{
-    backoff, ChildContext, ChildId, Drain, FindChild, SettingsChanged,
+    backoff, ChildContext, ChildId, Drain, FindChild, SettingsChanged, Supervisor,
 };
 use crate::storage::StorageError;
 
@@ -137,16 +137,10 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
             async move {
                 let mut elsewhere = Vec::new();
                 for id in targets {
-                    match supervisor
-                        .send(FindChild::<MailboxFetcher>::of(ChildId::Mailbox(
-                            id.clone(),
-                        )))
-                        .await
-                    {
-                        Ok(Some(fetcher)) => fetcher.do_send(SyncNow),
-                        // Fetched by another instance (or by none right now): the owner
-                        // hears of it through PostgreSQL.
-                        _ => elsewhere.push(id),
+                    // Fetched by another instance (or by none right now): the owner hears
+                    // of it through PostgreSQL.
+                    if !wake(&supervisor, &id).await {
+                        elsewhere.push(id);
                     }
                 }
                 if !elsewhere.is_empty() {
@@ -169,6 +163,22 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
             tracing::warn!("the sync request consumer ended");
             ctx.stop();
         }
+    }
+}
+
+/// Tells mailbox `id`'s fetcher to sync now; false when it does not run here.
+async fn wake(supervisor: &Addr<Supervisor>, id: &str) -> bool {
+    match supervisor
+        .send(FindChild::<MailboxFetcher>::of(ChildId::Mailbox(
+            id.to_string(),
+        )))
+        .await
+    {
+        Ok(Some(fetcher)) => {
+            fetcher.do_send(SyncNow);
+            true
+        }
+        _ => false,
     }
 }
 
@@ -230,12 +240,8 @@ impl Actor for SyncListener {
                 };
                 let wake = async {
                     while let Some(id) = rx.recv().await {
-                        if let Ok(Some(fetcher)) = supervisor
-                            .send(FindChild::<MailboxFetcher>::of(ChildId::Mailbox(id.clone())))
-                            .await
-                        {
+                        if wake(&supervisor, &id).await {
                             tracing::info!(mailbox = %id, "sync requested through another instance");
-                            fetcher.do_send(SyncNow);
                         }
                     }
                 };
