@@ -146,15 +146,24 @@ impl Default for Registry {
 }
 
 impl Registry {
-    /// Adds `by` to a counter. An unknown name (a programming error, which the `tidy` test
-    /// below catches) is logged and ignored: the metrics actor has no way to panic.
+    /// The family `name` when it is of `kind`. An unknown name (a programming error, which
+    /// the `tidy` test below catches) is logged and ignored: the metrics actor has no way to
+    /// panic.
+    fn family(&mut self, name: &str, kind: Kind) -> Option<&mut Family> {
+        let f = self.families.get_mut(name).filter(|f| f.kind == kind);
+        if f.is_none() {
+            tracing::warn!(
+                metric = name,
+                ?kind,
+                "not a known metric of this kind; ignored"
+            );
+        }
+        f
+    }
+
+    /// Adds `by` to a counter.
     pub fn inc(&mut self, name: &str, mut labels: Labels, by: u64) {
-        let Some(f) = self
-            .families
-            .get_mut(name)
-            .filter(|f| f.kind == Kind::Counter)
-        else {
-            tracing::warn!(metric = name, "not a known counter; ignored");
+        let Some(f) = self.family(name, Kind::Counter) else {
             return;
         };
         labels.sort();
@@ -162,12 +171,7 @@ impl Registry {
     }
 
     pub fn observe(&mut self, name: &str, mut labels: Labels, value: f64) {
-        let Some(f) = self
-            .families
-            .get_mut(name)
-            .filter(|f| f.kind == Kind::Histogram)
-        else {
-            tracing::warn!(metric = name, "not a known histogram; ignored");
+        let Some(f) = self.family(name, Kind::Histogram) else {
             return;
         };
         labels.sort();
@@ -188,12 +192,7 @@ impl Registry {
 
     /// Sets a gauge (replacing every other sample of its family: these gauges have one).
     pub fn set(&mut self, name: &str, mut labels: Labels, value: f64) {
-        let Some(f) = self
-            .families
-            .get_mut(name)
-            .filter(|f| f.kind == Kind::Gauge)
-        else {
-            tracing::warn!(metric = name, "not a known gauge; ignored");
+        let Some(f) = self.family(name, Kind::Gauge) else {
             return;
         };
         labels.sort();
