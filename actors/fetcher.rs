@@ -1231,10 +1231,11 @@ impl Actor for MailboxFetcher {
     fn started(&mut self, ctx: &mut Context<Self>) {
         let publisher = self.child.publisher.clone();
         let settings = self.child.settings.clone();
+        let pool = self.child.pool.clone();
         let setup = async move {
             let ch = publisher.ok_or_else(|| "not connected to RabbitMQ".to_string())?;
-            let store =
-                AttachmentStore::for_settings(&settings.attachments).map_err(|e| e.to_string())?;
+            let store = AttachmentStore::for_settings(&settings.attachments, &pool)
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((ch, store))
         };
         ctx.wait(setup.into_actor(self).map(|res, act, ctx| match res {

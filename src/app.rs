@@ -39,9 +39,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     // Before any actor starts: a store the service cannot use (a short link key, a folder it
     // cannot write) stops the start with its reason instead of failing every fetcher.
-    let attachments = AttachmentStore::for_settings(&settings.attachments)?;
-    let metrics = MetricsActor::default().start();
     let pool = storage::pool(&settings.database)?;
+    let attachments = AttachmentStore::for_settings(&settings.attachments, &pool)?;
+    let metrics = MetricsActor::default().start();
     let supervisor = Supervisor::new(settings.clone(), pool.clone(), metrics.clone())
         .with_factory(children)
         .start();

@@ -225,7 +225,7 @@ async fn replay_inbound(
     queue: &str,
     selection: &Selection,
 ) -> Result<ReplayReport, DlqError> {
-    let store = AttachmentStore::for_settings(&settings.attachments)?;
+    let store = AttachmentStore::for_settings(&settings.attachments, pool)?;
     let ch = conn.create_channel().await?;
     let publisher = Publisher::new(conn.clone(), 1);
     let mut report = ReplayReport::default();

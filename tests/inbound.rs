@@ -84,10 +84,11 @@ fn counts(msgs: &[serde_json::Value], field: &str) -> BTreeMap<String, usize> {
     c
 }
 
-/// The bytes the service stored under `id` in this test's attachment folder.
-fn stored(env: &TestEnv, id: &str) -> Vec<u8> {
-    std::fs::read(env.dir.join("attachments").join(&id[..2]).join(id))
-        .unwrap_or_else(|e| panic!("stored raw email {id}: {e}"))
+/// The bytes the service stored under `id` (in PostgreSQL, the default store).
+async fn stored(env: &TestEnv, id: &str) -> Vec<u8> {
+    env.stored_blob(id)
+        .await
+        .unwrap_or_else(|| panic!("stored raw email {id}: not in attachment_blobs"))
 }
 
 /// Waits until `queue` holds `n` messages.
@@ -1086,7 +1087,7 @@ async fn hostile_emails_each_end_in_one_visible_place() {
     assert_eq!(big["size"], raw.len() as u64);
     assert_eq!(big["headers"]["Subject"], "hostile-oversized");
     assert!(big["error"].as_str().unwrap().contains("max_message_bytes"));
-    assert_eq!(stored(&env, big["raw_id"].as_str().unwrap()), raw);
+    assert_eq!(stored(&env, big["raw_id"].as_str().unwrap()).await, raw);
     let link = reqwest::get(big["raw_url"].as_str().unwrap())
         .await
         .unwrap();
@@ -1097,7 +1098,7 @@ async fn hostile_emails_each_end_in_one_visible_place() {
         .find(|d| d["error"].as_str().unwrap().contains("cannot be parsed"))
         .expect("the non-email is dead-lettered");
     assert_eq!(
-        stored(&env, junk["raw_id"].as_str().unwrap()),
+        stored(&env, junk["raw_id"].as_str().unwrap()).await,
         original("not-an-email")
     );
     for d in &dead {
@@ -1578,7 +1579,10 @@ delete_after_fetch = true
         format!("uidl:{}", dead[0]["uid"].as_str().unwrap())
     );
     assert_eq!(dead[0]["headers"]["Subject"], "big");
-    assert_eq!(stored(&env, dead[0]["raw_id"].as_str().unwrap()), oversized);
+    assert_eq!(
+        stored(&env, dead[0]["raw_id"].as_str().unwrap()).await,
+        oversized
+    );
     // Published and dead-lettered mail is gone from the server (NULs stripped from what
     // PostgreSQL keeps).
     let start = Instant::now();

@@ -573,7 +573,7 @@ access_token = "{ACCESS_TOKEN}"
         assert_eq!(d["size"], raw.len() as u64, "{d}");
         assert!(d["error"].as_str().unwrap().contains("max_message_bytes"));
         let id = d["raw_id"].as_str().unwrap();
-        let stored = std::fs::read(env.dir.join("attachments").join(&id[..2]).join(id)).unwrap();
+        let stored = env.stored_blob(id).await.expect("the raw bytes are stored");
         assert!(stored == *raw, "the stored bytes are the message's");
     }
     // Expired positions: both folders are listed again; nothing is published or

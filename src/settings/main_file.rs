@@ -253,9 +253,22 @@ impl Default for ClusterSection {
     }
 }
 
+/// `[attachments] store`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachmentBackend {
+    Postgres,
+    Dir,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AttachmentsSection {
+    /// Where the bytes are kept: PostgreSQL (every instance serves every link) or files
+    /// under `dir` (shared storage for several instances).
+    pub store: AttachmentBackend,
+    /// The local folder: the bytes with `store = "dir"`; otherwise only the spool of large
+    /// emails being received and, without `link_key`, the generated keys.
     pub dir: PathBuf,
     pub public_base_url: String,
     pub link_ttl: Dur,
@@ -270,6 +283,7 @@ pub struct AttachmentsSection {
 impl Default for AttachmentsSection {
     fn default() -> Self {
         Self {
+            store: AttachmentBackend::Postgres,
             dir: PathBuf::from("var/attachments"),
             public_base_url: "http://127.0.0.1:8000".into(),
             link_ttl: Dur(Duration::from_secs(7 * 24 * 3600)),
