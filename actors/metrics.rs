@@ -15,6 +15,9 @@ pub struct MetricsActor {
     registry: Registry,
     components: BTreeMap<ComponentId, ComponentHealth>,
     ever_ready: bool,
+    /// Mailbox health changed since the supervisor last took it for `mailbox_health`:
+    /// the new health, or `None` for a mailbox forgotten.
+    mailbox_changes: BTreeMap<String, Option<ComponentHealth>>,
 }
 
 impl Actor for MetricsActor {
@@ -76,10 +79,28 @@ pub struct ForgetComponent(pub ComponentId);
 #[rtype(result = "String")]
 pub struct RenderMetrics;
 
-/// The `/health` document.
-#[derive(Message, Debug)]
+/// The `/health` document: this instance's components, and `cluster` (the mailboxes of every
+/// instance, from `mailbox_health`) where it has none of its own.
+#[derive(Message, Debug, Default)]
 #[rtype(result = "HealthReport")]
-pub struct GetHealth;
+pub struct GetHealth {
+    pub instance_id: String,
+    pub cluster: BTreeMap<String, ComponentHealth>,
+}
+
+/// The mailbox health changed since the last time (`all`: every mailbox's now, as after a
+/// failed write), for the supervisor to write to `mailbox_health`.
+#[derive(Message, Debug)]
+#[rtype(result = "MailboxChanges")]
+pub struct TakeMailboxChanges {
+    pub all: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct MailboxChanges {
+    pub changed: Vec<(String, ComponentHealth)>,
+    pub forgotten: Vec<String>,
+}
 
 /// One counter's value (tests and diagnostics).
 #[derive(Message, Debug)]
@@ -113,6 +134,10 @@ impl Handler<SetGauge> for MetricsActor {
 impl Handler<ReportHealth> for MetricsActor {
     type Result = ();
     fn handle(&mut self, msg: ReportHealth, _: &mut Context<Self>) {
+        if let ComponentId::Mailbox(m) = &msg.id {
+            self.mailbox_changes
+                .insert(m.clone(), Some(msg.health.clone()));
+        }
         self.components.insert(msg.id, msg.health);
         if !self.ever_ready && HealthReport::components_ready(&self.components) {
             self.ever_ready = true;
@@ -123,7 +148,35 @@ impl Handler<ReportHealth> for MetricsActor {
 impl Handler<ForgetComponent> for MetricsActor {
     type Result = ();
     fn handle(&mut self, msg: ForgetComponent, _: &mut Context<Self>) {
+        if let ComponentId::Mailbox(m) = &msg.0 {
+            self.mailbox_changes.insert(m.clone(), None);
+        }
         self.components.remove(&msg.0);
+    }
+}
+
+impl Handler<TakeMailboxChanges> for MetricsActor {
+    type Result = MessageResult<TakeMailboxChanges>;
+    fn handle(&mut self, msg: TakeMailboxChanges, _: &mut Context<Self>) -> Self::Result {
+        let mut out = MailboxChanges::default();
+        for (id, change) in std::mem::take(&mut self.mailbox_changes) {
+            match change {
+                Some(h) if !msg.all => out.changed.push((id, h)),
+                Some(_) => {}
+                None => out.forgotten.push(id),
+            }
+        }
+        if msg.all {
+            out.changed = self
+                .components
+                .iter()
+                .filter_map(|(id, h)| match id {
+                    ComponentId::Mailbox(m) => Some((m.clone(), h.clone())),
+                    _ => None,
+                })
+                .collect();
+        }
+        MessageResult(out)
     }
 }
 
@@ -136,8 +189,11 @@ impl Handler<RenderMetrics> for MetricsActor {
 
 impl Handler<GetHealth> for MetricsActor {
     type Result = MessageResult<GetHealth>;
-    fn handle(&mut self, _: GetHealth, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(HealthReport::build(&self.components, self.ever_ready))
+    fn handle(&mut self, msg: GetHealth, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            HealthReport::build(&self.components, self.ever_ready)
+                .with_cluster(&msg.instance_id, msg.cluster),
+        )
     }
 }
 
@@ -145,6 +201,8 @@ impl Handler<GetHealth> for MetricsActor {
 #[derive(Message, Debug)]
 #[rtype(result = "MailboxPage")]
 pub struct ListMailboxes {
+    /// The mailboxes of every instance (from `mailbox_health`); this instance's own win.
+    pub cluster: BTreeMap<String, ComponentHealth>,
     pub status: Option<ComponentState>,
     pub tenant: Option<String>,
     pub offset: usize,
@@ -154,8 +212,13 @@ pub struct ListMailboxes {
 impl Handler<ListMailboxes> for MetricsActor {
     type Result = MessageResult<ListMailboxes>;
     fn handle(&mut self, msg: ListMailboxes, _: &mut Context<Self>) -> Self::Result {
+        let mut mailboxes: BTreeMap<&String, &ComponentHealth> = msg.cluster.iter().collect();
+        mailboxes.extend(self.components.iter().filter_map(|(id, h)| match id {
+            ComponentId::Mailbox(m) => Some((m, h)),
+            _ => None,
+        }));
         MessageResult(MailboxPage::build(
-            &self.components,
+            mailboxes,
             msg.status,
             msg.tenant.as_deref(),
             msg.offset,

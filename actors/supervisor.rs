@@ -28,10 +28,13 @@ use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use lapin::Connection;
 
-use crate::actors::metrics::{Count, ForgetComponent, MetricsActor, ReportHealth, SetGauge};
+use crate::actors::metrics::{
+    Count, ForgetComponent, MetricsActor, ReportHealth, SetGauge, TakeMailboxChanges,
+};
 use crate::amqp::Publisher;
 use crate::domain::{ComponentHealth, ComponentId, QueueStatusResponse};
 use crate::leases::{self, Lease};
+use crate::mailbox_health;
 use crate::settings::Settings;
 use crate::storage;
 use crate::topology::{declare_topology, queue_stats, AmqpError};
@@ -43,6 +46,10 @@ const OVERDUE: Duration = Duration::from_secs(5);
 const PUBLISH_LANES: usize = 4;
 /// How often the supervisor checks its children and the connection.
 const TICK: Duration = Duration::from_millis(250);
+/// How often this instance's mailbox health is written for the others to show.
+const HEALTH_WRITE: Duration = Duration::from_secs(1);
+/// How often rows of mailboxes no longer configured are deleted from `mailbox_health`.
+const HEALTH_PRUNE: Duration = Duration::from_secs(60);
 /// How often PostgreSQL is pinged for `/health`.
 const DB_PROBE: Duration = Duration::from_secs(2);
 /// A child that lived this long before dying starts its backoff from the beginning again.
@@ -287,6 +294,12 @@ pub struct Supervisor {
     renewing: bool,
     /// A renewal was asked for while one ran.
     renew_again: bool,
+    /// The mailbox health of this instance is being written to `mailbox_health`.
+    health_writing: bool,
+    /// The next write is of every mailbox (at start, after a failed write).
+    health_resync: bool,
+    /// When rows of mailboxes no longer configured were last deleted.
+    health_pruned: Option<Instant>,
     /// Mailboxes given up whose fetchers are still draining: their leases are released
     /// once the fetchers have stopped, never before.
     handing_over: HashSet<String>,
@@ -326,6 +339,9 @@ impl Supervisor {
             leases_renewed: None,
             renewing: false,
             renew_again: false,
+            health_writing: false,
+            health_resync: true,
+            health_pruned: None,
             handing_over: HashSet::new(),
             live_instances: 0,
         }
@@ -760,6 +776,60 @@ impl Supervisor {
 }
 
 impl Supervisor {
+    /// Writes the health of this instance's mailboxes that changed since the last write to
+    /// `mailbox_health` (every mailbox's after a failure), so that every instance shows the
+    /// cluster; once a minute, deletes the rows of mailboxes no longer configured.
+    fn write_mailbox_health(&mut self, ctx: &mut Context<Self>) {
+        if !self.migrated || self.health_writing {
+            return;
+        }
+        self.health_writing = true;
+        let all = std::mem::take(&mut self.health_resync);
+        let configured: Option<Vec<String>> = self
+            .health_pruned
+            .is_none_or(|t| t.elapsed() >= HEALTH_PRUNE)
+            .then(|| {
+                self.settings
+                    .tenants
+                    .iter()
+                    .flat_map(|t| &t.mailboxes)
+                    .map(|m| m.id.clone())
+                    .collect()
+            });
+        let (pool, metrics) = (self.pool.clone(), self.metrics.clone());
+        let me = self.settings.instance_id.clone();
+        let ttl = self.settings.cluster.lease_ttl.0;
+        ctx.spawn(
+            async move {
+                let changes = metrics
+                    .send(TakeMailboxChanges { all })
+                    .await
+                    .map_err(|e| storage::StorageError::Unreadable(e.to_string()))?;
+                if !changes.changed.is_empty() || !changes.forgotten.is_empty() {
+                    mailbox_health::write(&pool, &me, &changes.changed, &changes.forgotten)
+                        .await?;
+                }
+                let pruned = match configured {
+                    Some(ids) => Some(mailbox_health::prune(&pool, &ids, ttl).await?),
+                    None => None,
+                };
+                Ok::<_, storage::StorageError>(pruned)
+            }
+            .into_actor(self)
+            .map(|res, act, _| {
+                act.health_writing = false;
+                match res {
+                    Ok(Some(_)) => act.health_pruned = Some(Instant::now()),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "mailbox health not written; written whole next time");
+                        act.health_resync = true;
+                    }
+                }
+            }),
+        );
+    }
+
     /// Heartbeats, and takes or renews the leases of the mailboxes this instance should own
     /// among the live ones ([`leases::owner_of`]); then [`Supervisor::on_leases`].
     fn renew_leases(&mut self, ctx: &mut Context<Self>) {
@@ -953,6 +1023,7 @@ impl Actor for Supervisor {
         ctx.run_interval(DB_PROBE, |act, ctx| act.probe_database(ctx));
         let every = self.settings.cluster.lease_ttl.0 / 3;
         ctx.run_interval(every, |act, ctx| act.renew_leases(ctx));
+        ctx.run_interval(HEALTH_WRITE, |act, ctx| act.write_mailbox_health(ctx));
     }
 }
 

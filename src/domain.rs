@@ -170,7 +170,7 @@ impl ComponentState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct ComponentHealth {
     pub status: ComponentState,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -239,6 +239,25 @@ pub struct HealthComponents {
     pub actors: BTreeMap<String, ComponentHealth>,
 }
 
+impl HealthComponents {
+    /// RabbitMQ and PostgreSQL both reachable.
+    fn core_ok(&self) -> bool {
+        self.rabbitmq.status == ComponentState::Ok && self.database.status == ComponentState::Ok
+    }
+
+    /// The core reachable and nothing down.
+    fn all_fine(&self) -> bool {
+        self.core_ok()
+            && self
+                .providers
+                .values()
+                .chain(self.mailboxes.values())
+                .chain(self.actors.values())
+                .chain(std::iter::once(&self.config))
+                .all(|h| h.status != ComponentState::Down)
+    }
+}
+
 impl HealthReport {
     /// Builds the report from what the components last said. `ever_ready` tells `starting`
     /// (never yet ready) from `degraded` (was ready, lost something).
@@ -267,24 +286,37 @@ impl HealthReport {
                 ComponentId::Config => out.config = h.clone(),
             }
         }
-        let core_ok =
-            out.rabbitmq.status == ComponentState::Ok && out.database.status == ComponentState::Ok;
-        let rest_ok = out
-            .providers
-            .values()
-            .chain(out.mailboxes.values())
-            .chain(out.actors.values())
-            .chain(std::iter::once(&out.config))
-            .all(|h| h.status != ComponentState::Down);
-        let status = match (core_ok, rest_ok, ever_ready) {
-            (true, true, _) => "ok",
-            (false, _, false) => "starting",
+        let status = match (out.all_fine(), ever_ready || out.core_ok()) {
+            (true, _) => "ok",
+            (false, false) => "starting",
             _ => "degraded",
         };
         Self {
             status,
             components: out,
         }
+    }
+
+    /// Adds the mailboxes other instances fetch (`others`, from `mailbox_health`) where this
+    /// instance reports none, and names `me` as the instance of its own; `status` then counts
+    /// the cluster's mailboxes too.
+    pub fn with_cluster(mut self, me: &str, others: BTreeMap<String, ComponentHealth>) -> Self {
+        for h in self.components.mailboxes.values_mut() {
+            h.details
+                .entry("instance".into())
+                .or_insert_with(|| me.into());
+        }
+        for (id, h) in others {
+            self.components.mailboxes.entry(id).or_insert(h);
+        }
+        if self.status != "starting" {
+            self.status = if self.components.all_fine() {
+                "ok"
+            } else {
+                "degraded"
+            };
+        }
+        self
     }
 
     /// Whether the components say ready (RabbitMQ and PostgreSQL both reachable), without
@@ -323,10 +355,13 @@ mod tests {
                 state.with("tenant", tenant),
             );
         }
-        c.insert(
-            ComponentId::Provider("p".into()),
-            ComponentHealth::down("x"),
-        );
+        let c: BTreeMap<String, ComponentHealth> = c
+            .into_iter()
+            .filter_map(|(id, h)| match id {
+                ComponentId::Mailbox(m) => Some((m, h)),
+                _ => None,
+            })
+            .collect();
         let ids = |p: &MailboxPage| p.mailboxes.iter().map(|m| m.id.clone()).collect::<Vec<_>>();
         let all = MailboxPage::build(&c, None, None, 0, 100);
         assert_eq!(all.total, 5);
@@ -439,10 +474,10 @@ pub struct MailboxHealth {
 }
 
 impl MailboxPage {
-    /// The page of `components`' mailboxes with `status` (any when `None`) of `tenant` (any
-    /// when `None`), in id order.
-    pub fn build(
-        components: &BTreeMap<ComponentId, ComponentHealth>,
+    /// The page of `mailboxes` (in id order) with `status` (any when `None`) of `tenant` (any
+    /// when `None`).
+    pub fn build<'a>(
+        mailboxes: impl IntoIterator<Item = (&'a String, &'a ComponentHealth)>,
         status: Option<ComponentState>,
         tenant: Option<&str>,
         offset: usize,
@@ -451,11 +486,8 @@ impl MailboxPage {
         let mut counts: BTreeMap<&'static str, usize> =
             [("ok", 0), ("down", 0), ("starting", 0)].into();
         let mut total = 0;
-        let mut mailboxes = Vec::new();
-        for (id, h) in components {
-            let ComponentId::Mailbox(m) = id else {
-                continue;
-            };
+        let mut page = Vec::new();
+        for (m, h) in mailboxes {
             if tenant.is_some_and(|t| h.details.get("tenant").and_then(|v| v.as_str()) != Some(t)) {
                 continue;
             }
@@ -463,8 +495,8 @@ impl MailboxPage {
             if status.is_some_and(|s| s != h.status) {
                 continue;
             }
-            if total >= offset && mailboxes.len() < limit {
-                mailboxes.push(MailboxHealth {
+            if total >= offset && page.len() < limit {
+                page.push(MailboxHealth {
                     id: m.clone(),
                     health: h.clone(),
                 });
@@ -476,7 +508,7 @@ impl MailboxPage {
             offset,
             limit,
             counts,
-            mailboxes,
+            mailboxes: page,
         }
     }
 }

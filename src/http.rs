@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
 use serde::Deserialize;
 
 use crate::actors::dlq::{DeadLetterActor, ListDeadLetters, ReplayDeadLetters};
@@ -78,36 +79,44 @@ async fn attachment(
             .json(serde_json::json!({"success": false, "error": "a signed link is required"}));
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    match state
+    let opened = match state
         .attachments
-        .open_link(&id, q.expires, &q.name, &q.mime, &q.sig, now)
+        .check_link(&id, q.expires, &q.name, &q.mime, &q.sig, now)
     {
-        Ok(path) => match tokio::fs::read(&path).await {
-            Ok(bytes) => {
-                let mime = if q.mime.is_empty() {
-                    "application/octet-stream".to_string()
-                } else {
-                    q.mime.clone()
-                };
-                let name = q.name.replace(['"', '\\', '\r', '\n'], "_");
-                HttpResponse::Ok()
-                    .content_type(mime)
-                    .insert_header((
-                        "Content-Disposition",
-                        format!("attachment; filename=\"{name}\""),
-                    ))
-                    .body(bytes)
-            }
-            Err(_) => HttpResponse::NotFound()
-                .json(serde_json::json!({"success": false, "error": "no such attachment"})),
-        },
-        Err(e @ AttachmentError::Expired) => {
-            HttpResponse::Gone().json(serde_json::json!({"success": false, "error": e.to_string()}))
+        Ok(()) => state.attachments.serve(&id).await,
+        Err(e) => Err(e),
+    };
+    let refusal =
+        |e: AttachmentError| serde_json::json!({"success": false, "error": e.to_string()});
+    match opened {
+        Ok(opened) => {
+            let mime = if q.mime.is_empty() {
+                "application/octet-stream".to_string()
+            } else {
+                q.mime.clone()
+            };
+            let name = q.name.replace(['"', '\\', '\r', '\n'], "_");
+            let body = opened
+                .body
+                .map(|part| part.map(web::Bytes::from).map_err(std::io::Error::other));
+            HttpResponse::Ok()
+                .content_type(mime)
+                .insert_header((
+                    "Content-Disposition",
+                    format!("attachment; filename=\"{name}\""),
+                ))
+                .insert_header(("ETag", format!("\"{id}\"")))
+                .body(actix_web::body::SizedStream::new(opened.size, body))
         }
-        Err(e @ AttachmentError::NotFound) => HttpResponse::NotFound()
-            .json(serde_json::json!({"success": false, "error": e.to_string()})),
-        Err(e) => HttpResponse::Forbidden()
-            .json(serde_json::json!({"success": false, "error": e.to_string()})),
+        Err(e @ AttachmentError::Expired) => HttpResponse::Gone().json(refusal(e)),
+        Err(e @ AttachmentError::NotFound) => HttpResponse::NotFound().json(refusal(e)),
+        Err(e @ (AttachmentError::BadSignature | AttachmentError::ShortKey { .. })) => {
+            HttpResponse::Forbidden().json(refusal(e))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "an attachment could not be served");
+            HttpResponse::ServiceUnavailable().json(refusal(e))
+        }
     }
 }
 
@@ -252,8 +261,28 @@ fn unavailable(what: &str) -> HttpResponse {
     }))
 }
 
+/// The mailboxes of every instance, from `mailbox_health`; none when PostgreSQL does not
+/// answer within a second (the database component then says why).
+async fn cluster_mailboxes(
+    state: &AppState,
+) -> std::collections::BTreeMap<String, crate::domain::ComponentHealth> {
+    let read = crate::mailbox_health::cluster(&state.pool, state.settings.cluster.lease_ttl.0);
+    match tokio::time::timeout(std::time::Duration::from_secs(1), read).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "the cluster's mailbox health could not be read");
+            Default::default()
+        }
+        Err(_) => Default::default(),
+    }
+}
+
 async fn health(state: web::Data<AppState>) -> HttpResponse {
-    match state.metrics.send(GetHealth).await {
+    let ask = GetHealth {
+        instance_id: state.settings.instance_id.clone(),
+        cluster: cluster_mailboxes(&state).await,
+    };
+    match state.metrics.send(ask).await {
         Ok(report) if report.ready() => HttpResponse::Ok().json(report),
         Ok(report) => HttpResponse::ServiceUnavailable().json(report),
         Err(_) => unavailable("metrics actor"),
@@ -288,6 +317,7 @@ async fn mailboxes(
     match state
         .metrics
         .send(crate::actors::metrics::ListMailboxes {
+            cluster: cluster_mailboxes(&state).await,
             status: query.status,
             tenant: query.tenant,
             offset: query.offset,
@@ -295,7 +325,15 @@ async fn mailboxes(
         })
         .await
     {
-        Ok(page) => HttpResponse::Ok().json(page),
+        Ok(mut page) => {
+            for m in &mut page.mailboxes {
+                m.health
+                    .details
+                    .entry("instance".into())
+                    .or_insert_with(|| state.settings.instance_id.clone().into());
+            }
+            HttpResponse::Ok().json(page)
+        }
         Err(_) => unavailable("metrics actor"),
     }
 }

@@ -26,6 +26,7 @@ pub mod http;
 pub mod inbound;
 pub mod intake;
 pub mod leases;
+pub mod mailbox_health;
 pub mod mailproto;
 pub mod metrics;
 pub mod mime;

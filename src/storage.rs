@@ -49,6 +49,16 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0007_leases.sql",
         include_str!("../migrations/0007_leases.sql"),
     ),
+    (
+        8,
+        "0008_attachment_blobs.sql",
+        include_str!("../migrations/0008_attachment_blobs.sql"),
+    ),
+    (
+        9,
+        "0009_mailbox_health.sql",
+        include_str!("../migrations/0009_mailbox_health.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).

@@ -25,12 +25,19 @@ fn message(user: &str, round: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The attachment link key the instances of these tests are given (`link_key_env`).
+const LINK_KEY: &str = "a-link-key-shared-by-every-instance-0123456789";
+
 /// An instance of its own id and HTTP port, sharing `env`'s configuration.
 fn instance(env: &TestEnv, name: &str, port: u16) -> Service {
     let listen = format!("127.0.0.1:{port}");
     let mut svc = Service::start_with(
         env,
-        &[("HTTP_LISTEN", &listen), ("MAILBRIDGE_INSTANCE_ID", name)],
+        &[
+            ("HTTP_LISTEN", &listen),
+            ("MAILBRIDGE_INSTANCE_ID", name),
+            ("MB_TEST_LINK_KEY", LINK_KEY),
+        ],
     );
     svc.base_url = format!("http://{listen}");
     svc
@@ -97,6 +104,45 @@ async fn collect(
         let id = m["message_id"].as_str().unwrap_or("?").to_string();
         *seen.entry(id).or_default() += 1;
     }
+}
+
+/// The mailboxes `/api/mailboxes` of `node` shows idling (`ok`), by the instance fetching
+/// them; and how many it lists in all.
+async fn shown_owners(node: &Service) -> (BTreeMap<String, i64>, u64) {
+    let (code, page) = node.get_json("/api/mailboxes?limit=1000").await;
+    assert_eq!(code, 200, "{page}");
+    let mut by = BTreeMap::new();
+    for m in page["mailboxes"].as_array().into_iter().flatten() {
+        if m["status"] == "ok" {
+            *by.entry(m["instance"].as_str().unwrap_or("?").to_string())
+                .or_insert(0) += 1;
+        }
+    }
+    (by, page["total"].as_u64().unwrap_or(0))
+}
+
+/// Waits until every node in `nodes` shows `owners` as the fetching instances of all
+/// `total` mailboxes (the instances write their mailboxes' health every second).
+async fn wait_shown(nodes: &[&Service], owners: &BTreeMap<String, i64>, total: u64) {
+    let start = Instant::now();
+    for node in nodes {
+        loop {
+            let (shown, listed) = shown_owners(node).await;
+            if shown == *owners && listed == total {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{} shows {shown:?} of {listed}, owners are {owners:?}",
+                node.base_url
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    println!(
+        "every instance shows the cluster's mailboxes {:?} after settling",
+        start.elapsed()
+    );
 }
 
 fn round_ids(users: &[String], round: usize) -> Vec<String> {
@@ -173,6 +219,21 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
             .collect();
         assert_eq!(listed, spread, "{cluster}");
     }
+    // …and every instance shows every mailbox, with the instance fetching it, in
+    // `/api/mailboxes` and `/health`.
+    wait_shown(&nodes.iter().collect::<Vec<_>>(), &spread, total as u64).await;
+    let (_, health) = nodes[2].get_json("/health").await;
+    let listed = health["components"]["mailboxes"].as_object().unwrap();
+    assert_eq!(listed.len(), total as usize);
+    let owner_of_c0: String = db
+        .query_one(
+            "SELECT owner FROM mailbox_leases WHERE mailbox_id = 'mb-c0'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listed["mb-c0"]["instance"], owner_of_c0.as_str());
     let (_, metrics) = nodes[0].get("/metrics").await.unwrap_or_default();
     assert!(
         metrics.contains("mailbridge_instance_info{instance=\"node-a\"} 1"),
@@ -247,6 +308,8 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
         "takeover took {:?}",
         killed_at.elapsed()
     );
+    // The survivors show the mailboxes node-b had as theirs now.
+    wait_shown(&[&nodes[0], &nodes[2]], &after, total as u64).await;
     deliver_round(&dovecot, &users, 3);
     expected.extend(round_ids(&users, 2));
     expected.extend(round_ids(&users, 3));
@@ -373,4 +436,134 @@ async fn outbound_through_three_instances_one_killed_midway_delivers_each_once()
         outbox_statuses(&env.db().await).await,
         BTreeMap::from([("sent".to_string(), N as i64)])
     );
+}
+
+/// An email with one attachment (`bytes`, base64 in lines of 76).
+fn with_attachment(id: &str, name: &str, bytes: &[u8]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "From: Sender <sender@example.com>\r\nTo: att@acme.example\r\nSubject: {id}\r\nMessage-ID: <{id}@example.com>\r\nDate: Fri, 19 Sep 2025 11:00:00 +0000\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n--b1\r\nContent-Type: application/octet-stream; name=\"{name}\"\r\nContent-Disposition: attachment; filename=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{}\r\n--b1--\r\n",
+        lines.join("\r\n")
+    )
+    .into_bytes()
+}
+
+/// `url` with its origin replaced by `base` (another instance's address).
+fn at(base: &str, url: &str) -> String {
+    let path = url.split("/api/").nth(1).unwrap();
+    format!("{base}/api/{path}")
+}
+
+/// A link one instance published is served by every instance: from PostgreSQL (the
+/// default), or from a shared folder with `store = "dir"`; the same bytes received twice are
+/// stored once.
+async fn attachments_served_by_every_instance(store: &str) {
+    let env = TestEnv::new(&format!("cluster-att-{store}"));
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("att", PW)]);
+    env.write_config(&format!(
+        "store = \"{store}\"\nlink_key_env = \"MB_TEST_LINK_KEY\"\n"
+    ));
+    // `write_config` puts extra keys after `[attachments]`: they are that section's.
+    let text = std::fs::read_to_string(env.config_path()).unwrap();
+    assert!(text.contains("[attachments]") && text.trim_end().ends_with("\"MB_TEST_LINK_KEY\""));
+    env.mailbox_tenant(
+        "acme",
+        "imap",
+        dovecot.imap_port,
+        "att",
+        PW,
+        "idle = true\ninitial_sync = \"all\"",
+    );
+    let ports = [free_port(), free_port()];
+    let nodes: Vec<Service> = ["att-a", "att-b"]
+        .iter()
+        .zip(ports)
+        .map(|(n, p)| instance(&env, n, p))
+        .collect();
+    for n in &nodes {
+        n.wait_health(200, Duration::from_secs(60)).await;
+    }
+    // 1.5 MB: two parts in PostgreSQL. Sent twice, in two emails.
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    dovecot.append(
+        "att",
+        PW,
+        "INBOX",
+        &with_attachment("att-1", "plan.bin", &big),
+    );
+    dovecot.append(
+        "att",
+        PW,
+        "INBOX",
+        &with_attachment("att-2", "copy.bin", &big),
+    );
+    dovecot.append("att", PW, "INBOX", b"not an email at all\r\n");
+    let got = env.take("email.inbound", 2, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    let dead = env
+        .take("email.inbound.dlq", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let urls: Vec<String> = got
+        .iter()
+        .map(|m| m["attachments"][0]["url"].as_str().unwrap().to_string())
+        .collect();
+    let id = urls[0].split("/api/attachments/").nth(1).unwrap()[..64].to_string();
+    assert!(urls[1].contains(&id), "the same bytes, the same id");
+    let raw_url = dead[0]["raw_url"].as_str().unwrap().to_string();
+    for node in &nodes {
+        for url in &urls {
+            let r = reqwest::get(at(&node.base_url, url)).await.unwrap();
+            assert_eq!(r.status().as_u16(), 200, "{url} from {}", node.base_url);
+            assert_eq!(r.headers()["etag"].to_str().unwrap(), format!("\"{id}\""));
+            assert_eq!(r.headers()["content-length"].to_str().unwrap(), "1500000");
+            assert!(r.bytes().await.unwrap().as_ref() == &big[..]);
+        }
+        let r = reqwest::get(at(&node.base_url, &raw_url)).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(
+            r.bytes().await.unwrap().as_ref(),
+            b"not an email at all\r\n"
+        );
+        // A changed link is refused by every instance alike.
+        let forged = at(&node.base_url, &urls[0]).replace("name=plan.bin", "name=x.bin");
+        assert_eq!(reqwest::get(forged).await.unwrap().status().as_u16(), 403);
+    }
+    let content_file = env.dir.join("attachments").join(&id[..2]).join(&id);
+    let db = env.db().await;
+    let blobs: i64 = db
+        .query_one("SELECT count(*) FROM attachment_blobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if store == "dir" {
+        assert!(content_file.is_file());
+        assert_eq!(blobs, 0);
+    } else {
+        assert!(!content_file.exists(), "the bytes are not on local disk");
+        assert_eq!(env.stored_blob(&id).await.as_deref(), Some(&big[..]));
+        // The attachment once (deduplicated), the dead-lettered raw email once.
+        assert_eq!(blobs, 2);
+    }
+    // With the key from configuration, no key file is made.
+    assert!(!env.dir.join("attachments").join(".link-key").exists());
+    for n in &nodes {
+        assert!(!n.log_text().contains("panicked"));
+    }
+}
+
+#[tokio::test]
+async fn attachment_links_are_served_by_every_instance_from_postgres() {
+    attachments_served_by_every_instance("postgres").await;
+}
+
+#[tokio::test]
+async fn attachment_links_are_served_by_every_instance_from_a_shared_dir() {
+    attachments_served_by_every_instance("dir").await;
 }

@@ -90,7 +90,7 @@ async fn a_panicking_child_is_restarted_and_counted() {
         .await
         .unwrap();
     assert_eq!(restarts, 1);
-    let health = metrics.send(GetHealth).await.unwrap();
+    let health = metrics.send(GetHealth::default()).await.unwrap();
     let child = &health.components.actors["crashy"];
     assert_eq!(child.details["restarts"], 1);
 

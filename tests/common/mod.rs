@@ -209,6 +209,36 @@ public_base_url = "http://127.0.0.1:{port}"
         tokio::spawn(conn);
         client
     }
+
+    /// The bytes the service stored under `id` (an attachment, a dead-lettered email's raw
+    /// bytes) in PostgreSQL, read as another instance would: the blob row says they are
+    /// complete, its parts in order are the bytes. None when there is no such blob.
+    pub async fn stored_blob(&self, id: &str) -> Option<Vec<u8>> {
+        let db = self.db().await;
+        let blob = db
+            .query_opt(
+                "SELECT size, parts FROM attachment_blobs WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap()?;
+        let (size, parts): (i64, i32) = (blob.get(0), blob.get(1));
+        let rows = db
+            .query(
+                "SELECT part, bytes FROM attachment_parts WHERE id = $1 ORDER BY part",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), parts as usize, "blob {id}: every part stored");
+        let mut out = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            assert_eq!(r.get::<_, i32>(0), i as i32);
+            out.extend_from_slice(r.get::<_, &[u8]>(1));
+        }
+        assert_eq!(out.len() as i64, size, "blob {id}: its size");
+        Some(out)
+    }
 }
 
 impl Drop for TestEnv {
