@@ -43,6 +43,21 @@ fn instance(env: &TestEnv, name: &str, port: u16) -> Service {
     svc
 }
 
+/// Instances named `names`, each on a free port, started and answering `/health` with 200;
+/// and their ports.
+async fn healthy_instances(env: &TestEnv, names: &[&str]) -> (Vec<Service>, Vec<u16>) {
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let nodes: Vec<Service> = names
+        .iter()
+        .zip(&ports)
+        .map(|(n, p)| instance(env, n, *p))
+        .collect();
+    for n in &nodes {
+        n.wait_health(200, Duration::from_secs(60)).await;
+    }
+    (nodes, ports)
+}
+
 /// Live leases (not released, their owner's heartbeat within the lease time) by owner.
 async fn owners(db: &tokio_postgres::Client) -> BTreeMap<String, i64> {
     db.query(
@@ -79,31 +94,15 @@ async fn wait_owners(
     }
 }
 
-/// Consumes `email.inbound` until every id of `expected` is in (or the time is up), then a
-/// moment more to catch duplicates; adds what it saw to `seen`.
+/// Counts `email.inbound` by message id into `seen` until every one of `expected` is there.
 async fn collect(
     env: &TestEnv,
     seen: &mut BTreeMap<String, usize>,
     expected: &[String],
     timeout: Duration,
 ) {
-    let start = Instant::now();
-    while expected.iter().any(|id| !seen.contains_key(id)) && start.elapsed() < timeout {
-        for m in env
-            .take("email.inbound", 1000, Duration::from_millis(300))
-            .await
-        {
-            let id = m["message_id"].as_str().unwrap_or("?").to_string();
-            *seen.entry(id).or_default() += 1;
-        }
-    }
-    for m in env
-        .take("email.inbound", usize::MAX, Duration::from_secs(2))
-        .await
-    {
-        let id = m["message_id"].as_str().unwrap_or("?").to_string();
-        *seen.entry(id).or_default() += 1;
-    }
+    let done = |seen: &BTreeMap<String, usize>| expected.iter().all(|id| seen.contains_key(id));
+    env.count_inbound(seen, done, timeout).await;
 }
 
 /// The mailboxes `/api/mailboxes` of `node` shows idling (`ok`), by the instance fetching
@@ -185,16 +184,8 @@ async fn three_instances_share_300_mailboxes_take_over_a_killed_one_and_rebalanc
     ));
     env.write_tenant("acme.toml", &tenant);
     let total = MAILBOXES as i64 + 1;
-    let ports = [free_port(), free_port(), free_port()];
     let names = ["node-a", "node-b", "node-c"];
-    let mut nodes: Vec<Service> = names
-        .iter()
-        .zip(ports)
-        .map(|(n, p)| instance(&env, n, p))
-        .collect();
-    for n in &nodes {
-        n.wait_health(200, Duration::from_secs(60)).await;
-    }
+    let (mut nodes, ports) = healthy_instances(&env, &names).await;
     let db = env.db().await;
     // Spread: 301 mailboxes over three instances, each near a third.
     let (took, spread) = wait_owners(&db, &names, total, 70, Duration::from_secs(60)).await;
@@ -383,13 +374,7 @@ async fn outbound_through_three_instances_one_killed_midway_delivers_each_once()
     let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
     env.smtp_tenant("acme", "acme-smtp", smtp.port, "");
     let names = ["out-a", "out-b", "out-c"];
-    let mut nodes: Vec<Service> = names
-        .iter()
-        .map(|n| instance(&env, n, free_port()))
-        .collect();
-    for n in &nodes {
-        n.wait_health(200, Duration::from_secs(60)).await;
-    }
+    let (mut nodes, _) = healthy_instances(&env, &names).await;
     let ids: Vec<String> = (0..N).map(|i| format!("co-{i}")).collect();
     let bodies: Vec<Vec<u8>> = ids
         .iter()
@@ -480,15 +465,7 @@ async fn attachments_served_by_every_instance(store: &str) {
         PW,
         "idle = true\ninitial_sync = \"all\"",
     );
-    let ports = [free_port(), free_port()];
-    let nodes: Vec<Service> = ["att-a", "att-b"]
-        .iter()
-        .zip(ports)
-        .map(|(n, p)| instance(&env, n, p))
-        .collect();
-    for n in &nodes {
-        n.wait_health(200, Duration::from_secs(60)).await;
-    }
+    let (nodes, _) = healthy_instances(&env, &["att-a", "att-b"]).await;
     // 1.5 MB: two parts in PostgreSQL. Sent twice, in two emails.
     let big: Vec<u8> = (0..1_500_000u32).map(|i| (i * 7 % 251) as u8).collect();
     dovecot.append(

@@ -23,24 +23,9 @@ fn message(i: usize, tag: &str) -> Vec<u8> {
 /// Consumes `email.inbound` until `n` distinct ids are in (or the time is up), then a moment
 /// more to catch duplicates; returns how many times each id was published.
 async fn collect(env: &TestEnv, n: usize, timeout: Duration) -> BTreeMap<String, usize> {
-    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-    let start = Instant::now();
-    while seen.len() < n && start.elapsed() < timeout {
-        for m in env
-            .take("email.inbound", 500, Duration::from_millis(500))
-            .await
-        {
-            let id = m["message_id"].as_str().unwrap_or("?").to_string();
-            *seen.entry(id).or_default() += 1;
-        }
-    }
-    for m in env
-        .take("email.inbound", usize::MAX, Duration::from_secs(2))
-        .await
-    {
-        let id = m["message_id"].as_str().unwrap_or("?").to_string();
-        *seen.entry(id).or_default() += 1;
-    }
+    let mut seen = BTreeMap::new();
+    env.count_inbound(&mut seen, |seen| seen.len() >= n, timeout)
+        .await;
     seen
 }
 

@@ -683,6 +683,35 @@ max_connections = 4
         out
     }
 
+    /// Counts the `email.inbound` messages taken by their `message_id` into `seen` until
+    /// `done(seen)` or `timeout`, then takes (and counts) what arrives in two more seconds:
+    /// a repeat shows as a count above one.
+    pub async fn count_inbound(
+        &self,
+        seen: &mut std::collections::BTreeMap<String, usize>,
+        done: impl Fn(&std::collections::BTreeMap<String, usize>) -> bool,
+        timeout: Duration,
+    ) {
+        let start = Instant::now();
+        let mut last_round = false;
+        loop {
+            let wait = if last_round {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_millis(300)
+            };
+            let limit = if last_round { usize::MAX } else { 1000 };
+            for m in self.take("email.inbound", limit, wait).await {
+                let id = m["message_id"].as_str().unwrap_or("?").to_string();
+                *seen.entry(id).or_default() += 1;
+            }
+            if last_round {
+                return;
+            }
+            last_round = done(seen) || start.elapsed() >= timeout;
+        }
+    }
+
     /// How many messages `queue` holds.
     pub async fn depth(&self, queue: &str) -> u32 {
         let conn = self.amqp().await;
