@@ -396,11 +396,7 @@ impl Fetch {
         match self.mailbox.protocol {
             MailProtocol::Imap => {
                 let credential = self.mailbox.oauth2.as_ref().map(|o| {
-                    Credential::OAuth2(
-                        self.child
-                            .accounts
-                            .account(&format!("mailbox:{}", self.mailbox.id), o),
-                    )
+                    Credential::OAuth2(self.child.accounts.for_mailbox(&self.mailbox.id, o))
                 });
                 self.child
                     .pacer

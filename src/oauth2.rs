@@ -241,6 +241,24 @@ impl Accounts {
         }
     }
 
+    /// The running account of provider `provider_id` (id `provider:<id>`) for `config`.
+    pub fn for_provider(
+        self: &Arc<Self>,
+        provider_id: &str,
+        config: &OAuth2Config,
+    ) -> Arc<OAuth2Account> {
+        self.account(&format!("provider:{provider_id}"), config)
+    }
+
+    /// The running account of mailbox `mailbox_id` (id `mailbox:<id>`) for `config`.
+    pub fn for_mailbox(
+        self: &Arc<Self>,
+        mailbox_id: &str,
+        config: &OAuth2Config,
+    ) -> Arc<OAuth2Account> {
+        self.account(&format!("mailbox:{mailbox_id}"), config)
+    }
+
     /// The running account `id` (such as `provider:<id>`) for `config`: the same one as long
     /// as its configuration is the same, a fresh one once it changed.
     pub fn account(self: &Arc<Self>, id: &str, config: &OAuth2Config) -> Arc<OAuth2Account> {

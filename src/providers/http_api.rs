@@ -510,10 +510,7 @@ impl Bearer {
     pub fn credential(&self, ctx: &TransportContext) -> Credential {
         match self {
             Bearer::Static(s) => Credential::Static(s.clone()),
-            Bearer::OAuth2(o) => Credential::OAuth2(
-                ctx.accounts
-                    .account(&format!("provider:{}", ctx.provider_id), o),
-            ),
+            Bearer::OAuth2(o) => Credential::OAuth2(ctx.accounts.for_provider(&ctx.provider_id, o)),
         }
     }
 }

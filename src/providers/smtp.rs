@@ -200,10 +200,7 @@ impl SmtpPool {
         let oauth2 = match (&p.oauth2, &p.username) {
             (Some(o), Some(user)) => Some((
                 user.clone(),
-                Credential::OAuth2(
-                    ctx.accounts
-                        .account(&format!("provider:{}", ctx.provider_id), o),
-                ),
+                Credential::OAuth2(ctx.accounts.for_provider(&ctx.provider_id, o)),
             )),
             _ => None,
         };

@@ -269,9 +269,7 @@ impl ApiSource {
     ) -> Option<Result<Self, SourceError>> {
         let api = mailbox.api.as_ref()?;
         let credential = match (&mailbox.oauth2, &api.access_token) {
-            (Some(o), _) => {
-                Credential::OAuth2(accounts.account(&format!("mailbox:{}", mailbox.id), o))
-            }
+            (Some(o), _) => Credential::OAuth2(accounts.for_mailbox(&mailbox.id, o)),
             (None, Some(t)) => Credential::Static(t.clone()),
             (None, None) => {
                 return Some(Err(SourceError::Config(
