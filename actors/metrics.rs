@@ -79,13 +79,13 @@ pub struct ForgetComponent(pub ComponentId);
 #[rtype(result = "String")]
 pub struct RenderMetrics;
 
-/// The `/health` document: this instance's components, and `cluster` (the mailboxes of every
-/// instance, from `mailbox_health`) where it has none of its own.
+/// The `/health` document: this instance's components, and `others` (the mailboxes other
+/// instances fetch, from `mailbox_health`) where it has none of its own.
 #[derive(Message, Debug, Default)]
 #[rtype(result = "HealthReport")]
 pub struct GetHealth {
     pub instance_id: String,
-    pub cluster: BTreeMap<String, ComponentHealth>,
+    pub others: BTreeMap<String, ComponentHealth>,
 }
 
 /// The mailbox health changed since the last time (`all`: every mailbox's now, as after a
@@ -192,7 +192,7 @@ impl Handler<GetHealth> for MetricsActor {
     fn handle(&mut self, msg: GetHealth, _: &mut Context<Self>) -> Self::Result {
         MessageResult(
             HealthReport::build(&self.components, self.ever_ready)
-                .with_cluster(&msg.instance_id, msg.cluster),
+                .with_cluster(&msg.instance_id, msg.others),
         )
     }
 }
@@ -201,8 +201,8 @@ impl Handler<GetHealth> for MetricsActor {
 #[derive(Message, Debug)]
 #[rtype(result = "MailboxPage")]
 pub struct ListMailboxes {
-    /// The mailboxes of every instance (from `mailbox_health`); this instance's own win.
-    pub cluster: BTreeMap<String, ComponentHealth>,
+    /// The mailboxes other instances fetch (from `mailbox_health`); this instance's own win.
+    pub others: BTreeMap<String, ComponentHealth>,
     pub status: Option<ComponentState>,
     pub tenant: Option<String>,
     pub offset: usize,
@@ -212,7 +212,7 @@ pub struct ListMailboxes {
 impl Handler<ListMailboxes> for MetricsActor {
     type Result = MessageResult<ListMailboxes>;
     fn handle(&mut self, msg: ListMailboxes, _: &mut Context<Self>) -> Self::Result {
-        let mut mailboxes: BTreeMap<&String, &ComponentHealth> = msg.cluster.iter().collect();
+        let mut mailboxes: BTreeMap<&String, &ComponentHealth> = msg.others.iter().collect();
         mailboxes.extend(self.components.iter().filter_map(|(id, h)| match id {
             ComponentId::Mailbox(m) => Some((m, h)),
             _ => None,

@@ -261,12 +261,16 @@ fn unavailable(what: &str) -> HttpResponse {
     }))
 }
 
-/// The mailboxes of every instance, from `mailbox_health`; none when PostgreSQL does not
-/// answer within a second (the database component then says why).
-async fn cluster_mailboxes(
+/// The mailboxes the other instances fetch, from `mailbox_health`; none when PostgreSQL does
+/// not answer within a second (the database component then says why).
+async fn other_mailboxes(
     state: &AppState,
 ) -> std::collections::BTreeMap<String, crate::domain::ComponentHealth> {
-    let read = crate::mailbox_health::cluster(&state.pool, state.settings.cluster.lease_ttl.0);
+    let read = crate::mailbox_health::others(
+        &state.pool,
+        &state.settings.instance_id,
+        state.settings.cluster.lease_ttl.0,
+    );
     match tokio::time::timeout(std::time::Duration::from_secs(1), read).await {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
@@ -280,7 +284,7 @@ async fn cluster_mailboxes(
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let ask = GetHealth {
         instance_id: state.settings.instance_id.clone(),
-        cluster: cluster_mailboxes(&state).await,
+        others: other_mailboxes(&state).await,
     };
     match state.metrics.send(ask).await {
         Ok(report) if report.ready() => HttpResponse::Ok().json(report),
@@ -317,7 +321,7 @@ async fn mailboxes(
     match state
         .metrics
         .send(crate::actors::metrics::ListMailboxes {
-            cluster: cluster_mailboxes(&state).await,
+            others: other_mailboxes(&state).await,
             status: query.status,
             tenant: query.tenant,
             offset: query.offset,

@@ -77,11 +77,13 @@ pub async fn prune(
         .await?)
 }
 
-/// Every mailbox's health as its instance last wrote it, with `instance`. A mailbox whose
-/// instance is no longer live (no heartbeat within `lease_ttl`, or stopped) is `starting`,
-/// with the reason, until its new owner writes.
-pub async fn cluster(
+/// The health of the mailboxes other instances than `me` fetch, as each last wrote it, with
+/// `instance` (`me`'s own are in its memory, fresher). A mailbox whose instance is no longer
+/// live (no heartbeat within `lease_ttl`, or stopped) is `starting`, with the reason, until
+/// its new owner writes.
+pub async fn others(
     pool: &Pool,
+    me: &str,
     lease_ttl: Duration,
 ) -> Result<BTreeMap<String, ComponentHealth>, StorageError> {
     let rows = pool
@@ -90,8 +92,9 @@ pub async fn cluster(
         .query(
             "SELECT h.mailbox_id, h.instance_id, h.health,
                     coalesce(NOT i.stopped AND i.heartbeat_at > now() - $1 * interval '1 second', false)
-             FROM mailbox_health h LEFT JOIN instances i ON i.instance_id = h.instance_id",
-            &[&(lease_ttl.as_secs_f64())],
+             FROM mailbox_health h LEFT JOIN instances i ON i.instance_id = h.instance_id
+             WHERE h.instance_id <> $2",
+            &[&(lease_ttl.as_secs_f64()), &me],
         )
         .await?;
     let mut out = BTreeMap::new();

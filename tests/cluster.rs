@@ -131,7 +131,7 @@ async fn wait_shown(nodes: &[&Service], owners: &BTreeMap<String, i64>, total: u
                 break;
             }
             assert!(
-                start.elapsed() < Duration::from_secs(20),
+                start.elapsed() < Duration::from_secs(45),
                 "{} shows {shown:?} of {listed}, owners are {owners:?}",
                 node.base_url
             );
