@@ -36,7 +36,7 @@ use crate::actors::dlq::{DeadLetter, DeadLetterActor};
 use crate::actors::metrics::{Count, ReportHealth};
 use crate::actors::supervisor::{backoff, ChildContext, ChildId, Drain, FindChild};
 use crate::amqp::{lane_of, short_string, PublishError, Publisher};
-use crate::attachments::{AttachmentError, AttachmentStore, StoredRaw};
+use crate::attachments::{AttachmentError, AttachmentStore, Staged, StoredRaw};
 use crate::credentials::{Credential, CredentialError};
 use crate::domain::{ComponentHealth, ComponentId, DeadLetterEntry};
 use crate::inbound::{header_facts, header_map_of, sha256_hex, Origin};
@@ -953,6 +953,9 @@ impl Fetch {
         let source = self.source();
         let prepared: Vec<(Item, Result<Prepared, DeadItem>)> = blocking(move || {
             let mut out = Vec::with_capacity(fresh.len());
+            // The batch's attachments, stored together before anything links to them is
+            // published.
+            let mut staged = Staged::default();
             for (item, facts) in fresh {
                 let key = item.key.clone().unwrap_or_default();
                 let dead = |error: String, headers| -> Result<DeadItem, AttachmentError> {
@@ -980,7 +983,7 @@ impl Fetch {
                     source,
                     received_at: item.received_at,
                 };
-                match intake::prepare(&item.raw, &origin, &store, &replies, now) {
+                match intake::prepare(&item.raw, &origin, &store, &mut staged, &replies, now) {
                     Ok(p) => out.push((item, Ok(p))),
                     Err(e) if e.is_the_emails() => {
                         let d = dead(e.to_string(), None)?;
@@ -995,6 +998,7 @@ impl Fetch {
                     }
                 }
             }
+            store.commit(staged)?;
             Ok(out)
         })
         .await??;

@@ -178,14 +178,22 @@ impl Drop for Sink {
     }
 }
 
-/// `BENCH_PREFETCH` overrides `[rabbitmq] prefetch` (default: the service's default).
+/// `BENCH_PREFETCH` overrides `[rabbitmq] prefetch`, `BENCH_ATTACHMENTS_STORE` `[attachments]
+/// store` (default: the service's defaults).
 fn tune(env: &TestEnv) {
+    let path = env.config_path();
+    let mut text = std::fs::read_to_string(&path).unwrap();
     if let Ok(p) = std::env::var("BENCH_PREFETCH") {
-        let path = env.config_path();
-        let text = std::fs::read_to_string(&path).unwrap();
-        let text = text.replacen("[rabbitmq]\n", &format!("[rabbitmq]\nprefetch = {p}\n"), 1);
-        std::fs::write(path, text).unwrap();
+        text = text.replacen("[rabbitmq]\n", &format!("[rabbitmq]\nprefetch = {p}\n"), 1);
     }
+    if let Ok(store) = std::env::var("BENCH_ATTACHMENTS_STORE") {
+        text = text.replacen(
+            "[attachments]\n",
+            &format!("[attachments]\nstore = \"{store}\"\n"),
+            1,
+        );
+    }
+    std::fs::write(path, text).unwrap();
 }
 
 fn sink_tenant(env: &TestEnv, port: u16) {
@@ -475,6 +483,7 @@ async fn inbound_throughput(n: usize) -> Row {
         pw,
         "initial_sync = \"all\"",
     );
+    tune(&env);
     declare_queue(&env, "email.inbound").await;
     let inbound = DepthWatch::new(&env, "email.inbound").await;
     let cpu_before = cpu_by_process();

@@ -90,6 +90,19 @@ pub struct AttachmentStore {
     ttl: Duration,
 }
 
+/// Bytes to store together ([`AttachmentStore::stage`], then [`AttachmentStore::commit`]):
+/// a batch's attachments in one write instead of one each.
+#[derive(Default)]
+pub struct Staged {
+    blobs: Vec<(String, Vec<u8>)>,
+}
+
+impl Staged {
+    pub fn is_empty(&self) -> bool {
+        self.blobs.is_empty()
+    }
+}
+
 /// Stored bytes being served: their size and the bytes, part by part.
 pub struct Opened {
     pub size: u64,
@@ -208,6 +221,55 @@ impl AttachmentStore {
             }
         }
         Ok(id)
+    }
+
+    /// The id `bytes` will have once `staged` is committed (links to it may be made now, and
+    /// published once the commit returned).
+    pub fn stage(&self, staged: &mut Staged, bytes: Vec<u8>) -> String {
+        let id = sha256_hex(&bytes);
+        if !staged.blobs.iter().any(|(known, _)| *known == id) {
+            staged.blobs.push((id.clone(), bytes));
+        }
+        id
+    }
+
+    /// Stores everything staged: in PostgreSQL the blobs of one part in one statement, larger
+    /// ones each in its transaction; in the folder each as [`AttachmentStore::store`] does.
+    /// Blocking.
+    pub fn commit(&self, staged: Staged) -> Result<(), AttachmentError> {
+        match &self.backend {
+            Backend::Postgres { pool, rt } => Self::blocking_pg(rt, async {
+                let (small, large): (Vec<_>, Vec<_>) = staged
+                    .blobs
+                    .iter()
+                    .partition(|(_, bytes)| bytes.len() <= PART);
+                if !small.is_empty() {
+                    let ids: Vec<&str> = small.iter().map(|(id, _)| id.as_str()).collect();
+                    let bytes: Vec<&[u8]> = small.iter().map(|(_, b)| b.as_slice()).collect();
+                    let c = pool.get().await?;
+                    let insert = c
+                        .prepare_cached(
+                            "WITH b AS (SELECT * FROM unnest($1::text[], $2::bytea[]) AS b(id, bytes)),
+                             p AS (INSERT INTO attachment_parts (id, part, bytes)
+                                   SELECT id, 0, bytes FROM b ON CONFLICT DO NOTHING)
+                             INSERT INTO attachment_blobs (id, size, parts)
+                             SELECT id, length(bytes), 1 FROM b ON CONFLICT DO NOTHING",
+                        )
+                        .await?;
+                    c.execute(&insert, &[&ids, &bytes]).await?;
+                }
+                for (id, bytes) in large {
+                    put_parts(pool, id, bytes.len() as u64, parts_of(bytes)).await?;
+                }
+                Ok(())
+            }),
+            Backend::Dir => {
+                for (_, bytes) in &staged.blobs {
+                    self.store(bytes)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// A writer for bytes that arrive in pieces; [`RawWriter::finish`] stores them under their
@@ -431,14 +493,15 @@ async fn put_parts<P: AsRef<[u8]>>(
         let mut parts = parts;
         let bytes = parts.next().transpose()?;
         let bytes: &[u8] = bytes.as_ref().map(|b| b.as_ref()).unwrap_or(&[]);
-        c.execute(
-            "WITH p AS (INSERT INTO attachment_parts (id, part, bytes) VALUES ($1, 0, $2) \
-             ON CONFLICT DO NOTHING) \
-             INSERT INTO attachment_blobs (id, size, parts) VALUES ($1, $3, 1) \
-             ON CONFLICT DO NOTHING",
-            &[&id, &bytes, &size],
-        )
-        .await?;
+        let insert = c
+            .prepare_cached(
+                "WITH p AS (INSERT INTO attachment_parts (id, part, bytes) VALUES ($1, 0, $2) \
+                 ON CONFLICT DO NOTHING) \
+                 INSERT INTO attachment_blobs (id, size, parts) VALUES ($1, $3, 1) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        c.execute(&insert, &[&id, &bytes, &size]).await?;
         return Ok(());
     }
     let tx = c.transaction().await?;
@@ -648,6 +711,24 @@ mod tests {
         assert!(again
             .check_link(&id, 1060, "a b.txt", "text/plain", sig, 1001)
             .is_ok());
+    }
+
+    #[test]
+    fn staged_bytes_are_stored_once_by_the_commit() {
+        let dir = std::env::temp_dir().join(format!("mb-att-staged-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = AttachmentStore::open(&dir, "http://h:1", Duration::from_secs(60)).unwrap();
+        let mut staged = Staged::default();
+        let a = store.stage(&mut staged, b"first".to_vec());
+        let again = store.stage(&mut staged, b"first".to_vec());
+        let b = store.stage(&mut staged, b"second".to_vec());
+        assert_eq!(a, again);
+        assert_eq!(staged.blobs.len(), 2);
+        assert!(matches!(store.read(&a), Err(AttachmentError::NotFound)));
+        store.commit(staged).unwrap();
+        assert_eq!(store.read(&a).unwrap(), b"first");
+        assert_eq!(store.read(&b).unwrap(), b"second");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

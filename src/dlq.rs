@@ -20,7 +20,7 @@ use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 
 use crate::amqp::{PublishError, Publisher};
-use crate::attachments::{AttachmentError, AttachmentStore};
+use crate::attachments::{AttachmentError, AttachmentStore, Staged};
 use crate::domain::DeadLetterEntry;
 use crate::inbound::{dedup_key, header_facts, Origin};
 use crate::intake;
@@ -357,7 +357,10 @@ async fn replay_one(
                 source: mailbox.protocol.as_str(),
                 received_at: None,
             };
-            intake::prepare(&raw, &origin, &store, &replies, now)
+            let mut staged = Staged::default();
+            let prepared = intake::prepare(&raw, &origin, &store, &mut staged, &replies, now)?;
+            store.commit(staged)?;
+            Ok::<_, intake::PrepareError>(prepared)
         })
         .await
     };

@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use deadpool_postgres::Pool;
 
-use crate::attachments::{AttachmentError, AttachmentStore};
+use crate::attachments::{AttachmentError, AttachmentStore, Staged};
 use crate::inbound::{answered_ids, parse, storable_text, Origin, ParseError};
 use crate::storage::StorageError;
 
@@ -60,23 +60,25 @@ pub fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
-/// Parses `raw`, stores its attachments and encodes the `email.inbound` message, with
-/// `reply_to_message_id` taken from `replies` (outbound Message-ID → request `message_id`).
-/// Blocking: call it from the blocking pool.
+/// Parses `raw`, stages its attachments in `staged` and encodes the `email.inbound` message,
+/// with `reply_to_message_id` taken from `replies` (outbound Message-ID → request
+/// `message_id`). The message links to the staged attachments: commit them
+/// ([`AttachmentStore::commit`]) before publishing it. Blocking: call it from the blocking
+/// pool.
 pub fn prepare(
     raw: &[u8],
     origin: &Origin,
     store: &AttachmentStore,
+    staged: &mut Staged,
     replies: &HashMap<String, String>,
     now: i64,
 ) -> Result<Prepared, PrepareError> {
     let (mut email, attachments) =
         guarded(|| parse(raw, origin)).map_err(PrepareError::ParserPanicked)??;
-    for (slot, a) in email.attachments.iter_mut().zip(&attachments) {
-        let id = store.store(&a.bytes)?;
+    for (slot, a) in email.attachments.iter_mut().zip(attachments) {
+        let id = store.stage(staged, a.bytes);
         slot.url = store.link(&id, &a.filename, &a.mime_type, now);
     }
-    drop(attachments);
     email.reply_to_message_id = answered_ids(&email)
         .iter()
         .find_map(|id| replies.get(id).cloned());
