@@ -54,6 +54,8 @@ pub enum AttachmentError {
     Expired,
     #[error("no such attachment")]
     NotFound,
+    #[error("the range asked for lies outside the attachment's {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
     #[error("the link key {path} is only {len} bytes; at least {MIN_KEY_BYTES} are needed. Delete the file to have a new random key made at start (links issued so far then stop working), or replace it with at least {MIN_KEY_BYTES} random bytes")]
     ShortKey { path: String, len: usize },
 }
@@ -103,10 +105,61 @@ impl Staged {
     }
 }
 
-/// Stored bytes being served: their size and the bytes, part by part.
+/// Stored bytes being served: their whole size, the range served and its bytes, part by part.
 pub struct Opened {
     pub size: u64,
+    /// The bytes served, `start..end` of the whole; `0..size` without a range.
+    pub served: std::ops::Range<u64>,
     pub body: BoxStream<'static, Result<Vec<u8>, AttachmentError>>,
+}
+
+/// One byte range as an HTTP `Range: bytes=…` header asks for it (RFC 9110 §14.1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `first-` or `first-last` (`last` inclusive).
+    From { first: u64, last: Option<u64> },
+    /// `-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// Parses a `Range` header value; `None` for anything but one well-formed byte range
+    /// (several ranges, other units, bad syntax), which is then ignored and the whole sent.
+    pub fn parse(header: &str) -> Option<ByteRange> {
+        let spec = header.trim().strip_prefix("bytes=")?.trim();
+        if spec.contains(',') {
+            return None;
+        }
+        let (first, last) = spec.split_once('-')?;
+        let (first, last) = (first.trim(), last.trim());
+        if first.is_empty() {
+            return last.parse().ok().map(ByteRange::Suffix);
+        }
+        let first: u64 = first.parse().ok()?;
+        let last = if last.is_empty() {
+            None
+        } else {
+            let last: u64 = last.parse().ok()?;
+            if last < first {
+                return None;
+            }
+            Some(last)
+        };
+        Some(ByteRange::From { first, last })
+    }
+
+    /// The bytes `start..end` of `size` it selects, or `RangeNotSatisfiable`.
+    pub fn within(self, size: u64) -> Result<std::ops::Range<u64>, AttachmentError> {
+        let refused = AttachmentError::RangeNotSatisfiable { size };
+        match self {
+            ByteRange::From { first, .. } if first >= size => Err(refused),
+            ByteRange::From { first, last } => {
+                Ok(first..last.map_or(size, |l| l.saturating_add(1).min(size)))
+            }
+            ByteRange::Suffix(0) => Err(refused),
+            ByteRange::Suffix(n) => Ok(size.saturating_sub(n)..size),
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> AttachmentError + '_ {
@@ -404,9 +457,14 @@ impl AttachmentStore {
         Ok(())
     }
 
-    /// The stored bytes of `id`, to serve: their size, then the bytes part by part (a
-    /// connection is taken from the pool per part, never held while the client reads).
-    pub async fn serve(&self, id: &str) -> Result<Opened, AttachmentError> {
+    /// The stored bytes of `id`, to serve (all, or the `range` of them): their size, then the
+    /// bytes part by part (a connection is taken from the pool per part, never held while the
+    /// client reads).
+    pub async fn serve(
+        &self,
+        id: &str,
+        range: Option<ByteRange>,
+    ) -> Result<Opened, AttachmentError> {
         if !valid_id(id) {
             return Err(AttachmentError::NotFound);
         }
@@ -421,29 +479,45 @@ impl AttachmentStore {
                     )
                     .await?
                     .ok_or(AttachmentError::NotFound)?;
-                let size: i64 = row.try_get(0)?;
-                let parts: i32 = row.try_get(1)?;
+                let size = u64::try_from(row.try_get::<_, i64>(0)?).unwrap_or(0);
+                let served = match range {
+                    Some(r) => r.within(size)?,
+                    None => 0..size,
+                };
+                // The parts holding `served`, each cut to the bytes of it that it holds.
+                let part_len = PART as u64;
+                let slices: Vec<(i32, i32, i32)> = (served.start / part_len
+                    ..served.end.div_ceil(part_len))
+                    .filter_map(|p| {
+                        let base = p * part_len;
+                        let lo = served.start.max(base) - base;
+                        let hi = served.end.min(base + part_len) - base;
+                        Some((
+                            i32::try_from(p).ok()?,
+                            i32::try_from(lo + 1).ok()?,
+                            i32::try_from(hi - lo).ok()?,
+                        ))
+                    })
+                    .collect();
                 let (pool, id) = (pool.clone(), id.to_string());
-                let body = stream::iter(0..parts)
-                    .then(move |part| {
+                let body = stream::iter(slices)
+                    .then(move |(part, from, len)| {
                         let (pool, id) = (pool.clone(), id.clone());
                         async move {
                             let row = pool
                                 .get()
                                 .await?
                                 .query_one(
-                                    "SELECT bytes FROM attachment_parts WHERE id = $1 AND part = $2",
-                                    &[&id, &part],
+                                    "SELECT substring(bytes FROM $3 FOR $4) FROM attachment_parts \
+                                     WHERE id = $1 AND part = $2",
+                                    &[&id, &part, &from, &len],
                                 )
                                 .await?;
                             Ok(row.try_get::<_, Vec<u8>>(0)?)
                         }
                     })
                     .boxed();
-                Ok(Opened {
-                    size: u64::try_from(size).unwrap_or(0),
-                    body,
-                })
+                Ok(Opened { size, served, body })
             }
             Backend::Dir => {
                 let path = self.path_of(id).ok_or(AttachmentError::NotFound)?;
@@ -455,18 +529,35 @@ impl AttachmentStore {
                     Err(e) => return Err(io_err(&path)(e)),
                 };
                 let size = file.metadata().await.map_err(io_err(&path))?.len();
-                let body = stream::try_unfold((file, path), |(mut file, path)| async move {
-                    use tokio::io::AsyncReadExt;
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let n = file.read(&mut buf).await.map_err(io_err(&path))?;
-                    if n == 0 {
-                        return Ok(None);
-                    }
-                    buf.truncate(n);
-                    Ok(Some((buf, (file, path))))
-                })
-                .boxed();
-                Ok(Opened { size, body })
+                let served = match range {
+                    Some(r) => r.within(size)?,
+                    None => 0..size,
+                };
+                let mut file = file;
+                {
+                    use tokio::io::AsyncSeekExt;
+                    file.seek(std::io::SeekFrom::Start(served.start))
+                        .await
+                        .map_err(io_err(&path))?;
+                }
+                let left = served.end - served.start;
+                let body =
+                    stream::try_unfold((file, path, left), |(mut file, path, left)| async move {
+                        use tokio::io::AsyncReadExt;
+                        if left == 0 {
+                            return Ok(None);
+                        }
+                        let want = usize::try_from(left.min(64 * 1024)).unwrap_or(64 * 1024);
+                        let mut buf = vec![0u8; want];
+                        let n = file.read(&mut buf).await.map_err(io_err(&path))?;
+                        if n == 0 {
+                            return Ok(None);
+                        }
+                        buf.truncate(n);
+                        Ok(Some((buf, (file, path, left - n as u64))))
+                    })
+                    .boxed();
+                Ok(Opened { size, served, body })
             }
         }
     }
@@ -677,6 +768,43 @@ impl Drop for RawWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn byte_ranges_are_parsed_and_cut_to_the_size() {
+        let r = |h: &str| ByteRange::parse(h);
+        assert_eq!(
+            r("bytes=0-99"),
+            Some(ByteRange::From {
+                first: 0,
+                last: Some(99)
+            })
+        );
+        assert_eq!(
+            r("bytes=100-"),
+            Some(ByteRange::From {
+                first: 100,
+                last: None
+            })
+        );
+        assert_eq!(r("bytes=-5"), Some(ByteRange::Suffix(5)));
+        for ignored in [
+            "bytes=5-1",
+            "bytes=0-1,4-5",
+            "items=0-1",
+            "bytes=a-",
+            "bytes=-",
+            "",
+        ] {
+            assert_eq!(r(ignored), None, "{ignored}");
+        }
+        let cut = |h: &str, size| r(h).map(|b| b.within(size).map_err(|e| e.to_string()));
+        assert_eq!(cut("bytes=0-99", 50), Some(Ok(0..50)));
+        assert_eq!(cut("bytes=10-19", 50), Some(Ok(10..20)));
+        assert_eq!(cut("bytes=-5", 50), Some(Ok(45..50)));
+        assert_eq!(cut("bytes=-500", 50), Some(Ok(0..50)));
+        assert!(matches!(cut("bytes=50-", 50), Some(Err(_))));
+        assert!(matches!(cut("bytes=-0", 50), Some(Err(_))));
+    }
 
     #[test]
     fn links_verify_and_refuse_tampering_and_expiry() {

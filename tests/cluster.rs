@@ -501,6 +501,19 @@ async fn attachments_served_by_every_instance(store: &str) {
             assert_eq!(r.headers()["etag"].to_str().unwrap(), format!("\"{id}\""));
             assert_eq!(r.headers()["content-length"].to_str().unwrap(), "1500000");
             assert!(r.bytes().await.unwrap().as_ref() == &big[..]);
+            // A range across the boundary of the first 1 MiB part, from either store.
+            let r = reqwest::Client::new()
+                .get(at(&node.base_url, url))
+                .header("range", "bytes=1048000-1049999")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 206);
+            assert_eq!(
+                r.headers()["content-range"],
+                "bytes 1048000-1049999/1500000"
+            );
+            assert!(r.bytes().await.unwrap().as_ref() == &big[1_048_000..1_050_000]);
         }
         let r = reqwest::get(at(&node.base_url, &raw_url)).await.unwrap();
         assert_eq!(r.status().as_u16(), 200);

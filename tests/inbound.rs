@@ -381,7 +381,37 @@ async fn replies_threads_flags_and_attachment_links() {
     let url = att["url"].as_str().unwrap();
     let r = reqwest::get(url).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["accept-ranges"], "bytes");
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"quote.pdf\""
+    );
     assert_eq!(r.bytes().await.unwrap().as_ref(), &pdf[..]);
+
+    // Downloads resume: one range, the last bytes, a range past the end; a cached copy is
+    // revalidated by its ETag.
+    let http = reqwest::Client::new();
+    let get_with = |name: &'static str, value: String| {
+        let http = http.clone();
+        let url = url.to_string();
+        async move { http.get(&url).header(name, value).send().await.unwrap() }
+    };
+    let r = get_with("range", "bytes=1000-1999".into()).await;
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.headers()["content-range"], "bytes 1000-1999/3000");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &pdf[1000..2000]);
+    let r = get_with("range", "bytes=-10".into()).await;
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &pdf[2990..]);
+    let r = get_with("range", "bytes=3000-".into()).await;
+    assert_eq!(r.status().as_u16(), 416);
+    assert_eq!(r.headers()["content-range"], "bytes */3000");
+    let r = get_with("if-none-match", etag.clone()).await;
+    assert_eq!(r.status().as_u16(), 304);
+    assert_eq!(r.bytes().await.unwrap().len(), 0);
+    let r = get_with("if-none-match", "\"another\"".into()).await;
+    assert_eq!(r.status().as_u16(), 200);
 
     // Tampered links are refused; so is an expired one.
     let tampered = url.replace("expires=", "expires=9");
@@ -412,6 +442,15 @@ async fn replies_threads_flags_and_attachment_links() {
     assert_eq!(reqwest::get(&expired).await.unwrap().status().as_u16(), 410);
     let fresh = store.link(id, "quote.pdf", "application/pdf", old + 7200);
     assert_eq!(reqwest::get(&fresh).await.unwrap().status().as_u16(), 200);
+    // A name that is not ASCII is given exactly as RFC 6266's filename* (and as an ASCII
+    // stand-in for old clients).
+    let named = store.link(id, "Angebot Größe.pdf", "application/pdf", old + 7200);
+    let r = reqwest::get(&named).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "attachment; filename=\"Angebot Gr__e.pdf\"; filename*=UTF-8''Angebot%20Gr%C3%B6%C3%9Fe.pdf"
+    );
 }
 
 fn base64_encode(data: &[u8]) -> String {
