@@ -338,20 +338,20 @@ impl Fetch {
             let result = self.open_and_serve().await;
             if let Err(e) = result {
                 if self.stopped() {
-                    tracing::info!(mailbox = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
+                    tracing::info!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e, "mailbox fetcher stopped");
                     break;
                 }
                 if matches!(e, FetchError::Storage(StorageError::Fenced(_))) {
                     // Another instance holds the mailbox now: the supervisor stops this
                     // fetcher when it learns so at its next lease round.
-                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, "mailbox lease lost");
+                    tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e, "mailbox lease lost");
                     self.wait_for_stop().await;
                     break;
                 }
                 if e.is_reauthorize() {
                     // Permanent until a user authorizes the account again, which changes the
                     // configuration and so restarts this fetcher: no polling until then.
-                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, "mailbox stopped: its OAuth2 account must be re-authorized");
+                    tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e, "mailbox stopped: its OAuth2 account must be re-authorized");
                     self.report(
                         ComponentHealth::down(e.to_string())
                             .with("connected", false)
@@ -369,9 +369,9 @@ impl Fetch {
                 attempt += 1;
                 if let FetchError::Mailbox(MailboxError::Login { .. }) = e {
                     // The username is for the log only, never for /health.
-                    tracing::warn!(mailbox = %self.mailbox.id, user = %self.mailbox.username, error = %e, retry_in = ?delay, "mailbox login failed");
+                    tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, user = %self.mailbox.username, error = %e, retry_in = ?delay, "mailbox login failed");
                 } else {
-                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, retry_in = ?delay, "mailbox sync failed");
+                    tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e, retry_in = ?delay, "mailbox sync failed");
                 }
                 self.child
                     .metrics
@@ -444,7 +444,7 @@ impl Fetch {
                     }
                     let delay = backoff(attempt, RETRY_MAX);
                     attempt += 1;
-                    tracing::warn!(mailbox = %self.mailbox.id, error = %e, retry_in = ?delay, "{what}: database unavailable, retrying");
+                    tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e, retry_in = ?delay, "{what}: database unavailable, retrying");
                     self.retry_pause(delay).await;
                 }
                 Err(e) => return Err(e.into()),
@@ -565,7 +565,7 @@ impl Fetch {
             let page = match source.next_page().await {
                 Ok(p) => p,
                 Err(e @ SourceError::Expired { .. }) if !relisted => {
-                    tracing::warn!(mailbox = %self.mailbox.id, error = %e,
+                    tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e,
                         "mailbox position expired: listing the folder again (already published mail is skipped)");
                     relisted = true;
                     source.begin(Start::List { floor }).await?;
@@ -847,7 +847,7 @@ impl Fetch {
             *n += 1;
             *n
         };
-        tracing::warn!(mailbox = %self.mailbox.id, try_number = tries, error = %e,
+        tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, try_number = tries, error = %e,
             "a message could not be downloaded");
         if tries < DOWNLOAD_TRIES {
             return Err(e);
@@ -1017,6 +1017,10 @@ impl Fetch {
             if let Some((item, p)) = ready.get(i) {
                 rows.push(Record {
                     message_id: Some(p.message_id.clone()),
+                    reply_to: p
+                        .reply_to_message_id
+                        .clone()
+                        .map(|m| (self.mailbox.tenant_id.clone(), m)),
                     ..Record::new(item.key.clone().unwrap_or_default(), Outcome::Published)
                 });
             }
@@ -1094,7 +1098,7 @@ impl Fetch {
                 labels: self.labels(),
                 by: published,
             });
-            tracing::info!(mailbox = %self.mailbox.id, published, "published inbound email");
+            tracing::info!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, published, "published inbound email");
         }
         // Not all published means the fetcher was stopped while retrying: the rest stays
         // unrecorded (and the position where it was) for the next run.
@@ -1135,7 +1139,7 @@ impl Fetch {
                 }
                 let delay = backoff(attempt, RETRY_MAX);
                 attempt += 1;
-                tracing::warn!(mailbox = %self.mailbox.id, error = %e, unpublished = todo.len(), retry_in = ?delay,
+                tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, error = %e, unpublished = todo.len(), retry_in = ?delay,
                     "publishing inbound email failed; retrying");
                 self.retry_pause(delay).await;
             }
@@ -1160,7 +1164,7 @@ impl Fetch {
         let now = time::OffsetDateTime::now_utc();
         let queue = self.child.settings.queues.inbound_dlq();
         let sends = dead.iter().map(|d| {
-            tracing::warn!(mailbox = %self.mailbox.id, uid = %d.uid, key = %d.key, error = %d.error, raw_id = %d.stored.id, "inbound email dead-lettered");
+            tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, uid = %d.uid, key = %d.key, error = %d.error, raw_id = %d.stored.id, "inbound email dead-lettered");
             let entry = DeadLetterEntry {
                 message_id: d.message_id.clone(),
                 tenant_id: Some(self.mailbox.tenant_id.clone()),
@@ -1259,7 +1263,7 @@ impl Actor for MailboxFetcher {
                 }));
             }
             Err(e) => {
-                tracing::warn!(mailbox = %act.mailbox.id, error = %e, "cannot start the mailbox fetcher");
+                tracing::warn!(tenant_id = %act.mailbox.tenant_id, mailbox_id = %act.mailbox.id, error = %e, "cannot start the mailbox fetcher");
                 ctx.stop();
             }
         }));

@@ -131,6 +131,19 @@ impl Handler<SetGauge> for MetricsActor {
     }
 }
 
+/// Sets one sample of a gauge that has a sample per label set.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SetGaugeSample(pub SetGauge);
+
+impl Handler<SetGaugeSample> for MetricsActor {
+    type Result = ();
+    fn handle(&mut self, msg: SetGaugeSample, _: &mut Context<Self>) {
+        let g = msg.0;
+        self.registry.set_sample(g.name, g.labels, g.value);
+    }
+}
+
 impl Handler<ReportHealth> for MetricsActor {
     type Result = ();
     fn handle(&mut self, msg: ReportHealth, _: &mut Context<Self>) {
@@ -197,6 +210,18 @@ impl Handler<GetHealth> for MetricsActor {
     }
 }
 
+/// Whether RabbitMQ and PostgreSQL are both reachable (`/readyz`).
+#[derive(Message, Debug)]
+#[rtype(result = "bool")]
+pub struct IsReady;
+
+impl Handler<IsReady> for MetricsActor {
+    type Result = bool;
+    fn handle(&mut self, _: IsReady, _: &mut Context<Self>) -> bool {
+        HealthReport::components_ready(&self.components)
+    }
+}
+
 /// One page of the mailboxes' health, filtered.
 #[derive(Message, Debug)]
 #[rtype(result = "MailboxPage")]
@@ -224,6 +249,67 @@ impl Handler<ListMailboxes> for MetricsActor {
             msg.offset,
             msg.limit,
         ))
+    }
+}
+
+/// Counter families summed by one label each (`""`: the family's total), in the order asked
+/// (the dashboard's queue rates).
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<BTreeMap<String, u64>>")]
+pub struct CounterSums(pub Vec<(&'static str, &'static str)>);
+
+impl Handler<CounterSums> for MetricsActor {
+    type Result = MessageResult<CounterSums>;
+    fn handle(&mut self, msg: CounterSums, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            msg.0
+                .iter()
+                .map(|(name, by)| self.registry.counter_sums_by(name, by))
+                .collect(),
+        )
+    }
+}
+
+/// What this instance counted per provider since it started (the dashboard).
+#[derive(Message, Debug)]
+#[rtype(result = "BTreeMap<String, ProviderCounts>")]
+pub struct GetProviderCounts;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProviderCounts {
+    pub sent: u64,
+    pub failed: u64,
+    pub retries: u64,
+    pub deferred: u64,
+    /// Sends timed (`mailbridge_send_duration_seconds`) and their total seconds.
+    pub timed: u64,
+    pub seconds: f64,
+}
+
+impl Handler<GetProviderCounts> for MetricsActor {
+    type Result = MessageResult<GetProviderCounts>;
+    fn handle(&mut self, _: GetProviderCounts, _: &mut Context<Self>) -> Self::Result {
+        let mut out: BTreeMap<String, ProviderCounts> = BTreeMap::new();
+        let r = &self.registry;
+        for (p, n) in r.counter_sums_by("mailbridge_emails_sent_total", "provider") {
+            out.entry(p).or_default().sent = n;
+        }
+        for (p, n) in r.counter_sums_by("mailbridge_emails_failed_total", "provider") {
+            out.entry(p).or_default().failed = n;
+        }
+        for (p, n) in r.counter_sums_by("mailbridge_retries_total", "provider") {
+            out.entry(p).or_default().retries = n;
+        }
+        for (p, n) in r.counter_sums_by("mailbridge_sends_deferred_total", "provider") {
+            out.entry(p).or_default().deferred = n;
+        }
+        for (p, (sum, count)) in r.histogram_sums_by("mailbridge_send_duration_seconds", "provider")
+        {
+            let e = out.entry(p).or_default();
+            e.timed = count;
+            e.seconds = sum;
+        }
+        MessageResult(out)
     }
 }
 

@@ -334,12 +334,12 @@ impl Pipeline {
                 // for the claim to expire) rather than repeat it.
                 _ if state.claim_live => {
                     if started.elapsed() > MAX_CLAIM_WAIT {
-                        tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
+                        tracing::warn!(tenant_id = %key.tenant_id, message_id = %key.message_id,
                             "the request stays claimed elsewhere; giving the delivery back");
                         return Err(Disposition::Requeue);
                     }
                     let wait = state.claim_expires_in.clamp(0.1, 2.0);
-                    tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+                    tracing::info!(tenant_id = %key.tenant_id, message_id = %key.message_id,
                         owner = state.claim_owner.as_deref().unwrap_or(""),
                         "the request is being processed elsewhere; waiting for its outcome");
                     tokio::time::sleep(Duration::from_secs_f64(wait)).await;
@@ -347,7 +347,7 @@ impl Pipeline {
                 RowStatus::Sent => return Err(self.duplicate_of_sent(key, &state).await),
                 RowStatus::Failed => return Err(self.duplicate_of_failed(d, key, &state).await),
                 RowStatus::Retrying => {
-                    tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+                    tracing::info!(tenant_id = %key.tenant_id, message_id = %key.message_id,
                         "a duplicate of a request whose retry is parked; acknowledged without sending");
                     return Err(Disposition::Ack);
                 }
@@ -451,12 +451,12 @@ impl Pipeline {
                 Err(OutboxError::Refused(e)) => {
                     // Cannot happen with the values the service writes; if it does, the email
                     // is sent all the same and must not be sent again.
-                    tracing::error!(tenant = %key.tenant_id, message_id = %key.message_id, error = %e,
+                    tracing::error!(tenant_id = %key.tenant_id, message_id = %key.message_id, error = %e,
                         "sent, but the outbox refused to record it");
                     break;
                 }
                 Err(OutboxError::Unavailable(e)) => {
-                    tracing::error!(tenant = %key.tenant_id, message_id = %key.message_id, error = %e,
+                    tracing::error!(tenant_id = %key.tenant_id, message_id = %key.message_id, error = %e,
                         "sent, but the outbox cannot record it yet; retrying (the delivery stays unacknowledged)");
                     tokio::time::sleep(crate::actors::supervisor::backoff(
                         attempt,
@@ -519,7 +519,7 @@ impl Pipeline {
     /// A copy of a request whose email is sent: not sent again. Its result is published only
     /// if the first copy did not get that far.
     async fn duplicate_of_sent(&self, key: &OutboxKey, row: &RowState) -> Disposition {
-        tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+        tracing::info!(tenant_id = %key.tenant_id, message_id = %key.message_id,
             "already sent; not sending again");
         if row.result_published {
             return Disposition::Ack;
@@ -550,7 +550,7 @@ impl Pipeline {
         key: &OutboxKey,
         row: &RowState,
     ) -> Disposition {
-        tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+        tracing::info!(tenant_id = %key.tenant_id, message_id = %key.message_id,
             "already failed (and dead-lettered); not tried again");
         let class = match row.error_class.as_deref() {
             Some("invalid") => FailureClass::Invalid,
@@ -601,10 +601,10 @@ impl Pipeline {
             provider_id: ids.provider_id.clone(),
         };
         if failure.deferred {
-            tracing::info!(tenant = %key.tenant_id, message_id = %key.message_id,
+            tracing::info!(tenant_id = %key.tenant_id, message_id = %key.message_id,
                 retry = d.retry, "parked: {}", failure.error);
         } else {
-            tracing::warn!(tenant = %key.tenant_id, message_id = %key.message_id,
+            tracing::warn!(tenant_id = %key.tenant_id, message_id = %key.message_id,
                 class = %failure.class, retry = d.retry, reply = failure.last_reply.as_deref().unwrap_or(""),
                 "send failed: {}", failure.error);
         }
@@ -659,6 +659,10 @@ impl Pipeline {
             }
             if failure.deferred {
                 // Nothing failed: no retry counted, no `retrying` result.
+                self.metrics.do_send(Count::one(
+                    "mailbridge_sends_deferred_total",
+                    self.labels(&settings, &ids),
+                ));
                 return Disposition::Ack;
             }
             self.metrics.do_send(Count::one(
@@ -896,6 +900,9 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// How much of a request's recipients and subject its outbox row keeps (for the dashboard).
+const MAX_STORED_TEXT: usize = 4096;
+
 /// The row a request is recorded in, when its ids can key one (a PostgreSQL text key: no
 /// control characters, at most 255 bytes). Invalid requests with usable ids get a row too, so
 /// their duplicates are recognised and their failure is visible in the outbox.
@@ -915,6 +922,11 @@ fn new_row(ids: &RequestIds, request: Option<&SendRequest>) -> Option<NewRow> {
         user_id: request.and_then(|r| optional(&r.user_id)),
         template_id: request.and_then(|r| optional(&r.template_id)),
         campaign_id: request.and_then(|r| optional(&r.campaign_id)),
+        recipients: request.map(|r| {
+            let all: Vec<String> = r.to.iter().chain(&r.cc).chain(&r.bcc).map(|a| a.to_lowercase()).collect();
+            crate::inbound::storable_text(&all.join(", "), MAX_STORED_TEXT)
+        }),
+        subject: request.map(|r| crate::inbound::storable_text(&r.subject, MAX_STORED_TEXT)),
         sending: false,
     })
 }

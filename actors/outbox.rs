@@ -297,7 +297,7 @@ async fn run_batch(
                     match with_retries(pool, claims, one, Instant::now()).await {
                         Ok(mut o) => Ok(o.pop().unwrap_or(OpOutcome::Done)),
                         Err(Failure::Data(e)) => {
-                            tracing::error!(error = %e, tenant = %op.key().tenant_id,
+                            tracing::error!(error = %e, tenant_id = %op.key().tenant_id,
                             message_id = %op.key().message_id, "outbox change refused");
                             Err(OutboxError::Refused(e))
                         }

@@ -23,6 +23,8 @@ const STORED_ERROR_BYTES: usize = 2000;
 pub struct Prepared {
     pub message_id: String,
     pub body: Vec<u8>,
+    /// The request (`message_id`) of the mailbox's tenant that this email answers.
+    pub reply_to_message_id: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,7 @@ pub fn prepare(
     Ok(Prepared {
         message_id: email.message_id,
         body,
+        reply_to_message_id: email.reply_to_message_id,
     })
 }
 
@@ -123,6 +126,9 @@ pub struct Record {
     pub outcome: Outcome,
     pub raw_id: Option<String>,
     pub error: Option<String>,
+    /// The sent email this one answers: its tenant and request `message_id` (shown in the
+    /// dashboard's history of that email).
+    pub reply_to: Option<(String, String)>,
 }
 
 impl Record {
@@ -133,6 +139,7 @@ impl Record {
             outcome,
             raw_id: None,
             error: None,
+            reply_to: None,
         }
     }
 }
@@ -238,12 +245,22 @@ pub async fn record(
                     .map(|e| storable_text(e, STORED_ERROR_BYTES))
             })
             .collect();
+        let reply_tenants: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.reply_to.as_ref().map(|(t, _)| t.as_str()))
+            .collect();
+        let reply_ids: Vec<Option<&str>> = rows
+            .iter()
+            .map(|r| r.reply_to.as_ref().map(|(_, m)| m.as_str()))
+            .collect();
         tx.execute(
-            "INSERT INTO inbound_published (mailbox_id, dedup_key, message_id, outcome, raw_id, error)
-             SELECT $1, k, m, o, r, e
-             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[]) AS x(k, m, o, r, e)
+            "INSERT INTO inbound_published (mailbox_id, dedup_key, message_id, outcome, raw_id, error,
+                                            reply_tenant_id, reply_to_message_id)
+             SELECT $1, k, m, o, r, e, rt, rm
+             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                         $8::text[]) AS x(k, m, o, r, e, rt, rm)
              ON CONFLICT DO NOTHING",
-            &[&mailbox_id, &keys, &ids, &outcomes, &raw_ids, &errors],
+            &[&mailbox_id, &keys, &ids, &outcomes, &raw_ids, &errors, &reply_tenants, &reply_ids],
         )
         .await?;
     }

@@ -57,6 +57,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Retries scheduled.",
     ),
     (
+        "mailbridge_sends_deferred_total",
+        Kind::Counter,
+        "Sends parked by their provider's rate limit (not retries: nothing failed).",
+    ),
+    (
         "mailbridge_dead_letters_total",
         Kind::Counter,
         "Messages dead-lettered, by DLQ.",
@@ -95,6 +100,11 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "mailbridge_live_instances",
         Kind::Gauge,
         "Instances with a recent heartbeat in the database, this one included.",
+    ),
+    (
+        "mailbridge_sends_in_flight",
+        Kind::Gauge,
+        "Sends begun and not yet answered (waiting for their rate included), by tenant and provider.",
     ),
     (
         "mailbridge_send_duration_seconds",
@@ -200,6 +210,15 @@ impl Registry {
         f.gauges.insert(labels, value);
     }
 
+    /// Sets one sample of a gauge with a sample per label set (`mailbridge_sends_in_flight`).
+    pub fn set_sample(&mut self, name: &str, mut labels: Labels, value: f64) {
+        let Some(f) = self.family(name, Kind::Gauge) else {
+            return;
+        };
+        labels.sort();
+        f.gauges.insert(labels, value);
+    }
+
     /// A counter's value, for tests and `/health` details.
     pub fn counter(&self, name: &str, labels: &[(&'static str, &str)]) -> u64 {
         let mut key: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
@@ -209,6 +228,44 @@ impl Registry {
             .and_then(|f| f.counters.get(&key))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// A counter family summed by the value of one label (the dashboard's per-provider
+    /// counts); samples without that label are left out. With `label` empty, the family's
+    /// total, under the key `""`.
+    pub fn counter_sums_by(&self, name: &str, label: &str) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (labels, n) in self
+            .families
+            .get(name)
+            .into_iter()
+            .flat_map(|f| &f.counters)
+        {
+            if label.is_empty() {
+                *out.entry(String::new()).or_default() += n;
+            } else if let Some((_, v)) = labels.iter().find(|(k, _)| *k == label) {
+                *out.entry(v.clone()).or_default() += n;
+            }
+        }
+        out
+    }
+
+    /// A histogram family's sum and count by the value of one label.
+    pub fn histogram_sums_by(&self, name: &str, label: &str) -> BTreeMap<String, (f64, u64)> {
+        let mut out: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+        for (labels, h) in self
+            .families
+            .get(name)
+            .into_iter()
+            .flat_map(|f| &f.histograms)
+        {
+            if let Some((_, v)) = labels.iter().find(|(k, _)| *k == label) {
+                let e = out.entry(v.clone()).or_default();
+                e.0 += h.sum;
+                e.1 += h.count;
+            }
+        }
+        out
     }
 
     /// The Prometheus text exposition format (version 0.0.4).

@@ -82,6 +82,10 @@ pub struct NewRow {
     pub user_id: Option<String>,
     pub template_id: Option<String>,
     pub campaign_id: Option<String>,
+    /// The recipients (to, cc, bcc; lower-cased, `", "`-separated) and the subject, as the
+    /// dashboard searches and shows them; written by the first claim only.
+    pub recipients: Option<String>,
+    pub subject: Option<String>,
     /// To be sent right away: the same write marks it `sending` with `attempts + 1`, which
     /// saves the email a statement of its own (issue 7). Requests that fail before reaching a
     /// provider (invalid, unknown provider) are taken up as `queued`.
@@ -452,6 +456,8 @@ async fn claim(
                 &all.iter().map(|c| c.token).collect::<Vec<i64>>(),
                 &claims.owner,
                 &claims.ttl_secs,
+                &column(&|c| c.row.recipients.clone(), &all),
+                &column(&|c| c.row.subject.clone(), &all),
             ],
         )
         .await?;
@@ -564,11 +570,13 @@ pub async fn release_claims_of(pool: &Pool, owner: &str) -> Result<u64, StorageE
 /// A new request, claimed as it is inserted.
 const CLAIM_INSERT_SQL: &str = "INSERT INTO outbox (tenant_id, message_id, provider_id, user_id,
         template_id, campaign_id, status, attempts, deliveries, claim_owner, claim_token,
-        claim_expires_at)
+        claim_expires_at, recipients, subject)
     SELECT t, m, p, u, tp, c, CASE WHEN s THEN 'sending' ELSE 'queued' END,
-           CASE WHEN s THEN 1 ELSE 0 END, 1, $9, tok, now() + $10 * interval '1 second'
+           CASE WHEN s THEN 1 ELSE 0 END, 1, $9, tok, now() + $10 * interval '1 second',
+           rcp, sub
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::bool[], $8::bigint[]) AS x(t, m, p, u, tp, c, s, tok)
+                $7::bool[], $8::bigint[], $11::text[], $12::text[])
+         AS x(t, m, p, u, tp, c, s, tok, rcp, sub)
     ON CONFLICT (tenant_id, message_id) DO NOTHING
     RETURNING tenant_id, message_id, attempts, deliveries";
 
@@ -618,8 +626,8 @@ const SENT_SQL: &str = "UPDATE outbox o SET status = 'sent', provider_message_id
     WHERE o.tenant_id = u.t AND o.message_id = u.m";
 
 /// `failed` or `retrying`, with the whole failure; only while this claim (or none) holds the
-/// row.
-const FAILED_SQL: &str = "UPDATE outbox o SET status = u.s, last_error = u.e,
+/// row. Each failure applied is also an `outbox_events` row (the email's history).
+const FAILED_SQL: &str = "WITH f AS (UPDATE outbox o SET status = u.s, last_error = u.e,
            error_class = u.c, retry_count = u.rc, last_reply = u.lr,
            retry_token = u.rt,
            next_retry_at = CASE WHEN u.rin IS NULL THEN NULL
@@ -634,7 +642,13 @@ const FAILED_SQL: &str = "UPDATE outbox o SET status = u.s, last_error = u.e,
          AS u(t, m, tok, s, e, c, rc, lr, rt, rin, unc)
     WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'
       AND (o.claim_token IS NULL OR o.claim_token = u.tok)
-    RETURNING o.tenant_id, o.message_id";
+    RETURNING o.tenant_id, o.message_id, o.status, o.last_error, o.error_class, o.retry_count,
+              o.last_reply),
+    ev AS (INSERT INTO outbox_events (tenant_id, message_id, event, error, error_class,
+                                      retry_count, last_reply)
+           SELECT tenant_id, message_id, status, last_error, error_class, retry_count, last_reply
+           FROM f)
+    SELECT tenant_id, message_id FROM f";
 
 /// A claim's holder is still working.
 const RENEW_SQL: &str = "UPDATE outbox o SET claim_expires_at = now() + $4 * interval '1 second'
@@ -657,15 +671,21 @@ const RESULT_PUBLISHED_SQL: &str = "UPDATE outbox o SET result_published_at = no
     FROM UNNEST($1::text[], $2::text[], $3::bigint[]) AS u(t, m, tok)
     WHERE o.tenant_id = u.t AND o.message_id = u.m";
 
-/// The dead letter is confirmed on the DLQ.
-const DEAD_LETTERED_SQL: &str = "UPDATE outbox o SET dead_lettered_at = now()
+/// The dead letter is confirmed on the DLQ (an event of the email's history).
+const DEAD_LETTERED_SQL: &str = "WITH d AS (UPDATE outbox o SET dead_lettered_at = now()
     FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
-    WHERE o.tenant_id = u.t AND o.message_id = u.m";
+    WHERE o.tenant_id = u.t AND o.message_id = u.m
+    RETURNING o.tenant_id, o.message_id)
+    INSERT INTO outbox_events (tenant_id, message_id, event)
+    SELECT tenant_id, message_id, 'dead-lettered' FROM d";
 
-/// A replayed dead letter starts again as new.
-const RESET_SQL: &str = "UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
+/// A replayed dead letter starts again as new (an event of the email's history).
+const RESET_SQL: &str = "WITH r AS (UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
            last_error = NULL, error_class = NULL, retry_count = 0, last_reply = NULL,
            result_published_at = NULL, dead_lettered_at = NULL, retry_token = NULL,
            next_retry_at = NULL, updated_at = now()
     FROM UNNEST($1::text[], $2::text[]) AS u(t, m)
-    WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'";
+    WHERE o.tenant_id = u.t AND o.message_id = u.m AND o.status <> 'sent'
+    RETURNING o.tenant_id, o.message_id)
+    INSERT INTO outbox_events (tenant_id, message_id, event)
+    SELECT tenant_id, message_id, 'replayed' FROM r";

@@ -59,6 +59,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0009_mailbox_health.sql",
         include_str!("../migrations/0009_mailbox_health.sql"),
     ),
+    (
+        10,
+        "0010_dashboard.sql",
+        include_str!("../migrations/0010_dashboard.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).

@@ -23,6 +23,8 @@ fn row(message_id: &str, user_id: &str) -> NewRow {
         user_id: Some(user_id.into()),
         template_id: None,
         campaign_id: None,
+        recipients: None,
+        subject: None,
         sending: true,
     }
 }
