@@ -923,7 +923,12 @@ fn new_row(ids: &RequestIds, request: Option<&SendRequest>) -> Option<NewRow> {
         template_id: request.and_then(|r| optional(&r.template_id)),
         campaign_id: request.and_then(|r| optional(&r.campaign_id)),
         recipients: request.map(|r| {
-            let all: Vec<String> = r.to.iter().chain(&r.cc).chain(&r.bcc).map(|a| a.to_lowercase()).collect();
+            let all: Vec<String> =
+                r.to.iter()
+                    .chain(&r.cc)
+                    .chain(&r.bcc)
+                    .map(|a| a.to_lowercase())
+                    .collect();
             crate::inbound::storable_text(&all.join(", "), MAX_STORED_TEXT)
         }),
         subject: request.map(|r| crate::inbound::storable_text(&r.subject, MAX_STORED_TEXT)),

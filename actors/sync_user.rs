@@ -122,11 +122,11 @@ impl StreamHandler<Result<Delivery, String>> for SyncUserConsumer {
                     .map(|m| m.id.clone())
                     .collect();
                 if targets.is_empty() {
-                    tracing::warn!(tenant = %r.tenant_id, provider = %r.provider_id, user = %r.user_id,
+                    tracing::warn!(tenant_id = %r.tenant_id, provider_id = %r.provider_id, user = %r.user_id,
                         "sync request matches no configured mailbox (tenant, provider and user must all match)");
                     self.count("unmatched", Some(&r.tenant_id));
                 } else {
-                    tracing::info!(tenant = %r.tenant_id, user = %r.user_id, mailboxes = targets.len(), "sync requested");
+                    tracing::info!(tenant_id = %r.tenant_id, user = %r.user_id, mailboxes = targets.len(), "sync requested");
                     self.count("triggered", Some(&r.tenant_id));
                 }
             }
@@ -241,7 +241,7 @@ impl Actor for SyncListener {
                 let wake = async {
                     while let Some(id) = rx.recv().await {
                         if wake(&supervisor, &id).await {
-                            tracing::info!(mailbox = %id, "sync requested through another instance");
+                            tracing::info!(mailbox_id = %id, "sync requested through another instance");
                         }
                     }
                 };

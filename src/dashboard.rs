@@ -1149,7 +1149,6 @@ struct DlqQuery {
     limit: Option<usize>,
 }
 
-
 fn dlq_queue(state: &AppState, asked: Option<&str>) -> String {
     let q = &state.settings.queues;
     match asked {

@@ -390,7 +390,7 @@ async fn replay_one(
     // Published: from now on the entry goes, whatever the bookkeeping says. A key left
     // `dead-lettered` still keeps the mailbox from fetching the email again.
     if let Err(e) = intake::mark_published(pool, mailbox_id, &key, &prepared.message_id).await {
-        tracing::warn!(mailbox = %mailbox_id, key = %key, error = %e,
+        tracing::warn!(mailbox_id = %mailbox_id, key = %key, error = %e,
             "replayed inbound email published, but its key could not be marked published");
     }
     Ok(Ok(Replayed::Published))

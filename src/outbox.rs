@@ -680,7 +680,8 @@ const DEAD_LETTERED_SQL: &str = "WITH d AS (UPDATE outbox o SET dead_lettered_at
     SELECT tenant_id, message_id, 'dead-lettered' FROM d";
 
 /// A replayed dead letter starts again as new (an event of the email's history).
-const RESET_SQL: &str = "WITH r AS (UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
+const RESET_SQL: &str =
+    "WITH r AS (UPDATE outbox o SET status = 'queued', attempts = 0, deliveries = 0,
            last_error = NULL, error_class = NULL, retry_count = 0, last_reply = NULL,
            result_published_at = NULL, dead_lettered_at = NULL, retry_token = NULL,
            next_retry_at = NULL, updated_at = now()

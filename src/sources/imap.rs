@@ -328,7 +328,7 @@ impl MailSource for ImapSource {
                 None => Phase::Done,
             },
             Start::Changes(MailboxCursor::Imap { uidvalidity: v, .. }) => {
-                tracing::warn!(mailbox = %self.mailbox.id, old = v, new = uidvalidity,
+                tracing::warn!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, old = v, new = uidvalidity,
                     "UIDVALIDITY changed: resyncing the folder (already published mail is skipped)");
                 Phase::Window { next: 1 }
             }
