@@ -2,10 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{
-    ClusterSection, ConfigProblem, DatabaseSection, HttpSection, QueuesSection, RabbitMqSection,
-    Secret, ENVIRONMENT,
-};
+use super::{ConfigProblem, LogFormat, MainFile, Secret, ENVIRONMENT};
 
 /// A source of environment variables; tests pass a map instead of the process environment.
 pub trait Env {
@@ -27,15 +24,17 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
-pub(super) fn apply_env(
-    env: &dyn Env,
-    rabbitmq: &mut RabbitMqSection,
-    queues: &mut QueuesSection,
-    database: &mut DatabaseSection,
-    http: &mut HttpSection,
-    cluster: &mut ClusterSection,
-    problems: &mut Vec<ConfigProblem>,
-) {
+/// Applies the environment's overrides to the main file's sections.
+pub(super) fn apply_env(env: &dyn Env, main: &mut MainFile, problems: &mut Vec<ConfigProblem>) {
+    let MainFile {
+        rabbitmq,
+        queues,
+        database,
+        http,
+        cluster,
+        log,
+        ..
+    } = main;
     let nonempty = |name: &str| env.var(name).filter(|v| !v.is_empty());
     if let Some(v) = nonempty("RABBITMQ_URL") {
         rabbitmq.url = Some(Secret::new(v));
@@ -87,5 +86,16 @@ pub(super) fn apply_env(
     }
     if let Some(v) = nonempty("MAILBRIDGE_INSTANCE_ID") {
         cluster.instance_id = Some(v);
+    }
+    if let Some(v) = nonempty("MAILBRIDGE_LOG_FORMAT") {
+        match v.as_str() {
+            "json" => log.format = LogFormat::Json,
+            "text" => log.format = LogFormat::Text,
+            other => problems.push(ConfigProblem {
+                file: ENVIRONMENT.into(),
+                key: "MAILBRIDGE_LOG_FORMAT".into(),
+                message: format!("`{other}` is not a log format; use json or text"),
+            }),
+        }
     }
 }

@@ -316,6 +316,24 @@ pub struct ShutdownSection {
     pub grace: Option<Dur>,
 }
 
+/// `[log] format`: how log lines are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line of text per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, with the event's fields (`tenant_id`, `message_id`,
+    /// `mailbox_id`, …) as keys.
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    pub format: LogFormat,
+}
+
 /// The main file as written.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -331,4 +349,5 @@ pub struct MainFile {
     pub shutdown: ShutdownSection,
     pub inbound: InboundSection,
     pub cluster: ClusterSection,
+    pub log: LogSection,
 }

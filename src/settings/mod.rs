@@ -112,6 +112,7 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     pub inbound: InboundSection,
     pub cluster: ClusterSection,
+    pub log: LogSection,
     /// `[cluster] instance_id`, or its default.
     pub instance_id: String,
     pub tenants: Vec<Tenant>,
@@ -254,6 +255,20 @@ impl Settings {
     }
 
     pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Settings, ConfigError> {
+        Self::load_inner(path, env, None)
+    }
+
+    /// Loads as [`Settings::load`] would with the tenant file `file` holding `text` (written
+    /// or not): how a run-time edit is checked before it is written.
+    pub fn load_edited(path: &Path, file: &Path, text: &str) -> Result<Settings, ConfigError> {
+        Self::load_inner(path, &ProcessEnv, Some((file, text)))
+    }
+
+    fn load_inner(
+        path: &Path,
+        env: &dyn Env,
+        overlay: Option<(&Path, &str)>,
+    ) -> Result<Settings, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError(vec![ConfigProblem {
@@ -269,29 +284,22 @@ impl Settings {
                 return Err(ConfigError(vec![ConfigProblem { file, key, message }]));
             }
         };
+        let mut main = main;
+        env::apply_env(env, &mut main, &mut problems);
         let MainFile {
             mut rabbitmq,
-            mut queues,
-            mut database,
-            mut http,
+            queues,
+            database,
+            http,
             retry,
             outbound,
             mut attachments,
             tenants,
             shutdown,
             inbound,
-            mut cluster,
+            cluster,
+            log,
         } = main;
-
-        env::apply_env(
-            env,
-            &mut rabbitmq,
-            &mut queues,
-            &mut database,
-            &mut http,
-            &mut cluster,
-            &mut problems,
-        );
 
         let mut warnings = Vec::new();
         let at = |key: &str, message: String| ConfigProblem {
@@ -452,6 +460,10 @@ impl Settings {
             }
         }
         let base_dir = path.parent().unwrap_or(Path::new("."));
+        // Like every path in the files: relative to the file that names it.
+        if attachments.dir.is_relative() {
+            attachments.dir = base_dir.join(&attachments.dir);
+        }
         attachments.link_key = link_key(&attachments, env, base_dir, &mut |key, message| {
             problems.push(at(key, message))
         });
@@ -464,7 +476,7 @@ impl Settings {
 
         let base = path.parent().unwrap_or(Path::new("."));
         let tenants_dir = base.join(&tenants.dir);
-        let tenant_list = load_tenants(&tenants_dir, env, &mut problems, &mut warnings);
+        let tenant_list = load_tenants(&tenants_dir, env, overlay, &mut problems, &mut warnings);
 
         let instance_id = match cluster.instance_id.clone() {
             Some(id) if id.trim().is_empty() || id.len() > 200 => {
@@ -498,6 +510,7 @@ impl Settings {
                 .unwrap_or(Duration::from_secs(30)),
             inbound,
             cluster,
+            log,
             instance_id,
             tenants: tenant_list,
             warnings,

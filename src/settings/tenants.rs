@@ -239,13 +239,17 @@ pub struct Tenant {
 pub(super) fn load_tenants(
     dir: &Path,
     env: &dyn Env,
+    overlay: Option<(&Path, &str)>,
     problems: &mut Vec<ConfigProblem>,
     warnings: &mut Vec<ConfigProblem>,
 ) -> Vec<Tenant> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
         // No tenant folder: a service with no tenants yet is a valid configuration.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => {
             problems.push(ConfigProblem {
                 file: dir.display().to_string(),
@@ -255,10 +259,11 @@ pub(super) fn load_tenants(
             return Vec::new();
         }
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
+    if let Some((file, _)) = overlay {
+        if !files.iter().any(|f| f == file) {
+            files.push(file.to_path_buf());
+        }
+    }
     files.sort();
 
     let mut tenants = Vec::new();
@@ -267,17 +272,19 @@ pub(super) fn load_tenants(
     let mut mailbox_ids: HashSet<String> = HashSet::new();
     for path in files {
         let file = path.display().to_string();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) => {
-                problems.push(ConfigProblem {
-                    file,
-                    key: String::new(),
-                    message: format!("cannot read: {e}"),
-                });
-                continue;
-            }
-        };
+        let edited = overlay.filter(|(f, _)| *f == path.as_path());
+        let text =
+            match edited.map_or_else(|| std::fs::read_to_string(&path), |(_, t)| Ok(t.into())) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(ConfigProblem {
+                        file,
+                        key: String::new(),
+                        message: format!("cannot read: {e}"),
+                    });
+                    continue;
+                }
+            };
         let raw: TenantFile = match parse_toml(&text) {
             Ok(t) => t,
             Err((key, message)) => {
