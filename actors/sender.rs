@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use tokio::sync::{oneshot, Semaphore};
 
-use crate::actors::metrics::{MetricsActor, Observe, ReportHealth};
+use crate::actors::metrics::{MetricsActor, Observe, ReportHealth, SetGauge, SetGaugeSample};
 use crate::actors::supervisor::{Abort, Drain};
 use crate::domain::{ComponentHealth, ComponentId};
 use crate::oauth2::Accounts;
@@ -64,6 +64,19 @@ impl SenderActor {
         }
     }
 
+    /// `mailbridge_sends_in_flight{tenant, provider}`: sends begun and not yet answered
+    /// (waiting for their rate included).
+    fn gauge_in_flight(&self) {
+        self.metrics.do_send(SetGaugeSample(SetGauge {
+            name: "mailbridge_sends_in_flight",
+            labels: vec![
+                ("tenant", self.provider.tenant_id.clone()),
+                ("provider", self.provider.id.clone()),
+            ],
+            value: self.in_flight as f64,
+        }));
+    }
+
     fn report(&mut self, ok: bool, error: Option<String>) {
         if self.last_ok == Some(ok) {
             return;
@@ -107,6 +120,7 @@ impl Handler<Deliver> for SenderActor {
 
     fn handle(&mut self, msg: Deliver, _: &mut Context<Self>) -> Self::Result {
         self.in_flight += 1;
+        self.gauge_in_flight();
         let transport = self.transport.clone();
         let metrics = self.metrics.clone();
         // The rate limits first: a send is held up to `MAX_WAIT` for its slot, or parked.
@@ -153,6 +167,7 @@ impl Handler<Deliver> for SenderActor {
             .into_actor(self)
             .map(|result, act, ctx| {
                 act.in_flight -= 1;
+                act.gauge_in_flight();
                 match &result {
                     Ok(_) => act.report(true, None),
                     // A rejected email says nothing about the provider's health.
@@ -178,7 +193,7 @@ impl Handler<Abort> for SenderActor {
     /// dot are abandoned (their requests go back to the broker), those past it run to their
     /// reply, so what the server accepted is recorded before the process exits.
     fn handle(&mut self, _: Abort, _: &mut Context<Self>) {
-        tracing::info!(provider = %self.provider.id, "abandoning the transactions not yet sent");
+        tracing::info!(provider_id = %self.provider.id, "abandoning the transactions not yet sent");
         if let Ok(t) = &self.transport {
             t.abort();
         }

@@ -300,11 +300,17 @@ pub struct Supervisor {
     health_resync: bool,
     /// When rows of mailboxes no longer configured were last deleted.
     health_pruned: Option<Instant>,
+    /// When the supervisor last ran its tick: `/livez` says wedged when that is long ago.
+    last_tick: Instant,
+    /// systemd's watchdog, fed by the tick: a stuck actor thread gets the service restarted.
+    watchdog: crate::systemd::Watchdog,
     /// Mailboxes given up whose fetchers are still draining: their leases are released
     /// once the fetchers have stopped, never before.
     handing_over: HashSet<String>,
     /// Live instances at the last renewal.
     live_instances: usize,
+    /// The last reload's outcome and when it ran (RFC 3339), for the dashboard.
+    last_reload: Option<(String, ReloadOutcome)>,
 }
 
 /// Builds the configured children from a configuration (`app::children`).
@@ -342,8 +348,11 @@ impl Supervisor {
             health_writing: false,
             health_resync: true,
             health_pruned: None,
+            last_tick: Instant::now(),
+            watchdog: crate::systemd::Watchdog::from_env(),
             handing_over: HashSet::new(),
             live_instances: 0,
+            last_reload: None,
         }
     }
 
@@ -664,6 +673,8 @@ impl Supervisor {
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.last_tick = Instant::now();
+        self.watchdog.feed(self.last_tick);
         if let Some(conn) = &self.connection {
             if !conn.status().connected() {
                 let generation = self.generation;
@@ -1027,6 +1038,19 @@ impl Actor for Supervisor {
     }
 }
 
+/// `GET /livez`: how long ago the supervisor last ran its tick (every 250 ms while its thread
+/// runs). No answer at all means the actors' thread is stuck.
+#[derive(Message, Debug)]
+#[rtype(result = "Duration")]
+pub struct SinceTick;
+
+impl Handler<SinceTick> for Supervisor {
+    type Result = MessageResult<SinceTick>;
+    fn handle(&mut self, _: SinceTick, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.last_tick.elapsed())
+    }
+}
+
 /// `GET /api/rabbitmq/status`.
 #[derive(Message, Debug)]
 #[rtype(result = "QueueStatusResponse")]
@@ -1091,7 +1115,79 @@ impl Handler<Reload> for Supervisor {
                 problems: vec!["the service is shutting down".into()],
             });
         }
-        MessageResult(self.reload(msg.source, ctx))
+        let outcome = self.reload(msg.source, ctx);
+        // One that changed nothing (a file saved as it was) keeps the last one that did.
+        if !outcome.applied || outcome.diff.as_ref().is_some_and(|d| !d.is_empty()) {
+            let at = crate::outbound::rfc3339(time::OffsetDateTime::now_utc());
+            self.last_reload = Some((at, outcome.clone()));
+        }
+        MessageResult(outcome)
+    }
+}
+
+/// `PUT`/`DELETE /api/tenants/{tenant}/{providers|mailboxes}/{id}`: the tenant file edited
+/// (`definition` set, or the entry removed when `None`), checked as a reload would check it,
+/// written atomically and applied as a reload. Handled one at a time, so edits never race.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<ReloadOutcome, crate::tenant_files::EditError>")]
+pub struct EditTenant {
+    pub tenant: String,
+    pub section: crate::tenant_files::Section,
+    pub id: String,
+    pub definition: Option<serde_json::Value>,
+}
+
+impl Handler<EditTenant> for Supervisor {
+    type Result = Result<ReloadOutcome, crate::tenant_files::EditError>;
+    fn handle(&mut self, msg: EditTenant, ctx: &mut Context<Self>) -> Self::Result {
+        use crate::tenant_files;
+        const SOURCE: &str = "API";
+        let refused = |problems: Vec<String>| ReloadOutcome {
+            applied: false,
+            source: SOURCE.into(),
+            diff: None,
+            problems,
+        };
+        if self.shutting_down {
+            return Ok(refused(vec!["the service is shutting down".into()]));
+        }
+        let dir = self.settings.tenants_dir.clone();
+        let edit = match &msg.definition {
+            Some(definition) => {
+                tenant_files::upsert(&dir, &msg.tenant, msg.section, &msg.id, definition)?
+            }
+            None => tenant_files::remove(&dir, &msg.tenant, msg.section, &msg.id)?,
+        };
+        // Nothing is written unless the whole configuration with the edit is valid.
+        if let Err(e) = Settings::load_edited(&self.settings.path, &edit.file, &edit.new) {
+            return Ok(refused(e.0.iter().map(|p| p.to_string()).collect()));
+        }
+        tenant_files::write(&edit)?;
+        tracing::info!(
+            tenant_id = %msg.tenant,
+            file = %edit.file.display(),
+            "{} {} `{}` by the API",
+            if msg.definition.is_some() { "set" } else { "removed" },
+            msg.section.key(),
+            msg.id
+        );
+        let outcome = self.reload(SOURCE, ctx);
+        let at = crate::outbound::rfc3339(time::OffsetDateTime::now_utc());
+        self.last_reload = Some((at, outcome.clone()));
+        Ok(outcome)
+    }
+}
+
+/// The configuration in force (as reloaded) and the last reload that changed something or
+/// was refused, with when it ran (the dashboard).
+#[derive(Message, Debug)]
+#[rtype(result = "(Arc<Settings>, Option<(String, ReloadOutcome)>)")]
+pub struct LastReload;
+
+impl Handler<LastReload> for Supervisor {
+    type Result = MessageResult<LastReload>;
+    fn handle(&mut self, _: LastReload, _: &mut Context<Self>) -> Self::Result {
+        MessageResult((self.settings.clone(), self.last_reload.clone()))
     }
 }
 
