@@ -85,6 +85,29 @@ ensure_dovecot() {
     fi
 }
 
+# Node.js and npm for the benchmark's Node.js references (bench/reference/*).
+ensure_node() {
+    if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then return; fi
+    apt_install nodejs npm
+}
+
+# mbsync (isync) for the benchmark's inbound reference (benches/reference/inbound.rs).
+ensure_mbsync() {
+    command -v mbsync >/dev/null 2>&1 || apt_install isync
+}
+
+# Headless Chromium and its WebDriver for the dashboard test (tests/dashboard.rs).
+ensure_chromium() {
+    if [ ! -x /usr/bin/chromedriver ] || ! command -v chromium >/dev/null 2>&1; then
+        apt_install chromium chromium-driver
+    fi
+}
+
+# systemd-analyze, which checks the unit file (tests/operations.rs).
+ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null 2>&1 || apt_install systemd
+}
+
 # A Python virtualenv with the tests' packages (tests/requirements.txt), put first on PATH.
 ensure_test_python() {
     command -v openssl >/dev/null 2>&1 || apt_install openssl

@@ -12,6 +12,8 @@ ensure_rabbitmq
 ensure_postgres
 ensure_test_python
 ensure_dovecot
+ensure_chromium
+ensure_systemd_analyze
 export MAILBRIDGE_TEST_PG="${MAILBRIDGE_TEST_PG:-$(pg_server_url)}"
 
 # Logs, databases and vhosts left by an earlier run.

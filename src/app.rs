@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::actors::dlq::DeadLetterActor;
 use crate::actors::fetcher::MailboxFetcher;
-use crate::actors::metrics::MetricsActor;
+use crate::actors::metrics::{IsReady, MetricsActor};
 use crate::actors::outbound::OutboundConsumer;
 use crate::actors::outbox::OutboxWriter;
 use crate::actors::retry::RetryScheduler;
@@ -25,6 +25,7 @@ use crate::attachments::AttachmentStore;
 use crate::http::{self, AppState};
 use crate::settings::{Secret, Settings};
 use crate::storage;
+use crate::systemd;
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let settings = Arc::new(settings);
@@ -42,6 +43,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let pool = storage::pool(&settings.database)?;
     let attachments = AttachmentStore::for_settings(&settings.attachments, &pool)?;
     let metrics = MetricsActor::default().start();
+    let metrics_for_ready = metrics.clone();
     let supervisor = Supervisor::new(settings.clone(), pool.clone(), metrics.clone())
         .with_factory(children)
         .start();
@@ -83,8 +85,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     .run();
     let server_handle = server.handle();
     actix_rt::spawn(server);
+    actix_rt::spawn(tell_ready(metrics_for_ready));
 
     wait_for_stop_signal(&supervisor).await?;
+    systemd::notify("STOPPING=1\nSTATUS=draining in-flight work");
     tracing::info!(grace = ?settings.shutdown_grace, "shutting down: draining in-flight work");
     if supervisor
         .send(Shutdown {
@@ -228,6 +232,20 @@ async fn watch_config(settings: Arc<Settings>, supervisor: actix::Addr<Superviso
         {
             return;
         }
+    }
+}
+
+/// Tells systemd (`Type=notify`) that the service is ready once RabbitMQ and PostgreSQL are
+/// first both reachable (what `/readyz` answers): the HTTP server listens and the actors run.
+async fn tell_ready(metrics: actix::Addr<MetricsActor>) {
+    systemd::notify("STATUS=waiting for RabbitMQ and PostgreSQL");
+    loop {
+        if let Ok(true) = metrics.send(IsReady).await {
+            systemd::notify("READY=1\nSTATUS=serving");
+            tracing::info!("ready: RabbitMQ and PostgreSQL reachable");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

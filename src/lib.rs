@@ -10,6 +10,7 @@
 //! - [`actors`]: the supervised actor system (in `actors/`, one file per actor).
 //! - [`http`]: the actix-web endpoints.
 //! - [`app`]: `mailbridge run`, wiring the above together, and graceful shutdown.
+//! - [`systemd`]: readiness and the watchdog for a `Type=notify` unit.
 //!
 //! See `ARCHITECTURE.md` for the codemap and the invariants.
 
@@ -18,7 +19,9 @@ pub mod actors;
 pub mod amqp;
 pub mod app;
 pub mod attachments;
+pub mod cli;
 pub mod credentials;
+pub mod dashboard;
 pub mod dlq;
 pub mod domain;
 pub mod fetch;
@@ -39,4 +42,6 @@ pub mod settings;
 pub mod smtp;
 pub mod sources;
 pub mod storage;
+pub mod systemd;
+pub mod tenant_files;
 pub mod topology;
