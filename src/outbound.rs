@@ -689,160 +689,546 @@ pub fn rfc_message_id(tenant_id: &str, message_id: &str, from: &Address) -> Stri
 ///
 /// One pass over the bytes that copies text runs whole (this runs for every HTML email: the
 /// first version, char by char with a `String` per tag and per line, was a tenth of the
-/// service's CPU under load).
+/// service's CPU under load). It reads markup as HTML5's tokenizer does wherever text could
+/// come out of it: comments (`<!-- a > b -->`), doctypes and `<?…>` are dropped whole; a tag
+/// ends at the first `>` outside a quoted attribute value; a `<` not followed by a letter,
+/// `/`, `!` or `?` is text; script, style, title (and iframe, noembed, noframes, xmp) are raw
+/// text up to their end tag; head, template and noscript are not shown. Character references
+/// are decoded with the whole HTML5 table (legacy ones without `;`, such as `&copy`, as
+/// browsers do in text) and numeric ones per HTML5 (`&#0;`, surrogates and out-of-range values
+/// become U+FFFD, 0x80–0x9F are read as windows-1252). Block ends, `<br>` and `<hr>` break
+/// lines, list items start with `- `, table rows are lines with ` | ` between cells, and a
+/// link keeps its target: `text (url)`, unless the text already says it or the target is
+/// `#…` or `javascript:`.
 pub fn html_to_text(html: &str) -> String {
+    let b = html.as_bytes();
     let mut out = String::with_capacity(html.len());
-    let mut skip_until: Option<&str> = None;
-    let mut rest = html;
-    while !rest.is_empty() {
-        let stop = rest
-            .bytes()
-            .position(|b| b == b'<' || b == b'&')
-            .unwrap_or(rest.len());
-        if skip_until.is_none() {
-            out.push_str(&rest[..stop]);
+    // Inside <head> (until </head> or <body>), and how deep inside <template>/<noscript>.
+    let mut in_head = false;
+    let mut hidden = 0u32;
+    // The open link: its target and where its text starts in `out`.
+    let mut link: Option<(String, usize)> = None;
+    let mut i = 0;
+    while i < b.len() {
+        let shown = !in_head && hidden == 0;
+        let stop = memchr::memchr2(b'<', b'&', &b[i..]).map_or(b.len(), |p| i + p);
+        if shown {
+            out.push_str(&html[i..stop]);
         }
-        rest = &rest[stop..];
-        if let Some(after) = rest.strip_prefix('<') {
-            let (tag, next) = after.split_once('>').unwrap_or((after, ""));
-            rest = next;
-            let closing = tag.starts_with('/');
-            let body = tag.trim_start_matches('/');
-            let name = &body[..body
-                .find(|c: char| !c.is_ascii_alphanumeric())
-                .unwrap_or(body.len())];
-            let is = |n: &str| name.eq_ignore_ascii_case(n);
-            if let Some(end) = skip_until {
-                if closing && is(end) {
-                    skip_until = None;
-                }
-                continue;
-            }
-            if !closing {
-                if let Some(end) = ["script", "style", "head"].into_iter().find(|n| is(n)) {
-                    skip_until = Some(end);
-                    continue;
-                }
-            }
-            const BLOCKS: [&str; 13] = [
-                "p",
-                "div",
-                "tr",
-                "h1",
-                "h2",
-                "h3",
-                "h4",
-                "h5",
-                "h6",
-                "ul",
-                "ol",
-                "table",
-                "blockquote",
-            ];
-            if is("br") || (closing && BLOCKS.into_iter().any(is)) {
-                out.push('\n');
-            } else if !closing && is("li") {
-                out.push_str("\n- ");
-            }
-        } else if let Some(after) = rest.strip_prefix('&') {
-            if skip_until.is_some() {
-                rest = after;
-                continue;
-            }
-            // An entity: the characters that start within its first 9 bytes, then `;`.
-            let limit = after
-                .char_indices()
-                .find(|(i, _)| *i > 8)
-                .map(|(i, _)| i)
-                .unwrap_or(after.len());
-            let ent_len = after[..limit].find(';').unwrap_or(limit);
-            let ent = &after[..ent_len];
-            let terminated = after[ent_len..].starts_with(';');
-            rest = if terminated {
-                &after[ent_len + 1..]
+        i = stop;
+        let Some(&c) = b.get(i) else { break };
+        if c == b'&' {
+            i = if shown {
+                char_ref(html, i + 1, false, &mut out)
             } else {
-                &after[ent_len..]
+                i + 1
             };
-            let decoded = match ent {
-                _ if !terminated => None,
-                "amp" => Some('&'),
-                "lt" => Some('<'),
-                "gt" => Some('>'),
-                "quot" => Some('"'),
-                "apos" | "#39" => Some('\''),
-                "nbsp" => Some(' '),
-                e if e.starts_with("#x") => u32::from_str_radix(&e[2..], 16)
-                    .ok()
-                    .and_then(char::from_u32),
-                e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
-                _ => None,
-            };
-            match decoded {
-                Some(d) => out.push(d),
-                None => {
-                    out.push('&');
-                    out.push_str(ent);
-                    if terminated {
-                        out.push(';');
+            continue;
+        }
+        match b.get(i + 1).copied() {
+            Some(n) if n.is_ascii_alphabetic() => {
+                let name_end = tag_name_end(b, i + 1);
+                let mut buf = [0u8; 10];
+                let name = lower_name(&b[i + 1..name_end], &mut buf);
+                let (end, href) = scan_attributes(b, name_end, shown && name == b"a");
+                let Some(end) = end else { break };
+                i = end;
+                match name {
+                    b"script" | b"style" | b"title" | b"iframe" | b"noembed" | b"noframes"
+                    | b"xmp" => i = skip_raw_text(b, i, name),
+                    b"head" => in_head = true,
+                    b"body" => in_head = false,
+                    b"template" | b"noscript" => hidden += 1,
+                    _ if !shown => {}
+                    b"br" | b"hr" => out.push('\n'),
+                    b"li" => out.push_str("\n- "),
+                    // A row starts a line; a cell after one with text on it, ` | ` (not after
+                    // an empty cell's).
+                    b"tr" if line_has_text(&out) => out.push('\n'),
+                    b"td" | b"th"
+                        if line_has_text(&out)
+                            && !out.trim_end_matches([' ', '\t', '\r']).ends_with(" |") =>
+                    {
+                        out.push_str(" | ")
+                    }
+                    b"a" => {
+                        if let Some(open) = link.take() {
+                            end_link(&mut out, open);
+                        }
+                        link = href
+                            .and_then(|r| link_target(&html[r]))
+                            .map(|url| (url, out.len()));
+                    }
+                    _ => {}
+                }
+            }
+            Some(b'/') => match b.get(i + 2).copied() {
+                Some(n) if n.is_ascii_alphabetic() => {
+                    let name_end = tag_name_end(b, i + 2);
+                    let mut buf = [0u8; 10];
+                    let name = lower_name(&b[i + 2..name_end], &mut buf);
+                    let Some(end) = scan_attributes(b, name_end, false).0 else {
+                        break;
+                    };
+                    i = end;
+                    match name {
+                        b"head" => in_head = false,
+                        b"template" | b"noscript" => hidden = hidden.saturating_sub(1),
+                        _ if !shown => {}
+                        b"br" => out.push('\n'),
+                        b"a" => {
+                            if let Some(open) = link.take() {
+                                end_link(&mut out, open);
+                            }
+                        }
+                        b"p" | b"div" | b"tr" | b"h1" | b"h2" | b"h3" | b"h4" | b"h5" | b"h6"
+                        | b"ul" | b"ol" | b"table" | b"blockquote" => out.push('\n'),
+                        _ => {}
                     }
                 }
+                // `</>` is nothing; `</` at the end is text; `</3 …>` is a bogus comment.
+                Some(b'>') => i += 3,
+                None => {
+                    if shown {
+                        out.push_str("</");
+                    }
+                    i += 2;
+                }
+                Some(_) => i = after_gt(b, i + 2),
+            },
+            Some(b'!') if b[i + 2..].starts_with(b"--") => i = comment_end(b, i + 4),
+            Some(b'!' | b'?') => i = after_gt(b, i + 2),
+            _ => {
+                if shown {
+                    out.push('<');
+                }
+                i += 1;
             }
         }
     }
+    if let Some(open) = link.take() {
+        end_link(&mut out, open);
+    }
     collapse_whitespace(&out)
+}
+
+/// HTML's whitespace between attributes (CR included: the tokenizer sees it as LF).
+fn is_html_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0c)
+}
+
+/// The end of the tag name that starts at `from`.
+fn tag_name_end(b: &[u8], from: usize) -> usize {
+    b[from..]
+        .iter()
+        .position(|&c| is_html_space(c) || c == b'/' || c == b'>')
+        .map_or(b.len(), |p| from + p)
+}
+
+/// A tag name in lower case, or empty when longer than any name that matters here.
+fn lower_name<'a>(name: &[u8], buf: &'a mut [u8; 10]) -> &'a [u8] {
+    if name.len() > buf.len() {
+        return &[];
+    }
+    let buf = &mut buf[..name.len()];
+    buf.copy_from_slice(name);
+    buf.make_ascii_lowercase();
+    buf
+}
+
+/// Reads a tag's attributes from `from` (after its name) as HTML5 does: returns the index
+/// after the `>` that ends the tag (`None` when the input ends first: the tag is dropped) and,
+/// when `want_href`, where the value of the first `href` attribute is.
+fn scan_attributes(
+    b: &[u8],
+    from: usize,
+    want_href: bool,
+) -> (Option<usize>, Option<std::ops::Range<usize>>) {
+    let mut href = None;
+    let mut j = from;
+    loop {
+        while j < b.len() && (is_html_space(b[j]) || b[j] == b'/') {
+            j += 1;
+        }
+        match b.get(j) {
+            None => return (None, href),
+            Some(b'>') => return (Some(j + 1), href),
+            Some(_) => {}
+        }
+        // An attribute name: its first character may be anything (even `=`).
+        let name_start = j;
+        j += 1;
+        while j < b.len() && !(is_html_space(b[j]) || matches!(b[j], b'/' | b'>' | b'=')) {
+            j += 1;
+        }
+        let name = &b[name_start..j];
+        while j < b.len() && is_html_space(b[j]) {
+            j += 1;
+        }
+        if b.get(j) != Some(&b'=') {
+            continue;
+        }
+        j += 1;
+        while j < b.len() && is_html_space(b[j]) {
+            j += 1;
+        }
+        let value = match b.get(j).copied() {
+            None => return (None, href),
+            Some(b'>') => return (Some(j + 1), href),
+            Some(q @ (b'"' | b'\'')) => match memchr::memchr(q, &b[j + 1..]) {
+                Some(p) => {
+                    let value = j + 1..j + 1 + p;
+                    j = value.end + 1;
+                    value
+                }
+                None => return (None, href),
+            },
+            Some(_) => {
+                let start = j;
+                while j < b.len() && !(is_html_space(b[j]) || b[j] == b'>') {
+                    j += 1;
+                }
+                start..j
+            }
+        };
+        if want_href && href.is_none() && name.eq_ignore_ascii_case(b"href") {
+            href = Some(value);
+        }
+    }
+}
+
+/// The index after the next `>` from `from` (a bogus comment, `<!DOCTYPE …>`, `<?…>`).
+fn after_gt(b: &[u8], from: usize) -> usize {
+    memchr::memchr(b'>', &b[from..]).map_or(b.len(), |p| from + p + 1)
+}
+
+/// The index after the comment whose text starts at `from` (after `<!--`): it ends at `-->`
+/// (or `--!>`), and `<!-->` and `<!--->` are empty comments; unterminated, it runs to the end.
+fn comment_end(b: &[u8], from: usize) -> usize {
+    let rest = &b[from..];
+    if rest.starts_with(b">") {
+        return from + 1;
+    }
+    if rest.starts_with(b"->") {
+        return from + 2;
+    }
+    memchr::memchr_iter(b'>', rest)
+        .find(|&p| rest[..p].ends_with(b"--") || rest[..p].ends_with(b"--!"))
+        .map_or(b.len(), |p| from + p + 1)
+}
+
+/// The index after the end tag `</name…>` of a raw text element whose content starts at
+/// `from`, or the end of the input.
+fn skip_raw_text(b: &[u8], from: usize, name: &[u8]) -> usize {
+    let mut j = from;
+    while let Some(p) = memchr::memchr(b'<', &b[j..]) {
+        let k = j + p;
+        let name_end = k + 2 + name.len();
+        if b.get(k + 1) == Some(&b'/')
+            && b.get(k + 2..name_end)
+                .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            && b.get(name_end)
+                .is_none_or(|&c| is_html_space(c) || c == b'/' || c == b'>')
+        {
+            return scan_attributes(b, name_end, false).0.unwrap_or(b.len());
+        }
+        j = k + 1;
+    }
+    b.len()
+}
+
+/// Whether the last line of `out` has anything but spaces.
+fn line_has_text(out: &str) -> bool {
+    let tail = out.trim_end_matches([' ', '\t', '\r']);
+    !tail.is_empty() && !tail.ends_with('\n')
+}
+
+/// The HTML5 named character references, by name without the `&` (`amp;`, and `amp` for
+/// the legacy ones browsers also read without `;`).
+fn named_references() -> &'static NamedReferences {
+    static TABLE: std::sync::OnceLock<NamedReferences> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        entities::ENTITIES
+            .iter()
+            .map(|e| (&e.entity[1..], e.characters))
+            .collect()
+    })
+}
+
+type NamedReferences =
+    std::collections::HashMap<&'static str, &'static str, std::hash::BuildHasherDefault<FnvHasher>>;
+
+/// FNV-1a as a `Hasher`: for the reference names (short, and not chosen by an attacker
+/// against a table that is fixed), SipHash costs more than the rest of the lookup.
+struct FnvHasher(u64);
+
+impl Default for FnvHasher {
+    fn default() -> Self {
+        FnvHasher(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::hash::Hasher for FnvHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Decodes the character reference whose text starts at `i` (after `&`) into `out` and
+/// returns the index after it; when there is none, pushes `&` and returns `i`. Per HTML5: a
+/// named reference is the longest name of the table there (legacy names also without `;`,
+/// except, in an attribute value, before an alphanumeric or `=`); a numeric one is read to
+/// its last digit. In text, U+00A0 becomes a space.
+fn char_ref(s: &str, i: usize, in_attribute: bool, out: &mut String) -> usize {
+    let b = s.as_bytes();
+    if b.get(i) == Some(&b'#') {
+        let hex = matches!(b.get(i + 1), Some(b'x' | b'X'));
+        let digits = if hex { i + 2 } else { i + 1 };
+        let radix = if hex { 16 } else { 10 };
+        let mut j = digits;
+        let mut value: u32 = 0;
+        while let Some(d) = b.get(j).and_then(|&c| char::from(c).to_digit(radix)) {
+            value = (value * radix + d).min(0x11_0000);
+            j += 1;
+        }
+        if j == digits {
+            out.push('&');
+            return i;
+        }
+        if b.get(j) == Some(&b';') {
+            j += 1;
+        }
+        let c = numeric_reference(value);
+        out.push(if c == '\u{a0}' && !in_attribute {
+            ' '
+        } else {
+            c
+        });
+        return j;
+    }
+    // The longest name is 31 characters (`CounterClockwiseContourIntegral`), before its `;`.
+    let run = b[i..]
+        .iter()
+        .take(32)
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .count();
+    let table = named_references();
+    let found = if b.get(i + run) == Some(&b';') {
+        table.get(&s[i..=i + run]).map(|t| (*t, run + 1))
+    } else {
+        None
+    };
+    // The legacy names are 2 to 6 characters.
+    let found = found.or_else(|| {
+        (2..=run.min(6))
+            .rev()
+            .find_map(|n| table.get(&s[i..i + n]).map(|t| (*t, n)))
+    });
+    match found {
+        Some((_, n))
+            if in_attribute
+                && b[i + n - 1] != b';'
+                && b.get(i + n)
+                    .is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'=') =>
+        {
+            out.push('&');
+            i
+        }
+        Some((text, n)) => {
+            out.push_str(if text == "\u{a0}" && !in_attribute {
+                " "
+            } else {
+                text
+            });
+            i + n
+        }
+        None => {
+            out.push('&');
+            i
+        }
+    }
+}
+
+/// The character of a numeric reference's value, per HTML5.
+fn numeric_reference(value: u32) -> char {
+    /// 0x80–0x9F read as windows-1252 (0 where it has no character: kept as is).
+    const WINDOWS_1252: [u16; 32] = [
+        0x20AC, 0, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160, 0x2039,
+        0x0152, 0, 0x017D, 0, 0, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022, 0x2013, 0x2014, 0x02DC,
+        0x2122, 0x0161, 0x203A, 0x0153, 0, 0x017E, 0x0178,
+    ];
+    let value = match value {
+        0x80..=0x9F => match WINDOWS_1252[value as usize - 0x80] {
+            0 => value,
+            mapped => u32::from(mapped),
+        },
+        v => v,
+    };
+    match value {
+        0 => '\u{fffd}',
+        v => char::from_u32(v).unwrap_or('\u{fffd}'),
+    }
+}
+
+/// The target of a link's `href` (raw attribute value) worth showing after its text: decoded,
+/// without the tabs and newlines a URL parser drops; none for `#…`, `javascript:` or empty.
+fn link_target(raw: &str) -> Option<String> {
+    let mut url = String::with_capacity(raw.len());
+    let mut i = 0;
+    while let Some(p) = memchr::memchr(b'&', &raw.as_bytes()[i..]) {
+        url.push_str(&raw[i..i + p]);
+        i = char_ref(raw, i + p + 1, true, &mut url);
+    }
+    url.push_str(&raw[i..]);
+    url.retain(|c| !matches!(c, '\t' | '\n' | '\r'));
+    let url = url.trim_matches(|c: char| c <= ' ');
+    let javascript = url
+        .get(..11)
+        .is_some_and(|p| p.eq_ignore_ascii_case("javascript:"));
+    (!url.is_empty() && !url.starts_with('#') && !javascript).then(|| url.to_string())
+}
+
+/// Ends a link whose text starts at `start` in `out`: ` (url)` after its text, unless the
+/// text is the target already (or its `mailto:` address); the bare target if it has no text.
+fn end_link(out: &mut String, (url, start): (String, usize)) {
+    let text = out[start..].trim();
+    if text.is_empty() {
+        out.push(' ');
+        out.push_str(&url);
+        out.push(' ');
+        return;
+    }
+    let strip = |s: &'_ str, prefix: &str| -> Option<usize> {
+        s.get(..prefix.len())
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|p| p.len())
+    };
+    let same = if let Some(n) = strip(&url, "mailto:") {
+        let address = url[n..].split('?').next().unwrap_or_default();
+        let text = strip(text, "mailto:").map_or(text, |n| &text[n..]);
+        text.eq_ignore_ascii_case(address)
+    } else {
+        let bare = |s: &'_ str| -> String {
+            let n = strip(s, "https://")
+                .or_else(|| strip(s, "http://"))
+                .unwrap_or(0);
+            s[n..].trim_end_matches('/').to_ascii_lowercase()
+        };
+        bare(text) == bare(&url)
+    };
+    if !same {
+        let end = out.trim_end().len();
+        out.insert_str(end, &format!(" ({url})"));
+    }
 }
 
 /// Runs of whitespace within a line become one space; runs of blank lines, one blank line;
 /// the text is trimmed.
 fn collapse_whitespace(s: &str) -> String {
+    let b = s.as_bytes();
     let mut text = String::with_capacity(s.len());
-    let ascii = s.is_ascii();
+    // Whether the line has a word yet, whitespace came after its last one, and how many
+    // lines in a row had none.
+    let mut words = false;
+    let mut space = false;
     let mut blank = 0;
-    for line in s.lines() {
-        let before = text.len();
-        if ascii {
-            // `char::is_whitespace` on ASCII, without decoding UTF-8.
-            let is_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
-            let bytes = line.as_bytes();
-            let mut i = 0;
-            while i < bytes.len() {
-                while i < bytes.len() && is_space(bytes[i]) {
-                    i += 1;
-                }
-                let start = i;
-                while i < bytes.len() && !is_space(bytes[i]) {
-                    i += 1;
-                }
-                if start < i {
-                    if text.len() > before {
-                        text.push(' ');
-                    }
-                    text.push_str(&line[start..i]);
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\n' {
+            if words {
+                blank = 0;
+                text.push('\n');
+            } else {
+                blank += 1;
+                if blank == 1 {
+                    text.push('\n');
                 }
             }
-        } else {
-            for w in line.split_whitespace() {
-                if text.len() > before {
-                    text.push(' ');
+            words = false;
+            space = false;
+            i += 1;
+            continue;
+        }
+        let n = whitespace_len(b, i);
+        if n > 0 {
+            space = true;
+            i += n;
+            continue;
+        }
+        // Words, copied whole with the single spaces between them (no byte of a UTF-8
+        // sequence's tail is taken for whitespace).
+        let start = i;
+        i += 1;
+        loop {
+            while i < b.len() && SPACE_CLASS[usize::from(b[i])] == 0 {
+                i += 1;
+            }
+            match b.get(i) {
+                Some(b' ')
+                    if b.get(i + 1)
+                        .is_some_and(|&c| SPACE_CLASS[usize::from(c)] == 0) =>
+                {
+                    i += 2
                 }
-                text.push_str(w);
+                Some(&c) if SPACE_CLASS[usize::from(c)] == 2 && whitespace_len(b, i) == 0 => i += 1,
+                _ => break,
             }
         }
-        if text.len() == before {
-            blank += 1;
-            if blank > 1 {
-                continue;
-            }
-        } else {
-            blank = 0;
+        if words && space {
+            text.push(' ');
         }
-        text.push('\n');
+        text.push_str(&s[start..i]);
+        words = true;
+        space = false;
     }
     let trimmed = text.trim();
     if trimmed.len() == text.len() {
         text
     } else {
         trimmed.to_string()
+    }
+}
+
+/// Per byte: 0 for one that is not (the start of) whitespace, 1 for ASCII whitespace, 2
+/// for the first byte of a UTF-8 sequence that may be.
+const SPACE_CLASS: [u8; 256] = {
+    let mut class = [0u8; 256];
+    let mut c = 0;
+    while c < 256 {
+        class[c] = match c as u8 {
+            b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r' => 1,
+            0xc2 | 0xe1 | 0xe2 | 0xe3 => 2,
+            _ => 0,
+        };
+        c += 1;
+    }
+    class
+};
+
+/// The length in bytes of the whitespace character (`char::is_whitespace`, `\n` aside) that
+/// starts at `b[i]`, or 0, without decoding UTF-8.
+fn whitespace_len(b: &[u8], i: usize) -> usize {
+    match b[i] {
+        b' ' | b'\t' | 0x0b | 0x0c | b'\r' => 1,
+        c if c < 0xc2 => 0,
+        // U+0085, U+00A0
+        0xc2 => usize::from(matches!(b.get(i + 1), Some(0x85 | 0xa0))) * 2,
+        // U+1680
+        0xe1 => usize::from(b.get(i + 1..i + 3) == Some(&[0x9a, 0x80])) * 3,
+        // U+2000–U+200A, U+2028, U+2029, U+202F, U+205F
+        0xe2 => match (b.get(i + 1), b.get(i + 2)) {
+            (Some(0x80), Some(0x80..=0x8a | 0xa8 | 0xa9 | 0xaf)) | (Some(0x81), Some(0x9f)) => 3,
+            _ => 0,
+        },
+        // U+3000
+        0xe3 => usize::from(b.get(i + 1..i + 3) == Some(&[0x80, 0x80])) * 3,
+        _ => 0,
     }
 }
 
@@ -1468,9 +1854,266 @@ mod tests {
         let t = html_to_text(
             "<DIV>A &bogus; B &amp C, then &#x41;&#66;</DIV><SCRIPT>x &lt; y</SCRIPT>\u{a0}caf\u{e9}\u{3000} ok<p></p><p></p><p>end",
         );
-        assert_eq!(t, "A &bogus; B &amp C, then AB\ncaf\u{e9} ok\n\nend");
+        // `&amp` without `;` is a legacy reference browsers decode in text (issue 14).
+        assert_eq!(t, "A &bogus; B & C, then AB\ncaf\u{e9} ok\n\nend");
         assert_eq!(html_to_text("  plain\r\n\r\n\r\ntext  "), "plain\n\ntext");
         assert_eq!(html_to_text("unclosed <b"), "unclosed");
+    }
+
+    #[test]
+    fn html_named_references_use_the_whole_html5_table() {
+        assert_eq!(
+            html_to_text(
+                "&hellip; &mdash; &euro;&rsquo;&Aacute;&zwnj;|&CounterClockwiseContourIntegral;"
+            ),
+            "\u{2026} \u{2014} \u{20ac}\u{2019}\u{c1}\u{200c}|\u{2233}"
+        );
+        // Two code points; names are case-sensitive.
+        assert_eq!(html_to_text("&NotNestedGreaterGreater;"), "\u{2aa2}\u{338}");
+        assert_eq!(html_to_text("&AMP; &Amp;"), "& &Amp;");
+        // Legacy names without `;`, as browsers read them in text: the longest that matches.
+        assert_eq!(
+            html_to_text("&copy 2024 &amp co &ltx &notit; &notin; &eacutex"),
+            "\u{a9} 2024 & co <x \u{ac}it; \u{2209} \u{e9}x"
+        );
+        // Not references: kept as written.
+        assert_eq!(
+            html_to_text("&bogus; & x &; &#; &#x; &hellip &x"),
+            "&bogus; & x &; &#; &#x; &hellip &x"
+        );
+        // No-break space is a space in text.
+        assert_eq!(html_to_text("a&nbsp;&nbsp;b&#160;c&nbspd"), "a b c d");
+    }
+
+    #[test]
+    fn html_numeric_references_follow_html5() {
+        assert_eq!(html_to_text("&#65;&#x42;&#X43;&#0068;&#x45"), "ABCDE");
+        assert_eq!(html_to_text("&#128512;&#x1F600;"), "\u{1f600}\u{1f600}");
+        let fffd = "\u{fffd}";
+        for bad in [
+            "&#0;",
+            "&#xD800;",
+            "&#xdfff;",
+            "&#x110000;",
+            "&#99999999999999999999;",
+        ] {
+            assert_eq!(html_to_text(bad), fffd, "{bad}");
+        }
+        // 0x80–0x9F are windows-1252; its holes stay as they are.
+        assert_eq!(
+            html_to_text("&#x80;&#150;&#x93;q&#x94;&#x99;&#x9F;"),
+            "\u{20ac}\u{2013}\u{201c}q\u{201d}\u{2122}\u{178}"
+        );
+        assert_eq!(html_to_text("a&#x81;b"), "a\u{81}b");
+    }
+
+    #[test]
+    fn html_table_cells_are_separated_and_rows_are_lines() {
+        assert_eq!(html_to_text("<td>a</td><td>b</td>"), "a | b");
+        assert_eq!(
+            html_to_text(
+                "<table><tr><th>Item</th><th>Price</th></tr><tr><td>Tea</td><td>&euro;3</td></tr></table>after"
+            ),
+            "Item | Price\nTea | \u{20ac}3\n\nafter"
+        );
+        // End tags left out, as HTML allows.
+        assert_eq!(
+            html_to_text("<table><tr><td>a<td>b<tr><td>c<td>d</table>"),
+            "a | b\nc | d"
+        );
+        // Empty and spacer cells add no separator; cells written on lines of their own stay so.
+        assert_eq!(
+            html_to_text("<tr><td></td><td>x</td><td>&nbsp;</td><td>y</td><td> </td></tr>"),
+            "x | y |"
+        );
+        assert_eq!(
+            html_to_text("<table>\n<tr>\n  <td>a</td>\n  <td>b</td>\n</tr>\n</table>"),
+            "a\nb"
+        );
+        // A layout cell holding a table: no separator after the inner table's last row.
+        assert_eq!(
+            html_to_text(
+                "<table><tr><td><table><tr><td>in</td></tr></table></td><td>out</td></tr></table>"
+            ),
+            "in\n\nout"
+        );
+    }
+
+    #[test]
+    fn html_links_keep_their_target() {
+        assert_eq!(
+            html_to_text(
+                r#"See <a class="btn" href="https://shop.example/x?a=1&amp;b=2">our shop</a>."#
+            ),
+            "See our shop (https://shop.example/x?a=1&b=2)."
+        );
+        assert_eq!(html_to_text("<A HREF='u'>t</A>"), "t (u)");
+        assert_eq!(html_to_text("<a href=u/v>t</a>"), "t (u/v)");
+        // A legacy name before `=` or an alphanumeric is not a reference in an attribute.
+        assert_eq!(
+            html_to_text(r#"<a href="/p?x=1&copy=2&lang=en&amp;q">t</a>"#),
+            "t (/p?x=1&copy=2&lang=en&q)"
+        );
+        // The text is the target already.
+        assert_eq!(
+            html_to_text(r#"<a href="https://example.com/">https://example.com</a>"#),
+            "https://example.com"
+        );
+        assert_eq!(
+            html_to_text(r#"<a href="http://Example.com">example.com</a>"#),
+            "example.com"
+        );
+        assert_eq!(
+            html_to_text(r#"<a href="mailto:jo@example.com?subject=Hi">jo@example.com</a>"#),
+            "jo@example.com"
+        );
+        assert_eq!(
+            html_to_text(r#"Write to <a href="mailto:jo@example.com">Jo</a>"#),
+            "Write to Jo (mailto:jo@example.com)"
+        );
+        // Targets not worth showing, and anchors without one.
+        assert_eq!(
+            html_to_text(
+                r##"<a href="#top">Top</a> <a href=" JavaScript:void(0)">x</a> <a name="n">y</a> <a href="">z</a>"##
+            ),
+            "Top x y z"
+        );
+        // A link without text (an image) keeps its target alone; a block inside a link.
+        assert_eq!(
+            html_to_text(
+                r#"<a href="https://x.example/"><img src="logo.png"></a><a href="u"><p>Go</p></a>on"#
+            ),
+            "https://x.example/ Go (u)\non"
+        );
+        // Whitespace in the attribute, an unclosed link, a link opening another.
+        assert_eq!(
+            html_to_text("<a href=\"\n https://a.example/\tb \">A</a> <a href=c.html>C"),
+            "A (https://a.example/b) C (c.html)"
+        );
+        assert_eq!(html_to_text("<a href=/a>A<a href=/b>B</a>"), "A (/a)B (/b)");
+    }
+
+    #[test]
+    fn html_comments_and_markup_declarations_are_dropped() {
+        assert_eq!(html_to_text("a<!-- a > b -->c"), "ac");
+        assert_eq!(html_to_text("a<!-- x -- y > -- z --!>c"), "ac");
+        assert_eq!(html_to_text("a<!---->b<!-->c<!--->d"), "abcd");
+        assert_eq!(html_to_text("a<!-- never closed > b"), "a");
+        assert_eq!(
+            html_to_text("<!DOCTYPE html><?xml version=\"1.0\"?>a<!--[if mso]><table><tr><td>mso<![endif]-->b<![CDATA[x]]>c"),
+            "abc"
+        );
+        assert_eq!(html_to_text("a</ b>c</>d"), "acd");
+    }
+
+    #[test]
+    fn html_attributes_never_leak_text() {
+        assert_eq!(html_to_text(r#"<a title="x>y" href="u">t</a>"#), "t (u)");
+        assert_eq!(html_to_text("<img alt='a > b' src=x>after"), "after");
+        assert_eq!(
+            html_to_text(r#"<td style="font-family:'A>B'" data-x='say "hi" >'>c</td>"#),
+            "c"
+        );
+        assert_eq!(html_to_text("<p class=\"x\"/>a<br/>b<br />c"), "a\nb\nc");
+        // A quote in an attribute name does not start a value.
+        assert_eq!(html_to_text("<b x\"y>a</b>"), "a");
+        // Unterminated quoted value: the tag runs to the end.
+        assert_eq!(html_to_text("a<b title=\"x>y"), "a");
+    }
+
+    #[test]
+    fn html_lone_less_than_is_text() {
+        assert_eq!(
+            html_to_text("a < b and 1 <= 2, <3 <> c"),
+            "a < b and 1 <= 2, <3 <> c"
+        );
+        assert_eq!(html_to_text("x <"), "x <");
+        assert_eq!(html_to_text("x </"), "x </");
+        assert_eq!(html_to_text("&lt;b&gt; 5&lt;6"), "<b> 5<6");
+    }
+
+    #[test]
+    fn html_hidden_elements_are_skipped() {
+        assert_eq!(
+            html_to_text(
+                "<script>var s = \"</p><b>x</b>\"; if (a<b) {}</script>a<style>p>b{}</style>b<title>T &amp; <i>t</i></title>c"
+            ),
+            "abc"
+        );
+        assert_eq!(
+            html_to_text("<html><head><title>T</title><meta charset=utf-8><style>x</style></head><body>a</body></html>"),
+            "a"
+        );
+        // <body> ends a <head> that was never closed.
+        assert_eq!(
+            html_to_text("<head><meta name=x>hidden<body>shown"),
+            "shown"
+        );
+        assert_eq!(
+            html_to_text("a<template>t<template>u</template>v</template>b<noscript>n</noscript>c"),
+            "abc"
+        );
+        // End tags of raw text: any case, attributes, and only the element's own name.
+        assert_eq!(
+            html_to_text("<SCRIPT>x</scripts></SCRIPT >a<style>b</style x=1>c"),
+            "ac"
+        );
+        assert_eq!(html_to_text("a<script>never closed"), "a");
+        // Links in hidden parts are not shown.
+        assert_eq!(html_to_text("<noscript><a href=u>x</a></noscript>y"), "y");
+    }
+
+    #[test]
+    fn whitespace_is_collapsed_as_char_is_whitespace_says() {
+        // The rule the byte-level pass implements, with `lines` and `split_whitespace`.
+        fn reference(s: &str) -> String {
+            let mut text = String::new();
+            let mut blank = 0;
+            for line in s.lines() {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                if words.is_empty() {
+                    blank += 1;
+                    if blank > 1 {
+                        continue;
+                    }
+                } else {
+                    blank = 0;
+                }
+                text.push_str(&words.join(" "));
+                text.push('\n');
+            }
+            text.trim().to_string()
+        }
+        // Every string of up to 4 pieces: words, every kind of whitespace, and characters
+        // whose UTF-8 starts as whitespace's does.
+        let pieces = [
+            "a", "\u{e9}", " ", "\t", "\n", "\r", "\u{b}", "\u{c}", "\u{85}", "\u{a0}", "\u{a9}",
+            "\u{1680}", "\u{1681}", "\u{2000}", "\u{200a}", "\u{200b}", "\u{2013}", "\u{2028}",
+            "\u{2029}", "\u{202f}", "\u{205f}", "\u{2060}", "\u{20ac}", "\u{3000}", "\u{3001}",
+        ];
+        let mut strings = vec![String::new()];
+        for _ in 0..4 {
+            let longer: Vec<String> = strings
+                .iter()
+                .filter(|s| s.chars().count() < 4)
+                .flat_map(|s| pieces.iter().map(move |p| format!("{s}{p}")))
+                .collect();
+            strings.extend(longer);
+        }
+        strings.sort();
+        strings.dedup();
+        for s in &strings {
+            assert_eq!(collapse_whitespace(s), reference(s), "{s:?}");
+        }
+        assert_eq!(
+            collapse_whitespace("a b  c\u{3000}d\n\n\n e "),
+            "a b c d\n\ne"
+        );
+    }
+
+    #[test]
+    fn html_rules_break_lines() {
+        assert_eq!(html_to_text("a<hr>b<HR/>c"), "a\nb\nc");
     }
 
     #[test]
