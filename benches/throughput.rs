@@ -7,9 +7,18 @@
 //! `BENCH_INBOUND_N` (10000), `BENCH_SMTP_CONNECTIONS` (16); `BENCH_ONLY=outbound|latency|inbound`
 //! runs one part. `BENCH_ONLY=mailboxes` (or `BENCH_MAILBOXES=100,1000,10000`) runs the
 //! mailbox-scale part: idle IMAP mailboxes on a hibernating Dovecot.
+//!
+//! Beside mailbridge's outbound and inbound runs it runs issue 15's reference implementations
+//! on the same work (`reference/outbound.rs`: Node.js with amqplib, nodemailer and pg;
+//! `reference/inbound.rs`: mbsync, and Node.js with imapflow and mailparser; their code is in
+//! `bench/reference/`) and prints mailbridge's rate over each reference's.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "reference/inbound.rs"]
+mod reference_inbound;
+#[path = "reference/outbound.rs"]
+mod reference_outbound;
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -119,6 +128,8 @@ fn cpu_per_email(
             }
             c if c.starts_with("postgres") => "PostgreSQL",
             c if c.starts_with("smtp-sink") => "smtp-sink",
+            c if c.starts_with("node") => "Node.js reference",
+            c if c.starts_with("mbsync") => "mbsync",
             c if c.starts_with("dovecot") || c.starts_with("imap") || c.starts_with("auth") => {
                 "Dovecot"
             }
@@ -320,6 +331,11 @@ async fn count(db: &tokio_postgres::Client, sql: &str) -> i64 {
 }
 
 struct Row {
+    /// What the ratios line matches rows by: `outbound`, `inbound` (mailbridge's runs) and
+    /// the references' (`outbound-node`, `inbound-mbsync`, `inbound-node`).
+    key: &'static str,
+    /// Emails per second (0 for the latency run).
+    rate: f64,
     what: String,
     result: String,
     rss_mb: f64,
@@ -355,6 +371,8 @@ async fn outbound_throughput(n: u64) -> Row {
         cpu_per_email(&cpu_before, &cpu_by_process(), n)
     );
     Row {
+        key: "outbound",
+        rate: sent as f64 / took,
         what: format!("outbound throughput ({n} × 4 KB HTML, preloaded)"),
         result: format!(
             "{:.0} emails/s ({sent} sent in {took:.1} s, from service start)",
@@ -430,6 +448,8 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
             .unwrap_or(0.0)
     };
     Row {
+        key: "latency",
+        rate: 0.0,
         what: format!("outbound latency ({rate}/s offered for {secs} s, publish → accepted)"),
         result: format!(
             "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {total} sent)",
@@ -501,6 +521,8 @@ async fn inbound_throughput(n: usize) -> Row {
         cpu_per_email(&cpu_before, &cpu_by_process(), n as u64)
     );
     Row {
+        key: "inbound",
+        rate: depth as f64 / took,
         what: format!("inbound throughput ({n} messages: replies, forwards, attachments)"),
         result: format!(
             "{:.0} emails/s ({depth} published in {took:.1} s, from service start)",
@@ -760,12 +782,15 @@ async fn main() {
     let mut rows = Vec::new();
     if wanted("outbound") {
         rows.push(outbound_throughput(out_n).await);
+        rows.push(reference_outbound::node_outbound(out_n).await);
     }
     if wanted("latency") {
         rows.push(outbound_latency(rate, secs).await);
     }
     if wanted("inbound") {
         rows.push(inbound_throughput(in_n).await);
+        rows.push(reference_inbound::mbsync_inbound(in_n).await);
+        rows.push(reference_inbound::node_inbound(in_n).await);
     }
     // BENCH_MAILBOXES: the sizes of the mailbox-scale run (only with BENCH_ONLY=mailboxes or
     // when set, as it takes minutes).
@@ -790,11 +815,32 @@ async fn main() {
     println!();
     println!("| run | result | peak RSS | CPU (whole machine; per email, by process) |");
     println!("|---|---|---|---|");
-    for r in rows {
+    for r in &rows {
         println!(
             "| {} | {} | {:.0} MB | {} |",
             r.what, r.result, r.rss_mb, r.cpu
         );
+    }
+    // The ratios of issue 15: mailbridge's rate over each reference's, from this run.
+    let rate = |key: &str| rows.iter().find(|r| r.key == key).map(|r| r.rate);
+    let mut ratios = Vec::new();
+    for (ours, reference, target) in [
+        ("outbound", "outbound-node", 4.0),
+        ("inbound", "inbound-mbsync", 1.5),
+        ("inbound", "inbound-node", 5.0),
+    ] {
+        if let (Some(a), Some(b)) = (rate(ours), rate(reference)) {
+            if b > 0.0 {
+                ratios.push(format!(
+                    "{ours} / {reference}: {:.2}× (target ≥ {target}×)",
+                    a / b
+                ));
+            }
+        }
+    }
+    if !ratios.is_empty() {
+        println!();
+        println!("ratios in this run: {}", ratios.join("; "));
     }
     if !scale.is_empty() {
         println!();

@@ -2,7 +2,9 @@
 # The benchmark (issue 7): outbound throughput and latency against Postfix's smtp-sink,
 # inbound throughput from Dovecot, peak RSS; prints a table. Installs what it needs.
 # BENCH_MAILBOXES=100,1000,10000 (or BENCH_ONLY=mailboxes) adds the mailbox-scale run
-# (issue 13): idle IMAP mailboxes on a hibernating Dovecot.
+# (issue 13): idle IMAP mailboxes on a hibernating Dovecot. Beside mailbridge's runs it runs the
+# reference implementations of issue 15 (bench/reference: Node.js outbound and inbound, mbsync)
+# and prints the ratios.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$ROOT"
 
@@ -15,4 +17,10 @@ ensure_dovecot
 export MAILBRIDGE_TEST_PG="${MAILBRIDGE_TEST_PG:-$(pg_server_url)}"
 # Ten thousand IMAP sessions: a file each on both ends.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+ensure_node
+ensure_mbsync
+# The Node.js references (issue 15): their pinned packages, from each package-lock.json.
+for reference in outbound inbound; do
+    (cd "bench/reference/$reference" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+done
 cargo bench --locked --bench throughput
