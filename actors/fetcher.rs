@@ -18,10 +18,14 @@
 //! a time to find it. Parsing, storing attachments and encoding run on the blocking pool, so a
 //! huge or pathological email does not stall the actors' thread.
 //!
+//! Pipelined: while one batch is processed (parsed, published, recorded), the next is
+//! fetched; batches are still processed and their positions committed in order.
+//!
 //! Memory is bounded by bytes: a page's messages are fetched in groups of at most
 //! `[inbound] fetch_batch_bytes` (and 200 messages) by the sizes the listing announces, a
-//! fetch stops once the bytes that arrived reach that budget, and a larger email is streamed
-//! into the attachment store a piece at a time.
+//! fetch stops once the bytes that arrived reach that budget (so at most two budgets are held:
+//! the batch being processed and the one being fetched), and a larger email is streamed into
+//! the attachment store a piece at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -178,6 +182,14 @@ struct Round {
     refused: Vec<(usize, PublishError)>,
     /// Not published for a reason that can pass (channel or connection lost).
     failed: Vec<(usize, PublishError)>,
+}
+
+/// What one fetch got from its messages (`refs`, in the order it tried them), and the
+/// position after them: processed as one batch.
+struct Batch<'r> {
+    refs: Vec<&'r MessageRef>,
+    got: Vec<Got>,
+    cursor: Option<MailboxCursor>,
 }
 
 /// Publishes `todo` concurrently, each confirmed. A nack or a return refuses one email. A
@@ -645,9 +657,14 @@ impl Fetch {
             max_message: inbound.max_message_bytes,
             budget: inbound.fetch_batch_bytes,
         };
-        for (g, group) in groups.into_iter().enumerate() {
+        // Pipelined: a fetched batch waits here while the next one is fetched, and is
+        // processed (parsed, published, recorded) concurrently with that fetch. Batches are
+        // still processed, and their positions committed, one after the other in order; a
+        // batch fetched but not processed when something fails is simply fetched again.
+        let mut pending: Option<Batch<'_>> = None;
+        'groups: for (g, group) in groups.into_iter().enumerate() {
             if self.stopped() {
-                return Ok(());
+                break;
             }
             let final_group = g + 1 == count;
             match group {
@@ -656,9 +673,21 @@ impl Fetch {
                     let mut at = 0;
                     while at < refs.len() {
                         if self.stopped() {
-                            return Ok(());
+                            break 'groups;
                         }
-                        let fetched = source.fetch(&refs[at..], &spill).await;
+                        let fetch = source.fetch(&refs[at..], &spill);
+                        let fetched = match pending.take() {
+                            Some(batch) => {
+                                let (fetched, done) =
+                                    futures_util::future::join(fetch, self.processed(batch)).await;
+                                let done = done?;
+                                if !done.is_empty() {
+                                    source.handled(&done).await?;
+                                }
+                                fetched
+                            }
+                            None => fetch.await,
+                        };
                         let tried = at + fetched.tried.max(1);
                         // The ones this call covers: all tried, but a failed one.
                         let upto = if fetched.failed.is_some() {
@@ -674,17 +703,28 @@ impl Fetch {
                                 .filter(|u| *u >= at)
                                 .and_then(|u| refs[u].after.clone())
                         };
-                        if !fetched.got.is_empty() || cursor.is_some() {
-                            self.fetched(source, &refs[at..upto], fetched.got, cursor)
-                                .await?;
-                        }
+                        let batch = Batch {
+                            refs: refs[at..upto].to_vec(),
+                            got: fetched.got,
+                            cursor,
+                        };
+                        let worth = !batch.got.is_empty() || batch.cursor.is_some();
                         if let Some(e) = fetched.failed {
+                            // Not pipelined past a failure: this batch first, then the failure.
+                            if worth {
+                                self.settle_batch(source, batch).await?;
+                            }
                             self.undownloadable(refs[tried - 1], e.into()).await?;
+                        } else if worth {
+                            pending = Some(batch);
                         }
                         at = tried;
                     }
                 }
                 Group::Oversized(i, size) => {
+                    if let Some(batch) = pending.take() {
+                        self.settle_batch(source, batch).await?;
+                    }
                     let m = todo[i];
                     let cursor = if final_group {
                         positioned = true;
@@ -696,6 +736,11 @@ impl Fetch {
                 }
             }
         }
+        // What was fetched is processed, stopping or not (`process` stops publishing when
+        // the fetcher is stopped, and records what it published).
+        if let Some(batch) = pending.take() {
+            self.settle_batch(source, batch).await?;
+        }
         if !positioned && !self.stopped() {
             // The last message failed and was dead-lettered on its own.
             self.record(&[], page_cursor).await?;
@@ -703,20 +748,27 @@ impl Fetch {
         Ok(())
     }
 
-    /// Processes what one fetch got from `refs` (with the position after them), then tells
-    /// the source which of them are now recorded.
-    async fn fetched<S: MailSource>(
+    /// [`Fetch::processed`], then the source is told which of the batch are now recorded.
+    async fn settle_batch<S: MailSource>(
         &self,
         source: &mut S,
-        refs: &[&MessageRef],
-        got: Vec<Got>,
-        cursor: Option<MailboxCursor>,
+        batch: Batch<'_>,
     ) -> Result<(), FetchError> {
-        let mut items = Vec::with_capacity(got.len());
+        let done = self.processed(batch).await?;
+        if !done.is_empty() {
+            source.handled(&done).await?;
+        }
+        Ok(())
+    }
+
+    /// Processes what one fetch got (with the position after it); returns the messages now
+    /// recorded, for the source to be told. Uses no source, so it runs beside the next fetch.
+    async fn processed<'r>(&self, batch: Batch<'r>) -> Result<Vec<&'r MessageRef>, FetchError> {
+        let mut items = Vec::with_capacity(batch.got.len());
         let mut dead = Vec::new();
-        let mut fetched = Vec::with_capacity(got.len());
-        for g in got {
-            let Some(m) = refs.get(g.index).copied() else {
+        let mut fetched = Vec::with_capacity(batch.got.len());
+        for g in batch.got {
+            let Some(m) = batch.refs.get(g.index).copied() else {
                 continue;
             };
             fetched.push(m);
@@ -734,11 +786,10 @@ impl Fetch {
                 } => dead.push(self.stored_dead(m, stored, head, error).await?),
             }
         }
-        self.settle(source, &fetched, items, dead, cursor).await
+        self.recorded(&fetched, items, dead, batch.cursor).await
     }
 
-    /// [`Fetch::process`] for the emails of `refs`, their `listed` keys recorded with them;
-    /// then the source is told which of `refs` are now recorded.
+    /// [`Fetch::recorded`], then the source is told which of `refs` are now recorded.
     async fn settle<S: MailSource>(
         &self,
         source: &mut S,
@@ -747,21 +798,33 @@ impl Fetch {
         dead: Vec<DeadItem>,
         cursor: Option<MailboxCursor>,
     ) -> Result<(), FetchError> {
+        let done = self.recorded(refs, items, dead, cursor).await?;
+        if !done.is_empty() {
+            source.handled(&done).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Fetch::process`] for the emails of `refs`, their `listed` keys recorded with them;
+    /// returns which of `refs` are now recorded.
+    async fn recorded<'r>(
+        &self,
+        refs: &[&'r MessageRef],
+        items: Vec<Item>,
+        dead: Vec<DeadItem>,
+        cursor: Option<MailboxCursor>,
+    ) -> Result<Vec<&'r MessageRef>, FetchError> {
         let listed: Vec<Record> = refs
             .iter()
             .filter_map(|m| m.listed.clone())
             .map(|k| Record::new(k, Outcome::Listed))
             .collect();
         let handled = self.process(items, dead, cursor, listed).await?;
-        let done: Vec<&MessageRef> = refs
+        Ok(refs
             .iter()
             .copied()
             .filter(|m| m.key.as_ref().is_some_and(|k| handled.contains(k)))
-            .collect();
-        if !done.is_empty() {
-            source.handled(&done).await?;
-        }
-        Ok(())
+            .collect())
     }
 
     /// The dead letter of a message stored rather than held (too large, a line too long):
