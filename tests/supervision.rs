@@ -171,7 +171,9 @@ async fn restart_delays_double_from_200ms_and_start_over_after_30s_of_life() {
         );
     }
     println!("restart delays of 5 crashes in a row: {gaps:?}");
-    assert!(gaps.windows(2).all(|w| w[1] > w[0]), "{gaps:?}");
+    // Growing: compared two doublings apart, where the difference (1.2 s, 2.4 s) is more than
+    // the slack (neighbours may swap within it on a busy machine).
+    assert!(gaps[3] > gaps[1] && gaps[4] > gaps[2], "{gaps:?}");
 
     // A child that lived over 30 s starts from the beginning again: 200 ms, then 400 ms —
     // not 6.4 s, which the sixth crash in a row would get.
