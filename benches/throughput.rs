@@ -83,7 +83,15 @@ fn cpu_by_process() -> HashMap<u32, (String, f64)> {
         if pid == 2 || num(1) == 2.0 {
             continue;
         }
-        out.insert(pid, (comm, (num(11) + num(12)) / tick));
+        // Dovecot's master reaps a session's process when the client logs out (the
+        // references do before their CPU is read): its children's CPU (cutime, cstime)
+        // counts as Dovecot's.
+        let reaped = if comm == "dovecot" {
+            num(13) + num(14)
+        } else {
+            0.0
+        };
+        out.insert(pid, (comm, (num(11) + num(12) + reaped) / tick));
     }
     out
 }

@@ -1105,10 +1105,19 @@ service stats {{
         static DELIVERED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         for (i, raw) in messages.enumerate() {
             let seq = DELIVERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Named as Dovecot's own delivery names them: `S=` the size, `W=` the size with
+            // CRLF line ends (RFC822.SIZE), so listing sizes does not read every message.
+            let bare_lf = raw
+                .iter()
+                .enumerate()
+                .filter(|(j, b)| **b == b'\n' && (*j == 0 || raw[j - 1] != b'\r'))
+                .count();
             let path = base.join("new").join(format!(
-                "{}.M{seq}P{}.mbtest",
+                "{}.M{seq}P{}.mbtest,S={},W={}",
                 1_700_000_000 + i,
-                std::process::id()
+                std::process::id(),
+                raw.len(),
+                raw.len() + bare_lf
             ));
             // Written in tmp/ and moved into new/ whole, as a delivery agent does: Dovecot
             // never sees half a message.
