@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod api_server;
@@ -51,7 +51,33 @@ pub fn rabbitmqctl(args: &[&str]) -> Output {
     out
 }
 
+/// A port free for a test's server, taken below the kernel's ephemeral range (`ip_local_port_range`) when there is room: a
+/// port the kernel hands out (port 0) can be taken again, before the server it is meant for
+/// binds it, as the local port of any outgoing connection — a service once failed to start
+/// on one. Ports below the range are never handed out that way; a counter shared by the
+/// process's tests keeps them apart, and each is checked free before it is given.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    const LOW: usize = 10_000;
+    if ephemeral_low > LOW + 2_000 {
+        let span = ephemeral_low - LOW;
+        // Each test process starts elsewhere in the span, so consecutive ones do not race.
+        let start = (std::process::id() as usize).wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let port = LOW + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % span;
+            // RabbitMQ's management, metrics and distribution ports.
+            if [15_672, 15_692, 25_672].contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+                return port as u16;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
