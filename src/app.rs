@@ -38,8 +38,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         http = %settings.http_listen,
         "starting mailbridge"
     );
-    // Before any actor starts: a store the service cannot use (a short link key, a folder it
-    // cannot write) stops the start with its reason instead of failing every fetcher.
+    // Before any actor starts: an HTTP address in use, or a store the service cannot use (a
+    // short link key, a folder it cannot write), stops the start with its reason instead of
+    // failing every fetcher (and no actor is left running as the process exits).
+    let listener = std::net::TcpListener::bind(settings.http_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (set [http] listen or HTTP_LISTEN to a free address)",
+            settings.http_listen
+        )
+    })?;
     let pool = storage::pool(&settings.database)?;
     let attachments = AttachmentStore::for_settings(&settings.attachments, &pool)?;
     let metrics = MetricsActor::default().start();
@@ -75,13 +82,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     .workers(2)
     .disable_signals()
     .shutdown_timeout(5)
-    .bind(settings.http_listen)
-    .with_context(|| {
-        format!(
-            "cannot listen on {} (set [http] listen or HTTP_LISTEN to a free address)",
-            settings.http_listen
-        )
-    })?
+    .listen(listener)
+    .with_context(|| format!("cannot serve HTTP on {}", settings.http_listen))?
     .run();
     let server_handle = server.handle();
     actix_rt::spawn(server);
