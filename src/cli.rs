@@ -32,14 +32,13 @@ pub struct SendArgs {
 
 /// The outcome columns of an outbox row, as `send --wait`, `outbox show` and `results tail`
 /// print them (one JSON object).
-const ROW_SQL: &str = "SELECT tenant_id, message_id, provider_id, status, attempts, retry_count,
+const ROW_COLUMNS: &str = "tenant_id, message_id, provider_id, status, attempts, retry_count,
         last_error, error_class, last_reply, provider_message_id, rfc_message_id,
         to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at,
         to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS updated_at,
         to_char(sent_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS sent_at,
         result_published_at IS NOT NULL AS result_published,
-        to_char(dead_lettered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS dead_lettered_at
-    FROM outbox";
+        to_char(dead_lettered_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS dead_lettered_at";
 
 fn row_json(row: &tokio_postgres::Row) -> serde_json::Value {
     let mut out = serde_json::Map::new();
@@ -77,6 +76,25 @@ async fn open_pool(settings: &Settings) -> anyhow::Result<Pool> {
     // A first connection now: an unreachable database is said at once (exit 69).
     drop(pool.get().await.map_err(storage::StorageError::from)?);
     Ok(pool)
+}
+
+/// Publishes one JSON request to `queue`, confirmed, on a connection of its own (named
+/// `what` in the broker).
+async fn publish_one(
+    settings: &Settings,
+    what: &str,
+    queue: &str,
+    request: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let conn = Arc::new(amqp::connect(settings, what).await?);
+    let publisher = Publisher::new(conn.clone(), 1);
+    publisher
+        .publish_json(0, queue, &serde_json::to_vec(request)?, None)
+        .await
+        .with_context(|| format!("the request was not taken by {queue}"))?;
+    publisher.close().await;
+    let _ = conn.close(200, "done".into()).await;
+    Ok(())
 }
 
 /// A fresh request id: the time and process, unique enough for a hand-sent email.
@@ -124,15 +142,7 @@ pub async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<bool> {
         Some(_) => Some(open_pool(settings).await?),
         None => None,
     };
-    let conn = Arc::new(amqp::connect(settings, "mailbridge send").await?);
-    let publisher = Publisher::new(conn.clone(), 1);
-    let body = serde_json::to_vec(&request)?;
-    publisher
-        .publish_json(0, &settings.queues.send, &body, None)
-        .await
-        .with_context(|| format!("the request was not taken by {}", settings.queues.send))?;
-    publisher.close().await;
-    let _ = conn.close(200, "done".into()).await;
+    publish_one(settings, "mailbridge send", &settings.queues.send, &request).await?;
     eprintln!(
         "published {message_id} to {} (tenant {}, provider {})",
         settings.queues.send, args.tenant, args.provider
@@ -143,7 +153,7 @@ pub async fn send(settings: &Settings, args: SendArgs) -> anyhow::Result<bool> {
     };
     let start = Instant::now();
     let client = pool.get().await.map_err(storage::StorageError::from)?;
-    let sql = format!("{ROW_SQL} WHERE tenant_id = $1 AND message_id = $2");
+    let sql = format!("SELECT {ROW_COLUMNS} FROM outbox WHERE tenant_id = $1 AND message_id = $2");
     loop {
         let row = client.query_opt(&sql, &[&args.tenant, &message_id]).await?;
         if let Some(row) = row {
@@ -173,7 +183,8 @@ pub async fn outbox_show(
     let pool = open_pool(settings).await?;
     let client = pool.get().await.map_err(storage::StorageError::from)?;
     let sql = format!(
-        "{ROW_SQL} WHERE message_id = $1 AND ($2::text IS NULL OR tenant_id = $2) ORDER BY tenant_id"
+        "SELECT {ROW_COLUMNS} FROM outbox
+          WHERE message_id = $1 AND ($2::text IS NULL OR tenant_id = $2) ORDER BY tenant_id"
     );
     let rows = client.query(&sql, &[&message_id, &tenant]).await?;
     for row in &rows {
@@ -210,13 +221,10 @@ pub async fn results_tail(
         .await?
         .try_get(0)?;
     let sql = format!(
-        "{} WHERE updated_at > $1 AND status IN ('sent', 'failed', 'retrying')
-           AND ($2::text IS NULL OR tenant_id = $2)
-         ORDER BY updated_at LIMIT 1000",
-        ROW_SQL.replace(
-            "\n    FROM outbox",
-            ", updated_at AS _since\n    FROM outbox"
-        )
+        "SELECT {ROW_COLUMNS}, updated_at AS _since FROM outbox
+          WHERE updated_at > $1 AND status IN ('sent', 'failed', 'retrying')
+            AND ($2::text IS NULL OR tenant_id = $2)
+          ORDER BY updated_at LIMIT 1000"
     );
     let mut printed = 0usize;
     loop {
@@ -253,19 +261,13 @@ pub async fn mailbox_sync(settings: &Settings, id: &str) -> anyhow::Result<()> {
         "sync_type": "inbound",
         "timestamp": crate::outbound::rfc3339(time::OffsetDateTime::now_utc()),
     });
-    let conn = Arc::new(amqp::connect(settings, "mailbridge mailbox sync").await?);
-    let publisher = Publisher::new(conn.clone(), 1);
-    publisher
-        .publish_json(
-            0,
-            &settings.queues.sync_user,
-            &serde_json::to_vec(&request)?,
-            None,
-        )
-        .await
-        .with_context(|| format!("the request was not taken by {}", settings.queues.sync_user))?;
-    publisher.close().await;
-    let _ = conn.close(200, "done".into()).await;
+    publish_one(
+        settings,
+        "mailbridge mailbox sync",
+        &settings.queues.sync_user,
+        &request,
+    )
+    .await?;
     println!("{request}");
     Ok(())
 }
