@@ -18,14 +18,15 @@
 //! a time to find it. Parsing, storing attachments and encoding run on the blocking pool, so a
 //! huge or pathological email does not stall the actors' thread.
 //!
-//! Pipelined: while one batch is processed (parsed, published, recorded), the next is
-//! fetched; batches are still processed and their positions committed in order.
+//! Pipelined in three stages: while one batch is fetched, the one before it is keyed and
+//! prepared (parsed, attachments stored, encoded) and the one before that is published and
+//! recorded; batches are still published and their positions committed in order.
 //!
 //! Memory is bounded by bytes: a page's messages are fetched in groups of at most
 //! `[inbound] fetch_batch_bytes` (and 200 messages) by the sizes the listing announces, a
-//! fetch stops once the bytes that arrived reach that budget (so at most two budgets are held:
-//! the batch being processed and the one being fetched), and a larger email is streamed into
-//! the attachment store a piece at a time.
+//! fetch stops once the bytes that arrived reach that budget (so at most three budgets are
+//! held: the batch being published, the one being prepared and the one being fetched), and a
+//! larger email is streamed into the attachment store a piece at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -190,6 +191,75 @@ struct Batch<'r> {
     refs: Vec<&'r MessageRef>,
     got: Vec<Got>,
     cursor: Option<MailboxCursor>,
+}
+
+/// A batch after its first stage: every email's dedup key read from its headers.
+struct Keyed {
+    keyed: Vec<(Item, crate::inbound::HeaderFacts)>,
+    dead: Vec<DeadItem>,
+    cursor: Option<MailboxCursor>,
+    listed: Vec<Record>,
+    fetched: u64,
+}
+
+impl Keyed {
+    /// Whether one of its keys is in `busy` (the keys the batch being published will
+    /// record): then it is prepared only after that batch is recorded, so that its lookup of
+    /// known keys sees them and a key is never published twice.
+    fn shares_keys(&self, busy: &HashSet<String>) -> bool {
+        !busy.is_empty()
+            && self
+                .keyed
+                .iter()
+                .filter_map(|(i, _)| i.key.as_ref())
+                .chain(self.dead.iter().map(|d| &d.key))
+                .any(|k| busy.contains(k))
+    }
+}
+
+/// A batch after its second stage: the known emails left out (`handled`), the rest parsed,
+/// their attachments stored, encoded — ready to publish.
+struct Ready {
+    ready: Vec<(Item, Prepared)>,
+    dead: Vec<DeadItem>,
+    handled: HashSet<String>,
+    cursor: Option<MailboxCursor>,
+    listed: Vec<Record>,
+    fetched: u64,
+}
+
+impl Ready {
+    /// The keys its last stage records (beside those recorded already).
+    fn keys(&self) -> HashSet<String> {
+        self.ready
+            .iter()
+            .filter_map(|(i, _)| i.key.clone())
+            .chain(self.dead.iter().map(|d| d.key.clone()))
+            .collect()
+    }
+}
+
+/// A batch between stages, with the messages it came from (told to the source once they are
+/// recorded).
+struct Staging<'r, T> {
+    refs: Vec<&'r MessageRef>,
+    batch: T,
+}
+
+/// The `listed` keys (an API's message ids) of `refs`, recorded with their batch.
+fn listed_of(refs: &[&MessageRef]) -> Vec<Record> {
+    refs.iter()
+        .filter_map(|m| m.listed.clone())
+        .map(|k| Record::new(k, Outcome::Listed))
+        .collect()
+}
+
+/// Which of `refs` are recorded, by their keys in `handled`.
+fn handled_refs<'r>(refs: &[&'r MessageRef], handled: &HashSet<String>) -> Vec<&'r MessageRef> {
+    refs.iter()
+        .copied()
+        .filter(|m| m.key.as_ref().is_some_and(|k| handled.contains(k)))
+        .collect()
 }
 
 /// Publishes `todo` concurrently, each confirmed. A nack or a return refuses one email. A
@@ -502,6 +572,7 @@ impl Fetch {
     async fn serve<S: MailSource>(&mut self, mut source: S) -> Result<(), FetchError> {
         loop {
             source.connect().await?;
+            tracing::debug!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, "connected to the mailbox");
             self.walk(&mut source).await?;
             source.end().await?;
             if self.stopped() {
@@ -586,6 +657,7 @@ impl Fetch {
                 Err(e) => return Err(e.into()),
             };
             let last = page.last;
+            tracing::debug!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, messages = page.messages.len(), last, "listed a page");
             self.page(source, page, stored.as_ref()).await?;
             if last {
                 return Ok(());
@@ -657,11 +729,14 @@ impl Fetch {
             max_message: inbound.max_message_bytes,
             budget: inbound.fetch_batch_bytes,
         };
-        // Pipelined: a fetched batch waits here while the next one is fetched, and is
-        // processed (parsed, published, recorded) concurrently with that fetch. Batches are
-        // still processed, and their positions committed, one after the other in order; a
-        // batch fetched but not processed when something fails is simply fetched again.
+        // Pipelined in three stages: while one fetch runs, the batch fetched before it is
+        // keyed and prepared (parsed, attachments stored, encoded) and the batch before that
+        // one is published and recorded. Batches are still published, and their positions
+        // committed, one after the other in order; a batch that shares a key with the one
+        // being published is prepared only after it (so a key is never published twice); a
+        // batch fetched but not recorded when something fails is simply fetched again.
         let mut pending: Option<Batch<'_>> = None;
+        let mut ready: Option<Staging<'_, Ready>> = None;
         'groups: for (g, group) in groups.into_iter().enumerate() {
             if self.stopped() {
                 break;
@@ -676,17 +751,38 @@ impl Fetch {
                             break 'groups;
                         }
                         let fetch = source.fetch(&refs[at..], &spill);
-                        let fetched = match pending.take() {
-                            Some(batch) => {
-                                let (fetched, done) =
-                                    futures_util::future::join(fetch, self.processed(batch)).await;
-                                let done = done?;
-                                if !done.is_empty() {
-                                    source.handled(&done).await?;
+                        let fetched = if pending.is_none() && ready.is_none() {
+                            fetch.await
+                        } else {
+                            let busy = ready.as_ref().map(|r| r.batch.keys()).unwrap_or_default();
+                            let prepare = async {
+                                let Some(batch) = pending.take() else {
+                                    return Ok(None);
+                                };
+                                let keyed = self.keyed_batch(batch).await?;
+                                if keyed.batch.shares_keys(&busy) {
+                                    return Ok(Some(Err(keyed)));
                                 }
-                                fetched
+                                Ok::<_, FetchError>(Some(Ok(self.prepared_batch(keyed).await?)))
+                            };
+                            let publish = async {
+                                match ready.take() {
+                                    Some(r) => self.published_batch(r).await,
+                                    None => Ok(Vec::new()),
+                                }
+                            };
+                            let (fetched, prepared, done) =
+                                futures_util::future::join3(fetch, prepare, publish).await;
+                            let done = done?;
+                            if !done.is_empty() {
+                                source.handled(&done).await?;
                             }
-                            None => fetch.await,
+                            ready = match prepared? {
+                                None => None,
+                                Some(Ok(r)) => Some(r),
+                                Some(Err(keyed)) => Some(self.prepared_batch(keyed).await?),
+                            };
+                            fetched
                         };
                         let tried = at + fetched.tried.max(1);
                         // The ones this call covers: all tried, but a failed one.
@@ -710,7 +806,9 @@ impl Fetch {
                         };
                         let worth = !batch.got.is_empty() || batch.cursor.is_some();
                         if let Some(e) = fetched.failed {
-                            // Not pipelined past a failure: this batch first, then the failure.
+                            // Not pipelined past a failure: what is in the pipeline and this
+                            // batch first, then the failure.
+                            self.flush_ready(source, &mut ready).await?;
                             if worth {
                                 self.settle_batch(source, batch).await?;
                             }
@@ -722,6 +820,7 @@ impl Fetch {
                     }
                 }
                 Group::Oversized(i, size) => {
+                    self.flush_ready(source, &mut ready).await?;
                     if let Some(batch) = pending.take() {
                         self.settle_batch(source, batch).await?;
                     }
@@ -736,8 +835,9 @@ impl Fetch {
                 }
             }
         }
-        // What was fetched is processed, stopping or not (`process` stops publishing when
+        // What was fetched is processed, stopping or not (`published` stops publishing when
         // the fetcher is stopped, and records what it published).
+        self.flush_ready(source, &mut ready).await?;
         if let Some(batch) = pending.take() {
             self.settle_batch(source, batch).await?;
         }
@@ -761,9 +861,17 @@ impl Fetch {
         Ok(())
     }
 
-    /// Processes what one fetch got (with the position after it); returns the messages now
-    /// recorded, for the source to be told. Uses no source, so it runs beside the next fetch.
+    /// Processes what one fetch got (with the position after it), its stages one after the
+    /// other; returns the messages now recorded, for the source to be told.
     async fn processed<'r>(&self, batch: Batch<'r>) -> Result<Vec<&'r MessageRef>, FetchError> {
+        let keyed = self.keyed_batch(batch).await?;
+        let ready = self.prepared_batch(keyed).await?;
+        self.published_batch(ready).await
+    }
+
+    /// The first stage of what one fetch got: its emails keyed, its messages stored rather
+    /// than held turned into dead letters, the `listed` keys of its messages to record.
+    async fn keyed_batch<'r>(&self, batch: Batch<'r>) -> Result<Staging<'r, Keyed>, FetchError> {
         let mut items = Vec::with_capacity(batch.got.len());
         let mut dead = Vec::new();
         let mut fetched = Vec::with_capacity(batch.got.len());
@@ -786,7 +894,49 @@ impl Fetch {
                 } => dead.push(self.stored_dead(m, stored, head, error).await?),
             }
         }
-        self.recorded(&fetched, items, dead, batch.cursor).await
+        let keyed = self
+            .keyed(items, dead, batch.cursor, listed_of(&fetched))
+            .await?;
+        Ok(Staging {
+            refs: fetched,
+            batch: keyed,
+        })
+    }
+
+    /// [`Fetch::prepared`] of a staged batch.
+    async fn prepared_batch<'r>(
+        &self,
+        b: Staging<'r, Keyed>,
+    ) -> Result<Staging<'r, Ready>, FetchError> {
+        Ok(Staging {
+            refs: b.refs,
+            batch: self.prepared(b.batch).await?,
+        })
+    }
+
+    /// [`Fetch::published`] of a staged batch; returns which of its messages are now recorded.
+    async fn published_batch<'r>(
+        &self,
+        b: Staging<'r, Ready>,
+    ) -> Result<Vec<&'r MessageRef>, FetchError> {
+        let handled = self.published(b.batch).await?;
+        Ok(handled_refs(&b.refs, &handled))
+    }
+
+    /// The batch being published (if any) published, recorded, and its messages told to the
+    /// source: what the pipeline does before anything that must come after it.
+    async fn flush_ready<S: MailSource>(
+        &self,
+        source: &mut S,
+        ready: &mut Option<Staging<'_, Ready>>,
+    ) -> Result<(), FetchError> {
+        if let Some(r) = ready.take() {
+            let done = self.published_batch(r).await?;
+            if !done.is_empty() {
+                source.handled(&done).await?;
+            }
+        }
+        Ok(())
     }
 
     /// [`Fetch::recorded`], then the source is told which of `refs` are now recorded.
@@ -814,17 +964,8 @@ impl Fetch {
         dead: Vec<DeadItem>,
         cursor: Option<MailboxCursor>,
     ) -> Result<Vec<&'r MessageRef>, FetchError> {
-        let listed: Vec<Record> = refs
-            .iter()
-            .filter_map(|m| m.listed.clone())
-            .map(|k| Record::new(k, Outcome::Listed))
-            .collect();
-        let handled = self.process(items, dead, cursor, listed).await?;
-        Ok(refs
-            .iter()
-            .copied()
-            .filter(|m| m.key.as_ref().is_some_and(|k| handled.contains(k)))
-            .collect())
+        let handled = self.process(items, dead, cursor, listed_of(refs)).await?;
+        Ok(handled_refs(refs, &handled))
     }
 
     /// The dead letter of a message stored rather than held (too large, a line too long):
@@ -947,25 +1088,36 @@ impl Fetch {
     // ----------------------------------------------------------------------------------------
     // One batch: prepare, publish, dead-letter, record
 
-    /// Processes one batch; returns the keys now recorded for it (published, dead-lettered or
-    /// known before). When the fetcher is stopped before every email is published, what was
-    /// published is recorded and the position is left where it was.
+    /// Processes one batch, its stages one after the other ([`Fetch::keyed`],
+    /// [`Fetch::prepared`], [`Fetch::published`]); returns the keys now recorded for it
+    /// (published, dead-lettered or known before). When the fetcher is stopped before every
+    /// email is published, what was published is recorded and the position is left where it
+    /// was.
     ///
     /// `listed` (an API batch's message ids) is recorded with the batch's emails, in the same
     /// transaction, when every email of it is — never one without the other.
     async fn process(
         &self,
         items: Vec<Item>,
-        mut dead: Vec<DeadItem>,
+        dead: Vec<DeadItem>,
         cursor: Option<MailboxCursor>,
         listed: Vec<Record>,
     ) -> Result<HashSet<String>, FetchError> {
-        let fetched = (items.len() + dead.len()) as u64;
-        let mailbox = self.mailbox.clone();
-        let store = self.store.clone();
-        let limit = self.max_message();
+        let keyed = self.keyed(items, dead, cursor, listed).await?;
+        let ready = self.prepared(keyed).await?;
+        self.published(ready).await
+    }
 
-        // 1. Keys and reply candidates, from the headers (off the actors' thread).
+    /// A batch's first stage: every email's dedup key and reply candidates, from its headers
+    /// (off the actors' thread).
+    async fn keyed(
+        &self,
+        items: Vec<Item>,
+        dead: Vec<DeadItem>,
+        cursor: Option<MailboxCursor>,
+        listed: Vec<Record>,
+    ) -> Result<Keyed, FetchError> {
+        let fetched = (items.len() + dead.len()) as u64;
         let keyed: Vec<(Item, crate::inbound::HeaderFacts)> =
             blocking(move || {
                 items
@@ -983,10 +1135,35 @@ impl Fetch {
                     .collect()
             })
             .await?;
+        Ok(Keyed {
+            keyed,
+            dead,
+            cursor,
+            listed,
+            fetched,
+        })
+    }
+
+    /// A batch's second stage: what is known already is left out (and counted handled); the
+    /// rest parsed, its attachments stored, encoded (off the actors' thread). A message that
+    /// is not an email (or too large after all: the server said less) is stored raw for the
+    /// DLQ. Publishes nothing and records nothing, so it runs beside the previous batch's
+    /// publishing — unless that batch holds one of its keys ([`Keyed::shares_keys`]).
+    async fn prepared(&self, batch: Keyed) -> Result<Ready, FetchError> {
+        let Keyed {
+            keyed,
+            mut dead,
+            cursor,
+            listed,
+            fetched,
+        } = batch;
+        let mailbox = self.mailbox.clone();
+        let store = self.store.clone();
+        let limit = self.max_message();
         let mut keys: Vec<String> = keyed.iter().filter_map(|(i, _)| i.key.clone()).collect();
         keys.extend(dead.iter().map(|d| d.key.clone()));
         let known = self.known(&keys).await?;
-        let mut handled: HashSet<String> = known.keys().cloned().collect();
+        let handled: HashSet<String> = known.keys().cloned().collect();
         let mut seen = HashSet::new();
         let fresh: Vec<(Item, crate::inbound::HeaderFacts)> = keyed
             .into_iter()
@@ -1010,8 +1187,6 @@ impl Fetch {
             })
             .await?;
 
-        // 2. Parse, store attachments, encode; a message that is not an email (or too
-        // large after all: the server said less) is stored raw for the DLQ.
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let source = self.source();
         let prepared: Vec<(Item, Result<Prepared, DeadItem>)> = blocking(move || {
@@ -1072,6 +1247,30 @@ impl Fetch {
                 Err(d) => dead.push(d),
             }
         }
+        Ok(Ready {
+            ready,
+            dead,
+            handled,
+            cursor,
+            listed,
+            fetched,
+        })
+    }
+
+    /// A batch's last stage, in the mailbox's order: publish (confirmed), dead letters
+    /// (confirmed), then everything recorded together with the position after the batch;
+    /// returns the keys now recorded (published, dead-lettered or known before). When the
+    /// fetcher is stopped before every email is published, what was published is recorded
+    /// and the position is left where it was.
+    async fn published(&self, batch: Ready) -> Result<HashSet<String>, FetchError> {
+        let Ready {
+            ready,
+            mut dead,
+            mut handled,
+            cursor,
+            listed,
+            fetched,
+        } = batch;
 
         // 3. Publish (confirmed); refused emails join the dead ones.
         let mut rows: Vec<Record> = Vec::new();
@@ -1296,6 +1495,7 @@ impl Actor for MailboxFetcher {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        tracing::debug!(tenant_id = %self.mailbox.tenant_id, mailbox_id = %self.mailbox.id, "fetcher started");
         let publisher = self.child.publisher.clone();
         let settings = self.child.settings.clone();
         let pool = self.child.pool.clone();

@@ -723,6 +723,71 @@ async fn ten_thousand_messages_with_bounded_memory() {
     assert!((0..N).all(|i| ids.get(&format!("bulk-{i}@example.com")) == Some(&1)));
 }
 
+/// The pipeline prepares a batch while the one before it is published: a Message-ID that
+/// comes again in the next batch (or in the same one) is still published once, the first
+/// copy's, and the copies count as handled (the mailbox moves past them).
+#[tokio::test]
+async fn message_ids_repeated_across_pipelined_batches_are_published_once() {
+    const N: usize = 1000;
+    let env = TestEnv::new("repeats");
+    let dovecot = Dovecot::start(&env.dir.join("dovecot"), &[("rita", PW)]);
+    // Batches are 200 messages: i % 200 == 5 repeats the id of i - 100 (the batch before),
+    // i % 200 == 7 the id of i - 1 (its own batch).
+    let id_of = |i: usize| match i % 200 {
+        5 if i >= 200 => i - 100,
+        7 => i - 1,
+        _ => i,
+    };
+    dovecot.deliver_files(
+        "rita",
+        (0..N).map(|i| {
+            message(
+                &format!("rep-{}@example.com", id_of(i)),
+                &format!("copy {i}"),
+                "",
+                "body",
+            )
+        }),
+    );
+    let distinct: std::collections::BTreeSet<usize> = (0..N).map(id_of).collect();
+    assert_eq!(distinct.len(), N - 4 - 5);
+    env.mailbox_tenant(
+        "acme",
+        "imap",
+        dovecot.imap_port,
+        "rita",
+        PW,
+        "initial_sync = \"all\"",
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let got = consume(
+        &env,
+        "email.inbound",
+        distinct.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    )
+    .await;
+    let ids = counts(&got, "message_id");
+    assert_eq!(got.len(), distinct.len(), "{}", svc.log_text());
+    assert!(ids.values().all(|n| *n == 1), "published twice: {ids:?}");
+    // The first copy of each id is the one published.
+    let subjects = counts(&got, "subject");
+    for i in distinct {
+        assert_eq!(subjects.get(&format!("copy {i}")), Some(&1), "copy {i}");
+    }
+    // Every message is handled: the mailbox's position is its last UID.
+    let cursor: serde_json::Value = env
+        .db()
+        .await
+        .query_one("SELECT cursor FROM mailbox_state", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(cursor["last_uid"], N as u64, "{cursor}");
+}
+
 #[tokio::test]
 async fn imap_starttls_and_pop3_tls_with_a_configured_ca() {
     let env = TestEnv::new("mailtls");

@@ -32,7 +32,7 @@ use crate::mailproto::{
 use crate::settings::Mailbox;
 
 /// UIDs whose sizes are listed per `UID FETCH a:b (UID RFC822.SIZE)`.
-const LIST_WINDOW: u32 = 2000;
+const LIST_WINDOW: u32 = 10_000;
 /// UIDs whose Message-IDs are fetched per page when listing skipped mail.
 const KEY_WINDOW: u32 = 500;
 
