@@ -553,16 +553,29 @@ async fn claim(
 }
 
 /// Releases every claim this instance's previous run left (at start, before any delivery).
+///
+/// The claim owner is not indexed (so that ending a claim is a HOT update): the claims are
+/// looked for through the status index, on the rows that can hold one — not finished, or
+/// finished (`sent`, `failed`) within [`RELEASE_WINDOW`] (a claim ends when the result is
+/// published, moments after). One held longer than that (its result unpublishable for an
+/// hour) is not released here and expires within `claim_ttl`, as any other instance's does.
 pub async fn release_claims_of(pool: &Pool, owner: &str) -> Result<u64, StorageError> {
     let client = pool.get().await?;
+    let window = RELEASE_WINDOW.as_secs_f64();
     Ok(client
         .execute(
             "UPDATE outbox SET claim_owner = NULL, claim_token = NULL, claim_expires_at = NULL
-             WHERE claim_owner = $1",
-            &[&owner],
+             WHERE claim_owner = $1 AND claim_token IS NOT NULL
+               AND (status IN ('queued', 'sending', 'retrying')
+                    OR (status IN ('sent', 'failed')
+                        AND updated_at > now() - $2 * interval '1 second'))",
+            &[&owner, &window],
         )
         .await?)
 }
+
+/// How long after its outcome a claim is looked for at start ([`release_claims_of`]).
+pub const RELEASE_WINDOW: std::time::Duration = std::time::Duration::from_secs(3600);
 
 // The statements, prepared once per connection (`prepare_cached`): PostgreSQL parses and
 // plans each only once, and a batch costs one round trip per statement.

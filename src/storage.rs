@@ -64,6 +64,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "0010_dashboard.sql",
         include_str!("../migrations/0010_dashboard.sql"),
     ),
+    (
+        11,
+        "0011_outbox_hot_updates.sql",
+        include_str!("../migrations/0011_outbox_hot_updates.sql"),
+    ),
 ];
 
 /// Key of the advisory lock held while migrating ("mailbrdg" in ASCII).

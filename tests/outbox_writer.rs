@@ -193,3 +193,81 @@ async fn a_claim_of_another_instance_is_reported_until_it_expires() {
         other => panic!("{other:?}"),
     }
 }
+
+/// At start an instance releases the claims its previous run left: found through the status
+/// index (the claim owner is not indexed), on unfinished rows and on rows finished within
+/// the window — not another instance's, not one finished long ago (that one expires).
+#[actix_rt::test]
+async fn a_start_releases_the_previous_runs_claims_through_the_status_index() {
+    let env = TestEnv::new("release");
+    let (_w, db) = writer(&env).await;
+    db.batch_execute(
+        "INSERT INTO outbox (tenant_id, message_id, provider_id, status, claim_owner,
+                             claim_token, claim_expires_at, updated_at) VALUES
+           ('t', 'sending', 'p', 'sending', 'instance-a', 1, now() + interval '30 s', now()),
+           ('t', 'queued', 'p', 'queued', 'instance-a', 2, now() + interval '30 s', now()),
+           ('t', 'sent-recent', 'p', 'sent', 'instance-a', 3, now() + interval '30 s',
+            now() - interval '5 minutes'),
+           ('t', 'failed-recent', 'p', 'failed', 'instance-a', 4, now() + interval '30 s', now()),
+           ('t', 'sent-long-ago', 'p', 'sent', 'instance-a', 5, now() + interval '30 s',
+            now() - interval '2 hours'),
+           ('t', 'other', 'p', 'sending', 'instance-b', 6, now() + interval '30 s', now())",
+    )
+    .await
+    .unwrap();
+    let settings = Settings::load(&env.config_path()).expect("config");
+    let pool = mailbridge::storage::pool(&settings.database).unwrap();
+    let released = mailbridge::outbox::release_claims_of(&pool, "instance-a")
+        .await
+        .unwrap();
+    assert_eq!(released, 4);
+    let held: Vec<String> = db
+        .query(
+            "SELECT message_id FROM outbox WHERE claim_token IS NOT NULL ORDER BY message_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(held, ["other", "sent-long-ago"]);
+    // What a claim's end writes is in no index (so PostgreSQL can make that write a HOT
+    // update), and pages keep room for the new row versions.
+    let indexed: Vec<String> = db
+        .query(
+            "SELECT DISTINCT a.attname::text
+               FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid
+              WHERE i.indrelid = 'outbox'::regclass
+                AND (a.attnum = ANY (i.indkey)
+                     OR pg_get_expr(i.indpred, i.indrelid) LIKE '%' || a.attname || '%')
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for column in [
+        "result_published_at",
+        "claim_owner",
+        "claim_token",
+        "claim_expires_at",
+    ] {
+        assert!(
+            !indexed.contains(&column.to_string()),
+            "{column} is indexed: {indexed:?}"
+        );
+    }
+    let options: Option<Vec<String>> = db
+        .query_one(
+            "SELECT reloptions FROM pg_class WHERE oid = 'outbox'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(options, Some(vec!["fillfactor=70".to_string()]));
+}
