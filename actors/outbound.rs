@@ -18,10 +18,11 @@
 //!   parked is a duplicate: it completes what the first copy may have left undone (its result,
 //!   its dead letter) and is acked.
 //! - Acks go out as soon as a delivery is done — with one `multiple` ack for a run of done
-//!   deliveries below every unfinished one, individually above it — so one slow delivery does
-//!   not hold the prefetch window.
+//!   deliveries below every unfinished one; those above it wait for that ack up to 1 s or
+//!   half of the window, then go individually — so one slow delivery does not hold the
+//!   prefetch window.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -945,13 +946,23 @@ pub struct OutboundConsumer {
     stopping: bool,
     closing: bool,
     draining: Vec<oneshot::Sender<()>>,
-    /// Delivery tags not settled yet (in processing, or waiting to be requeued).
-    unsettled: BTreeSet<u64>,
+    /// Delivery tags not settled yet (in processing, or waiting to be requeued), with when
+    /// each arrived.
+    unsettled: BTreeMap<u64, Instant>,
     /// Tags whose outcome is committed and confirmed, not yet acknowledged to the broker.
     done: BTreeSet<u64>,
     /// Acks are on their way: they go out one batch at a time.
     acking: bool,
+    /// A later look at done tags held back for a `multiple` ack is scheduled.
+    recheck: bool,
 }
+
+/// How long done deliveries above an unfinished one are held back, so that one `multiple`
+/// ack covers them once it finishes, before each is acked on its own ([`ACK_HOLD_SHARE`] of
+/// the prefetch window held back acks them at once).
+const ACK_HOLD: Duration = Duration::from_secs(1);
+/// The share of the prefetch window (1/n) that done deliveries held back may take.
+const ACK_HOLD_SHARE: usize = 2;
 
 impl OutboundConsumer {
     pub fn new(child: ChildContext) -> Self {
@@ -967,13 +978,17 @@ impl OutboundConsumer {
             unsettled: Default::default(),
             done: Default::default(),
             acking: false,
+            recheck: false,
         }
     }
 
-    /// Acknowledges every finished delivery: those below the oldest one still unsettled with
-    /// one `multiple` ack, the others one by one — so a delivery that takes long (a slow
-    /// attachment host, a hanging provider) holds one slot of the prefetch window, not all of
-    /// them. Nothing is acked before its outcome is committed and confirmed.
+    /// Acknowledges finished deliveries: those below the oldest one still unsettled with one
+    /// `multiple` ack; the others, finished before it, are held back for the `multiple` ack
+    /// that follows it — until it has taken [`ACK_HOLD`] or they fill their share of the
+    /// prefetch window: then they are acked one by one, so a delivery that takes long (a slow
+    /// attachment host, a hanging provider) holds one slot of the window, not all of them.
+    /// (An ack frame each costs the broker more than the delivery's own work.) Nothing is
+    /// acked before its outcome is committed and confirmed.
     fn flush_acks(&mut self, ctx: &mut Context<Self>) {
         if self.acking {
             return;
@@ -982,11 +997,32 @@ impl OutboundConsumer {
             self.maybe_stop(ctx);
             return;
         }
-        let low = self.unsettled.first().copied().unwrap_or(u64::MAX);
+        let (low, waited) = match self.unsettled.first_key_value() {
+            Some((tag, at)) => (*tag, at.elapsed()),
+            None => (u64::MAX, Duration::ZERO),
+        };
         let above = self.done.split_off(&low);
         let upto = self.done.last().copied();
         self.done.clear();
-        let singles: Vec<u64> = above.into_iter().collect();
+        let share = (usize::from(self.child.settings.rabbitmq.prefetch) / ACK_HOLD_SHARE).max(1);
+        let singles: Vec<u64> = if self.stopping || waited >= ACK_HOLD || above.len() >= share {
+            above.into_iter().collect()
+        } else {
+            // Held back: covered by the `multiple` ack once `low` finishes, else looked at
+            // again when it has taken ACK_HOLD.
+            self.done = above;
+            if !self.recheck {
+                self.recheck = true;
+                ctx.run_later(ACK_HOLD - waited, |act, ctx| {
+                    act.recheck = false;
+                    act.flush_acks(ctx);
+                });
+            }
+            Vec::new()
+        };
+        if upto.is_none() && singles.is_empty() {
+            return;
+        }
         let Some(ch) = self.channel.clone() else {
             return;
         };
@@ -1151,7 +1187,7 @@ impl StreamHandler<Result<Delivery, String>> for OutboundConsumer {
             return;
         };
         self.in_flight += 1;
-        self.unsettled.insert(delivery.delivery_tag);
+        self.unsettled.insert(delivery.delivery_tag, Instant::now());
         let tag = delivery.delivery_tag;
         let incoming = Incoming {
             retry: retry_count(&delivery.properties),
