@@ -23,4 +23,19 @@ ensure_mbsync
 for reference in outbound inbound; do
     (cd "bench/reference/$reference" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 done
+# The cost of issue 11's guarantees (claims, per-row isolation, byte budgets): the outbound run
+# repeated with a release build of the last commit before them, in the same run
+# (BENCH_BASELINE=0 skips it; the build is kept in target/baseline).
+BASELINE_COMMIT=ded03b3
+if [ "${BENCH_BASELINE:-1}" != 0 ] && [ -z "${BENCH_ONLY:-}" -o "${BENCH_ONLY:-}" = outbound ]; then
+    base="$ROOT/target/baseline"
+    if [ ! -x "$base/target/release/mailbridge" ]; then
+        echo "==> building the baseline $BASELINE_COMMIT (before issue 11) in $base"
+        rm -rf "$base/src" && mkdir -p "$base/src"
+        git -C "$ROOT" archive "$BASELINE_COMMIT" | tar -x -C "$base/src"
+        (cd "$base/src" && CARGO_TARGET_DIR="$base/target" cargo build --release --locked --bin mailbridge)
+    fi
+    export BENCH_BASELINE_BIN="$base/target/release/mailbridge"
+    export BENCH_BASELINE_NAME="$BASELINE_COMMIT (the code before issue 11's guarantees)"
+fi
 cargo bench --locked --bench throughput

@@ -211,7 +211,12 @@ public_base_url = "http://127.0.0.1:{port}"
 
     /// Runs a one-shot command of the binary (`migrate`, `check-config`).
     pub fn command(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command_of(Path::new(BIN), args)
+    }
+
+    /// [`TestEnv::command`] of another build of the service (the benchmark's baseline).
+    pub fn command_of(&self, bin: &Path, args: &[&str]) -> Output {
+        Command::new(bin)
             .arg("--config")
             .arg(self.config_path())
             .args(args)
@@ -302,9 +307,14 @@ impl Service {
     }
 
     pub fn start_with(env: &TestEnv, vars: &[(&str, &str)]) -> Self {
+        Self::start_bin(env, Path::new(BIN), vars)
+    }
+
+    /// Starts another build of the service (the benchmark's baseline of an earlier commit).
+    pub fn start_bin(env: &TestEnv, bin: &Path, vars: &[(&str, &str)]) -> Self {
         let log = env.dir.join(format!("{}.log", unique("service")));
         let file = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin);
         cmd.arg("--config")
             .arg(env.config_path())
             .arg("run")
