@@ -1029,12 +1029,14 @@ impl OutboundConsumer {
         self.acking = true;
         ctx.spawn(
             async move {
-                if let Some(upto) = upto {
-                    ch.basic_ack(upto, BasicAckOptions { multiple: true }).await?;
-                }
-                for tag in singles {
-                    ch.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
-                }
+                // All handed to the connection at once (written together), not one after
+                // the other's write.
+                let multiple = upto.map(|u| (u, true));
+                let acks = multiple
+                    .into_iter()
+                    .chain(singles.into_iter().map(|t| (t, false)))
+                    .map(|(tag, multiple)| ch.basic_ack(tag, BasicAckOptions { multiple }));
+                futures_util::future::try_join_all(acks).await?;
                 Ok::<_, lapin::Error>(())
             }
             .into_actor(self)
