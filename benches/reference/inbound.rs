@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::common::{Dovecot, TestEnv};
 use super::{
-    cpu_by_process, cpu_per_email, declare_queue, machine_busy, machine_jiffies, realistic,
+    cpu_by_process, cpu_per_email, declare_queue, machine_busy, machine_jiffies, realistic, settle,
     status_mb, DepthWatch, Row,
 };
 
@@ -96,6 +96,7 @@ pub async fn mbsync_inbound(n: usize) -> Row {
     std::fs::write(&rc, mbsyncrc(dovecot.imap_port, &maildir)).unwrap();
     let log = env.dir.join("mbsync.log");
 
+    settle();
     let cpu_before = cpu_by_process();
     let children_before = children_cpu();
     let load_before = machine_jiffies();
@@ -160,6 +161,7 @@ pub async fn node_inbound(n: usize) -> Row {
     let inbound = DepthWatch::new(&env, "email.inbound").await;
     let out = env.dir.join("node.log");
 
+    settle();
     let cpu_before = cpu_by_process();
     let children_before = children_cpu();
     let load_before = machine_jiffies();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::common::TestEnv;
 use super::{
     count, cpu_by_process, cpu_per_email, declare_queue, html_4k, machine_busy, machine_jiffies,
-    peak_rss_mb, publish_many, request, DepthWatch, Row, Sink,
+    peak_rss_mb, publish_many, request, settle, DepthWatch, Row, Sink,
 };
 
 const KEY: &str = "outbound-node";
@@ -76,6 +76,7 @@ pub async fn node_outbound(n: u64) -> Row {
 
     let out_path = env.dir.join("node-reference.out");
     let err_path = env.dir.join("node-reference.err");
+    settle();
     let cpu_before = cpu_by_process();
     let load_before = machine_jiffies();
     let started = Instant::now();
