@@ -847,13 +847,15 @@ async fn main() {
         // slowest of its runs (by up to a quarter), whichever build it ran.
         let warm = outbound_throughput(env_num("BENCH_WARMUP_N", 2_000), None).await;
         println!("warm-up (not counted): {}", warm.result);
+        // With a baseline: today's code and the baseline twice each, in the order A B B A, so
+        // that neither the machine's drift during the run nor the place in the order favours
+        // one; the ratio is of their means.
+        let b = baseline();
         rows.push(outbound_throughput(out_n, None).await);
-        // The baseline and today's code alternate (twice each), so that the machine's drift
-        // during the run falls on both; the ratio is of their means.
-        if let Some(b) = baseline() {
-            rows.push(outbound_throughput(out_n, Some(&b)).await);
+        if let Some(b) = &b {
+            rows.push(outbound_throughput(out_n, Some(b)).await);
+            rows.push(outbound_throughput(out_n, Some(b)).await);
             rows.push(outbound_throughput(out_n, None).await);
-            rows.push(outbound_throughput(out_n, Some(&b)).await);
         }
         rows.push(reference_outbound::node_outbound(out_n).await);
     }
