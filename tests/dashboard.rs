@@ -302,16 +302,11 @@ async fn every_page_shows_real_data_and_a_replay_from_the_page_is_sent() {
         Duration::from_secs(10),
     )
     .await;
-    let events: Vec<String> = db
-        .query(
-            "SELECT event FROM outbox_events WHERE message_id = 'dash-dead' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let events = common::texts(
+        &db,
+        "SELECT event FROM outbox_events WHERE message_id = 'dash-dead' ORDER BY id",
+    )
+    .await;
     assert_eq!(events, ["failed", "dead-lettered", "replayed"]);
     println!("took {:.1} s", started.elapsed().as_secs_f64());
 }

@@ -325,16 +325,11 @@ async fn migrations_run_twice_and_concurrently() {
         assert_eq!(r.get::<_, i64>(1), 1);
     }
     // The outbox of contract §5 is there with its columns.
-    let cols: Vec<String> = db
-        .query(
-            "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'outbox'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let cols = common::texts(
+        &db,
+        "SELECT column_name::text FROM information_schema.columns WHERE table_name = 'outbox'",
+    )
+    .await;
     for c in [
         "tenant_id",
         "message_id",

@@ -221,35 +221,25 @@ async fn a_start_releases_the_previous_runs_claims_through_the_status_index() {
         .await
         .unwrap();
     assert_eq!(released, 4);
-    let held: Vec<String> = db
-        .query(
-            "SELECT message_id FROM outbox WHERE claim_token IS NOT NULL ORDER BY message_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let held = common::texts(
+        &db,
+        "SELECT message_id FROM outbox WHERE claim_token IS NOT NULL ORDER BY message_id",
+    )
+    .await;
     assert_eq!(held, ["other", "sent-long-ago"]);
     // What a claim's end writes is in no index (so PostgreSQL can make that write a HOT
     // update), and pages keep room for the new row versions.
-    let indexed: Vec<String> = db
-        .query(
-            "SELECT DISTINCT a.attname::text
-               FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid
-              WHERE i.indrelid = 'outbox'::regclass
-                AND (a.attnum = ANY (i.indkey)
-                     OR pg_get_expr(i.indpred, i.indrelid) LIKE '%' || a.attname || '%')
-              ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let indexed = common::texts(
+        &db,
+        "SELECT DISTINCT a.attname::text
+           FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid
+          WHERE i.indrelid = 'outbox'::regclass
+            AND (a.attnum = ANY (i.indkey)
+                 OR pg_get_expr(i.indpred, i.indrelid) LIKE '%' || a.attname || '%')
+          ORDER BY 1",
+    )
+    .await;
     for column in [
         "result_published_at",
         "claim_owner",

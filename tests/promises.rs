@@ -1012,13 +1012,7 @@ async fn a_changed_password_restarts_its_sender_and_the_others_keep_their_sessio
 
 /// Every row of `table` as text (all columns), sorted.
 async fn table_text(db: &tokio_postgres::Client, table: &str) -> Vec<String> {
-    let mut rows: Vec<String> = db
-        .query(&format!("SELECT t::text FROM {table} t"), &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let mut rows = common::texts(db, &format!("SELECT t::text FROM {table} t")).await;
     rows.sort();
     rows
 }

@@ -104,11 +104,7 @@ async fn a_tenant_file_added_while_a_thousand_messages_flow() {
     assert!(svc.log_text().contains("configuration reloaded"));
 
     // The mirror follows the configuration, without secrets.
-    let rows = db
-        .query("SELECT id FROM tenants ORDER BY id", &[])
-        .await
-        .unwrap();
-    let tenants: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    let tenants = common::texts(&db, "SELECT id FROM tenants ORDER BY id").await;
     assert_eq!(tenants, ["tenant-a", "tenant-b"]);
     let p: (String, String) = db
         .query_one(

@@ -805,6 +805,16 @@ pub fn guide_request(
     v
 }
 
+/// The first column of every row `sql` returns, as text, in the order returned.
+pub async fn texts(db: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    db.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// Polls the outbox until `sql` (a COUNT query) returns `n`.
 pub async fn wait_count(db: &tokio_postgres::Client, sql: &str, n: i64, timeout: Duration) -> i64 {
     let start = Instant::now();
