@@ -59,6 +59,36 @@ fn settle() {
     std::thread::sleep(Duration::from_millis(500));
 }
 
+/// The CPU counters of the machine and of every process at one moment.
+struct Meter {
+    cpu: HashMap<u32, (String, f64)>,
+    load: (f64, f64),
+}
+
+impl Meter {
+    fn now() -> Self {
+        Self {
+            cpu: cpu_by_process(),
+            load: machine_jiffies(),
+        }
+    }
+
+    /// At a run's start: [`settle`], then the counters.
+    fn start() -> Self {
+        settle();
+        Self::now()
+    }
+
+    /// "machine N % busy; per email: …" from this start to `end`, for `emails`.
+    fn report(&self, end: &Meter, emails: u64) -> String {
+        format!(
+            "machine {:.0} % busy; per email: {}",
+            machine_busy(self.load, end.load),
+            cpu_per_email(&self.cpu, &end.cpu, emails)
+        )
+    }
+}
+
 /// CPU seconds (user + system) spent so far by every user-space process, by pid, with its
 /// command name. Kernel threads (children of kthreadd) are left out: their counters do not say whose
 /// work they did (disk writeback, network), and read as noise.
@@ -402,9 +432,7 @@ async fn outbound_throughput(n: u64, baseline: Option<&Baseline>) -> Row {
     declare_queue(&env, "email.send.result").await;
     let results = DepthWatch::new(&env, "email.send.result").await;
     migrate(&env, baseline.map(|b| b.bin.as_path()));
-    settle();
-    let cpu_before = cpu_by_process();
-    let load_before = machine_jiffies();
+    let meter = Meter::start();
     let started = Instant::now();
     let svc = match baseline {
         Some(b) => Service::start_bin(&env, &b.bin, &[]),
@@ -417,11 +445,7 @@ async fn outbound_throughput(n: u64, baseline: Option<&Baseline>) -> Row {
     results.close().await;
     let db = env.db().await;
     let sent = count(&db, "SELECT count(*) FROM outbox WHERE status = 'sent'").await;
-    let cpu = format!(
-        "machine {:.0} % busy; per email: {}",
-        machine_busy(load_before, machine_jiffies()),
-        cpu_per_email(&cpu_before, &cpu_by_process(), n)
-    );
+    let cpu = meter.report(&Meter::now(), n);
     Row {
         key: if baseline.is_some() {
             "outbound-baseline"
@@ -456,9 +480,7 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
     let total = rate * secs;
     let mut published: HashMap<String, SystemTime> = HashMap::new();
     let mut confirms = Vec::new();
-    settle();
-    let cpu_before = cpu_by_process();
-    let load_before = machine_jiffies();
+    let meter = Meter::start();
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for i in 0..total {
@@ -478,11 +500,7 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
     {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let cpu = format!(
-        "machine {:.0} % busy; per email: {}",
-        machine_busy(load_before, machine_jiffies()),
-        cpu_per_email(&cpu_before, &cpu_by_process(), total)
-    );
+    let cpu = meter.report(&Meter::now(), total);
     let rows = db
         .query(
             "SELECT message_id, sent_at FROM outbox WHERE status = 'sent'",
@@ -567,9 +585,7 @@ async fn inbound_throughput(n: usize) -> Row {
     declare_queue(&env, "email.inbound").await;
     let inbound = DepthWatch::new(&env, "email.inbound").await;
     migrate(&env, None);
-    settle();
-    let cpu_before = cpu_by_process();
-    let load_before = machine_jiffies();
+    let meter = Meter::start();
     let started = Instant::now();
     let svc = Service::start(&env);
     let depth = inbound
@@ -577,11 +593,7 @@ async fn inbound_throughput(n: usize) -> Row {
         .await;
     let took = started.elapsed().as_secs_f64();
     inbound.close().await;
-    let cpu = format!(
-        "machine {:.0} % busy; per email: {}",
-        machine_busy(load_before, machine_jiffies()),
-        cpu_per_email(&cpu_before, &cpu_by_process(), n as u64)
-    );
+    let cpu = meter.report(&Meter::now(), n as u64);
     Row {
         key: "inbound",
         rate: depth as f64 / took,

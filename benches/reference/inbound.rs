@@ -14,10 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::common::{Dovecot, TestEnv};
-use super::{
-    cpu_by_process, cpu_per_email, declare_queue, machine_busy, machine_jiffies, realistic, settle,
-    status_mb, DepthWatch, Row,
-};
+use super::{declare_queue, realistic, status_mb, DepthWatch, Meter, Row};
 
 const PASSWORD: &str = "bench-pw";
 /// Set in `cpu_by_process` snapshots for an exited child's CPU (its pid may be gone).
@@ -96,10 +93,8 @@ pub async fn mbsync_inbound(n: usize) -> Row {
     std::fs::write(&rc, mbsyncrc(dovecot.imap_port, &maildir)).unwrap();
     let log = env.dir.join("mbsync.log");
 
-    settle();
-    let cpu_before = cpu_by_process();
+    let meter = Meter::start();
     let children_before = children_cpu();
-    let load_before = machine_jiffies();
     let started = Instant::now();
     let mut child = Command::new("mbsync")
         .arg("-c")
@@ -112,10 +107,9 @@ pub async fn mbsync_inbound(n: usize) -> Row {
         .expect("mbsync (Debian package isync; scripts/bench.sh installs it)");
     let (status, rss_mb) = wait_sampling(&mut child, Duration::from_secs(600)).await;
     let took = started.elapsed().as_secs_f64();
-    let load_after = machine_jiffies();
-    let mut cpu_after = cpu_by_process();
+    let mut end = Meter::now();
     // mbsync has exited: its CPU is now in this process's children's counters.
-    cpu_after.insert(
+    end.cpu.insert(
         EXITED_CHILD,
         ("mbsync".into(), children_cpu() - children_before),
     );
@@ -136,11 +130,7 @@ pub async fn mbsync_inbound(n: usize) -> Row {
             copied as f64 / took
         ),
         rss_mb,
-        cpu: format!(
-            "machine {:.0} % busy; per email: {}",
-            machine_busy(load_before, load_after),
-            cpu_per_email(&cpu_before, &cpu_after, n as u64)
-        ),
+        cpu: meter.report(&end, n as u64),
     }
 }
 
@@ -161,10 +151,8 @@ pub async fn node_inbound(n: usize) -> Row {
     let inbound = DepthWatch::new(&env, "email.inbound").await;
     let out = env.dir.join("node.log");
 
-    settle();
-    let cpu_before = cpu_by_process();
+    let meter = Meter::start();
     let children_before = children_cpu();
-    let load_before = machine_jiffies();
     let started = Instant::now();
     let mut child = Command::new("node")
         .arg("index.js")
@@ -207,9 +195,8 @@ pub async fn node_inbound(n: usize) -> Row {
     // The worker exits by itself once all are confirmed; its CPU counts to the end.
     let (status, last_rss) = wait_sampling(&mut child, Duration::from_secs(60)).await;
     let rss_mb = rss_mb.max(last_rss);
-    let load_after = machine_jiffies();
-    let mut cpu_after = cpu_by_process();
-    cpu_after.insert(
+    let mut end = Meter::now();
+    end.cpu.insert(
         EXITED_CHILD,
         ("node".into(), children_cpu() - children_before),
     );
@@ -228,10 +215,6 @@ pub async fn node_inbound(n: usize) -> Row {
             depth as f64 / took
         ),
         rss_mb,
-        cpu: format!(
-            "machine {:.0} % busy; per email: {}",
-            machine_busy(load_before, load_after),
-            cpu_per_email(&cpu_before, &cpu_after, n as u64)
-        ),
+        cpu: meter.report(&end, n as u64),
     }
 }

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::common::TestEnv;
 use super::{
-    count, cpu_by_process, cpu_per_email, declare_queue, html_4k, machine_busy, machine_jiffies,
-    peak_rss_mb, publish_many, request, settle, DepthWatch, Row, Sink,
+    count, declare_queue, html_4k, peak_rss_mb, publish_many, request, DepthWatch, Meter, Row, Sink,
 };
 
 const KEY: &str = "outbound-node";
@@ -76,9 +75,7 @@ pub async fn node_outbound(n: u64) -> Row {
 
     let out_path = env.dir.join("node-reference.out");
     let err_path = env.dir.join("node-reference.err");
-    settle();
-    let cpu_before = cpu_by_process();
-    let load_before = machine_jiffies();
+    let meter = Meter::start();
     let started = Instant::now();
     let spawned = Command::new("node")
         .arg("index.js")
@@ -123,8 +120,7 @@ pub async fn node_outbound(n: u64) -> Row {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let took = started.elapsed().as_secs_f64();
-    let cpu_after = cpu_by_process();
-    let load_after = machine_jiffies();
+    let end = Meter::now();
     rss_mb = peak_rss_mb(pid).max(rss_mb);
     results.close().await;
 
@@ -157,11 +153,7 @@ pub async fn node_outbound(n: u64) -> Row {
         eprintln!("outbound-node stderr: {}", errors.trim());
     }
     println!("outbound-node: {}", out.trim());
-    let cpu = format!(
-        "machine {:.0} % busy; per email: {}",
-        machine_busy(load_before, load_after),
-        cpu_per_email(&cpu_before, &cpu_after, n)
-    );
+    let cpu = meter.report(&end, n);
     Row {
         key: KEY,
         rate: rows as f64 / took,
