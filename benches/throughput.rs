@@ -5,7 +5,7 @@
 //! Run it with `scripts/bench.sh` (which installs postfix and dovecot first). Sizes:
 //! `BENCH_OUTBOUND_N` (20000), `BENCH_LATENCY_RATE` (1000/s), `BENCH_LATENCY_SECS` (30),
 //! `BENCH_INBOUND_N` (10000), `BENCH_SMTP_CONNECTIONS` (16); `BENCH_ONLY=outbound|latency|inbound`
-//! runs one part. `BENCH_ONLY=mailboxes` (or `BENCH_MAILBOXES=100,1000,10000`) runs the
+//! runs one part (the latency part first runs its load alone, with no service). `BENCH_ONLY=mailboxes` (or `BENCH_MAILBOXES=100,1000,10000`) runs the
 //! mailbox-scale part: idle IMAP mailboxes on a hibernating Dovecot.
 //!
 //! Beside mailbridge's outbound and inbound runs it runs issue 15's reference implementations
@@ -57,6 +57,54 @@ fn peak_rss_mb(pid: u32) -> f64 {
 fn settle() {
     let _ = std::process::Command::new("sync").status();
     std::thread::sleep(Duration::from_millis(500));
+}
+
+/// The TCP traffic between process `pid` and the broker so far (every connection of it to port
+/// 5672), from the kernel's counters (`ss -ti`): what the process sent (segments, bytes) and
+/// what the broker sent it. On loopback a segment is about one write, so segments per email
+/// are the frames' cost in system calls on both ends.
+fn amqp_traffic(pid: u32) -> [u64; 4] {
+    let Ok(out) = Command::new("ss")
+        .args(["-tinpH", "( dport = :5672 )"])
+        .output()
+    else {
+        return [0; 4];
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mine = format!("pid={pid},");
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    // `ss` prints a socket's addresses and users on one line and its counters on the next.
+    let lines: Vec<&str> = text.lines().collect();
+    let mut sum = [0u64; 4];
+    for pair in lines.chunks(2) {
+        if let [head, info] = pair {
+            if head.contains(&mine) {
+                sum[0] += field(info, "data_segs_out:");
+                sum[1] += field(info, "bytes_acked:");
+                sum[2] += field(info, "data_segs_in:");
+                sum[3] += field(info, "bytes_received:");
+            }
+        }
+    }
+    sum
+}
+
+/// "AMQP per email: sent N segments / B bytes, received …" for the service's connection(s).
+fn amqp_per_email(pid: u32, emails: u64) -> String {
+    let [so, bo, si, bi] = amqp_traffic(pid);
+    let n = emails.max(1) as f64;
+    format!(
+        "AMQP per email: service sent {:.2} segments / {:.0} bytes, received {:.2} / {:.0}",
+        so as f64 / n,
+        bo as f64 / n,
+        si as f64 / n,
+        bi as f64 / n
+    )
 }
 
 /// The CPU counters of the machine and of every process at one moment.
@@ -442,6 +490,7 @@ async fn outbound_throughput(n: u64, baseline: Option<&Baseline>) -> Row {
     // results, every row is sent (checked below).
     results.wait_for(n, started, Duration::from_secs(600)).await;
     let took = started.elapsed().as_secs_f64();
+    let traffic = amqp_per_email(svc.pid(), n);
     results.close().await;
     let db = env.db().await;
     let sent = count(&db, "SELECT count(*) FROM outbox WHERE status = 'sent'").await;
@@ -462,6 +511,52 @@ async fn outbound_throughput(n: u64, baseline: Option<&Baseline>) -> Row {
             sent as f64 / took
         ),
         rss_mb: peak_rss_mb(svc.pid()),
+        cpu: format!("{cpu}; {traffic}"),
+    }
+}
+
+/// Publishes `total` requests at `rate` per second, each persistent and confirmed (a CRM's
+/// publisher, as the integration guide has it); returns when each was published.
+async fn offer(ch: &lapin::Channel, rate: u64, total: u64) -> HashMap<String, SystemTime> {
+    let body = html_4k();
+    let mut published: HashMap<String, SystemTime> = HashMap::new();
+    let mut confirms = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for i in 0..total {
+        tick.tick().await;
+        let id = format!("l-{i}");
+        let payload = request(&id, &body);
+        published.insert(id, SystemTime::now());
+        confirms.push(publish_request(ch, &payload).await);
+        if confirms.len() >= 500 {
+            futures_util::future::join_all(confirms.drain(..)).await;
+        }
+    }
+    futures_util::future::join_all(confirms).await;
+    published
+}
+
+/// The latency run's offered load on its own: the same publishes at the same rate into
+/// `email.send`, with no service running. What the machine spends on it (the broker's
+/// share above all) is not there for the service in the latency run.
+async fn offered_load_alone(rate: u64, secs: u64) -> Row {
+    let env = TestEnv::new("bench_load");
+    declare_queue(&env, "email.send").await;
+    let conn = env.amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    let total = rate * secs;
+    let meter = Meter::start();
+    offer(&ch, rate, total).await;
+    let cpu = meter.report(&Meter::now(), total);
+    let _ = conn.close(200, "OK".into()).await;
+    Row {
+        key: "load",
+        rate: 0.0,
+        what: format!("the latency run's load alone ({rate}/s published for {secs} s, no service)"),
+        result: format!("{total} published and confirmed"),
+        rss_mb: 0.0,
         cpu,
     }
 }
@@ -476,24 +571,9 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
     let conn = env.amqp().await;
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    let body = html_4k();
     let total = rate * secs;
-    let mut published: HashMap<String, SystemTime> = HashMap::new();
-    let mut confirms = Vec::new();
     let meter = Meter::start();
-    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    for i in 0..total {
-        tick.tick().await;
-        let id = format!("l-{i}");
-        let payload = request(&id, &body);
-        published.insert(id, SystemTime::now());
-        confirms.push(publish_request(&ch, &payload).await);
-        if confirms.len() >= 500 {
-            futures_util::future::join_all(confirms.drain(..)).await;
-        }
-    }
-    futures_util::future::join_all(confirms).await;
+    let published = offer(&ch, rate, total).await;
     let start = Instant::now();
     while count(&db, "SELECT count(*) FROM outbox WHERE status = 'sent'").await < total as i64
         && start.elapsed() < Duration::from_secs(120)
@@ -503,34 +583,54 @@ async fn outbound_latency(rate: u64, secs: u64) -> Row {
     let cpu = meter.report(&Meter::now(), total);
     let rows = db
         .query(
-            "SELECT message_id, sent_at FROM outbox WHERE status = 'sent'",
+            "SELECT message_id, created_at, sent_at FROM outbox WHERE status = 'sent'",
             &[],
         )
         .await
         .unwrap();
-    let mut lat: Vec<f64> = rows
-        .iter()
-        .filter_map(|r| {
-            let id: String = r.get(0);
-            let at: time::OffsetDateTime = r.get(1);
-            let at =
-                SystemTime::UNIX_EPOCH + Duration::from_nanos(at.unix_timestamp_nanos() as u64);
-            let p = published.get(&id)?;
-            Some(at.duration_since(*p).unwrap_or_default().as_secs_f64() * 1000.0)
-        })
-        .collect();
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let pct = |q: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * q) as usize)
+    let at = |r: &tokio_postgres::Row, i: usize| {
+        let t: time::OffsetDateTime = r.get(i);
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(t.unix_timestamp_nanos() as u64)
+    };
+    let ms = |from: SystemTime, to: SystemTime| {
+        to.duration_since(from).unwrap_or_default().as_secs_f64() * 1000.0
+    };
+    // publish → accepted, and its two parts: publish → claimed (the outbox row's creation,
+    // PostgreSQL's clock at its transaction's start) and claimed → accepted.
+    let mut lat = Vec::new();
+    let mut to_claim = Vec::new();
+    let mut from_claim = Vec::new();
+    for r in &rows {
+        let id: String = r.get(0);
+        let Some(p) = published.get(&id) else {
+            continue;
+        };
+        lat.push(ms(*p, at(r, 2)));
+        to_claim.push(ms(*p, at(r, 1)));
+        from_claim.push(ms(at(r, 1), at(r, 2)));
+    }
+    for v in [&mut lat, &mut to_claim, &mut from_claim] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    let pct_of = |v: &[f64], q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q) as usize)
             .copied()
             .unwrap_or(0.0)
     };
+    let pct = |q: f64| pct_of(&lat, q);
+    let parts = format!(
+        "publish → claimed p50 {:.1} / p99 {:.1} ms, claimed → accepted p50 {:.1} / p99 {:.1} ms",
+        pct_of(&to_claim, 0.5),
+        pct_of(&to_claim, 0.99),
+        pct_of(&from_claim, 0.5),
+        pct_of(&from_claim, 0.99)
+    );
     Row {
         key: "latency",
         rate: 0.0,
         what: format!("outbound latency ({rate}/s offered for {secs} s, publish → accepted)"),
         result: format!(
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {total} sent)",
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} of {total} sent; {parts})",
             pct(0.5),
             pct(0.99),
             lat.last().copied().unwrap_or(0.0),
@@ -872,6 +972,7 @@ async fn main() {
         rows.push(reference_outbound::node_outbound(out_n).await);
     }
     if wanted("latency") {
+        rows.push(offered_load_alone(rate, secs.min(15)).await);
         rows.push(outbound_latency(rate, secs).await);
     }
     if wanted("inbound") {
