@@ -5,8 +5,9 @@
 //! Run it with `scripts/bench.sh` (which installs postfix and dovecot first). Sizes:
 //! `BENCH_OUTBOUND_N` (20000), `BENCH_LATENCY_RATE` (1000/s), `BENCH_LATENCY_SECS` (30),
 //! `BENCH_INBOUND_N` (10000), `BENCH_SMTP_CONNECTIONS` (16); `BENCH_ONLY=outbound|latency|inbound`
-//! runs one part (the latency part first runs its load alone, with no service). `BENCH_ONLY=mailboxes` (or `BENCH_MAILBOXES=100,1000,10000`) runs the
-//! mailbox-scale part: idle IMAP mailboxes on a hibernating Dovecot.
+//! runs one part (the latency part first runs its offered load alone, with no service).
+//! `BENCH_ONLY=mailboxes` (or `BENCH_MAILBOXES=100,1000,10000`) runs the mailbox-scale part:
+//! idle IMAP mailboxes on a hibernating Dovecot.
 //!
 //! Beside mailbridge's outbound and inbound runs it runs issue 15's reference implementations
 //! on the same work (`reference/outbound.rs`: Node.js with amqplib, nodemailer and pg;
