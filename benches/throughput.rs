@@ -1006,8 +1006,16 @@ async fn main() {
     println!("|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} MB | {} |",
-            r.what, r.result, r.rss_mb, r.cpu
+            "| {} | {} | {} | {} |",
+            r.what,
+            r.result,
+            // No service in the run (the offered load alone): no RSS of it.
+            if r.rss_mb > 0.0 {
+                format!("{:.0} MB", r.rss_mb)
+            } else {
+                "–".to_string()
+            },
+            r.cpu
         );
     }
     // The ratios of issue 15: mailbridge's rate over each reference's, from this run (the
