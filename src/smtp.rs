@@ -6,7 +6,9 @@
 //! offers it, MAIL, every RCPT and DATA go out in one write and the message with its final
 //! dot in a second, two round trips per email instead of four (lettre's client waits for each
 //! reply and writes the message byte by byte; issue 7 measured it as the largest part of the
-//! service's CPU per email). lettre still builds the messages.
+//! service's CPU per email). When another email is waiting for the session, its envelope goes
+//! out in the same write as the message's final dot ([`SmtpSession::finish`]), so that a busy
+//! session makes one write and one round trip per email. lettre still builds the messages.
 //!
 //! A session that saw any failure is marked broken and is not reused: the pool opens a new
 //! one, so no transaction state can leak from one email into the next.
@@ -138,6 +140,27 @@ pub struct SmtpSession {
     /// The final dot of a message has been written and its reply not read: if the session
     /// fails now, the server may or may not have accepted the message.
     awaiting_final_reply: bool,
+    /// The next email's envelope went out after the last final dot ([`Self::finish`]); its
+    /// replies are unread.
+    joined: bool,
+}
+
+/// The commands that start one email's transaction: MAIL (with its parameters), one RCPT per
+/// recipient, then DATA.
+pub struct Envelope {
+    mail: String,
+    rcpts: Vec<String>,
+}
+
+impl Envelope {
+    /// MAIL, every RCPT and DATA as one pipelined group, appended to `out`.
+    fn write_group(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.mail.as_bytes());
+        for r in &self.rcpts {
+            out.extend_from_slice(r.as_bytes());
+        }
+        out.extend_from_slice(b"DATA\r\n");
+    }
 }
 
 /// What an EHLO reply offers.
@@ -194,6 +217,7 @@ impl SmtpSession {
             smtputf8: false,
             broken: false,
             awaiting_final_reply: false,
+            joined: false,
         };
         let greeting = session.read_reply().await?;
         if greeting.code != 220 {
@@ -241,17 +265,25 @@ impl SmtpSession {
         self.awaiting_final_reply
     }
 
-    /// Sends one email; returns the server's reply to its end of data.
-    ///
-    /// While `abort` is false; once it turns true the transaction is abandoned unless its
-    /// final dot has been written (from then on it runs to its reply).
-    pub async fn send(
-        &mut self,
+    /// Whether the server offers PIPELINING, so that the envelope of the next email can go out
+    /// in the same write as a message's final dot ([`Self::finish`]).
+    pub fn pipelining(&self) -> bool {
+        self.pipelining
+    }
+
+    /// Whether the envelope of the next email was written after the last message's final dot
+    /// and its replies are not read yet: the session belongs to that email's [`Self::begin`].
+    pub fn has_joined(&self) -> bool {
+        self.joined
+    }
+
+    /// The envelope of an email on this session, or why the email cannot be sent here.
+    pub fn envelope(
+        &self,
         from: Option<&Address>,
         to: &[Address],
         message: &[u8],
-        abort: &tokio::sync::watch::Receiver<bool>,
-    ) -> Result<Reply, SmtpError> {
+    ) -> Result<Envelope, SmtpError> {
         let mut params = String::new();
         if !message.is_ascii() {
             if !self.eight_bit_mime {
@@ -269,20 +301,60 @@ impl SmtpSession {
             }
             params.push_str(" SMTPUTF8");
         }
+        Ok(Envelope {
+            mail: format!("MAIL FROM:<{}>{params}\r\n", from.map(text).unwrap_or("")),
+            rcpts: to.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect(),
+        })
+    }
+
+    /// Starts a transaction: MAIL, every RCPT and DATA, up to the server's 354 — or, when
+    /// this envelope was joined to the previous message ([`Self::has_joined`]), only their
+    /// replies.
+    ///
+    /// While `abort` is false; once it turns true the transaction is abandoned (nothing of
+    /// the message has been written yet).
+    pub async fn begin(
+        &mut self,
+        envelope: &Envelope,
+        abort: &tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SmtpError> {
         if *abort.borrow() {
             return Err(SmtpError::Aborted);
         }
         // Until the transaction completes, a failure leaves the session in an unknown state.
         self.broken = true;
+        let written = std::mem::take(&mut self.joined);
         let mut abort = abort.clone();
         tokio::select! {
-            envelope = self.envelope(from, to, &params) => envelope?,
+            envelope = self.run_envelope(envelope, written) => envelope?,
             _ = abort.wait_for(|a| *a) => return Err(SmtpError::Aborted),
         }
         if *abort.borrow() {
             return Err(SmtpError::Aborted);
         }
-        self.write_data(&dot_stuffed(message)).await?;
+        Ok(())
+    }
+
+    /// Writes the message and its final dot — and, in the same write, the envelope of the
+    /// next email when there is one (RFC 2920 §3.1: message content may be the first item of
+    /// a pipelined group) — then reads the reply to the dot. From the moment the dot is
+    /// written the transaction runs to its reply: it cannot be abandoned.
+    ///
+    /// `next` is only joined where the server offers PIPELINING; its replies are read by
+    /// the next [`Self::begin`], which must be that email's.
+    pub async fn finish(
+        &mut self,
+        message: &[u8],
+        next: Option<&Envelope>,
+    ) -> Result<Reply, SmtpError> {
+        let next = next.filter(|_| self.pipelining);
+        let mut data = dot_stuffed(message);
+        let dot_at = data.len().saturating_sub(3);
+        if let Some(next) = next {
+            next.write_group(&mut data);
+        }
+        self.write_data(&data, dot_at).await?;
+        self.joined = next.is_some();
         let reply = self.read_reply().await?;
         self.awaiting_final_reply = false;
         if !reply.is_positive() {
@@ -296,26 +368,18 @@ impl SmtpSession {
     }
 
     /// MAIL, every RCPT and DATA, up to the server's 354: pipelined in one write when the
-    /// server offers PIPELINING, else one command at a time.
-    async fn envelope(
-        &mut self,
-        from: Option<&Address>,
-        to: &[Address],
-        params: &str,
-    ) -> Result<(), SmtpError> {
-        let mail = format!("MAIL FROM:<{}>{params}\r\n", from.map(text).unwrap_or(""));
-        let rcpts: Vec<String> = to.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
-
-        if self.pipelining {
-            let mut group = mail;
-            for r in &rcpts {
-                group.push_str(r);
+    /// server offers PIPELINING (or already written: `written`), else one command at a time.
+    async fn run_envelope(&mut self, envelope: &Envelope, written: bool) -> Result<(), SmtpError> {
+        if self.pipelining || written {
+            if !written {
+                let mut group = Vec::with_capacity(256);
+                envelope.write_group(&mut group);
+                self.write(&group).await?;
             }
-            group.push_str("DATA\r\n");
-            self.write(group.as_bytes()).await?;
             // Every reply is read, in order; the first refusal is the one reported.
             let mut refused: Option<SmtpError> = None;
-            for during in std::iter::once("MAIL FROM").chain(rcpts.iter().map(|_| "RCPT TO")) {
+            let rcpts = envelope.rcpts.iter().map(|_| "RCPT TO");
+            for during in std::iter::once("MAIL FROM").chain(rcpts) {
                 let reply = self.read_reply().await?;
                 if !reply.is_positive() && refused.is_none() {
                     refused = Some(SmtpError::Rejected { during, reply });
@@ -334,8 +398,8 @@ impl SmtpSession {
                 });
             }
         } else {
-            self.expect(&mail, "MAIL FROM", 250).await?;
-            for r in &rcpts {
+            self.expect(&envelope.mail, "MAIL FROM", 250).await?;
+            for r in &envelope.rcpts {
                 let reply = self.command(r).await?;
                 if !reply.is_positive() {
                     return Err(SmtpError::Rejected {
@@ -436,12 +500,11 @@ impl SmtpSession {
         self.read_reply().await
     }
 
-    /// Writes the message and its final dot, noting when the dot has left: from then on a
-    /// failure means the outcome is unknown ([`Self::outcome_unknown`]).
-    async fn write_data(&mut self, data: &[u8]) -> Result<(), SmtpError> {
+    /// Writes the message and its final dot (at `dot_at`), noting when the dot has left: from
+    /// then on a failure means the outcome is unknown ([`Self::outcome_unknown`]).
+    async fn write_data(&mut self, data: &[u8], dot_at: usize) -> Result<(), SmtpError> {
         let stream = self.stream.get_mut();
-        // The final ".\r\n": once its dot is written the server may complete the message.
-        let dot_at = data.len().saturating_sub(3);
+        // Once the final dot is written the server may complete the message.
         let mut written = 0;
         while written < data.len() {
             let n = stream.write(&data[written..]).await?;

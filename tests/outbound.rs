@@ -670,6 +670,95 @@ async fn a_refused_sender_or_recipient_fails_its_email_alone_on_a_pipelining_ser
 }
 
 #[tokio::test]
+async fn one_busy_session_joins_each_next_envelope_to_the_final_dot_and_every_email_ends_once() {
+    // One connection and 40 emails at once: while others wait, each message's final dot goes
+    // out in the same write as the next email's envelope (RFC 2920 §3.1). A refusal in a
+    // joined envelope fails that email alone, and the next ones start on a fresh session.
+    let env = TestEnv::new("joined");
+    env.write_config("[retry]\nmax_retries = 0\n");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    env.write_tenant(
+        "t.toml",
+        &format!(
+            "id = \"t\"\nname = \"t\"\n\n[[providers]]\nid = \"p\"\nname = \"one session\"\n\
+             kind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmax_connections = 1\n",
+            smtp.port
+        ),
+    );
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let mut bodies = Vec::new();
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..40 {
+        let id = format!("joined-{i:02}");
+        let mut req = common::ledger::tracked_request("t", "p", &id);
+        req["cc"] = serde_json::json!([]);
+        req["bcc"] = serde_json::json!([]);
+        let status = match i % 8 {
+            3 => {
+                req["to"] = serde_json::json!(["refused@example.com"]);
+                "failed"
+            }
+            6 => {
+                req["from"] = serde_json::json!("refused@company.com");
+                "failed"
+            }
+            _ => "sent",
+        };
+        expected.insert(id, status.to_string());
+        bodies.push(serde_json::to_vec(&req).unwrap());
+    }
+    common::ledger::publish_all(&env, &bodies).await;
+    let results = env
+        .take("email.send.result", 40, Duration::from_secs(30))
+        .await;
+    let extra = env
+        .take("email.send.result", 1, Duration::from_secs(2))
+        .await;
+    assert!(extra.is_empty(), "a second result: {extra:?}");
+    let got: std::collections::BTreeMap<String, String> = results
+        .iter()
+        .map(|r| {
+            (
+                r["message_id"].as_str().unwrap().to_string(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(results.len(), 40, "one result each: {}", svc.log_text());
+    assert_eq!(got, expected);
+    for r in &results {
+        if r["status"] == "failed" {
+            let error = r["error"].as_str().unwrap();
+            assert!(
+                error.contains("replied 550 to RCPT TO: 5.1.1 No such user")
+                    || error.contains("replied 550 to MAIL FROM: 5.7.1 Sender rejected"),
+                "{r}"
+            );
+        }
+    }
+    // Every accepted email arrived once, with its own envelope; no refused one arrived.
+    let delivered = common::ledger::deliveries(&smtp);
+    let sent: std::collections::BTreeMap<String, usize> = expected
+        .iter()
+        .filter(|(_, s)| *s == "sent")
+        .map(|(id, _)| (id.clone(), 1))
+        .collect();
+    assert_eq!(delivered, sent);
+    for m in smtp.messages() {
+        assert_eq!(m.mail_from, "noreply@company.com");
+        assert_eq!(m.rcpt_tos, ["user@example.com"]);
+    }
+    // The line was long enough for most envelopes to ride with the dot before them.
+    let joined = smtp.joined();
+    eprintln!("{joined} of 30 accepted messages ended in the same write as the next envelope");
+    assert!(
+        joined >= 10,
+        "only {joined} envelopes were joined to a final dot"
+    );
+}
+
+#[tokio::test]
 async fn a_server_that_refuses_ehlo_is_greeted_with_helo() {
     let env = TestEnv::new("helo");
     let smtp = SmtpServer::start(&env.dir.join("smtp"), &["--no-ehlo"]);

@@ -3,14 +3,22 @@
 //! emails, dropped after any error, and pipelined (MAIL, RCPT, DATA in one write) where the
 //! server offers PIPELINING. Every transaction is bounded by `[outbound] send_timeout`,
 //! connecting (with TLS and AUTH) by `CONNECT_TIMEOUT`.
+//!
+//! A send holds one of the `max_connections` places (a [`Slot`]) from its turn to its reply;
+//! sends beyond them wait in line. A send that finishes passes its place, with its session,
+//! straight to the first in line. Where the server offers PIPELINING, a send about to write
+//! its message takes the first in line along: that email's envelope goes out in the same
+//! write as the message's final dot, and the session goes to it with the envelope's replies
+//! still to be read — one write and one round trip per email while a line is waiting.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 
 use super::{
     find_source, Accepted, Fingerprint, Mirror, ParseContext, ProviderConfig, SendError,
@@ -21,7 +29,7 @@ use crate::mailproto::tls_client_config;
 use crate::oauth2::OAuth2Config;
 use crate::outbound::{queue_id_from_reply, OutgoingEmail};
 use crate::settings::{Secret, TlsMode};
-use crate::smtp::{Credentials, SmtpConfig, SmtpError, SmtpSession};
+use crate::smtp::{Credentials, Envelope, Reply, SmtpConfig, SmtpError, SmtpSession};
 
 /// An idle session is not reused after this long (servers drop idle clients).
 const IDLE_MAX: Duration = Duration::from_secs(20);
@@ -169,12 +177,99 @@ pub struct SmtpPool {
     /// with its current access token.
     oauth2: Option<(String, Credential)>,
     endpoint: String,
-    idle: Mutex<Vec<(SmtpSession, Instant)>>,
-    slots: Semaphore,
+    shared: Arc<Shared>,
     send_timeout: Duration,
     /// True once the shutdown grace is over: nothing new starts, and transactions not past
     /// their final dot are abandoned.
     abort: (watch::Sender<bool>, watch::Receiver<bool>),
+}
+
+/// The pool's places and the sends waiting for one.
+struct Shared {
+    max: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Places held (by sends, or on their way from one to the next). Below `max` only when
+    /// nobody waits.
+    busy: usize,
+    idle: Vec<(SmtpSession, Instant)>,
+    waiting: VecDeque<Waiter>,
+}
+
+/// A send waiting for its turn.
+struct Waiter {
+    email: Arc<OutgoingEmail>,
+    turn: oneshot::Sender<Turn>,
+}
+
+/// A send's turn: its place, and the session handed to it (if any), on which its envelope may
+/// already have been written ([`SmtpSession::has_joined`]).
+struct Turn {
+    slot: Slot,
+    session: Option<SmtpSession>,
+}
+
+/// One of the pool's places. Dropped while held (a send abandoned by its caller, a failure),
+/// it goes to the next in line, or back to the pool.
+struct Slot(Option<Arc<Shared>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            pass_on(Slot(Some(shared)), None, None);
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Hands a place, with its session, to `joined` (the send whose envelope was written on that
+/// session), else to the first in line, else back to the pool (the session to the idle ones).
+/// A session that cannot be reused is dropped; a send that is no longer waiting is skipped.
+fn pass_on(mut slot: Slot, session: Option<SmtpSession>, joined: Option<Waiter>) {
+    let Some(shared) = slot.0.take() else {
+        return;
+    };
+    let mut session = session.filter(|s| !s.is_broken());
+    let mut next = joined;
+    loop {
+        let waiter = match next.take() {
+            Some(w) => w,
+            None => {
+                // A joined envelope belongs to its own send: the session goes to nobody else.
+                session = session.filter(|s| !s.has_joined());
+                let mut state = shared.lock();
+                match state.waiting.pop_front() {
+                    Some(w) => w,
+                    None => {
+                        if let Some(s) = session.take() {
+                            state.idle.push((s, Instant::now()));
+                        }
+                        state.busy = state.busy.saturating_sub(1);
+                        return;
+                    }
+                }
+            }
+        };
+        let turn = Turn {
+            slot: Slot(Some(shared.clone())),
+            session: session.take(),
+        };
+        match waiter.turn.send(turn) {
+            Ok(()) => return,
+            Err(mut turn) => {
+                turn.slot.0 = None;
+                session = turn.session.take();
+            }
+        }
+    }
 }
 
 impl SmtpPool {
@@ -215,8 +310,10 @@ impl SmtpPool {
                 auth,
                 hello: crate::smtp::hello_name(),
             },
-            idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(ctx.max_connections as usize),
+            shared: Arc::new(Shared {
+                max: (ctx.max_connections as usize).max(1),
+                state: Mutex::new(State::default()),
+            }),
             send_timeout: ctx.send_timeout,
             abort: watch::channel(false),
         })
@@ -261,8 +358,8 @@ impl SmtpPool {
     }
 
     fn take_idle(&self) -> Option<SmtpSession> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((session, since)) = idle.pop() {
+        let mut state = self.shared.lock();
+        while let Some((session, since)) = state.idle.pop() {
             if since.elapsed() < IDLE_MAX && !session.is_broken() {
                 return Some(session);
             }
@@ -270,26 +367,81 @@ impl SmtpPool {
         None
     }
 
-    fn put_idle(&self, session: SmtpSession) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((session, Instant::now()));
+    /// This send's turn: a free place at once, else its place in line.
+    async fn turn(&self, email: &Arc<OutgoingEmail>) -> Turn {
+        loop {
+            let turn = {
+                let mut state = self.shared.lock();
+                if state.busy < self.shared.max {
+                    state.busy += 1;
+                    drop(state);
+                    return Turn {
+                        slot: Slot(Some(self.shared.clone())),
+                        session: None,
+                    };
+                }
+                let (tx, rx) = oneshot::channel();
+                state.waiting.push_back(Waiter {
+                    email: email.clone(),
+                    turn: tx,
+                });
+                rx
+            };
+            if let Ok(turn) = turn.await {
+                return turn;
+            }
+            // The send that took this one along ended without handing it the session (it
+            // was abandoned by its caller): back in line.
+        }
+    }
+
+    /// The first in line, with its envelope for `session`, to be joined to the message about
+    /// to be written — where the server offers PIPELINING and that email can go there.
+    fn join_next(&self, session: &SmtpSession) -> Option<(Waiter, Envelope)> {
+        if !session.pipelining() {
+            return None;
+        }
+        let mut state = self.shared.lock();
+        while let Some(first) = state.waiting.front() {
+            if first.turn.is_closed() {
+                state.waiting.pop_front();
+                continue;
+            }
+            let envelope = &first.email.envelope;
+            let envelope = session
+                .envelope(envelope.from(), envelope.to(), &first.email.bytes)
+                .ok()?;
+            return state.waiting.pop_front().map(|w| (w, envelope));
+        }
+        None
+    }
+
+    /// One transaction on `session`; `joined` receives the send taken along, if any.
+    async fn transaction(
+        &self,
+        session: &mut SmtpSession,
+        email: &OutgoingEmail,
+        joined: &mut Option<Waiter>,
+    ) -> Result<Reply, SmtpError> {
+        let envelope =
+            session.envelope(email.envelope.from(), email.envelope.to(), &email.bytes)?;
+        session.begin(&envelope, &self.abort.1).await?;
+        let next = self.join_next(session).map(|(waiter, envelope)| {
+            *joined = Some(waiter);
+            envelope
+        });
+        session.finish(&email.bytes, next.as_ref()).await
     }
 
     /// Sends one email on a pooled session; returns the server's reply lines.
-    async fn send_email(&self, email: &OutgoingEmail) -> Result<Vec<String>, SendError> {
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| SendError::Unavailable)?;
+    async fn send_email(&self, email: &Arc<OutgoingEmail>) -> Result<Vec<String>, SendError> {
+        let Turn { slot, session } = self.turn(email).await;
         let aborted = &self.abort.1;
         // A reused session may have been closed by the server meanwhile: one retry on a fresh
         // one — only when the failure is not the server's answer to this email, and never
         // once the final dot has been written (the server may have accepted the email; that
         // case goes through the retry schedule as `Uncertain`).
-        let mut reused = self.take_idle();
+        let mut reused = session.or_else(|| self.take_idle());
         loop {
             if *aborted.borrow() {
                 return Err(SendError::ShuttingDown);
@@ -299,15 +451,15 @@ impl SmtpPool {
                 Some(s) => s,
                 None => self.open().await?,
             };
-            let envelope = &email.envelope;
+            let mut joined = None;
             let result = tokio::time::timeout(
                 self.send_timeout,
-                session.send(envelope.from(), envelope.to(), &email.bytes, aborted),
+                self.transaction(&mut session, email, &mut joined),
             )
             .await;
             let failure = match result {
                 Ok(Ok(reply)) => {
-                    self.put_idle(session);
+                    pass_on(slot, Some(session), joined);
                     return Ok(reply.lines);
                 }
                 Ok(Err(e)) => from_smtp(&self.endpoint, e),
@@ -317,6 +469,11 @@ impl SmtpPool {
                     during: "sending",
                 },
             };
+            // The session is not used again, and what was joined to it with it: the send
+            // taken along goes back to the head of the line.
+            if let Some(waiter) = joined {
+                self.shared.lock().waiting.push_front(waiter);
+            }
             if session.outcome_unknown() {
                 return Err(SendError::Uncertain {
                     endpoint: self.endpoint.clone(),
@@ -334,7 +491,7 @@ impl SmtpPool {
             }
             if matches!(failure, SendError::Unsupported { .. }) {
                 // Nothing was sent: the session is as good as before.
-                self.put_idle(session);
+                pass_on(slot, Some(session), None);
             }
             return Err(failure);
         }

@@ -536,6 +536,14 @@ impl SmtpServer {
         }
     }
 
+    /// How many messages ended in the same read as the next MAIL FROM (the client joined the
+    /// next envelope to their final dot).
+    pub fn joined(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("joined.log"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
     pub fn messages(&self) -> Vec<ReceivedMail> {
         let mut names: Vec<PathBuf> = std::fs::read_dir(&self.dir)
             .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())

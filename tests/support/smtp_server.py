@@ -12,6 +12,8 @@ sender whose address does with "550 5.7.1 Sender rejected".
 The server offers PIPELINING (RFC 2920) unless --no-pipelining is given; with --no-ehlo it
 answers EHLO with 502 (an old server: HELO only, no extensions).
 Every DATA answer is appended to --dir/attempts.log as "<unix time> <reply>".
+A message whose final dot came in the same read as the next MAIL FROM (a client joining the
+next envelope to the end of a message, RFC 2920 3.1) adds a line to --dir/joined.log.
 
 Connection faults: when --dir/fault exists, its first line is one of
   drop-mid-data [N]   after DATA the server answers 354, reads the first line of the message,
@@ -156,6 +158,11 @@ class Store:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        # Before any await: what the client sent after the final dot, read with it.
+        if bytes(server._reader._buffer).startswith(b"MAIL FROM"):
+            with self.lock:
+                with open(os.path.join(self.dir, "joined.log"), "a") as f:
+                    f.write("%.3f\n" % time.time())
         delay_file = os.path.join(self.dir, "delay")
         if os.path.exists(delay_file):
             with open(delay_file) as f:
