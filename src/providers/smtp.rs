@@ -193,7 +193,7 @@ struct Shared {
 #[derive(Default)]
 struct State {
     /// Places held (by sends, or on their way from one to the next). Below `max` only when
-    /// nobody waits.
+    /// nobody waits (but sends no longer waiting, skipped when their turn comes).
     busy: usize,
     idle: Vec<(SmtpSession, Instant)>,
     waiting: VecDeque<Waiter>,
@@ -391,7 +391,7 @@ impl SmtpPool {
                 return turn;
             }
             // The send that took this one along ended without handing it the session (it
-            // was abandoned by its caller): back in line.
+            // was abandoned by its caller): in line again, at its end.
         }
     }
 
@@ -414,6 +414,23 @@ impl SmtpPool {
             return state.waiting.pop_front().map(|w| (w, envelope));
         }
         None
+    }
+
+    /// A send taken along whose session failed: on a free place at once, else at the head of
+    /// the line (this send holds a place, which it passes on when it ends).
+    fn put_back(&self, waiter: Waiter) {
+        let mut state = self.shared.lock();
+        if state.busy < self.shared.max {
+            state.busy += 1;
+            drop(state);
+            // A send no longer waiting hands the place on (its Slot is dropped, unlocked).
+            let _ = waiter.turn.send(Turn {
+                slot: Slot(Some(self.shared.clone())),
+                session: None,
+            });
+        } else {
+            state.waiting.push_front(waiter);
+        }
     }
 
     /// One transaction on `session`; `joined` receives the send taken along, if any.
@@ -470,9 +487,9 @@ impl SmtpPool {
                 },
             };
             // The session is not used again, and what was joined to it with it: the send
-            // taken along goes back to the head of the line.
+            // taken along starts over on another session.
             if let Some(waiter) = joined {
-                self.shared.lock().waiting.push_front(waiter);
+                self.put_back(waiter);
             }
             if session.outcome_unknown() {
                 return Err(SendError::Uncertain {
