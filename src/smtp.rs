@@ -140,9 +140,9 @@ pub struct SmtpSession {
     /// The final dot of a message has been written and its reply not read: if the session
     /// fails now, the server may or may not have accepted the message.
     awaiting_final_reply: bool,
-    /// The next email's envelope went out after the last final dot ([`Self::finish`]); its
-    /// replies are unread.
-    joined: bool,
+    /// The next email's envelope, which went out after the last final dot ([`Self::finish`]);
+    /// its replies are unread.
+    joined: Option<Envelope>,
 }
 
 /// The commands that start one email's transaction: MAIL (with its parameters), one RCPT per
@@ -217,7 +217,7 @@ impl SmtpSession {
             smtputf8: false,
             broken: false,
             awaiting_final_reply: false,
-            joined: false,
+            joined: None,
         };
         let greeting = session.read_reply().await?;
         if greeting.code != 220 {
@@ -274,7 +274,7 @@ impl SmtpSession {
     /// Whether the envelope of the next email was written after the last message's final dot
     /// and its replies are not read yet: the session belongs to that email's [`Self::begin`].
     pub fn has_joined(&self) -> bool {
-        self.joined
+        self.joined.is_some()
     }
 
     /// The envelope of an email on this session, or why the email cannot be sent here.
@@ -308,25 +308,34 @@ impl SmtpSession {
     }
 
     /// Starts a transaction: MAIL, every RCPT and DATA, up to the server's 354 — or, when
-    /// this envelope was joined to the previous message ([`Self::has_joined`]), only their
-    /// replies.
+    /// this email's envelope was joined to the previous message ([`Self::has_joined`]), only
+    /// their replies.
     ///
     /// While `abort` is false; once it turns true the transaction is abandoned (nothing of
     /// the message has been written yet).
     pub async fn begin(
         &mut self,
-        envelope: &Envelope,
+        from: Option<&Address>,
+        to: &[Address],
+        message: &[u8],
         abort: &tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), SmtpError> {
+        let (envelope, written) = match self.joined.take() {
+            Some(joined) => {
+                // Its replies are unread: from here on the session is only good after them.
+                self.broken = true;
+                (joined, true)
+            }
+            None => (self.envelope(from, to, message)?, false),
+        };
         if *abort.borrow() {
             return Err(SmtpError::Aborted);
         }
         // Until the transaction completes, a failure leaves the session in an unknown state.
         self.broken = true;
-        let written = std::mem::take(&mut self.joined);
         let mut abort = abort.clone();
         tokio::select! {
-            envelope = self.run_envelope(envelope, written) => envelope?,
+            envelope = self.run_envelope(&envelope, written) => envelope?,
             _ = abort.wait_for(|a| *a) => return Err(SmtpError::Aborted),
         }
         if *abort.borrow() {
@@ -340,21 +349,21 @@ impl SmtpSession {
     /// a pipelined group) — then reads the reply to the dot. From the moment the dot is
     /// written the transaction runs to its reply: it cannot be abandoned.
     ///
-    /// `next` is only joined where the server offers PIPELINING; its replies are read by
-    /// the next [`Self::begin`], which must be that email's.
+    /// `next` is only joined where the server offers PIPELINING; the session keeps it, and
+    /// the next [`Self::begin`], which must be that email's, reads its replies.
     pub async fn finish(
         &mut self,
         message: &[u8],
-        next: Option<&Envelope>,
+        next: Option<Envelope>,
     ) -> Result<Reply, SmtpError> {
         let next = next.filter(|_| self.pipelining);
         let mut data = dot_stuffed(message);
         let dot_at = data.len().saturating_sub(3);
-        if let Some(next) = next {
+        if let Some(next) = &next {
             next.write_group(&mut data);
         }
         self.write_data(&data, dot_at).await?;
-        self.joined = next.is_some();
+        self.joined = next;
         let reply = self.read_reply().await?;
         self.awaiting_final_reply = false;
         if !reply.is_positive() {

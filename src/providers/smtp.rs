@@ -440,14 +440,15 @@ impl SmtpPool {
         email: &OutgoingEmail,
         joined: &mut Option<Waiter>,
     ) -> Result<Reply, SmtpError> {
-        let envelope =
-            session.envelope(email.envelope.from(), email.envelope.to(), &email.bytes)?;
-        session.begin(&envelope, &self.abort.1).await?;
+        let envelope = &email.envelope;
+        session
+            .begin(envelope.from(), envelope.to(), &email.bytes, &self.abort.1)
+            .await?;
         let next = self.join_next(session).map(|(waiter, envelope)| {
             *joined = Some(waiter);
             envelope
         });
-        session.finish(&email.bytes, next.as_ref()).await
+        session.finish(&email.bytes, next).await
     }
 
     /// Sends one email on a pooled session; returns the server's reply lines.
