@@ -669,6 +669,17 @@ async fn a_refused_sender_or_recipient_fails_its_email_alone_on_a_pipelining_ser
     );
 }
 
+/// Tenant `t` with provider `p`: one SMTP session at most, so that sends wait in line.
+fn one_session_tenant(env: &TestEnv, port: u16) {
+    env.write_tenant(
+        "t.toml",
+        &format!(
+            "id = \"t\"\nname = \"t\"\n\n[[providers]]\nid = \"p\"\nname = \"one session\"\n\
+             kind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\nmax_connections = 1\n"
+        ),
+    );
+}
+
 #[tokio::test]
 async fn one_busy_session_joins_each_next_envelope_to_the_final_dot_and_every_email_ends_once() {
     // One connection and 40 emails at once: while others wait, each message's final dot goes
@@ -677,14 +688,7 @@ async fn one_busy_session_joins_each_next_envelope_to_the_final_dot_and_every_em
     let env = TestEnv::new("joined");
     env.write_config("[retry]\nmax_retries = 0\n");
     let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
-    env.write_tenant(
-        "t.toml",
-        &format!(
-            "id = \"t\"\nname = \"t\"\n\n[[providers]]\nid = \"p\"\nname = \"one session\"\n\
-             kind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmax_connections = 1\n",
-            smtp.port
-        ),
-    );
+    one_session_tenant(&env, smtp.port);
     let svc = Service::start(&env);
     svc.wait_health(200, Duration::from_secs(30)).await;
     let mut bodies = Vec::new();
@@ -756,6 +760,70 @@ async fn one_busy_session_joins_each_next_envelope_to_the_final_dot_and_every_em
         joined >= 10,
         "only {joined} envelopes were joined to a final dot"
     );
+}
+
+#[tokio::test]
+async fn a_connection_dropped_after_a_dot_carrying_the_next_envelope_loses_and_repeats_nothing() {
+    // One session and 20 emails waiting, and the server drops the connection right after the
+    // final dot of its first two transactions (the message not stored), with the next email's
+    // envelope in the same write. The dropped emails go through the retry schedule (the outcome
+    // was unknown); the ones taken along start over on a fresh session. Each email arrives once
+    // and has one result.
+    let env = TestEnv::new("joined_drop");
+    let smtp = SmtpServer::start(&env.dir.join("smtp"), &[]);
+    smtp.set_fault(Some("drop-after-dot 2"));
+    one_session_tenant(&env, smtp.port);
+    let svc = Service::start(&env);
+    svc.wait_health(200, Duration::from_secs(30)).await;
+    let ids: Vec<String> = (0..20).map(|i| format!("drop-{i:02}")).collect();
+    let bodies: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| serde_json::to_vec(&common::ledger::tracked_request("t", "p", id)).unwrap())
+        .collect();
+    common::ledger::publish_all(&env, &bodies).await;
+    // One `sent` each, and one `retrying` before it for each dropped email.
+    let results = env
+        .take("email.send.result", 22, Duration::from_secs(30))
+        .await;
+    let extra = env
+        .take("email.send.result", 1, Duration::from_secs(2))
+        .await;
+    assert!(extra.is_empty(), "another result: {extra:?}");
+    let by_id = common::ledger::results_by_id(&results);
+    let retried: Vec<&String> = by_id
+        .keys()
+        .filter(|(_, status)| status == "retrying")
+        .map(|(id, _)| id)
+        .collect();
+    let mut expected: std::collections::BTreeMap<(String, String), usize> = ids
+        .iter()
+        .map(|id| ((id.clone(), "sent".to_string()), 1))
+        .collect();
+    for id in &retried {
+        expected.insert(((*id).clone(), "retrying".to_string()), 1);
+    }
+    assert_eq!(retried.len(), 2, "{by_id:?}\n{}", svc.log_text());
+    assert_eq!(by_id, expected);
+    let once: std::collections::BTreeMap<String, usize> =
+        ids.iter().map(|id| (id.clone(), 1)).collect();
+    assert_eq!(common::ledger::deliveries(&smtp), once);
+    let drops = smtp
+        .attempts()
+        .iter()
+        .filter(|(_, r)| r.starts_with("DROP"))
+        .count();
+    assert_eq!(drops, 2, "{:?}", smtp.attempts());
+    assert!(smtp.joined() > 0, "no envelope was joined to a final dot");
+    // The two dropped transactions are recorded as unknown outcomes, sent on a later attempt.
+    let db = env.db().await;
+    let uncertain = db
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE uncertain AND status = 'sent' AND attempts = 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(uncertain.get::<_, i64>(0), 2);
 }
 
 #[tokio::test]
